@@ -1,0 +1,576 @@
+"""Analyses on cached embeddings: confusions, retrieval precision, embedding maps, per-class intervals, other
+prototype choices and a check of the confidence intervals themselves.
+
+The article judges its class-mean classifier by mean accuracy over random partitions. With every image embedded
+once, the questions around that number cost seconds instead of encoder runs: which classes are mixed up, how good
+plain image retrieval is (to compare with retrieval write-ups), whether another way of building class vectors
+would be better, and whether a 95 % Student-t interval from 20 partitions really covers the mean 95 % of the time.
+
+Inputs follow one convention: ``embeddings`` ``[N, D]`` float32 of all images in global order, ``targets`` ``[N]``
+label indexes, and ``partitions`` as ``(train_indexes, valid_indexes)`` pairs of global image indexes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.cluster import KMeans
+from sklearn.linear_model import LogisticRegression
+from sklearn.manifold import TSNE
+from sklearn.metrics import confusion_matrix
+from tqdm import tqdm
+
+import cumacc
+import engine
+import metrics
+
+__all__ = [
+    "ClassMeanClassifier",
+    "KMeansPrototypeClassifier",
+    "LinearProbeClassifier",
+    "NearestNeighbourClassifier",
+    "PrototypeClassifier",
+    "ci_coverage",
+    "class_accuracy_matrix",
+    "compare_prototypes",
+    "confusion_over_partitions",
+    "cumulative_accuracy_band",
+    "default_prototype_methods",
+    "least_accurate_with_interval",
+    "most_confused_pairs",
+    "per_class_accuracy",
+    "random_partitions",
+    "retrieval_precision",
+    "tsne_map",
+]
+
+Partition = tuple[torch.Tensor, torch.Tensor]
+
+
+# --- Confusions ----------------------------------------------------------------------------------------------------
+
+
+def confusion_over_partitions(
+    *, targets_per_run: Sequence[Sequence[int]], predictions_per_run: Sequence[Sequence[int]], num_labels: int
+) -> np.ndarray:
+    """Confusion counts summed over partitions (rows: target, columns: prediction).
+
+    One partition has only a handful of validation images per class; summing over partitions shows which
+    confusions are systematic rather than one unlucky image.
+    """
+    if len(targets_per_run) != len(predictions_per_run):
+        raise ValueError(
+            f"Got {len(targets_per_run)} target lists but {len(predictions_per_run)} prediction lists; "
+            "pass one of each per partition."
+        )
+    total = np.zeros((num_labels, num_labels), dtype=np.int64)
+    for targets, predictions in zip(targets_per_run, predictions_per_run):
+        total += confusion_matrix(np.asarray(targets), np.asarray(predictions), labels=np.arange(num_labels))
+    return total
+
+
+def most_confused_pairs(*, confusion: np.ndarray, labels: Sequence[str], top: int = 10) -> pd.DataFrame:
+    """The largest off-diagonal cells: which class is taken for which (e.g. mouse -> rat) and how often.
+
+    ``share_of_target`` is the count divided by all validation images of the target class, so pairs of classes
+    with different sizes compare fairly. Ties in count keep the larger share first.
+    """
+    confusion = np.asarray(confusion)
+    if confusion.shape != (len(labels), len(labels)):
+        raise ValueError(f"Confusion matrix has shape {confusion.shape} but there are {len(labels)} labels.")
+    off_diagonal = confusion * (1 - np.eye(len(labels), dtype=confusion.dtype))
+    rows, cols = np.nonzero(off_diagonal)
+    counts = off_diagonal[rows, cols]
+    shares = counts / confusion.sum(axis=1)[rows]
+    table = pd.DataFrame(
+        {
+            "target": [labels[i] for i in rows],
+            "predicted": [labels[j] for j in cols],
+            "count": counts.astype(np.int64),
+            "share_of_target": shares,
+        }
+    )
+    return table.sort_values(["count", "share_of_target"], ascending=False, kind="stable").head(top).reset_index(
+        drop=True
+    )
+
+
+# --- Retrieval -----------------------------------------------------------------------------------------------------
+
+
+def retrieval_precision(
+    *,
+    embeddings: torch.Tensor,
+    targets: torch.Tensor,
+    partitions: Sequence[Partition],
+    ks: Sequence[int] = (1, 4, 8),
+    confidence: float = 0.95,
+) -> pd.DataFrame:
+    """Image-retrieval quality of the embeddings: validation images query the individual training images.
+
+    This is the retrieval write-ups' measure (nearest images, not class vectors), on the same partitions as the
+    classifier, so both kinds of result can be put side by side. For a query with ``R`` training images of its
+    class and relevance ``rel_i`` (1 when the ``i``-th nearest training image has the query's class):
+
+    - ``P@K = (1 / K) * sum_{i<=K} rel_i``;
+    - ``AP@K = (1 / min(K, R)) * sum_{i<=K} P@i * rel_i``, so AP@K is 1 exactly when the first ``min(K, R)``
+      results are all relevant; ``mAP@K`` is its mean over queries.
+
+    Each partition gives one mean per measure; the table reports their mean and Student-t half width.
+    """
+    ks = sorted(set(int(k) for k in ks))
+    if not ks or ks[0] < 1:
+        raise ValueError(f"ks must be positive integers, got {ks}.")
+    precision_runs: list[list[float]] = []
+    average_precision_runs: list[list[float]] = []
+    for train_indexes, valid_indexes in tqdm(partitions, desc="[Retrieval] Partitions", leave=False):
+        train_targets, query_targets = targets[train_indexes], targets[valid_indexes]
+        _, neighbours = engine.search(
+            queries=embeddings[valid_indexes], corpus=embeddings[train_indexes], top_k=ks[-1]
+        )
+        relevant = (train_targets[neighbours] == query_targets.unsqueeze(1)).double()
+        ranks = torch.arange(1, relevant.shape[1] + 1, dtype=torch.float64)
+        precision_at_rank = relevant.cumsum(dim=1) / ranks
+        num_relevant = torch.bincount(train_targets, minlength=int(targets.max()) + 1)[query_targets]
+        precision_runs.append([float(precision_at_rank[:, k - 1].mean()) for k in ks])
+        average_precision_runs.append(
+            [
+                float(
+                    ((precision_at_rank[:, :k] * relevant[:, :k]).sum(dim=1) / num_relevant.clamp(max=k)).mean()
+                )
+                for k in ks
+            ]
+        )
+    rows = []
+    for column, k in enumerate(ks):
+        precision = metrics.mean_confidence_interval([run[column] for run in precision_runs], confidence=confidence)
+        average = metrics.mean_confidence_interval(
+            [run[column] for run in average_precision_runs], confidence=confidence
+        )
+        rows.append(
+            {
+                "k": k,
+                "precision": precision.mean,
+                "precision_ci": precision.half_width,
+                "map": average.mean,
+                "map_ci": average.half_width,
+                "runs": precision.n,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+# --- Embedding map -------------------------------------------------------------------------------------------------
+
+
+def tsne_map(
+    *, embeddings: torch.Tensor, targets: torch.Tensor, num_labels: int, seed: int = 0, perplexity: float = 30.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """2-D t-SNE coordinates of the images and of their class means, fitted together so they share one map.
+
+    Vectors are L2-normalised first: Euclidean distance between unit vectors orders pairs exactly as cosine
+    similarity does, which is what the classifier uses. Rows of ``mean_coords`` for classes without images are NaN.
+    """
+    points = F.normalize(embeddings.float(), dim=1)
+    present = torch.unique(targets)
+    means = engine.class_means(
+        embeddings=points, targets=torch.searchsorted(present, targets), num_labels=len(present)
+    )
+    stacked = torch.cat([points, F.normalize(means, dim=1)]).numpy()
+    tsne = TSNE(
+        n_components=2, perplexity=min(perplexity, len(stacked) - 1.0), init="pca", random_state=seed
+    )
+    coords = tsne.fit_transform(stacked)
+    mean_coords = np.full((num_labels, 2), np.nan)
+    mean_coords[present.numpy()] = coords[len(points):]
+    return coords[: len(points)], mean_coords
+
+
+# --- Per-class accuracy --------------------------------------------------------------------------------------------
+
+
+def class_accuracy_matrix(
+    *, targets_per_run: Sequence[Sequence[int]], predictions_per_run: Sequence[Sequence[int]], num_labels: int
+) -> np.ndarray:
+    """Per-class accuracy of every partition, ``[runs, num_labels]``; NaN where a class had no validation image."""
+    return np.stack(
+        [
+            cumacc.class_accuracies(targets=np.asarray(t), predictions=np.asarray(p), num_labels=num_labels)
+            for t, p in zip(targets_per_run, predictions_per_run, strict=True)
+        ]
+    )
+
+
+def per_class_accuracy(
+    *,
+    targets_per_run: Sequence[Sequence[int]],
+    predictions_per_run: Sequence[Sequence[int]],
+    labels: Sequence[str],
+    confidence: float = 0.95,
+) -> pd.DataFrame:
+    """Mean accuracy of each class over partitions with a Student-t interval.
+
+    A class has ~6-12 validation images per partition, so its accuracy from one partition moves in steps of
+    8-17 %; the interval says whether a class is really weak or just had an unlucky draw. ``n`` counts the
+    partitions in which the class had validation images; with ``n < 2`` the interval is NaN.
+    """
+    accuracies = class_accuracy_matrix(
+        targets_per_run=targets_per_run, predictions_per_run=predictions_per_run, num_labels=len(labels)
+    )
+    rows = []
+    for label, column in zip(labels, accuracies.T):
+        values = column[~np.isnan(column)]
+        if len(values) == 0:
+            rows.append({"label": label, "mean": np.nan, "half_width": np.nan, "n": 0})
+            continue
+        interval = metrics.mean_confidence_interval(values, confidence=confidence)
+        rows.append({"label": label, "mean": interval.mean, "half_width": interval.half_width, "n": interval.n})
+    table = pd.DataFrame(rows)
+    table.insert(3, "low", table["mean"] - table["half_width"])
+    table.insert(4, "high", table["mean"] + table["half_width"])
+    return table
+
+
+def cumulative_accuracy_band(
+    *,
+    targets_per_run: Sequence[Sequence[int]],
+    predictions_per_run: Sequence[Sequence[int]],
+    num_labels: int,
+    num_intervals: int = 10,
+    confidence: float = 0.95,
+) -> pd.DataFrame:
+    """The cumulative accuracy function of each partition, averaged point by point with a Student-t band.
+
+    The article draws the CAF of one partition; the mean curve with its band shows how much of its shape is
+    partition noise. Columns ``share, mean, half_width, low, high`` feed ``visual.draw_cumulative_accuracy``.
+    """
+    accuracies = class_accuracy_matrix(
+        targets_per_run=targets_per_run, predictions_per_run=predictions_per_run, num_labels=num_labels
+    )
+    curves = []
+    for run_accuracies in accuracies:
+        cum_accs, shares = cumacc.cumulative_accuracy(accuracies=run_accuracies, num_intervals=num_intervals)
+        curves.append(cum_accs)
+    intervals = [metrics.mean_confidence_interval(point, confidence=confidence) for point in np.stack(curves).T]
+    table = pd.DataFrame(
+        {
+            "share": shares,
+            "mean": [i.mean for i in intervals],
+            "half_width": [i.half_width for i in intervals],
+        }
+    )
+    table["low"] = table["mean"] - table["half_width"]
+    table["high"] = table["mean"] + table["half_width"]
+    return table
+
+
+def least_accurate_with_interval(*, per_class: pd.DataFrame, threshold: float = 0.8) -> pd.DataFrame:
+    """Classes whose accuracy may be at or below ``threshold``, weakest first.
+
+    Unlike a list cut at the mean, a class enters when its interval reaches the threshold (its mean when there is
+    no interval); ``confidently_below`` marks those whose whole interval lies below it.
+    """
+    lower = per_class["low"].fillna(per_class["mean"])
+    upper = per_class["high"].fillna(per_class["mean"])
+    table = per_class.loc[lower <= threshold, ["label", "mean", "low", "high", "n"]].copy()
+    table["confidently_below"] = upper[table.index] < threshold
+    return table.sort_values("mean", kind="stable").reset_index(drop=True)
+
+
+# --- Prototype variants --------------------------------------------------------------------------------------------
+
+
+class PrototypeClassifier(Protocol):
+    """What ``compare_prototypes`` needs: fit on training embeddings, return ranked label indexes for queries."""
+
+    def fit(self, *, embeddings: torch.Tensor, targets: torch.Tensor, num_labels: int) -> PrototypeClassifier: ...
+
+    def predict(self, *, queries: torch.Tensor, top_k: int) -> torch.Tensor: ...
+
+
+def _cosine_similarity(queries: torch.Tensor, corpus: torch.Tensor) -> torch.Tensor:
+    return F.normalize(queries.float(), dim=1) @ F.normalize(corpus.float(), dim=1).T
+
+
+def _best_per_class(similarity: torch.Tensor, owners: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """``[Q, num_labels]``: each class's highest similarity among its corpus vectors; -inf for a class with none."""
+    best = torch.full((similarity.shape[0], num_labels), -torch.inf, dtype=similarity.dtype)
+    return best.scatter_reduce(1, owners.expand_as(similarity), similarity, reduce="amax")
+
+
+def _ranked_labels(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    return scores.topk(min(top_k, scores.shape[1]), dim=1).indices
+
+
+class ClassMeanClassifier:
+    """One vector per class, the mean embedding, searched by cosine similarity.
+
+    ``normalize=False`` is the article's classifier (the engine's own class means and search), where images with
+    large norms pull the mean towards them; ``normalize=True`` averages unit vectors so every image counts equally.
+    Classes without training images are left out, as in ``engine.Encoder.encode``.
+    """
+
+    def __init__(self, *, normalize: bool = False) -> None:
+        self.normalize = normalize
+
+    def fit(self, *, embeddings: torch.Tensor, targets: torch.Tensor, num_labels: int) -> ClassMeanClassifier:
+        source = F.normalize(embeddings, dim=1) if self.normalize else embeddings
+        self.label_indexes_ = torch.unique(targets)
+        self.prototypes_ = engine.class_means(
+            embeddings=source,
+            targets=torch.searchsorted(self.label_indexes_, targets),
+            num_labels=len(self.label_indexes_),
+        )
+        return self
+
+    def predict(self, *, queries: torch.Tensor, top_k: int) -> torch.Tensor:
+        _, indexes = engine.search(queries=queries, corpus=self.prototypes_, top_k=top_k)
+        return self.label_indexes_[indexes]
+
+
+class NearestNeighbourClassifier:
+    """k nearest training images by cosine similarity, majority vote.
+
+    Classes are ranked by votes among the ``k`` nearest images, ties (and classes without votes, for the rest of
+    the top-k list) by their single most similar training image, so top-k accuracy stays defined for ``k = 1``.
+    """
+
+    def __init__(self, *, k: int) -> None:
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}.")
+        self.k = k
+
+    def fit(self, *, embeddings: torch.Tensor, targets: torch.Tensor, num_labels: int) -> NearestNeighbourClassifier:
+        self.embeddings_, self.targets_, self.num_labels_ = embeddings, targets, num_labels
+        return self
+
+    def predict(self, *, queries: torch.Tensor, top_k: int) -> torch.Tensor:
+        similarity = _cosine_similarity(queries, self.embeddings_)
+        best = _best_per_class(similarity, self.targets_, self.num_labels_)
+        voters = self.targets_[similarity.topk(min(self.k, similarity.shape[1]), dim=1).indices]
+        votes = torch.zeros_like(best).scatter_add_(1, voters, torch.ones_like(voters, dtype=best.dtype))
+        by_similarity = best.argsort(dim=1, descending=True, stable=True)
+        by_votes = votes.gather(1, by_similarity).argsort(dim=1, descending=True, stable=True)
+        return by_similarity.gather(1, by_votes)[:, : min(top_k, self.num_labels_)]
+
+
+class KMeansPrototypeClassifier:
+    """Several vectors per class: k-means centres of its L2-normalised training embeddings.
+
+    A class made of distinct looks (e.g. photos and drawings) has a mean that resembles neither; a class scores
+    its best-matching centre. Classes with at most ``prototypes_per_class`` images keep every image instead.
+    """
+
+    def __init__(self, *, prototypes_per_class: int, random_state: int = 0, n_init: int = 4) -> None:
+        if prototypes_per_class < 1:
+            raise ValueError(f"prototypes_per_class must be at least 1, got {prototypes_per_class}.")
+        self.prototypes_per_class = prototypes_per_class
+        self.random_state = random_state
+        self.n_init = n_init
+
+    def fit(self, *, embeddings: torch.Tensor, targets: torch.Tensor, num_labels: int) -> KMeansPrototypeClassifier:
+        unit = F.normalize(embeddings.float(), dim=1).numpy()
+        labels = targets.numpy()
+        prototypes, owners = [], []
+        for label in np.unique(labels):
+            members = unit[labels == label]
+            if len(members) > self.prototypes_per_class:
+                kmeans = KMeans(
+                    n_clusters=self.prototypes_per_class, random_state=self.random_state, n_init=self.n_init
+                )
+                members = kmeans.fit(members).cluster_centers_
+            prototypes.append(members)
+            owners += [label] * len(members)
+        self.prototypes_ = torch.from_numpy(np.concatenate(prototypes)).float()
+        self.owners_ = torch.tensor(owners, dtype=torch.long)
+        self.num_labels_ = num_labels
+        return self
+
+    def predict(self, *, queries: torch.Tensor, top_k: int) -> torch.Tensor:
+        similarity = _cosine_similarity(queries, self.prototypes_)
+        return _ranked_labels(_best_per_class(similarity, self.owners_, self.num_labels_), top_k)
+
+
+class LinearProbeClassifier:
+    """Multinomial logistic regression on L2-normalised embeddings: the trained-head baseline.
+
+    It tells how much accuracy a fitted linear head would add over training-free class vectors (the vector-search
+    fine-tuning write-up's linear layer), at the cost of refitting whenever a class changes.
+    """
+
+    def __init__(self, *, C: float = 1.0, max_iter: int = 1000, random_state: int = 0) -> None:
+        self.C = C
+        self.max_iter = max_iter
+        self.random_state = random_state
+
+    def fit(self, *, embeddings: torch.Tensor, targets: torch.Tensor, num_labels: int) -> LinearProbeClassifier:
+        self.model_ = LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.random_state)
+        self.model_.fit(F.normalize(embeddings.float(), dim=1).numpy(), targets.numpy())
+        self.label_indexes_ = torch.from_numpy(self.model_.classes_).long()
+        return self
+
+    def predict(self, *, queries: torch.Tensor, top_k: int) -> torch.Tensor:
+        log_proba = torch.from_numpy(self.model_.predict_log_proba(F.normalize(queries.float(), dim=1).numpy()))
+        return self.label_indexes_[_ranked_labels(log_proba, top_k)]
+
+
+def default_prototype_methods() -> dict[str, Callable[[], PrototypeClassifier]]:
+    """The variants compared by default, as factories so every partition starts from a fresh classifier."""
+    return {
+        "class mean (raw, original)": lambda: ClassMeanClassifier(normalize=False),
+        "class mean (L2-normalised)": lambda: ClassMeanClassifier(normalize=True),
+        "1-NN images": lambda: NearestNeighbourClassifier(k=1),
+        "5-NN images": lambda: NearestNeighbourClassifier(k=5),
+        "k-means, 2 per class": lambda: KMeansPrototypeClassifier(prototypes_per_class=2),
+        "k-means, 3 per class": lambda: KMeansPrototypeClassifier(prototypes_per_class=3),
+        "linear probe": lambda: LinearProbeClassifier(),
+    }
+
+
+def compare_prototypes(
+    *,
+    embeddings: torch.Tensor,
+    targets: torch.Tensor,
+    partitions: Sequence[Partition],
+    top_k: int = 4,
+    confidence: float = 0.95,
+    methods: Mapping[str, Callable[[], PrototypeClassifier]] | None = None,
+) -> pd.DataFrame:
+    """Accuracy and top-k accuracy (mean and Student-t half width) of each method on the same partitions.
+
+    Identical partitions make the differences between methods paired, so they are far smaller than the spread of
+    any one method. ``seconds`` is the mean fit-plus-predict time per partition.
+    """
+    methods = default_prototype_methods() if methods is None else methods
+    num_labels = int(targets.max()) + 1
+    rows = []
+    for name, make in methods.items():
+        accuracies, topk_accuracies, seconds = [], [], []
+        for train_indexes, valid_indexes in tqdm(partitions, desc=f"[Prototypes] {name}", leave=False):
+            started = time.perf_counter()
+            classifier = make().fit(
+                embeddings=embeddings[train_indexes], targets=targets[train_indexes], num_labels=num_labels
+            )
+            ranked = classifier.predict(queries=embeddings[valid_indexes], top_k=top_k)
+            seconds.append(time.perf_counter() - started)
+            accuracy, topk_accuracy = metrics.topk_accuracies(topk_indices=ranked, targets=targets[valid_indexes])
+            accuracies.append(accuracy)
+            topk_accuracies.append(topk_accuracy)
+        accuracy = metrics.mean_confidence_interval(accuracies, confidence=confidence)
+        topk = metrics.mean_confidence_interval(topk_accuracies, confidence=confidence)
+        rows.append(
+            {
+                "method": name,
+                "accuracy": accuracy.mean,
+                "accuracy_ci": accuracy.half_width,
+                "topk_accuracy": topk.mean,
+                "topk_ci": topk.half_width,
+                "seconds": float(np.mean(seconds)),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+# --- Confidence interval calibration -------------------------------------------------------------------------------
+
+
+def random_partitions(
+    *, targets: torch.Tensor, valid_share: float, runs: int, generator: torch.Generator
+) -> Iterator[Partition]:
+    """``runs`` random (train, valid) splits with the dataset splitter's rule, without a dataset on disk.
+
+    Per class, in class order: ``torch.randperm(n)``, the first ``int(n * valid_share)`` images validate, the rest
+    train. Indexes are global and grouped by class like ``DatasetMaker.split_indexes``.
+    """
+    if not 0.0 < valid_share < 1.0:
+        raise ValueError(f"valid_share must be between 0 and 1 (exclusive), got {valid_share}.")
+    classes = [torch.nonzero(targets == label).flatten() for label in torch.unique(targets)]
+    for _ in range(runs):
+        train, valid = [], []
+        for members in classes:
+            order = members[torch.randperm(len(members), generator=generator)]
+            num_valid = int(len(members) * valid_share)
+            valid.append(order[:num_valid])
+            train.append(order[num_valid:])
+        yield torch.cat(train), torch.cat(valid)
+
+
+def _class_mean_accuracies(
+    *, embeddings: torch.Tensor, targets: torch.Tensor, valid_sets: Iterable[torch.Tensor]
+) -> list[float]:
+    """Top-1 accuracy of the raw class-mean classifier for many validation sets, training on the rest.
+
+    Class sums over all images are computed once; each partition only subtracts its validation images, which is
+    what makes a thousand partitions cheap. Runs on the device of ``embeddings``. Equal to
+    ``ClassMeanClassifier`` up to float rounding.
+    """
+    num_labels = int(targets.max()) + 1
+    targets = targets.to(embeddings.device)
+    total_sums = torch.zeros(num_labels, embeddings.shape[1], dtype=embeddings.dtype, device=embeddings.device)
+    total_sums.index_add_(0, targets, embeddings)
+    total_counts = torch.bincount(targets, minlength=num_labels)
+    accuracies = []
+    for valid_indexes in valid_sets:
+        valid_indexes = valid_indexes.to(embeddings.device)
+        queries, query_targets = embeddings[valid_indexes], targets[valid_indexes]
+        sums = total_sums.index_add(0, query_targets, queries, alpha=-1)
+        counts = total_counts - torch.bincount(query_targets, minlength=num_labels)
+        means = F.normalize(sums / counts.unsqueeze(1), dim=1)
+        accuracies.append(((queries @ means.T).argmax(dim=1) == query_targets).float().mean())
+    return torch.stack(accuracies).tolist()
+
+
+def ci_coverage(
+    *,
+    embeddings: torch.Tensor,
+    targets: torch.Tensor,
+    valid_share: float = 0.2,
+    reference_runs: int = 1000,
+    sample_runs: int = 20,
+    trials: int = 100,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float | int]:
+    """How often a Student-t interval from ``sample_runs`` partitions covers the mean accuracy of many partitions.
+
+    The article assumes the accuracy over random partitions is close enough to normal for a t interval; if that
+    holds, ``coverage`` is near ``confidence``. The reference is the mean of ``reference_runs`` partitions (its own
+    interval is reported, it should be far narrower than the sampled ones), and each of ``trials`` disjoint groups
+    of fresh partitions gives one interval. ``coverage_std_error`` is the binomial error of the coverage estimate.
+    It needs ``reference_runs + trials * sample_runs`` partitions of the fast class-mean path; embeddings on a GPU
+    make that a few seconds.
+    """
+    if sample_runs < 2:
+        raise ValueError(f"sample_runs must be at least 2 to form an interval, got {sample_runs}.")
+    generator = torch.Generator().manual_seed(seed)
+    total = reference_runs + trials * sample_runs
+    partitions = random_partitions(targets=targets, valid_share=valid_share, runs=total, generator=generator)
+    valid_sets = (valid for _, valid in partitions)
+    accuracies = _class_mean_accuracies(
+        embeddings=embeddings,
+        targets=targets,
+        valid_sets=tqdm(valid_sets, total=total, desc="[CI coverage] Partitions", leave=False),
+    )
+    reference = metrics.mean_confidence_interval(accuracies[:reference_runs], confidence=confidence)
+    groups = np.asarray(accuracies[reference_runs:]).reshape(trials, sample_runs)
+    intervals = [metrics.mean_confidence_interval(group, confidence=confidence) for group in groups]
+    covered = sum(abs(i.mean - reference.mean) <= i.half_width for i in intervals)
+    coverage = covered / trials
+    return {
+        "reference_mean": reference.mean,
+        "reference_half_width": reference.half_width,
+        "reference_runs": reference_runs,
+        "sample_runs": sample_runs,
+        "trials": trials,
+        "covered": covered,
+        "coverage": coverage,
+        "coverage_std_error": float(np.sqrt(coverage * (1 - coverage) / trials)),
+        "confidence": confidence,
+        "mean_half_width": float(np.mean([i.half_width for i in intervals])),
+    }

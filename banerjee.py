@@ -1,0 +1,610 @@
+"""Class-folder image datasets (Sourav Banerjee's Animal-90 and any ``<root>/<class>/<images>`` layout).
+
+``DatasetMaker`` enumerates and checks the files once, then splits them per class into training, validation and
+test parts; ``Animal90`` is the ``torch.utils.data.Dataset`` each part becomes. A part is described by plain lists
+(``Animal90.get_state``), so a partition can be saved with a checkpoint and rebuilt later without the pixels.
+
+For Animal-90 pass the folder that holds the 90 class folders (``.../animals/animals`` in the Kaggle download),
+not the one with ``name of the animals.txt`` beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+import os
+import pathlib
+import random
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any
+
+import numpy as np
+import timm.data.transforms
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "Animal90",
+    "DatasetError",
+    "DatasetMaker",
+    "UnreadableImageError",
+    "augment_data",
+    "load_rgb_image",
+]
+
+PathLike = str | os.PathLike
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+
+# Grayscale modes with more than 8 bits per pixel; ``convert("RGB")`` would clip them instead of scaling.
+_WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# How many skipped paths a warning or error message lists before pointing to ``DatasetMaker.skipped``.
+_LISTED_PATHS = 20
+
+
+class DatasetError(ValueError):
+    """The dataset folder, its structure or the requested split cannot be used as asked."""
+
+
+class UnreadableImageError(OSError):
+    """An image file cannot be decoded into pixels; ``path`` and ``reason`` say which one and why."""
+
+    def __init__(self, path: PathLike, reason: str) -> None:
+        super().__init__(f"Cannot decode image {path}: {reason}. Re-save it in a common format or delete it.")
+        self.path = pathlib.Path(path)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type, tuple[pathlib.Path, str]]:
+        # Default exception pickling replays ``args`` (the message), which does not fit ``__init__``; DataLoader
+        # workers and thread pools need to pass this error around.
+        return type(self), (self.path, self.reason)
+
+
+def load_rgb_image(path: PathLike, *, strict: bool = False) -> Image.Image:
+    """Decode an image the way a camera or browser shows it: EXIF orientation applied, 3-channel 8-bit RGB.
+
+    Pixels are loaded here so that a truncated file fails now, with its path, rather than inside a transform.
+    With ``strict`` an image above ``PIL.Image.MAX_IMAGE_PIXELS`` is refused instead of only warned about.
+    """
+    return _decode(path, strict=strict, draft=False)
+
+
+def _decode(path: PathLike, *, strict: bool, draft: bool) -> Image.Image:
+    """Shared by loading and checking; ``draft`` decodes JPEGs at 1/8 scale, which still reads every byte."""
+    try:
+        with Image.open(path) as image:
+            if strict and Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
+                raise UnreadableImageError(
+                    path,
+                    f"{image.width}x{image.height} pixels exceed PIL.Image.MAX_IMAGE_PIXELS="
+                    f"{Image.MAX_IMAGE_PIXELS} (possible decompression bomb)",
+                )
+            if draft:
+                image.draft(None, (1, 1))
+            image.load()
+            return _to_rgb(ImageOps.exif_transpose(image))
+    except UnreadableImageError:
+        raise
+    # PIL plugins report damaged data with OSError, ValueError, SyntaxError, struct.error, EOFError and others.
+    except Exception as error:
+        raise UnreadableImageError(path, f"{type(error).__name__}: {error}") from error
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Three 8-bit channels; transparency is composited over white, as an image viewer would show it."""
+    if image.mode in _WIDE_GRAY_MODES:
+        values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        image = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
+    if image.has_transparency_data:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+@contextlib.contextmanager
+def _seeded_rngs(seed: int) -> Iterator[None]:
+    """Seed torch's CPU generator and Python's ``random`` (timm augmentations use it) for one block only."""
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+
+
+class Animal90(torch.utils.data.Dataset):
+    """Images of one dataset part with their labels, of which an *active* subset is served.
+
+    ``images[i] = (file name relative to its class folder, label index)`` and ``labels[j] = (class folder name,
+    first image index, end image index)``: images are stored class by class. Selecting classes with
+    ``use_labels`` renumbers them 0..k-1 (the *active* label indexes ``__getitem__`` returns) without touching the
+    stored lists, so every part of a split keeps the same label numbering.
+    ``global_indexes`` (default: position in ``images``) identifies each image across parts; it seeds per-image
+    augmentation (``set_sample_seed``), so an image is augmented the same way whichever part it lands in.
+    """
+
+    def __init__(
+        self,
+        *,
+        dataset_path: PathLike,
+        images: Sequence[Sequence[Any]],
+        labels: Sequence[Sequence[Any]],
+        pil_images: bool = True,
+        transform: Callable | None = None,
+        global_indexes: Sequence[int] | None = None,
+    ) -> None:
+        self._dataset_path = pathlib.Path(dataset_path)
+        self._images, self._labels = _parse_layout(images=images, labels=labels)
+        if global_indexes is None:
+            global_indexes = range(len(self._images))
+        self._global_indexes = [int(index) for index in global_indexes]
+        if len(self._global_indexes) != len(self._images):
+            raise ValueError(f"Got {len(self._global_indexes)} global indexes for {len(self._images)} images.")
+        self._pil_images = pil_images
+        self._transform = transform
+        self._sample_seed: int | None = None
+        self._act_labels: list[tuple[int, int, int]] = []  # (label index, first, end active image index)
+        self._act_images: list[tuple[int, int]] = []  # (image index, active label index)
+        self.use_labels()
+
+    def __len__(self) -> int:
+        return len(self._act_images)
+
+    def __getitem__(self, act_image_idx: int) -> tuple[Image.Image | torch.Tensor, int]:
+        image_idx, act_label_idx = self._act_images[act_image_idx]
+        image = load_rgb_image(self._path(image_idx))
+        if not self._pil_images:
+            image = TF.pil_to_tensor(image)
+        if self._transform is None:
+            return image, act_label_idx
+        if self._sample_seed is None:
+            return self._transform(image), act_label_idx
+        with _seeded_rngs(self._sample_seed + self._global_indexes[image_idx]):
+            return self._transform(image), act_label_idx
+
+    def _path(self, image_idx: int) -> pathlib.Path:
+        name, label_idx = self._images[image_idx]
+        return self._dataset_path / self._labels[label_idx][0] / name
+
+    def use_labels(
+        self,
+        *,
+        label_indexes: Iterable[int] | None = None,
+        share: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Serve only some classes, chosen by index or as a random ``share`` of all classes (rounded down)."""
+        if label_indexes is not None and share is not None:
+            raise ValueError("Select labels either by label_indexes or by share, not both.")
+        num_labels = len(self._labels)
+        if share is not None:
+            if not isinstance(share, numbers.Real) or not 0.0 <= share <= 1.0:
+                raise DatasetError(f"share must be a number in [0, 1], got {share!r}.")
+            label_indexes = torch.randperm(num_labels, generator=generator)[: int(share * num_labels)].tolist()
+        if label_indexes is None:
+            label_indexes = range(num_labels)
+        label_indexes = sorted(int(index) for index in label_indexes)
+        bad = [index for index in label_indexes if not 0 <= index < num_labels]
+        if bad:
+            raise DatasetError(f"Label indexes {bad} are outside 0..{num_labels - 1} ({num_labels} labels).")
+        if len(set(label_indexes)) != len(label_indexes):
+            raise DatasetError(f"Label indexes must be unique, got {label_indexes}.")
+        self._act_labels = []
+        self._act_images = []
+        for act_label_idx, label_idx in enumerate(label_indexes):
+            _, begin, end = self._labels[label_idx]
+            first = len(self._act_images)
+            self._act_images.extend((image_idx, act_label_idx) for image_idx in range(begin, end))
+            self._act_labels.append((label_idx, first, len(self._act_images)))
+
+    def get_label(self, act_label_idx: int) -> str:
+        return self._labels[self._act_labels[act_label_idx][0]][0]
+
+    def get_labels(self) -> list[str]:
+        """All label names, active or not, in label index order."""
+        return [label for label, _, _ in self._labels]
+
+    def get_act_labels(self) -> list[tuple[str, int]]:
+        """``(label name, label index)`` of each active label, in active label order."""
+        return [(self._labels[label_idx][0], label_idx) for label_idx, _, _ in self._act_labels]
+
+    def act_label_idx_to_label_idx(self, act_label_idx: int) -> int:
+        return self._act_labels[act_label_idx][0]
+
+    def get_image_path(self, act_image_idx: int) -> pathlib.Path:
+        return self._path(self._act_images[act_image_idx][0])
+
+    def get_num_labels(self) -> int:
+        return len(self._labels)
+
+    def get_num_act_labels(self) -> int:
+        return len(self._act_labels)
+
+    def get_num_images(self) -> int:
+        """All images of this part, including those of inactive labels (``len`` counts active ones)."""
+        return len(self._images)
+
+    def get_num_images_by_label(self, act_label_idx: int) -> int:
+        _, first, end = self._act_labels[act_label_idx]
+        return end - first
+
+    def get_targets(self) -> list[int]:
+        """Active label index of each active image, in dataset order, without loading any image."""
+        return [act_label_idx for _, act_label_idx in self._act_images]
+
+    def get_state(self) -> dict[str, list]:
+        """Plain lists (JSON and ``torch.load(weights_only=True)`` safe) that rebuild this part; no transform."""
+        return {
+            "images": [[name, label_idx] for name, label_idx in self._images],
+            "labels": [[label, begin, end] for label, begin, end in self._labels],
+            "act_labels": [label_idx for label_idx, _, _ in self._act_labels],
+        }
+
+    def get_transform(self) -> Callable | None:
+        return self._transform
+
+    def set_transform(self, transform: Callable | None) -> None:
+        self._transform = transform
+
+    def set_image_type(self, image_type: str) -> None:
+        """``"pil"`` for PIL images, ``"tensor"`` (or ``"tsr"``) for uint8 CHW RGB tensors."""
+        kind = image_type.lower()
+        if kind not in ("pil", "tensor", "tsr"):
+            raise ValueError(f"Unknown image type {image_type!r}; use 'pil', 'tensor' or 'tsr'.")
+        self._pil_images = kind == "pil"
+
+    def set_sample_seed(self, seed: int | None) -> None:
+        """Make random augmentation a function of (seed, image) alone, independent of DataLoader workers/order."""
+        if seed is not None and not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an int or None, got {seed!r}.")
+        self._sample_seed = None if seed is None else int(seed)
+
+
+def _parse_layout(
+    *, images: Sequence[Sequence[Any]], labels: Sequence[Sequence[Any]]
+) -> tuple[list[tuple[str, int]], list[tuple[str, int, int]]]:
+    """Typed copies of image/label lists, refused unless stored class by class (e.g. a hand-edited state)."""
+    images = [(str(name), int(label_idx)) for name, label_idx in images]
+    labels = [(str(label), int(begin), int(end)) for label, begin, end in labels]
+    end = 0
+    for label_idx, (label, begin, label_end) in enumerate(labels):
+        if begin != end or not begin <= label_end <= len(images):
+            raise DatasetError(
+                f"labels[{label_idx}] = ({label!r}, {begin}, {label_end}) should start at {end} and end "
+                f"within the {len(images)} images: labels must cover the image list contiguously, class by class."
+            )
+        stray = next((index for index in range(begin, label_end) if images[index][1] != label_idx), None)
+        if stray is not None:
+            raise DatasetError(
+                f"Image {stray} {images[stray]} lies in the range of label {label_idx} ({label!r}) "
+                "but carries another label index."
+            )
+        end = label_end
+    if end != len(images):
+        raise DatasetError(f"Labels cover {end} images but {len(images)} are listed.")
+    return images, labels
+
+
+def _list_class_folders(root: pathlib.Path) -> list[str]:
+    """Sorted names of the visible sub-folders (symlinked ones included)."""
+    if not root.exists():
+        raise DatasetError(
+            f"Dataset folder {root} does not exist. Pass the folder that holds one sub-folder per class."
+        )
+    if not root.is_dir():
+        raise DatasetError(
+            f"Dataset path {root} is a file, not a folder. Pass the folder that holds one sub-folder per class."
+        )
+    with os.scandir(root) as entries:
+        classes = sorted(entry.name for entry in entries if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise DatasetError(
+            f"No class folders in {root}: expected {root}/<class name>/<image files>. "
+            "Pass the folder that holds one sub-folder per class."
+        )
+    return classes
+
+
+def _list_class_images(class_dir: pathlib.Path) -> tuple[list[str], list[tuple[pathlib.Path, str]]]:
+    """Image files under one class folder (nested folders too) as sorted relative paths, and dangling entries.
+
+    Symlinked files are followed; symlinked sub-folders are not, so a link cycle cannot loop forever.
+    """
+    names: list[str] = []
+    dangling: list[tuple[pathlib.Path, str]] = []
+    for dirpath, dirnames, filenames in os.walk(class_dir):
+        dirnames[:] = [name for name in dirnames if not name.startswith(".")]
+        for name in filenames:
+            if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            path = os.path.join(dirpath, name)
+            if os.path.isfile(path):
+                names.append(os.path.relpath(path, class_dir).replace(os.sep, "/"))
+            else:
+                dangling.append((pathlib.Path(path), "broken symbolic link or not a regular file"))
+    return sorted(names), dangling
+
+
+def _image_problem(path: pathlib.Path, *, strict: bool) -> str | None:
+    """Why ``path`` cannot be used, or None when it decodes."""
+    try:
+        _decode(path, strict=strict, draft=True)
+    except UnreadableImageError as error:
+        return error.reason
+    return None
+
+
+def _describe(skipped: Sequence[tuple[pathlib.Path, str]]) -> str:
+    lines = [f"  {path}: {reason}" for path, reason in skipped[:_LISTED_PATHS]]
+    if len(skipped) > _LISTED_PATHS:
+        lines.append(f"  ... and {len(skipped) - _LISTED_PATHS} more (all are in DatasetMaker.skipped)")
+    return "\n".join(lines)
+
+
+class DatasetMaker:
+    """Enumerates ``dataset_path/<class>/...`` once and builds dataset parts from it.
+
+    Images are numbered in a *global* order: classes sorted by folder name, files sorted by relative path.
+    ``check_images`` decodes every file up front so that a damaged one is reported here, with its path, rather
+    than halfway through an epoch. Unusable files and classes left without images are dropped, recorded in
+    ``skipped`` and reported in one warning; ``strict=True`` raises instead.
+    """
+
+    def __init__(self, *, dataset_path: PathLike, check_images: bool = True, strict: bool = False) -> None:
+        self._dataset_path = pathlib.Path(dataset_path)
+        self._strict = strict
+        self.skipped: list[tuple[pathlib.Path, str]] = []
+        classes: dict[str, list[str]] = {}
+        for label in _list_class_folders(self._dataset_path):
+            names, dangling = _list_class_images(self._dataset_path / label)
+            classes[label] = names
+            self.skipped.extend(dangling)
+        if check_images:
+            self._drop_unreadable(classes)
+        self._labels: list[tuple[str, int, int]] = []
+        self._images: list[tuple[str, int]] = []
+        for label, names in classes.items():
+            if not names:
+                reason = f"class folder has no readable {', '.join(IMAGE_EXTENSIONS)} files; class dropped"
+                self.skipped.append((self._dataset_path / label, reason))
+                continue
+            begin = len(self._images)
+            self._images.extend((name, len(self._labels)) for name in names)
+            self._labels.append((label, begin, len(self._images)))
+        self._image_labels = torch.tensor([label_idx for _, label_idx in self._images], dtype=torch.long)
+        self._global_index = {
+            (self._labels[label_idx][0], name): index for index, (name, label_idx) in enumerate(self._images)
+        }
+        self._report_skipped()
+        if len(self._labels) == 1 and any("/" in name for name, _ in self._images):
+            warnings.warn(
+                f"{self._dataset_path} holds a single class folder with nested folders; if those are the classes "
+                f"(as in Animal-90's animals/animals), pass {self._dataset_path / self._labels[0][0]} instead.",
+                stacklevel=2,
+            )
+
+    def _drop_unreadable(self, classes: dict[str, list[str]]) -> None:
+        paths = [self._dataset_path / label / name for label, names in classes.items() for name in names]
+        # Pillow releases the GIL while decoding, so threads check images in parallel.
+        with ThreadPoolExecutor() as pool:
+            problems = list(
+                tqdm(
+                    pool.map(partial(_image_problem, strict=self._strict), paths),
+                    total=len(paths),
+                    desc="Checking images",
+                    unit="image",
+                    leave=False,
+                )
+            )
+        bad = {path: reason for path, reason in zip(paths, problems) if reason is not None}
+        self.skipped.extend(bad.items())
+        for label, names in classes.items():
+            classes[label] = [name for name in names if self._dataset_path / label / name not in bad]
+
+    def _report_skipped(self) -> None:
+        if not self._images:
+            raise DatasetError(
+                f"No readable images in {self._dataset_path} (looked for {', '.join(IMAGE_EXTENSIONS)} files in "
+                f"its class folders). Problems found:\n{_describe(self.skipped)}"
+            )
+        if not self.skipped:
+            return
+        if self._strict:
+            raise DatasetError(
+                f"{len(self.skipped)} problem(s) in {self._dataset_path}:\n{_describe(self.skipped)}\n"
+                "Fix or remove these files, or pass strict=False to skip them."
+            )
+        warnings.warn(
+            f"Skipped {len(self.skipped)} path(s) in {self._dataset_path}:\n{_describe(self.skipped)}",
+            stacklevel=3,
+        )
+
+    @property
+    def dataset_path(self) -> pathlib.Path:
+        return self._dataset_path
+
+    def get_num_labels(self) -> int:
+        return len(self._labels)
+
+    def get_labels(self) -> list[str]:
+        return [label for label, _, _ in self._labels]
+
+    def get_num_images(self) -> int:
+        return len(self._images)
+
+    def get_image_paths(self) -> list[pathlib.Path]:
+        """Path of every image in global order (``dataset_path`` joined as given)."""
+        return [self._dataset_path / self._labels[label_idx][0] / name for name, label_idx in self._images]
+
+    def get_image_labels(self) -> torch.Tensor:
+        """Label index of each image in global order (a LongTensor)."""
+        return self._image_labels.clone()
+
+    def get_fingerprint(self) -> list[tuple[str, int, int]]:
+        """``(class/file, size, mtime_ns)`` per image: changes whenever a file is added, removed or rewritten."""
+        fingerprint = []
+        for name, label_idx in self._images:
+            relative = f"{self._labels[label_idx][0]}/{name}"
+            stat = os.stat(self._dataset_path / relative)
+            fingerprint.append((relative, stat.st_size, stat.st_mtime_ns))
+        return fingerprint
+
+    def split_indexes(
+        self, *, valid_share: float, test_share: float, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Random per-class split into (train, valid, test) global image indexes.
+
+        Each class takes ``int(n * share)`` validation and test images, so every class is represented in the
+        same proportion; the rest is training data.
+        """
+        _check_shares(valid_share=valid_share, test_share=test_share)
+        counts = [end - begin for _, begin, end in self._labels]
+        starved = [
+            f"{label!r} ({n} images)"
+            for (label, _, _), n in zip(self._labels, counts)
+            if n - int(n * valid_share) - int(n * test_share) < 1
+        ]
+        if starved:
+            raise DatasetError(
+                f"valid_share={valid_share} and test_share={test_share} leave no training image for class(es) "
+                f"{', '.join(starved)} in {self._dataset_path}. Lower the shares or add images to those classes."
+            )
+        parts: tuple[list[torch.Tensor], ...] = ([], [], [])
+        for (_, begin, _), n in zip(self._labels, counts):
+            num_valid, num_test = int(n * valid_share), int(n * test_share)
+            order = torch.randperm(n, generator=generator) + begin
+            for part, chunk in zip(parts, order.split([n - num_valid - num_test, num_valid, num_test])):
+                part.append(chunk)
+        train, valid, test = (torch.cat(part) for part in parts)
+        return train, valid, test
+
+    def make_datasets(
+        self,
+        *,
+        train_transform: Callable | None = None,
+        eval_transform: Callable | None = None,
+        valid_share: float = 0.1,
+        test_share: float = 0.1,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Animal90, Animal90, Animal90]:
+        """Random (train, valid, test) datasets; the same generator state gives the same partition."""
+        train, valid, test = self.split_indexes(valid_share=valid_share, test_share=test_share, generator=generator)
+        return (
+            self.datasets_from_indexes(indexes=train, transform=train_transform),
+            self.datasets_from_indexes(indexes=valid, transform=eval_transform),
+            self.datasets_from_indexes(indexes=test, transform=eval_transform),
+        )
+
+    def datasets_from_indexes(
+        self, *, indexes: torch.Tensor | Sequence[int], transform: Callable | None = None
+    ) -> Animal90:
+        """A dataset of the given global images, grouped by class (order kept within a class).
+
+        Every label is kept, even one with no image here, so label indexes agree across all parts.
+        """
+        indexes = torch.as_tensor(indexes, dtype=torch.long)
+        if indexes.dim() != 1:
+            raise ValueError(f"indexes must be one-dimensional, got shape {tuple(indexes.shape)}.")
+        if len(indexes) and not (0 <= int(indexes.min()) and int(indexes.max()) < len(self._images)):
+            low, high = int(indexes.min()), int(indexes.max())
+            raise IndexError(f"Image indexes must lie in 0..{len(self._images) - 1}, got {low}..{high}.")
+        image_labels = self._image_labels[indexes]
+        grouped = indexes[torch.argsort(image_labels, stable=True)].tolist()
+        counts = torch.bincount(image_labels, minlength=len(self._labels)).tolist()
+        labels, begin = [], 0
+        for (label, _, _), count in zip(self._labels, counts):
+            labels.append((label, begin, begin + count))
+            begin += count
+        return Animal90(
+            dataset_path=self._dataset_path,
+            images=[self._images[index] for index in grouped],
+            labels=labels,
+            transform=transform,
+            global_indexes=grouped,
+        )
+
+    def full_dataset(self, *, transform: Callable | None = None) -> Animal90:
+        """All images in global order."""
+        return self.datasets_from_indexes(indexes=torch.arange(len(self._images)), transform=transform)
+
+    def restore_datasets(
+        self,
+        *,
+        train_ds_state: dict[str, list] | None = None,
+        valid_ds_state: dict[str, list] | None = None,
+        test_ds_state: dict[str, list] | None = None,
+        train_transform: Callable | None = None,
+        eval_transform: Callable | None = None,
+    ) -> tuple[Animal90 | None, Animal90 | None, Animal90 | None]:
+        """Rebuild parts saved with ``Animal90.get_state`` (None stays None); transforms are not part of a state."""
+        return (
+            self._restore(state=train_ds_state, transform=train_transform, part="train"),
+            self._restore(state=valid_ds_state, transform=eval_transform, part="valid"),
+            self._restore(state=test_ds_state, transform=eval_transform, part="test"),
+        )
+
+    def _restore(self, *, state: dict[str, list] | None, transform: Callable | None, part: str) -> Animal90 | None:
+        if state is None:
+            return None
+        try:
+            images, labels, act_labels = state["images"], state["labels"], state["act_labels"]
+        except (KeyError, TypeError) as error:
+            raise DatasetError(
+                f"The {part} state is not an Animal90.get_state() dict (needs images, labels, act_labels)."
+            ) from error
+        images, labels = _parse_layout(images=images, labels=labels)
+        keys = [(labels[label_idx][0], name) for name, label_idx in images]
+        missing = [f"{label}/{name}" for label, name in keys if (label, name) not in self._global_index]
+        if missing:
+            raise DatasetError(
+                f"{len(missing)} image(s) of the saved {part} part are not in {self._dataset_path} "
+                f"(e.g. {missing[:3]}). The dataset changed since the state was saved; make new partitions."
+            )
+        dataset = Animal90(
+            dataset_path=self._dataset_path,
+            images=images,
+            labels=labels,
+            transform=transform,
+            global_indexes=[self._global_index[key] for key in keys],
+        )
+        dataset.use_labels(label_indexes=act_labels)
+        return dataset
+
+
+def _check_shares(*, valid_share: float, test_share: float) -> None:
+    for name, value in (("valid_share", valid_share), ("test_share", test_share)):
+        if not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+            raise DatasetError(f"{name} must be a number in [0, 1], got {value!r}.")
+    if valid_share + test_share >= 1.0:
+        raise DatasetError(
+            f"valid_share + test_share must be below 1 so that training images remain, got "
+            f"{valid_share} + {test_share} = {valid_share + test_share}."
+        )
+
+
+def augment_data(data_config: dict[str, Any]) -> T.Compose:
+    """Light augmentation around a timm model's eval preprocessing (resize, crop, flip, colour jitter).
+
+    The resize is only 5 % above the crop, so most of each image survives; ``data_config`` is what
+    ``timm.data.resolve_data_config`` returns for the model.
+    """
+    crop_size = tuple(data_config["input_size"][1:3])
+    return T.Compose(
+        [
+            T.Resize(int(1.05 * max(crop_size)), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            T.CenterCrop(crop_size),
+            T.RandomHorizontalFlip(p=0.5),
+            T.ColorJitter(brightness=(0.6, 1.4), contrast=(0.6, 1.4), saturation=(0.6, 1.4)),
+            timm.data.transforms.MaybeToTensor(),
+            T.Normalize(mean=tuple(data_config["mean"]), std=tuple(data_config["std"])),
+        ]
+    )

@@ -1,0 +1,726 @@
+"""A class vector database that can be edited one class at a time, saved, and queried from the command line.
+
+Each class is kept as the running sum (float64) and count of its image embeddings, so its mean can be grown with
+new images later and comes out exactly as if all images had been averaged at once. Classes are independent rows:
+adding, updating, renaming or removing one never changes another, which is the point of replacing a fine-tuned
+classifier head with a table of class means when classes come and go between releases.
+
+Command line (``python -m engine`` runs :func:`main`)::
+
+    python -m engine build --dataset DIR --model M [--weights FILE] --out store.zip
+    python -m engine add-class --store store.zip --images DIR --label NAME
+    python -m engine update-class --store store.zip --images DIR --label NAME
+    python -m engine remove-class --store store.zip NAME
+    python -m engine rename-class --store store.zip OLD NEW
+    python -m engine classify --store store.zip IMAGE_OR_DIR [--top-k 4] [--csv predictions.csv]
+    python -m engine info --store store.zip
+    python -m engine import --embeddings original.zip --store store.zip --model M [--weights FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import csv
+import dataclasses
+import difflib
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+import banerjee
+import engine
+import store
+import utils
+
+__all__ = [
+    "BACKENDS",
+    "ClassDBError",
+    "ClassVectorStore",
+    "FaissBackend",
+    "ModelMismatchError",
+    "SearchResult",
+    "TorchBackend",
+    "make_backend",
+    "main",
+]
+
+FORMAT = "classdb"
+FORMAT_VERSION = 1
+METADATA_MEMBER = "classdb.json"
+BACKENDS = ("torch", "faiss")
+
+PathLike = str | os.PathLike
+Vectors = torch.Tensor | np.ndarray
+
+
+class ClassDBError(ValueError):
+    """A class vector store operation or file was invalid: unknown class, duplicate label, bad vectors or file."""
+
+
+class ModelMismatchError(ClassDBError):
+    """Vectors or a file come from another model or preprocessing than the store, so cosines would be meaningless."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchResult:
+    """Top-k classes per query, best first: ``labels[i][j]`` scored ``scores[i, j]`` (cosine), row ``indexes[i, j]``."""
+
+    labels: list[list[str]]
+    scores: torch.Tensor
+    indexes: torch.Tensor
+
+
+class TorchBackend:
+    """Exact cosine search with torch (``engine.search``), on CUDA when available: the default, for any size."""
+
+    def __init__(self, *, corpus: torch.Tensor, device: torch.device | str | None = None) -> None:
+        self.device = torch.device(device) if device is not None else utils.get_device()
+        self.corpus = corpus.to(self.device, torch.float32)
+
+    def search(self, *, queries: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scores, indexes)``, each ``[num_queries, min(top_k, num_classes)]``, on the CPU."""
+        return engine.search(queries=queries.to(self.device, torch.float32), corpus=self.corpus, top_k=top_k)
+
+
+class FaissBackend:
+    """Exact inner-product search over L2-normalised vectors with FAISS ``IndexFlatIP`` (CPU), for many classes."""
+
+    def __init__(self, *, corpus: torch.Tensor) -> None:
+        self._faiss = _import_faiss()
+        vectors = _normalised_array(corpus)
+        self.index = self._faiss.IndexFlatIP(vectors.shape[1])
+        self.index.add(vectors)
+
+    def search(self, *, queries: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scores, indexes)``, each ``[num_queries, min(top_k, num_classes)]``, on the CPU."""
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}.")
+        scores, indexes = self.index.search(_normalised_array(queries), min(top_k, self.index.ntotal))
+        return torch.from_numpy(scores), torch.from_numpy(indexes).long()
+
+
+def _import_faiss() -> Any:
+    try:
+        import faiss
+    except ImportError as error:
+        raise ImportError(
+            "The 'faiss' search backend needs the faiss-cpu package: `pip install faiss-cpu`, "
+            "or use the default backend 'torch'."
+        ) from error
+    return faiss
+
+
+def _normalised_array(vectors: torch.Tensor) -> np.ndarray:
+    """A float32 C-contiguous copy with unit-length rows (zero rows stay zero), as FAISS inner product needs."""
+    array = np.array(vectors.detach().cpu().numpy(), dtype=np.float32, order="C", copy=True)
+    _import_faiss().normalize_L2(array)
+    return array
+
+
+def make_backend(
+    *, name: str, corpus: torch.Tensor, device: torch.device | str | None = None
+) -> TorchBackend | FaissBackend:
+    """The search backend ``name`` (one of :data:`BACKENDS`) over ``corpus`` rows; both answer the same call."""
+    if name == "torch":
+        return TorchBackend(corpus=corpus, device=device)
+    if name == "faiss":
+        return FaissBackend(corpus=corpus)
+    raise ValueError(f"Unknown search backend '{name}'; use one of {', '.join(BACKENDS)}.")
+
+
+class ClassVectorStore:
+    """Labels with per-class embedding sums (float64) and image counts, tied to one model and its preprocessing.
+
+    Rows are kept sorted by label, so the store is a pure function of its classes: removing a class and adding it
+    back from the same images restores the identical store, whatever the order of operations.
+    """
+
+    def __init__(
+        self, *, dim: int, model_name: str, model_id: str, transform_config: dict[str, Any] | None = None
+    ) -> None:
+        if dim < 1:
+            raise ValueError(f"dim must be positive, got {dim}.")
+        self.dim = int(dim)
+        self.model_name = model_name
+        self.model_id = model_id
+        self.transform_config = _plain_json(transform_config or {})
+        self._labels: list[str] = []
+        self._sums = torch.zeros(0, self.dim, dtype=torch.float64)
+        self._counts = torch.zeros(0, dtype=torch.int64)
+        self._backends: dict[tuple[str, str], TorchBackend | FaissBackend] = {}
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __contains__(self, label: object) -> bool:
+        return isinstance(label, str) and self._position(label) is not None
+
+    def __repr__(self) -> str:
+        return (
+            f"ClassVectorStore(classes={len(self)}, images={int(self._counts.sum())}, dim={self.dim}, "
+            f"model_id={self.model_id!r})"
+        )
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self._labels)
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Images averaged into each class, ``[C]`` int64."""
+        return self._counts.clone()
+
+    @property
+    def sums(self) -> torch.Tensor:
+        """Running embedding sums ``[C, D]`` float64: the exact state behind the means."""
+        return self._sums.clone()
+
+    @property
+    def means(self) -> torch.Tensor:
+        """Class mean embeddings ``[C, D]`` float32, in label order: the vectors that are searched and saved."""
+        return (self._sums / self._counts.unsqueeze(1)).float()
+
+    def metadata(self) -> dict[str, Any]:
+        """What a file needs to know to refuse vectors from another model or preprocessing."""
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "dim": self.dim,
+            "model_name": self.model_name,
+            "model_id": self.model_id,
+            "transform_config": self.transform_config,
+        }
+
+    def check_model(
+        self,
+        *,
+        model_id: str | None = None,
+        transform_config: dict[str, Any] | None = None,
+        source: str = "the vectors given",
+        where: str = "The store",
+    ) -> None:
+        """Raise :class:`ModelMismatchError` when ``source`` was made by another model or preprocessing."""
+        if model_id is not None and model_id != self.model_id:
+            raise ModelMismatchError(
+                f"{where} was built with model '{self.model_id}', not with '{model_id}' ({source}). "
+                "Embeddings of different models cannot be compared: use the store's model "
+                f"(--model {self.model_name} with the same --weights file) or build a new store."
+            )
+        if transform_config is not None and _plain_json(transform_config) != self.transform_config:
+            raise ModelMismatchError(
+                f"{where} was built with preprocessing {self.transform_config}, not with "
+                f"{_plain_json(transform_config)} ({source}). Use the store's preprocessing or build a new store."
+            )
+
+    def index(self, label: str) -> int:
+        """Row of ``label``; an unknown label is an error that names close matches."""
+        position = self._position(label)
+        if position is None:
+            close = difflib.get_close_matches(str(label), self._labels, n=3)
+            hint = f" Did you mean {', '.join(repr(name) for name in close)}?" if close else ""
+            raise ClassDBError(f"No class '{label}' in the store ({len(self)} classes).{hint}")
+        return position
+
+    def add_class(self, *, label: str, embeddings: Vectors, model_id: str | None = None) -> None:
+        """Add a new class from the embeddings ``[n, D]`` of its images."""
+        self.add_classes(embeddings=embeddings, labels=[label] * len(embeddings), model_id=model_id)
+
+    def add_classes(self, *, embeddings: Vectors, labels: Sequence[str], model_id: str | None = None) -> None:
+        """Add one new class per distinct label, averaging the rows of ``embeddings`` that carry it."""
+        self.check_model(model_id=model_id)
+        vectors = self._vectors(embeddings, what="embeddings")
+        if len(labels) != len(vectors):
+            raise ClassDBError(f"Got {len(vectors)} embeddings but {len(labels)} labels; give one label per row.")
+        new_labels = sorted(set(labels))
+        for label in new_labels:
+            self._check_new_label(label)
+        rows = torch.tensor([bisect.bisect_left(new_labels, label) for label in labels], dtype=torch.long)
+        sums = torch.zeros(len(new_labels), self.dim, dtype=torch.float64).index_add_(0, rows, vectors.double())
+        counts = torch.bincount(rows, minlength=len(new_labels))
+        self._set_rows(
+            labels=self._labels + new_labels,
+            sums=torch.cat([self._sums, sums]),
+            counts=torch.cat([self._counts, counts]),
+        )
+
+    def update_class(self, *, label: str, embeddings: Vectors, model_id: str | None = None) -> None:
+        """Merge new images of an existing class into its running mean (exact: sums in float64)."""
+        self.check_model(model_id=model_id)
+        vectors = self._vectors(embeddings, what="embeddings")
+        row = self.index(label)
+        self._sums[row] += vectors.double().sum(dim=0)
+        self._counts[row] += len(vectors)
+        self._backends.clear()
+
+    def remove_class(self, *, label: str) -> None:
+        """Drop one class; every other row stays bit-for-bit the same."""
+        row = self.index(label)
+        keep = torch.arange(len(self)) != row
+        self._set_rows(labels=self._labels[:row] + self._labels[row + 1 :], sums=self._sums[keep], counts=self._counts[keep])
+
+    def rename_class(self, *, label: str, new_label: str) -> None:
+        """Give a class a new label, keeping its vector and count."""
+        row = self.index(label)
+        self._check_new_label(new_label)
+        labels = list(self._labels)
+        labels[row] = new_label
+        self._set_rows(labels=labels, sums=self._sums, counts=self._counts)
+
+    def search(
+        self,
+        *,
+        queries: Vectors,
+        top_k: int = 4,
+        backend: str = "torch",
+        model_id: str | None = None,
+        device: torch.device | str | None = None,
+    ) -> SearchResult:
+        """The ``top_k`` most cosine-similar classes of each query ``[N, D]`` (the backend is built once, cached)."""
+        self.check_model(model_id=model_id, source="the queries given")
+        vectors = self._vectors(queries, what="queries")
+        if not self._labels:
+            raise ClassDBError("The store has no classes yet: add classes before searching it.")
+        key = (backend, str(device))
+        if key not in self._backends:
+            self._backends[key] = make_backend(name=backend, corpus=self.means, device=device)
+        scores, indexes = self._backends[key].search(queries=vectors, top_k=top_k)
+        labels = [[self._labels[index] for index in row] for row in indexes.tolist()]
+        return SearchResult(labels=labels, scores=scores, indexes=indexes)
+
+    def save(self, *, path: PathLike) -> pathlib.Path:
+        """Write the store atomically: ``.zip`` (CSV of float32 means, store.py format, plus metadata) or ``.npz``.
+
+        The ``.zip`` form is readable by ``store.load_embeddings`` (means as rows, labels as targets); the ``.npz``
+        form keeps the float64 sums, so later updates stay exact across sessions.
+        """
+        path = pathlib.Path(path)
+        if _file_kind(path) == "zip":
+            self._save_zip(path)
+        else:
+            self._save_npz(path)
+        return path
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        path: PathLike,
+        model_id: str | None = None,
+        transform_config: dict[str, Any] | None = None,
+    ) -> ClassVectorStore:
+        """Read a store written by :meth:`save`; given ``model_id``/``transform_config``, refuse another model's file."""
+        path = pathlib.Path(path)
+        kind = _file_kind(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"No class vector store at {path}: create one with `python -m engine build`.")
+        loaded = cls._read_zip(path) if kind == "zip" else cls._read_npz(path)
+        loaded.check_model(model_id=model_id, transform_config=transform_config, source="asked for when loading", where=str(path))
+        return loaded
+
+    @classmethod
+    def import_embeddings(
+        cls,
+        *,
+        path: PathLike,
+        model_name: str,
+        model_id: str,
+        transform_config: dict[str, Any] | None = None,
+    ) -> ClassVectorStore:
+        """Build a store from a plain ``store.save_embeddings`` file, which records no model and no image counts.
+
+        Each row counts as one image (rows sharing a label are averaged), so the caller must vouch for the model.
+        """
+        targets, embeddings = store.load_embeddings(filename=path)
+        warnings.warn(
+            f"{path} records no image counts: each of its {len(targets)} rows counts as one image, so later "
+            "update-class calls weigh an imported class mean as a single image.",
+            stacklevel=2,
+        )
+        imported = cls(dim=embeddings.shape[1], model_name=model_name, model_id=model_id, transform_config=transform_config)
+        imported.add_classes(embeddings=embeddings, labels=[str(target) for target in targets])
+        return imported
+
+    def _position(self, label: str) -> int | None:
+        position = bisect.bisect_left(self._labels, label)
+        return position if position < len(self._labels) and self._labels[position] == label else None
+
+    def _check_new_label(self, label: str) -> None:
+        if not isinstance(label, str) or not label.strip():
+            raise ClassDBError(f"A class label must be a non-empty string, got {label!r}.")
+        if label in self:
+            raise ClassDBError(
+                f"Class '{label}' is already in the store: use update_class (CLI: update-class) to add images to it, "
+                "or remove it first."
+            )
+
+    def _vectors(self, vectors: Vectors, *, what: str) -> torch.Tensor:
+        tensor = torch.as_tensor(vectors).detach().cpu()
+        if tensor.ndim != 2 or tensor.shape[1] != self.dim or len(tensor) == 0:
+            raise ClassDBError(
+                f"Expected {what} of shape [n >= 1, {self.dim}] for this store (model '{self.model_id}'), "
+                f"got {list(tensor.shape)}. Were they made by another model?"
+            )
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise ClassDBError(f"The {what} must be finite floating-point numbers (dtype {tensor.dtype}).")
+        return tensor
+
+    def _set_rows(self, *, labels: list[str], sums: torch.Tensor, counts: torch.Tensor) -> None:
+        order = sorted(range(len(labels)), key=labels.__getitem__)
+        permutation = torch.tensor(order, dtype=torch.long)
+        self._labels = [labels[index] for index in order]
+        self._sums = sums[permutation].contiguous()
+        self._counts = counts[permutation].contiguous()
+        self._backends.clear()
+
+    def _save_zip(self, path: pathlib.Path) -> None:
+        metadata = {**self.metadata(), "labels": self._labels, "counts": self._counts.tolist()}
+        with (
+            store.atomic_path(path) as temporary,
+            tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as folder,
+        ):
+            written = store.save_embeddings(
+                embeddings=self.means.numpy(), targets=np.array(self._labels, dtype=object), filename=pathlib.Path(folder) / path.name
+            )
+            with zipfile.ZipFile(written, "a", compression=zipfile.ZIP_DEFLATED) as archive:
+                archive.writestr(METADATA_MEMBER, json.dumps(metadata, indent=1))
+            os.replace(written, temporary)
+
+    def _save_npz(self, path: pathlib.Path) -> None:
+        with store.atomic_path(path) as temporary, temporary.open("wb") as stream:
+            np.savez_compressed(
+                stream,
+                metadata=np.array(json.dumps(self.metadata())),
+                labels=np.array(self._labels, dtype=str),
+                sums=self._sums.numpy(),
+                counts=self._counts.numpy(),
+            )
+
+    @classmethod
+    def _from_metadata(cls, metadata: Any, *, path: pathlib.Path) -> ClassVectorStore:
+        if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+            raise ClassDBError(f"{path} is not a class vector store (its metadata has no format '{FORMAT}').")
+        if metadata.get("version") != FORMAT_VERSION:
+            raise ClassDBError(
+                f"{path} uses class store format version {metadata.get('version')}; this code reads version "
+                f"{FORMAT_VERSION}. Rebuild the store with this version."
+            )
+        try:
+            return cls(
+                dim=int(metadata["dim"]),
+                model_name=str(metadata["model_name"]),
+                model_id=str(metadata["model_id"]),
+                transform_config=metadata["transform_config"],
+            )
+        except KeyError as error:
+            raise ClassDBError(f"{path}: the store metadata lacks {error}; the file is damaged.") from error
+
+    def _fill(self, *, labels: list[str], sums: torch.Tensor, counts: torch.Tensor, path: pathlib.Path) -> None:
+        """Install rows read from ``path`` after checking that they are consistent."""
+        if len(set(labels)) != len(labels) or sums.shape != (len(labels), self.dim) or counts.shape != (len(labels),):
+            raise ClassDBError(
+                f"{path}: {len(labels)} labels (distinct: {len(set(labels))}), sums {list(sums.shape)} and counts "
+                f"{list(counts.shape)} do not fit a store of dimension {self.dim}; the file is damaged."
+            )
+        if len(counts) and int(counts.min()) < 1:
+            raise ClassDBError(f"{path}: every class needs an image count of at least 1; the file is damaged.")
+        self._set_rows(labels=labels, sums=sums, counts=counts)
+
+    @classmethod
+    def _read_zip(cls, path: pathlib.Path) -> ClassVectorStore:
+        _, means = store.load_embeddings(filename=path)
+        with zipfile.ZipFile(path) as archive:
+            if METADATA_MEMBER not in archive.namelist():
+                raise ClassDBError(
+                    f"{path} has no {METADATA_MEMBER}: it is a plain store.save_embeddings file that records no model "
+                    f"or image counts. Import it with `python -m engine import --embeddings {path} --store NEW.zip "
+                    "--model M` (or ClassVectorStore.import_embeddings)."
+                )
+            try:
+                metadata = json.loads(archive.read(METADATA_MEMBER))
+            except json.JSONDecodeError as error:
+                raise ClassDBError(f"{path}: {METADATA_MEMBER} is not valid JSON ({error}); the file is damaged.") from error
+        loaded = cls._from_metadata(metadata, path=path)
+        counts = torch.tensor(metadata.get("counts", []), dtype=torch.int64)
+        sums = torch.from_numpy(means).double()
+        if counts.shape == (len(sums),):
+            sums *= counts.unsqueeze(1)
+        loaded._fill(labels=[str(label) for label in metadata.get("labels", [])], sums=sums, counts=counts, path=path)
+        return loaded
+
+    @classmethod
+    def _read_npz(cls, path: pathlib.Path) -> ClassVectorStore:
+        try:
+            with np.load(path, allow_pickle=False) as arrays:
+                metadata = json.loads(str(arrays["metadata"]))
+                labels = [str(label) for label in arrays["labels"]]
+                sums = torch.from_numpy(arrays["sums"].astype(np.float64))
+                counts = torch.from_numpy(arrays["counts"].astype(np.int64))
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+            raise ClassDBError(f"Cannot read a class vector store from {path}: {error}. Is the file complete?") from error
+        loaded = cls._from_metadata(metadata, path=path)
+        loaded._fill(labels=labels, sums=sums, counts=counts, path=path)
+        return loaded
+
+
+def _file_kind(path: pathlib.Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in (".zip", ".npz"):
+        raise ClassDBError(
+            f"Unsupported store file name {path}: use a .zip (CSV, readable by store.load_embeddings) "
+            "or a .npz (compact binary) suffix."
+        )
+    return suffix[1:]
+
+
+def _plain_json(value: Any) -> Any:
+    """The JSON form of a config (tuples become lists), so a config compares equal to itself after a round trip."""
+    return json.loads(json.dumps(value, default=str))
+
+
+@dataclasses.dataclass
+class _Model:
+    """An encoder with everything a store records about it."""
+
+    name: str
+    id: str
+    transform_config: dict[str, Any]
+    transform: Any
+    encoder: engine.Encoder
+    batch_size: int
+
+    @classmethod
+    def create(cls, *, model_name: str, weights: str | None, cpu: bool, batch_size: int) -> _Model:
+        model = engine.create_model(model_name=model_name, weights=weights)
+        data_config, transform = engine.eval_transform(model)
+        return cls(
+            name=model_name,
+            id=engine.model_id(model),
+            transform_config=_plain_json(data_config),
+            transform=transform,
+            encoder=engine.Encoder(model=model, device=utils.get_device(force_cpu=cpu)),
+            batch_size=batch_size,
+        )
+
+    def embed(self, images: Sequence[pathlib.Path]) -> torch.Tensor:
+        return self.encoder.embed_images(images=images, transform=self.transform, batch_size=self.batch_size, inform=True)
+
+    def check(self, db: ClassVectorStore, *, path: pathlib.Path) -> None:
+        db.check_model(model_id=self.id, transform_config=self.transform_config, source="--model/--weights", where=str(path))
+
+
+def _image_files(path: PathLike) -> list[pathlib.Path]:
+    """``path`` itself if it is a file, else every image under the folder (sorted, hidden files skipped)."""
+    path = pathlib.Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"No image file or folder at {path}.")
+    found = []
+    for folder, subfolders, files in os.walk(path, followlinks=True):
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        found += [
+            pathlib.Path(folder, name)
+            for name in sorted(files)
+            if not name.startswith(".") and name.lower().endswith(banerjee.IMAGE_EXTENSIONS)
+        ]
+    if not found:
+        raise ClassDBError(f"No images ({', '.join(banerjee.IMAGE_EXTENSIONS)}) found under {path}.")
+    return found
+
+
+def _open(args: argparse.Namespace) -> tuple[pathlib.Path, ClassVectorStore]:
+    path = pathlib.Path(args.store)
+    return path, ClassVectorStore.load(path=path)
+
+
+def _model_for(args: argparse.Namespace, db: ClassVectorStore | None = None) -> _Model:
+    model_name = args.model or (db.model_name if db is not None else None)
+    if model_name is None:
+        raise ClassDBError("Name the encoder with --model (a timm model name, e.g. tf_efficientnet_lite0).")
+    return _Model.create(model_name=model_name, weights=args.weights, cpu=args.cpu, batch_size=args.batch_size)
+
+
+def _summary(db: ClassVectorStore) -> str:
+    return f"{len(db)} classes, {int(db.counts.sum())} images, model {db.model_id}"
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    path = pathlib.Path(args.store)
+    _file_kind(path)
+    if path.exists() and not args.force:
+        raise ClassDBError(
+            f"{path} already exists: pass --force to replace it, or edit it with add-class/update-class/remove-class."
+        )
+    maker = banerjee.DatasetMaker(dataset_path=args.dataset)
+    model = _model_for(args)
+    embeddings = model.embed(maker.get_image_paths())
+    labels = maker.get_labels()
+    db = ClassVectorStore(
+        dim=embeddings.shape[1], model_name=model.name, model_id=model.id, transform_config=model.transform_config
+    )
+    db.add_classes(
+        embeddings=embeddings, labels=[labels[index] for index in maker.get_image_labels().tolist()], model_id=model.id
+    )
+    db.save(path=path)
+    print(f"Built {path}: {_summary(db)}.")
+    return 0
+
+
+def _cmd_add_or_update(args: argparse.Namespace) -> int:
+    path, db = _open(args)
+    if args.command == "add-class":
+        db._check_new_label(args.label)
+    else:
+        db.index(args.label)
+    images = _image_files(args.images)
+    model = _model_for(args, db)
+    model.check(db, path=path)
+    embeddings = model.embed(images)
+    if args.command == "add-class":
+        db.add_class(label=args.label, embeddings=embeddings, model_id=model.id)
+    else:
+        db.update_class(label=args.label, embeddings=embeddings, model_id=model.id)
+    db.save(path=path)
+    count = int(db.counts[db.index(args.label)])
+    print(f"{'Added' if args.command == 'add-class' else 'Updated'} '{args.label}' ({count} images) in {path}: {_summary(db)}.")
+    return 0
+
+
+def _cmd_remove(args: argparse.Namespace) -> int:
+    path, db = _open(args)
+    db.remove_class(label=args.label)
+    db.save(path=path)
+    print(f"Removed '{args.label}' from {path}: {_summary(db)}.")
+    return 0
+
+
+def _cmd_rename(args: argparse.Namespace) -> int:
+    path, db = _open(args)
+    db.rename_class(label=args.label, new_label=args.new_label)
+    db.save(path=path)
+    print(f"Renamed '{args.label}' to '{args.new_label}' in {path}.")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    path, db = _open(args)
+    print(f"{path}: {_summary(db)}, dimension {db.dim}")
+    print(f"preprocessing: {db.transform_config}")
+    for label, count in zip(db.labels, db.counts.tolist()):
+        print(f"{count:8d}  {label}")
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    path = pathlib.Path(args.store)
+    _file_kind(path)
+    model = _model_for(args)
+    db = ClassVectorStore.import_embeddings(
+        path=args.embeddings, model_name=model.name, model_id=model.id, transform_config=model.transform_config
+    )
+    db.save(path=path)
+    print(f"Imported {args.embeddings} into {path}: {_summary(db)}.")
+    return 0
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    path, db = _open(args)
+    images = _image_files(args.images)
+    model = _model_for(args, db)
+    model.check(db, path=path)
+    result = db.search(
+        queries=model.embed(images), top_k=args.top_k, backend=args.backend, model_id=model.id, device=model.encoder.device
+    )
+    root = pathlib.Path(args.images)
+    names = [str(image.relative_to(root)) if root.is_dir() else str(image) for image in images]
+    for name, labels, scores in zip(names, result.labels, result.scores.tolist()):
+        alternatives = " | ".join(f"{label} {score:.4f}" for label, score in zip(labels[1:], scores[1:]))
+        print(f"{name}\t{labels[0]}\t{scores[0]:.4f}" + (f"\t[{alternatives}]" if alternatives else ""))
+    if args.csv is not None:
+        _write_predictions(path=pathlib.Path(args.csv), names=names, result=result)
+        print(f"Predictions written to {args.csv}.")
+    return 0
+
+
+def _write_predictions(*, path: pathlib.Path, names: list[str], result: SearchResult) -> None:
+    """One row per image: ``image, label_1, score_1, ..., label_k, score_k``."""
+    top_k = result.scores.shape[1]
+    header = ["image"] + [f"{field}_{rank}" for rank in range(1, top_k + 1) for field in ("label", "score")]
+    with store.atomic_path(path) as temporary, temporary.open("w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(header)
+        for name, labels, scores in zip(names, result.labels, result.scores.tolist()):
+            writer.writerow([name] + [value for pair in zip(labels, scores) for value in pair])
+
+
+def _parser() -> argparse.ArgumentParser:
+    model_options = argparse.ArgumentParser(add_help=False)
+    model_options.add_argument("--model", help="timm model name (default for an existing store: the one it was built with)")
+    model_options.add_argument("--weights", help="local weights file for --model (otherwise timm downloads them)")
+    model_options.add_argument("--batch-size", type=int, default=32, help="images per encoding batch (default 32)")
+    model_options.add_argument("--cpu", action="store_true", help="encode on the CPU even when CUDA is available")
+    store_option = argparse.ArgumentParser(add_help=False)
+    store_option.add_argument("--store", required=True, help="class vector store file (.zip or .npz)")
+
+    parser = argparse.ArgumentParser(
+        prog="python -m engine", description="Build, edit and query a class vector database (one mean embedding per class)."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    build = commands.add_parser("build", parents=[model_options], help="encode a class-folder dataset into a new store")
+    build.add_argument("--dataset", required=True, help="folder with one sub-folder of images per class")
+    build.add_argument("--out", "--store", dest="store", required=True, help="new store file (.zip or .npz)")
+    build.add_argument("--force", action="store_true", help="replace an existing store file")
+    build.set_defaults(handler=_cmd_build)
+
+    for name, what in (("add-class", "add a new class"), ("update-class", "add more images to an existing class")):
+        command = commands.add_parser(name, parents=[store_option, model_options], help=f"{what} from a folder of images")
+        command.add_argument("--images", required=True, help="an image file or a folder of images of this class")
+        command.add_argument("--label", required=True, help="class label")
+        command.set_defaults(handler=_cmd_add_or_update)
+
+    remove = commands.add_parser("remove-class", parents=[store_option], help="remove one class")
+    remove.add_argument("label", help="class label")
+    remove.set_defaults(handler=_cmd_remove)
+
+    rename = commands.add_parser("rename-class", parents=[store_option], help="rename one class")
+    rename.add_argument("label", help="current class label")
+    rename.add_argument("new_label", help="new class label")
+    rename.set_defaults(handler=_cmd_rename)
+
+    classify = commands.add_parser("classify", parents=[store_option, model_options], help="label images by the store")
+    classify.add_argument("images", help="an image file or a folder of images")
+    classify.add_argument("--top-k", type=int, default=4, help="classes to report per image (default 4)")
+    classify.add_argument("--backend", choices=BACKENDS, default="torch", help="search backend (default torch)")
+    classify.add_argument("--csv", help="also write the predictions to this CSV file")
+    classify.set_defaults(handler=_cmd_classify)
+
+    info = commands.add_parser("info", parents=[store_option], help="print the model and the classes of a store")
+    info.set_defaults(handler=_cmd_info)
+
+    imported = commands.add_parser(
+        "import", parents=[store_option, model_options], help="turn a store.save_embeddings file into a store"
+    )
+    imported.add_argument("--embeddings", required=True, help="ZIP written by store.save_embeddings")
+    imported.set_defaults(handler=_cmd_import)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (errors are printed, not raised)."""
+    args = _parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, OSError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1

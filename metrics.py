@@ -1,0 +1,71 @@
+"""Statistics shared by the script, the partition protocol and the analysis: t-intervals and top-k accuracy.
+
+Accuracies from repeated random partitions are summarised as a mean with a Student's t confidence interval, the
+approximation the article uses near the mean (accuracies are bounded, so the interval is only trustworthy when it
+stays well inside [0, 1]).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.stats
+import torch
+
+__all__ = ["MeanInterval", "mean_confidence_interval", "topk_accuracies"]
+
+
+@dataclass(frozen=True)
+class MeanInterval:
+    """Sample mean with the half width of its two-sided t confidence interval (NaN when ``n < 2``)."""
+
+    mean: float
+    half_width: float
+    std: float
+    n: int
+    confidence: float
+
+    def __str__(self) -> str:
+        if math.isnan(self.half_width):
+            return f"{self.mean:.4f} (n={self.n}, no interval)"
+        return f"{self.mean:.4f} ± {self.half_width:.4f} ({self.confidence * 100:g}% confidence, n={self.n})"
+
+
+def mean_confidence_interval(
+    values: Sequence[float] | np.ndarray | torch.Tensor, *, confidence: float = 0.95
+) -> MeanInterval:
+    """Mean of ``values`` and the half width ``t((1 + c) / 2, n - 1) * s / sqrt(n)`` with Bessel-corrected ``s``."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie strictly between 0 and 1 (e.g. 0.95); got {confidence}.")
+    sample = np.asarray(values, dtype=np.float64).ravel()
+    if sample.size == 0:
+        raise ValueError("values is empty; a mean needs at least one value.")
+    if not np.all(np.isfinite(sample)):
+        raise ValueError(f"values must be finite; got {sample.tolist()}.")
+    n = int(sample.size)
+    mean = float(sample.mean())
+    if n < 2:
+        return MeanInterval(mean=mean, half_width=math.nan, std=math.nan, n=n, confidence=confidence)
+    std = float(sample.std(ddof=1))
+    critical = float(scipy.stats.t.ppf((1.0 + confidence) / 2.0, n - 1))
+    return MeanInterval(
+        mean=mean, half_width=critical * std / math.sqrt(n), std=std, n=n, confidence=confidence
+    )
+
+
+def topk_accuracies(*, topk_indices: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+    """Return ``(top-1 accuracy, top-k accuracy)``; column 0 of ``topk_indices`` is the best prediction."""
+    topk_indices = torch.as_tensor(topk_indices)
+    targets = torch.as_tensor(targets)
+    if topk_indices.ndim != 2 or topk_indices.shape[1] < 1 or targets.shape != topk_indices.shape[:1]:
+        raise ValueError(
+            "Expected topk_indices of shape (N, k) with k >= 1 and targets of shape (N,); "
+            f"got {tuple(topk_indices.shape)} and {tuple(targets.shape)}."
+        )
+    if targets.numel() == 0:
+        raise ValueError("No predictions to score: targets is empty.")
+    hits = topk_indices.to(targets.device) == targets.unsqueeze(1)
+    return float(hits[:, 0].float().mean()), float(hits.any(dim=1).float().mean())

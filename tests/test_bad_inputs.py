@@ -1,0 +1,492 @@
+"""Bad inputs: every case must fail loudly with the offending path/value, or be skipped and reported.
+
+Sections: helpers; single image files (``load_rgb_image``); dataset folders (``DatasetMaker``); split shares;
+saved dataset states. Add new groups as further sections at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_class_folders
+from PIL import Image
+
+import banerjee
+
+RED, GREEN, BLUE, WHITE = (220, 30, 30), (30, 180, 40), (30, 60, 220), (255, 255, 255)
+
+
+# ===============================================================================================================
+# Helpers
+# ===============================================================================================================
+
+
+def write_image(path: pathlib.Path, image: Image.Image | None = None, **save_options) -> pathlib.Path:
+    """Save ``image`` (default: a small red RGB image) at ``path``, creating folders; the suffix picks the format."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (image if image is not None else Image.new("RGB", (32, 24), RED)).save(path, **save_options)
+    return path
+
+
+def write_bytes(path: pathlib.Path, data: bytes) -> pathlib.Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def truncated_jpeg(path: pathlib.Path) -> pathlib.Path:
+    """A JPEG cut in half: the header opens fine, the pixels do not."""
+    noise = np.random.default_rng(0).integers(0, 255, size=(64, 64, 3), dtype=np.uint8)
+    write_image(path, Image.fromarray(noise))
+    data = path.read_bytes()
+    return write_bytes(path, data[: len(data) // 2])
+
+
+def copy_of(folder: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
+    """A writable copy of a read-only session fixture folder."""
+    return pathlib.Path(shutil.copytree(folder, tmp_path / "data"))
+
+
+def small_dataset(root: pathlib.Path, *, per_class: int = 3) -> pathlib.Path:
+    """Two good classes ("blue triangle", "red circle") with ``per_class`` images each."""
+    return make_class_folders(root, classes=["red circle", "blue triangle"], images_per_class=per_class)
+
+
+def skip_warnings(record: pytest.WarningsRecorder) -> list[str]:
+    """Messages of DatasetMaker's skip report among the recorded warnings."""
+    return [str(item.message) for item in record if str(item.message).startswith("Skipped ")]
+
+
+def maker_with_one_skip_warning(root: pathlib.Path, **options) -> tuple[banerjee.DatasetMaker, str]:
+    """Build a DatasetMaker and return it with its single skip warning (fails if there is not exactly one)."""
+    with pytest.warns(UserWarning) as record:
+        maker = banerjee.DatasetMaker(dataset_path=root, **options)
+    messages = skip_warnings(record)
+    assert len(messages) == 1, messages
+    return maker, messages[0]
+
+
+def pixel(image: Image.Image, xy: tuple[int, int]) -> tuple[int, ...]:
+    return image.getpixel(xy)
+
+
+def close_to(actual: tuple[int, ...], expected: tuple[int, ...], tolerance: int = 6) -> bool:
+    return all(abs(a - e) <= tolerance for a, e in zip(actual, expected, strict=True))
+
+
+# ===============================================================================================================
+# Single image files: load_rgb_image
+# ===============================================================================================================
+
+
+def test_truncated_jpeg_fails_on_load_with_its_path(tmp_path):
+    path = truncated_jpeg(tmp_path / "cut.jpg")
+    with pytest.raises(banerjee.UnreadableImageError, match="truncated") as info:
+        banerjee.load_rgb_image(path)
+    assert str(path) in str(info.value) and info.value.path == path
+
+
+@pytest.mark.parametrize(
+    ("name", "data"), [("empty.jpg", b""), ("notes.jpg", b"this is a text file, not a JPEG\n")]
+)
+def test_non_image_bytes_fail_with_their_path(tmp_path, name, data):
+    path = write_bytes(tmp_path / name, data)
+    with pytest.raises(banerjee.UnreadableImageError, match="cannot identify image file") as info:
+        banerjee.load_rgb_image(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file_and_folder_fail_as_unreadable_os_errors(tmp_path):
+    with pytest.raises(banerjee.UnreadableImageError, match="FileNotFoundError") as info:
+        banerjee.load_rgb_image(tmp_path / "gone.jpg")
+    assert isinstance(info.value, OSError) and str(tmp_path / "gone.jpg") in str(info.value)
+    with pytest.raises(banerjee.UnreadableImageError, match="IsADirectoryError"):
+        banerjee.load_rgb_image(tmp_path)
+
+
+def test_image_above_pixel_limit_warns_or_fails_depending_on_strict(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    path = write_image(tmp_path / "big.png", Image.new("RGB", (40, 40), RED))  # 1,600 px: above 1x, below 2x
+    with pytest.warns(Image.DecompressionBombWarning):
+        assert banerjee.load_rgb_image(path).size == (40, 40)
+    with pytest.warns(Image.DecompressionBombWarning):
+        with pytest.raises(banerjee.UnreadableImageError, match=r"40x40 pixels exceed .*MAX_IMAGE_PIXELS=1000"):
+            banerjee.load_rgb_image(path, strict=True)
+
+
+def test_image_far_above_pixel_limit_always_fails(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    path = write_image(tmp_path / "bomb.png", Image.new("RGB", (50, 50), RED))  # 2,500 px: above 2x
+    with pytest.raises(banerjee.UnreadableImageError, match="decompression bomb") as info:
+        banerjee.load_rgb_image(path)
+    assert str(path) in str(info.value)
+
+
+def test_grayscale_and_one_bit_images_become_rgb(tmp_path):
+    gray = banerjee.load_rgb_image(write_image(tmp_path / "gray.png", Image.new("L", (8, 8), 77)))
+    assert gray.mode == "RGB" and pixel(gray, (3, 3)) == (77, 77, 77)
+    bits = Image.new("1", (8, 8), 0)
+    bits.putpixel((2, 2), 1)
+    loaded = banerjee.load_rgb_image(write_image(tmp_path / "bits.bmp", bits))
+    assert pixel(loaded, (2, 2)) == WHITE and pixel(loaded, (0, 0)) == (0, 0, 0)
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    values = np.array([[0, 128 * 257, 65535, 1000]], dtype=np.uint16)
+    path = write_image(tmp_path / "deep.png", Image.fromarray(values))
+    assert Image.open(path).mode.startswith("I")
+    image = banerjee.load_rgb_image(path)
+    assert image.mode == "RGB"
+    assert [pixel(image, (x, 0)) for x in range(4)] == [(0, 0, 0), (128, 128, 128), WHITE, (4, 4, 4)]
+
+
+def test_cmyk_jpeg_becomes_rgb(tmp_path):
+    path = write_image(tmp_path / "print.jpg", Image.new("CMYK", (16, 16), (0, 255, 255, 0)), quality=95)
+    assert Image.open(path).mode == "CMYK"
+    image = banerjee.load_rgb_image(path)
+    assert image.mode == "RGB" and close_to(pixel(image, (8, 8)), (255, 0, 0))
+
+
+def test_transparency_is_composited_over_white(tmp_path):
+    rgba = Image.new("RGBA", (4, 1), (0, 0, 0, 0))
+    rgba.putpixel((1, 0), (*RED, 255))
+    rgba.putpixel((2, 0), (255, 0, 0, 128))
+    image = banerjee.load_rgb_image(write_image(tmp_path / "rgba.png", rgba))
+    assert pixel(image, (0, 0)) == WHITE and pixel(image, (1, 0)) == RED
+    assert close_to(pixel(image, (2, 0)), (255, 127, 127), tolerance=1)
+    la = Image.new("LA", (2, 1), (100, 0))
+    la.putpixel((1, 0), (100, 255))
+    image = banerjee.load_rgb_image(write_image(tmp_path / "la.png", la))
+    assert [pixel(image, (x, 0)) for x in range(2)] == [WHITE, (100, 100, 100)]
+
+
+@pytest.mark.parametrize("suffix", [".png", ".gif"])
+def test_palette_images_with_and_without_transparency(tmp_path, suffix):
+    palette = Image.new("P", (2, 1), 0)
+    palette.putpalette([0, 0, 0, *GREEN])
+    palette.putpixel((1, 0), 1)
+    opaque = banerjee.load_rgb_image(write_image(tmp_path / f"opaque{suffix}", palette))
+    assert [pixel(opaque, (x, 0)) for x in range(2)] == [(0, 0, 0), GREEN]
+    clear = banerjee.load_rgb_image(write_image(tmp_path / f"clear{suffix}", palette, transparency=0))
+    assert [pixel(clear, (x, 0)) for x in range(2)] == [WHITE, GREEN]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    stored = Image.new("RGB", (40, 20), RED)
+    stored.paste(BLUE, (20, 0, 40, 20))  # left half red, right half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    image = banerjee.load_rgb_image(write_image(tmp_path / "phone.jpg", stored, exif=exif.tobytes(), quality=95))
+    assert image.size == (20, 40)
+    assert close_to(pixel(image, (10, 5)), RED, tolerance=12)
+    assert close_to(pixel(image, (10, 35)), BLUE, tolerance=12)
+
+
+# ===============================================================================================================
+# Dataset folders: DatasetMaker
+# ===============================================================================================================
+
+
+def test_missing_dataset_path_says_where_it_looked(tmp_path):
+    with pytest.raises(banerjee.DatasetError, match="does not exist") as info:
+        banerjee.DatasetMaker(dataset_path=tmp_path / "no such folder")
+    assert str(tmp_path / "no such folder") in str(info.value)
+
+
+def test_dataset_path_that_is_a_file(tmp_path):
+    path = write_bytes(tmp_path / "animals.zip", b"PK")
+    with pytest.raises(banerjee.DatasetError, match="is a file, not a folder") as info:
+        banerjee.DatasetMaker(dataset_path=path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("top_level_files", [[], ["name of the animals.txt", "cat.jpg"]])
+def test_folder_without_class_folders(tmp_path, top_level_files):
+    for name in top_level_files:
+        write_image(tmp_path / name) if name.endswith(".jpg") else write_bytes(tmp_path / name, b"cat\n")
+    with pytest.raises(banerjee.DatasetError, match="No class folders in") as info:
+        banerjee.DatasetMaker(dataset_path=tmp_path)
+    assert f"{tmp_path}/<class name>/<image files>" in str(info.value)
+
+
+def test_class_folders_without_any_image(tmp_path):
+    write_bytes(tmp_path / "cat" / "notes.txt", b"no images here")
+    (tmp_path / "dog").mkdir()
+    with pytest.raises(banerjee.DatasetError, match="No readable images in") as info:
+        banerjee.DatasetMaker(dataset_path=tmp_path)
+    assert str(tmp_path / "cat") in str(info.value) and str(tmp_path / "dog") in str(info.value)
+
+
+def test_class_folder_without_images_is_dropped_with_one_warning(tmp_path):
+    root = small_dataset(tmp_path)
+    write_bytes(root / "empty class" / "readme.txt", b"nothing")
+    maker, message = maker_with_one_skip_warning(root)
+    assert maker.get_labels() == ["blue triangle", "red circle"]
+    assert maker.get_num_images() == 6
+    assert [path for path, _ in maker.skipped] == [root / "empty class"]
+    assert "no readable" in maker.skipped[0][1]
+    assert "Skipped 1 path(s)" in message and str(root / "empty class") in message
+    with pytest.raises(banerjee.DatasetError, match=r"1 problem\(s\)") as info:
+        banerjee.DatasetMaker(dataset_path=root, strict=True)
+    assert str(root / "empty class") in str(info.value) and "strict=False" in str(info.value)
+
+
+@pytest.fixture
+def folder_with_broken_files(image_folder, tmp_path) -> tuple[pathlib.Path, dict[pathlib.Path, str]]:
+    """The 4x10 shapes set plus three broken files in "green square"; maps each to a fragment of its reason."""
+    root = copy_of(image_folder, tmp_path)
+    broken = {
+        truncated_jpeg(root / "green square" / "cut.jpg"): "truncated",
+        write_bytes(root / "green square" / "empty.jpg", b""): "cannot identify image file",
+        write_bytes(root / "green square" / "text.JPG", b"plain text\n"): "cannot identify image file",
+    }
+    return root, broken
+
+
+def test_unreadable_files_are_skipped_with_reasons(folder_with_broken_files):
+    root, broken = folder_with_broken_files
+    maker, message = maker_with_one_skip_warning(root)
+    assert maker.get_num_images() == 40
+    assert maker.get_num_labels() == 4
+    reasons = dict(maker.skipped)
+    assert set(reasons) == set(broken)
+    for path, fragment in broken.items():
+        assert fragment in reasons[path]
+        assert str(path) in message
+    assert message.startswith(f"Skipped 3 path(s) in {root}")
+
+
+def test_unreadable_files_fail_strict_enumeration_listing_all(folder_with_broken_files):
+    root, broken = folder_with_broken_files
+    with pytest.raises(banerjee.DatasetError, match=r"3 problem\(s\) in") as info:
+        banerjee.DatasetMaker(dataset_path=root, strict=True)
+    assert all(str(path) in str(info.value) for path in broken)
+
+
+def test_unchecked_broken_file_fails_on_access_with_its_path(folder_with_broken_files):
+    root, broken = folder_with_broken_files
+    maker = banerjee.DatasetMaker(dataset_path=root, check_images=False)
+    assert maker.get_num_images() == 43 and maker.skipped == []
+    dataset = maker.full_dataset()
+    index = [dataset.get_image_path(i) for i in range(len(dataset))].index(root / "green square" / "cut.jpg")
+    with pytest.raises(banerjee.UnreadableImageError, match="truncated") as info:
+        dataset[index]
+    assert str(root / "green square" / "cut.jpg") in str(info.value)
+
+
+def test_class_with_only_unreadable_images_is_dropped(tmp_path):
+    root = small_dataset(tmp_path)
+    bad = [write_bytes(root / "broken" / f"{index}.jpg", b"") for index in range(2)]
+    maker, message = maker_with_one_skip_warning(root)
+    assert maker.get_labels() == ["blue triangle", "red circle"]
+    assert [path for path, _ in maker.skipped] == [*bad, root / "broken"]
+    assert "Skipped 3 path(s)" in message
+
+
+def test_decompression_bomb_in_a_dataset(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    root = small_dataset(tmp_path)  # 96x96 = 9,216 px each: under the limit
+    bomb = write_image(root / "red circle" / "huge.png", Image.new("RGB", (150, 150), RED))  # 22,500 > 2x limit
+    maker, message = maker_with_one_skip_warning(root)
+    assert maker.skipped == [(bomb, maker.skipped[0][1])] and "decompression bomb" in maker.skipped[0][1]
+    assert str(bomb) in message and maker.get_num_images() == 6
+    with pytest.raises(banerjee.DatasetError, match="decompression bomb") as info:
+        banerjee.DatasetMaker(dataset_path=root, strict=True)
+    assert str(bomb) in str(info.value)
+
+
+def test_image_just_above_the_pixel_limit_is_kept_unless_strict(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    root = small_dataset(tmp_path)
+    large = write_image(root / "red circle" / "large.png", Image.new("RGB", (120, 120), RED))  # 14,400 < 2x limit
+    with pytest.warns(Image.DecompressionBombWarning):
+        assert banerjee.DatasetMaker(dataset_path=root).get_num_images() == 7
+    with pytest.warns(Image.DecompressionBombWarning):
+        with pytest.raises(banerjee.DatasetError, match="MAX_IMAGE_PIXELS=10000") as info:
+            banerjee.DatasetMaker(dataset_path=root, strict=True)
+    assert str(large) in str(info.value)
+
+
+@pytest.mark.filterwarnings("error::UserWarning")
+def test_nested_folders_are_included_and_hidden_or_non_image_files_ignored(tmp_path):
+    root = small_dataset(tmp_path, per_class=1)
+    write_bytes(root / "name of the animals.txt", b"red circle\nblue triangle\n")
+    write_bytes(root / ".DS_Store", b"\0\0")
+    write_image(root / ".cache" / "thumb.jpg")  # hidden folder: not a class
+    cls = root / "red circle"
+    write_image(cls / "sub" / "b.png")
+    write_image(cls / "sub" / "deeper" / "c.JPEG")
+    write_image(cls / ".hidden" / "d.jpg")
+    write_bytes(cls / "._img_000.jpg", b"AppleDouble junk")  # macOS resource fork beside a real image
+    write_bytes(cls / "notes.txt", b"not an image")
+    write_image(cls / "scan.tiff")  # not in IMAGE_EXTENSIONS
+    maker = banerjee.DatasetMaker(dataset_path=root)
+    assert maker.get_labels() == ["blue triangle", "red circle"]
+    state = maker.full_dataset().get_state()
+    assert [name for name, _ in state["images"]] == ["img_000.jpg", "img_000.jpg", "sub/b.png", "sub/deeper/c.JPEG"]
+    assert maker.full_dataset()[3][0].size == (32, 24)
+
+
+@pytest.mark.filterwarnings("error::UserWarning")
+def test_every_listed_extension_in_any_case(tmp_path):
+    names = ["a.jpg", "b.JPEG", "c.Png", "d.bmp", "e.GIF", "f.webp"]
+    for name in names:
+        write_image(tmp_path / "mixed" / name)
+    maker = banerjee.DatasetMaker(dataset_path=tmp_path)
+    assert [path.name for path in maker.get_image_paths()] == names
+    assert all(image.size == (32, 24) for image, _ in maker.full_dataset())
+
+
+def test_symlinked_file_is_followed_and_broken_symlink_skipped(tmp_path):
+    root = small_dataset(tmp_path / "data")
+    outside = write_image(tmp_path / "elsewhere" / "real.png", Image.new("RGB", (10, 10), GREEN))
+    link = root / "red circle" / "linked.png"
+    link.symlink_to(outside)
+    dangling = root / "red circle" / "dangling.jpg"
+    dangling.symlink_to(tmp_path / "elsewhere" / "deleted.jpg")
+    for check_images in (True, False):
+        maker, message = maker_with_one_skip_warning(root, check_images=check_images)
+        assert maker.skipped == [(dangling, "broken symbolic link or not a regular file")]
+        assert str(dangling) in message
+        paths = maker.get_image_paths()
+        assert link in paths and maker.get_num_images() == 7
+        assert pixel(maker.full_dataset()[paths.index(link)][0], (5, 5)) == GREEN
+
+
+@pytest.mark.filterwarnings("error::UserWarning")
+def test_symlinked_class_folder_is_used_and_folder_loops_are_not_walked(tmp_path):
+    real = make_class_folders(tmp_path / "store", classes=["green square"], images_per_class=2)
+    root = small_dataset(tmp_path / "data")
+    (root / "green square").symlink_to(real / "green square", target_is_directory=True)
+    (root / "red circle" / "loop").symlink_to(root / "red circle", target_is_directory=True)
+    maker = banerjee.DatasetMaker(dataset_path=root)
+    assert maker.get_labels() == ["blue triangle", "green square", "red circle"]
+    assert maker.get_num_images() == 8
+
+
+@pytest.mark.filterwarnings("error::UserWarning")
+def test_non_ascii_and_space_class_and_file_names(tmp_path):
+    shades = {"café crème": 20, "ёж  колючий": 80, "日本 猫": 140}
+    for label, shade in shades.items():
+        for number in range(3):
+            write_image(tmp_path / label / f"фото {number}.png", Image.new("RGB", (12, 12), (shade, 0, 0)))
+    maker = banerjee.DatasetMaker(dataset_path=tmp_path)
+    assert maker.get_labels() == list(shades)  # already in code point order
+    _, valid_ds, _ = maker.make_datasets(valid_share=0.34, test_share=0.0, generator=torch.Generator())
+    _, restored, _ = maker.restore_datasets(valid_ds_state=json.loads(json.dumps(valid_ds.get_state())))
+    paths = [restored.get_image_path(index) for index in range(3)]
+    assert paths == [valid_ds.get_image_path(index) for index in range(3)]
+    assert [path.parent.name for path in paths] == list(shades) and paths[0].name.startswith("фото ")
+    assert [pixel(image, (0, 0)) for image, _ in restored] == [(shade, 0, 0) for shade in shades.values()]
+
+
+# ===============================================================================================================
+# Split shares
+# ===============================================================================================================
+
+
+@pytest.mark.parametrize(
+    ("valid_share", "test_share", "message"),
+    [
+        (-0.1, 0.1, r"valid_share must be a number in \[0, 1\], got -0.1"),
+        (0.1, 1.5, r"test_share must be a number in \[0, 1\], got 1.5"),
+        (math.nan, 0.1, r"valid_share must be a number in \[0, 1\], got nan"),
+        ("0.1", 0.1, r"valid_share must be a number in \[0, 1\], got '0.1'"),
+        (0.5, 0.5, r"must be below 1 .* got 0.5 \+ 0.5 = 1.0"),
+        (0.7, 0.6, r"got 0.7 \+ 0.6 = 1.2"),
+    ],
+)
+def test_bad_shares_name_the_value(image_folder, valid_share, test_share, message):
+    maker = banerjee.DatasetMaker(dataset_path=image_folder, check_images=False)
+    with pytest.raises(banerjee.DatasetError, match=message):
+        maker.split_indexes(valid_share=valid_share, test_share=test_share)
+    with pytest.raises(banerjee.DatasetError, match=message):
+        maker.make_datasets(valid_share=valid_share, test_share=test_share)
+
+
+def test_class_left_without_training_images_is_named(tmp_path):
+    # Shares summing to just below 1 where floating-point products round up: int(6 * valid) + int(6 * test) == 6.
+    test_share = math.nextafter(5 / 6, 0)
+    assert 1 / 6 + test_share < 1 and int(6 / 6) + int(6 * test_share) == 6
+    root = make_class_folders(tmp_path, classes=["red circle", "blue triangle"], images_per_class=[6, 7])
+    maker = banerjee.DatasetMaker(dataset_path=root)
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    with pytest.raises(banerjee.DatasetError, match=r"no training image for class\(es\) 'red circle' \(6 images\)"):
+        maker.split_indexes(valid_share=1 / 6, test_share=test_share, generator=generator)
+    assert torch.equal(generator.get_state(), state)  # refused before drawing
+
+
+def test_class_with_one_image_stays_in_training(tmp_path):
+    root = make_class_folders(tmp_path, classes=["red circle", "blue triangle"], images_per_class=[1, 10])
+    maker = banerjee.DatasetMaker(dataset_path=root)
+    train_ds, valid_ds, test_ds = maker.make_datasets(valid_share=0.45, test_share=0.45)
+    single = maker.get_labels().index("red circle")
+    assert train_ds.get_num_images_by_label(single) == 1
+    assert valid_ds.get_num_images_by_label(single) == 0 and test_ds.get_num_images_by_label(single) == 0
+    assert valid_ds.get_labels() == train_ds.get_labels() == maker.get_labels()
+    assert (len(train_ds), len(valid_ds), len(test_ds)) == (3, 4, 4)
+
+
+def test_bad_image_indexes(image_folder):
+    maker = banerjee.DatasetMaker(dataset_path=image_folder, check_images=False)
+    with pytest.raises(IndexError, match=r"must lie in 0..39, got 0..40"):
+        maker.datasets_from_indexes(indexes=[0, 40])
+    with pytest.raises(IndexError, match=r"got -1..3"):
+        maker.datasets_from_indexes(indexes=[-1, 3])
+    with pytest.raises(ValueError, match=r"one-dimensional, got shape \(2, 2\)"):
+        maker.datasets_from_indexes(indexes=[[0, 1], [2, 3]])
+
+
+# ===============================================================================================================
+# Saved dataset states (Animal90.get_state / DatasetMaker.restore_datasets)
+# ===============================================================================================================
+
+
+@pytest.fixture
+def maker_and_state(image_folder) -> tuple[banerjee.DatasetMaker, dict]:
+    maker = banerjee.DatasetMaker(dataset_path=image_folder, check_images=False)
+    return maker, maker.datasets_from_indexes(indexes=[0, 1, 10, 11, 12]).get_state()
+
+
+def test_state_without_its_keys(maker_and_state):
+    maker, _ = maker_and_state
+    with pytest.raises(banerjee.DatasetError, match="valid state is not an Animal90.get_state"):
+        maker.restore_datasets(valid_ds_state={"images": []})
+
+
+def test_state_with_scrambled_labels(maker_and_state):
+    maker, state = maker_and_state
+    gap = {**state, "labels": [[label, begin + 1, end + 1] for label, begin, end in state["labels"]]}
+    with pytest.raises(banerjee.DatasetError, match=r"labels\[0\] = \('blue triangle', 1, 3\) should start at 0"):
+        maker.restore_datasets(train_ds_state=gap)
+    swapped = {**state, "images": [list(item) for item in state["images"]]}
+    swapped["images"][0][1] = 1
+    with pytest.raises(banerjee.DatasetError, match="lies in the range of label 0 .* carries another label index"):
+        maker.restore_datasets(train_ds_state=swapped)
+    short = {**state, "images": state["images"][:-1]}
+    with pytest.raises(banerjee.DatasetError, match="end within the 4 images"):
+        maker.restore_datasets(train_ds_state=short)
+
+
+def test_state_naming_files_no_longer_on_disk(image_folder, tmp_path):
+    root = copy_of(image_folder, tmp_path)
+    state = banerjee.DatasetMaker(dataset_path=root).full_dataset().get_state()
+    os.remove(root / "red circle" / "img_004.jpg")
+    maker = banerjee.DatasetMaker(dataset_path=root)
+    with pytest.raises(banerjee.DatasetError, match=r"1 image\(s\) of the saved test part are not in") as info:
+        maker.restore_datasets(test_ds_state=state)
+    assert "red circle/img_004.jpg" in str(info.value) and "make new partitions" in str(info.value)
+
+
+def test_state_with_bad_active_labels(maker_and_state):
+    maker, state = maker_and_state
+    with pytest.raises(banerjee.DatasetError, match=r"Label indexes \[7\] are outside 0..3"):
+        maker.restore_datasets(train_ds_state={**state, "act_labels": [0, 7]})

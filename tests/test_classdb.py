@@ -1,0 +1,382 @@
+"""Class vector store: exact running means, independent classes, persistence, search backends, command line."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import shutil
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import classdb
+import store
+from classdb import ClassDBError, ClassVectorStore, ModelMismatchError
+from conftest import make_class_folders
+
+DIM = 16
+TOY = {"model_name": "toy", "model_id": "toy+sha256:000000000000", "transform_config": {"input_size": (3, 8, 8)}}
+
+
+def toy_store() -> ClassVectorStore:
+    return ClassVectorStore(dim=DIM, **TOY)
+
+
+def random_vectors(count: int, *, seed: int, dim: int = DIM) -> torch.Tensor:
+    return torch.randn(count, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def filled_store() -> ClassVectorStore:
+    db = toy_store()
+    for seed, label in enumerate(["cat", "dog", "emu", "owl"]):
+        db.add_class(label=label, embeddings=random_vectors(5 + seed, seed=seed))
+    return db
+
+
+def assert_same_store(left: ClassVectorStore, right: ClassVectorStore) -> None:
+    assert left.labels == right.labels
+    assert left.metadata() == right.metadata()
+    assert torch.equal(left.counts, right.counts)
+    assert torch.equal(left.sums, right.sums)
+
+
+def zip_members(path: pathlib.Path) -> dict[str, bytes]:
+    """Member contents by kind (the CSV member is named after the file, so names differ between copies)."""
+    with zipfile.ZipFile(path) as archive:
+        return {pathlib.Path(name).suffix: archive.read(name) for name in archive.namelist()}
+
+
+# --- running means and class independence -------------------------------------------------------------------------
+
+
+def test_two_batch_update_equals_one_shot_build():
+    images = random_vectors(11, seed=7)
+    one_shot, two_batches = filled_store(), filled_store()
+    one_shot.add_class(label="fox", embeddings=images)
+    two_batches.add_class(label="fox", embeddings=images[:4])
+    two_batches.update_class(label="fox", embeddings=images[4:])
+    row = one_shot.index("fox")
+    assert int(two_batches.counts[row]) == 11
+    torch.testing.assert_close(two_batches.sums, one_shot.sums, rtol=0, atol=1e-12)
+    torch.testing.assert_close(two_batches.means, one_shot.means, rtol=0, atol=1e-7)
+    torch.testing.assert_close(one_shot.means[row], images.double().mean(dim=0).float(), rtol=0, atol=1e-7)
+
+
+def test_remove_and_readd_gives_identical_store_and_files(tmp_path):
+    original = filled_store()
+    edited = filled_store()
+    edited.remove_class(label="dog")
+    assert "dog" not in edited and len(edited) == 3
+    edited.add_class(label="dog", embeddings=random_vectors(6, seed=1))
+    assert_same_store(edited, original)
+    for name in ("a.zip", "b.zip"):
+        (original if name == "a.zip" else edited).save(path=tmp_path / name)
+    assert zip_members(tmp_path / "a.zip") == zip_members(tmp_path / "b.zip")
+
+
+def test_add_update_remove_leave_other_classes_bit_identical():
+    db = filled_store()
+    before = {label: (db.sums[db.index(label)], int(db.counts[db.index(label)])) for label in ("cat", "emu", "owl")}
+    db.add_class(label="bee", embeddings=random_vectors(3, seed=9))
+    db.update_class(label="dog", embeddings=random_vectors(2, seed=10))
+    db.remove_class(label="bee")
+    for label, (sums, count) in before.items():
+        assert torch.equal(db.sums[db.index(label)], sums)
+        assert int(db.counts[db.index(label)]) == count
+
+
+def test_rename_class_keeps_vector_and_order():
+    db = filled_store()
+    vector = db.means[db.index("dog")]
+    db.rename_class(label="dog", new_label="zebra")
+    assert db.labels == ["cat", "emu", "owl", "zebra"]
+    assert torch.equal(db.means[db.index("zebra")], vector)
+    with pytest.raises(ClassDBError, match="already in the store"):
+        db.rename_class(label="cat", new_label="owl")
+
+
+def test_edit_errors_name_the_class_and_the_fix():
+    db = filled_store()
+    with pytest.raises(ClassDBError, match="update_class"):
+        db.add_class(label="cat", embeddings=random_vectors(2, seed=0))
+    with pytest.raises(ClassDBError, match="Did you mean 'dog'"):
+        db.update_class(label="dgo", embeddings=random_vectors(2, seed=0))
+    with pytest.raises(ClassDBError, match="non-empty"):
+        db.add_class(label=" ", embeddings=random_vectors(2, seed=0))
+    with pytest.raises(ClassDBError, match="no classes yet"):
+        toy_store().search(queries=random_vectors(1, seed=0))
+
+
+def test_wrong_dimension_or_model_is_refused():
+    db = filled_store()
+    with pytest.raises(ClassDBError, match=rf"shape \[n >= 1, {DIM}\].*got \[3, 8\]"):
+        db.add_class(label="fox", embeddings=random_vectors(3, seed=0, dim=8))
+    with pytest.raises(ClassDBError, match="got \\[2, 8\\]"):
+        db.search(queries=random_vectors(2, seed=0, dim=8))
+    with pytest.raises(ModelMismatchError, match=re.escape("The store was built with model 'toy+sha256:000000000000', not with 'other'")):
+        db.update_class(label="cat", embeddings=random_vectors(3, seed=0), model_id="other")
+    with pytest.raises(ModelMismatchError, match="preprocessing"):
+        db.check_model(model_id=TOY["model_id"], transform_config={"input_size": (3, 9, 9)})
+    db.check_model(model_id=TOY["model_id"], transform_config={"input_size": [3, 8, 8]})
+    assert db.labels == ["cat", "dog", "emu", "owl"]
+
+
+# --- search ---------------------------------------------------------------------------------------------------------
+
+
+def test_search_returns_labels_and_cosine_scores():
+    db = filled_store()
+    result = db.search(queries=db.means[[2, 0]] * 3.0, top_k=10)
+    assert [row[0] for row in result.labels] == ["emu", "cat"]
+    assert result.scores.shape == (2, 4)
+    torch.testing.assert_close(result.scores[:, 0], torch.ones(2))
+    expected = torch.nn.functional.cosine_similarity(db.means[2], db.means[3], dim=0)
+    assert float(result.scores[0, result.labels[0].index("owl")]) == pytest.approx(float(expected), abs=1e-6)
+
+
+@pytest.mark.parametrize("num_classes", [3, 2000])
+def test_backends_agree_on_top1(num_classes):
+    pytest.importorskip("faiss")
+    corpus = random_vectors(num_classes, seed=3, dim=64)
+    picks = torch.randint(num_classes, (300,), generator=torch.Generator().manual_seed(4))
+    queries = corpus[picks] + 0.5 * random_vectors(300, seed=5, dim=64)
+    exact = classdb.make_backend(name="torch", corpus=corpus, device="cpu").search(queries=queries, top_k=5)
+    approx = classdb.make_backend(name="faiss", corpus=corpus).search(queries=queries, top_k=5)
+    assert torch.equal(exact[1][:, 0], approx[1][:, 0])
+    torch.testing.assert_close(exact[0], approx[0], rtol=0, atol=1e-5)
+    assert (exact[1][:, 0] == picks).float().mean() > 0.9
+
+
+def test_faiss_missing_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    with pytest.raises(ImportError, match="pip install faiss-cpu"):
+        filled_store().search(queries=random_vectors(1, seed=0), backend="faiss")
+
+
+# --- persistence ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".zip", ".npz"])
+def test_save_load_round_trip(tmp_path, suffix):
+    db = filled_store()
+    path = db.save(path=tmp_path / f"classes{suffix}")
+    loaded = ClassVectorStore.load(path=path, model_id=TOY["model_id"], transform_config=TOY["transform_config"])
+    assert loaded.labels == db.labels and torch.equal(loaded.counts, db.counts)
+    assert loaded.metadata() == db.metadata()
+    assert torch.equal(loaded.means, db.means)
+    if suffix == ".npz":
+        assert torch.equal(loaded.sums, db.sums)
+    resaved = loaded.save(path=tmp_path / f"again{suffix}")
+    assert torch.equal(ClassVectorStore.load(path=resaved).sums, loaded.sums)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"classes{suffix}", f"again{suffix}"])
+
+
+def test_zip_is_readable_by_store_load_embeddings(tmp_path):
+    db = filled_store()
+    db.save(path=tmp_path / "classes.zip")
+    targets, embeddings = store.load_embeddings(filename=tmp_path / "classes.zip")
+    assert targets.tolist() == db.labels
+    assert np.array_equal(embeddings, db.means.numpy())
+    metadata = json.loads(zip_members(tmp_path / "classes.zip")[".json"])
+    assert metadata["counts"] == [5, 6, 7, 8] and metadata["model_id"] == TOY["model_id"]
+
+
+def test_loading_another_models_file_is_refused(tmp_path):
+    path = filled_store().save(path=tmp_path / "classes.npz")
+    with pytest.raises(ModelMismatchError, match=re.escape(f"classes.npz was built with model '{TOY['model_id']}', not with 'timm/other'")):
+        ClassVectorStore.load(path=path, model_id="timm/other")
+
+
+def test_plain_save_embeddings_file_is_imported_not_loaded(tmp_path):
+    vectors = random_vectors(3, seed=0)
+    plain = store.save_embeddings(embeddings=vectors.numpy(), targets=["b", "a", "b"], filename=tmp_path / "plain")
+    with pytest.raises(ClassDBError, match="import"):
+        ClassVectorStore.load(path=plain)
+    with pytest.warns(UserWarning, match="records no image counts"):
+        imported = ClassVectorStore.import_embeddings(path=plain, **TOY)
+    assert imported.labels == ["a", "b"] and imported.counts.tolist() == [1, 2]
+    torch.testing.assert_close(imported.means[1], (vectors[0] + vectors[2]) / 2)
+
+
+def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
+    db = filled_store()
+    for suffix in (".zip", ".npz"):
+        path = db.save(path=tmp_path / f"classes{suffix}")
+        before = path.read_bytes()
+        db.add_class(label=f"new{suffix}", embeddings=random_vectors(2, seed=0))
+        monkeypatch.setattr(classdb.json, "dumps", lambda *args, **kwargs: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            db.save(path=path)
+        monkeypatch.undo()
+        assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classes.npz", "classes.zip"]
+    with pytest.raises(ClassDBError, match=r"\.zip .* or a \.npz"):
+        db.save(path=tmp_path / "classes.csv")
+
+
+def test_damaged_files_are_reported(tmp_path):
+    path = filled_store().save(path=tmp_path / "classes.npz")
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ClassDBError, match="Is the file complete"):
+        ClassVectorStore.load(path=path)
+    with pytest.raises(FileNotFoundError, match="python -m engine build"):
+        ClassVectorStore.load(path=tmp_path / "missing.zip")
+
+
+# --- real images (EfficientNet-Lite0) -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shape_embeddings(image_folder, lite0_model):
+    """Embeddings of the 4 x 10 shape images (one batch per class)."""
+    import engine
+
+    paths = sorted(image_folder.glob("*/*.jpg"))
+    _, transform = engine.eval_transform(lite0_model)
+    encoder = engine.Encoder(model=lite0_model, device="cpu")
+    embeddings = encoder.embed_images(images=paths, transform=transform, batch_size=10)
+    return embeddings, [path.parent.name for path in paths], [int(path.stem[-3:]) for path in paths]
+
+
+def lite0_store(model) -> ClassVectorStore:
+    import engine
+
+    data_config, _ = engine.eval_transform(model)
+    return ClassVectorStore(
+        dim=model.num_features,
+        model_name="tf_efficientnet_lite0",
+        model_id=engine.model_id(model),
+        transform_config=data_config,
+    )
+
+
+def test_unrelated_class_does_not_change_accuracy_on_the_others(shape_embeddings, lite0_model):
+    embeddings, labels, numbers = shape_embeddings
+    train = [i for i, number in enumerate(numbers) if number < 5]
+    unrelated = "yellow stripes"
+    known = [i for i, number in enumerate(numbers) if number >= 5 and labels[i] != unrelated]
+    db = lite0_store(lite0_model)
+    db.add_classes(embeddings=embeddings[[i for i in train if labels[i] != unrelated]], labels=[labels[i] for i in train if labels[i] != unrelated])
+
+    def accuracy() -> tuple[float, list[str]]:
+        predicted = [row[0] for row in db.search(queries=embeddings[known], top_k=1, device="cpu").labels]
+        return float(np.mean([p == labels[i] for p, i in zip(predicted, known)])), predicted
+
+    baseline = accuracy()
+    assert baseline[0] == 1.0
+    db.add_class(label=unrelated, embeddings=embeddings[[i for i in train if labels[i] == unrelated]])
+    assert accuracy() == baseline
+    db.remove_class(label="red circle")
+    known = [i for i in known if labels[i] != "red circle"]
+    assert accuracy() == (1.0, [labels[i] for i in known])
+    for backend in classdb.BACKENDS:
+        result = db.search(queries=embeddings, top_k=2, backend=backend, device="cpu")
+        assert [row[0] for row in result.labels] == [row[0] for row in db.search(queries=embeddings, top_k=2).labels]
+
+
+def test_two_batch_update_with_image_embeddings(shape_embeddings, lite0_model):
+    embeddings, labels, _ = shape_embeddings
+    blue = embeddings[[i for i, label in enumerate(labels) if label == "blue triangle"]]
+    one_shot, two_batches = lite0_store(lite0_model), lite0_store(lite0_model)
+    one_shot.add_class(label="blue triangle", embeddings=blue)
+    two_batches.add_class(label="blue triangle", embeddings=blue[:3])
+    two_batches.update_class(label="blue triangle", embeddings=blue[3:])
+    torch.testing.assert_close(two_batches.means, one_shot.means, rtol=0, atol=1e-7)
+    assert two_batches.counts.tolist() == [10]
+
+
+# --- command line ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli_setup(tmp_path_factory, lite0_weights):
+    """A 3-class x 3-image dataset and the store `build` makes from it (9 encodings).
+
+    Batches of 3 hold exactly one class, so re-encoding a class folder reproduces its embeddings bit for bit (on the
+    CPU, float32 results move by ~1e-6 with the batch size).
+    """
+    root = tmp_path_factory.mktemp("cli")
+    dataset = make_class_folders(root / "dataset", classes=["red circle", "green square", "cyan ring"], images_per_class=3, seed=5)
+    model_args = ["--model", "tf_efficientnet_lite0", "--weights", str(lite0_weights), "--batch-size", "3", "--cpu"]
+    built = root / "built.zip"
+    assert classdb.main(["build", "--dataset", str(dataset), "--out", str(built), *model_args]) == 0
+    return dataset, built, model_args
+
+
+def test_cli_build_writes_a_store_of_the_dataset(cli_setup, capsys):
+    _, built, _ = cli_setup
+    db = ClassVectorStore.load(path=built)
+    assert db.labels == ["cyan ring", "green square", "red circle"]
+    assert db.counts.tolist() == [3, 3, 3] and db.model_name == "tf_efficientnet_lite0"
+    assert db.model_id.startswith("tf_efficientnet_lite0+sha256:")
+    assert classdb.main(["info", "--store", str(built)]) == 0
+    assert "3 classes, 9 images" in capsys.readouterr().out
+
+
+def test_cli_remove_then_readd_restores_the_identical_file(cli_setup, tmp_path, capsys):
+    dataset, built, model_args = cli_setup
+    path = tmp_path / "edited.zip"
+    shutil.copy(built, path)
+    assert classdb.main(["remove-class", "--store", str(path), "red circle"]) == 0
+    assert ClassVectorStore.load(path=path).labels == ["cyan ring", "green square"]
+    assert classdb.main(["add-class", "--store", str(path), "--images", str(dataset / "red circle"), "--label", "red circle", *model_args]) == 0
+    assert zip_members(path) == zip_members(built)
+    assert classdb.main(["add-class", "--store", str(path), "--images", str(dataset / "red circle"), "--label", "red circle", *model_args]) == 1
+    assert "update-class" in capsys.readouterr().err
+
+
+def test_cli_update_in_two_batches_equals_build(cli_setup, tmp_path):
+    dataset, built, model_args = cli_setup
+    path = tmp_path / "edited.npz"
+    ClassVectorStore.load(path=built).save(path=path)
+    images = sorted((dataset / "green square").iterdir())
+    assert classdb.main(["remove-class", "--store", str(path), "green square"]) == 0
+    assert classdb.main(["add-class", "--store", str(path), "--images", str(images[0]), "--label", "green square", *model_args]) == 0
+    (tmp_path / "more").mkdir()
+    for image in images[1:]:
+        shutil.copy(image, tmp_path / "more" / image.name)
+    assert classdb.main(["update-class", "--store", str(path), "--images", str(tmp_path / "more"), "--label", "green square", *model_args]) == 0
+    edited, reference = ClassVectorStore.load(path=path), ClassVectorStore.load(path=built)
+    assert edited.counts.tolist() == [3, 3, 3]
+    assert torch.equal(edited.means[[0, 2]], reference.means[[0, 2]])
+    torch.testing.assert_close(edited.means[1], reference.means[1], rtol=0, atol=1e-5)  # batches of 1 + 2, not 3
+
+
+def test_cli_classify_prints_and_writes_csv(cli_setup, tmp_path, capsys):
+    dataset, built, model_args = cli_setup
+    csv_path = tmp_path / "predictions.csv"
+    status = classdb.main(["classify", "--store", str(built), str(dataset / "cyan ring"), "--top-k", "2", "--csv", str(csv_path), *model_args])
+    assert status == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("img_")]
+    assert [line.split("\t")[:2] for line in lines] == [[f"img_00{i}.jpg", "cyan ring"] for i in range(3)]
+    rows = csv_path.read_text().splitlines()
+    assert rows[0] == "image,label_1,score_1,label_2,score_2"
+    assert len(rows) == 4 and all(row.split(",")[1] == "cyan ring" and float(row.split(",")[2]) > float(row.split(",")[4]) for row in rows[1:])
+
+
+def test_cli_refuses_a_store_of_another_model(cli_setup, tmp_path, capsys):
+    dataset, _, model_args = cli_setup
+    other = ClassVectorStore(dim=1280, model_name="tf_efficientnet_lite0", model_id="timm/tf_efficientnet_lite0.in1k")
+    other.add_class(label="x", embeddings=torch.ones(1, 1280))
+    path = other.save(path=tmp_path / "other.zip")
+    assert classdb.main(["classify", "--store", str(path), str(dataset), *model_args]) == 1
+    error = capsys.readouterr().err
+    assert "timm/tf_efficientnet_lite0.in1k" in error and "tf_efficientnet_lite0+sha256:" in error
+    assert "[Embed" not in error
+
+
+def test_cli_imports_a_plain_embeddings_file(cli_setup, tmp_path, capsys):
+    _, built, model_args = cli_setup
+    targets, means = store.load_embeddings(filename=built)
+    plain = store.save_embeddings(embeddings=means, targets=targets, filename=tmp_path / "plain")
+    path = tmp_path / "imported.npz"
+    with pytest.warns(UserWarning, match="no image counts"):
+        assert classdb.main(["import", "--embeddings", str(plain), "--store", str(path), *model_args]) == 0
+    imported = ClassVectorStore.load(path=path, model_id=ClassVectorStore.load(path=built).model_id)
+    assert imported.counts.tolist() == [1, 1, 1] and torch.equal(imported.means, torch.from_numpy(means))
+    assert classdb.main(["remove-class", "--store", str(path), "no such class"]) == 1
+    assert "No class 'no such class'" in capsys.readouterr().err

@@ -1,0 +1,144 @@
+"""engine.py: model creation, cosine search, class means and the Encoder on separable generated classes."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+import banerjee
+import engine
+import protocol
+
+
+def test_unknown_model_name_lists_close_matches():
+    with pytest.raises(ValueError, match="Unknown timm model 'tiny_vit_11m_244'.*tiny_vit_11m_224"):
+        engine.create_model(model_name="tiny_vit_11m_244")
+
+
+def test_offline_download_failure_explains_the_way_out(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeError, match="--weights FILE"):
+        engine.create_model(model_name="tf_efficientnet_lite0")
+
+
+def test_weights_of_another_model_are_refused(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"conv.weight": torch.zeros(8, 3, 3, 3), "fc.weight": torch.zeros(10, 8)}, path)
+    with pytest.raises(ValueError, match="Does --weights belong to --model"):
+        engine.create_model(model_name="tf_efficientnet_lite0", weights=path)
+
+
+def test_missing_weights_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        engine.create_model(model_name="tf_efficientnet_lite0", weights=tmp_path / "nope.pth")
+
+
+def test_offline_lite0_weights_are_the_genuine_imagenet_ones(lite0_model, lite0_weights):
+    source = torch.load(lite0_weights, map_location="cpu", weights_only=True)
+    assert torch.equal(lite0_model.conv_stem.weight, source["_conv_stem.weight"])
+    assert engine.model_id(lite0_model).startswith("tf_efficientnet_lite0+sha256:")
+    assert lite0_model.num_features == 1280
+
+
+def test_search_matches_manual_cosine_ranking():
+    corpus = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    queries = torch.tensor([[2.0, 0.1], [0.1, 1.0]])
+    scores, indexes = engine.search(queries=queries, corpus=corpus, top_k=2)
+    expected = torch.nn.functional.normalize(queries, dim=1) @ torch.nn.functional.normalize(corpus, dim=1).T
+    assert indexes.tolist() == [[0, 2], [1, 2]]
+    assert torch.allclose(scores, expected.gather(1, indexes), atol=1e-6)
+
+
+def test_search_caps_top_k_at_corpus_size_and_rejects_zero():
+    scores, indexes = engine.search(queries=torch.ones(1, 2), corpus=torch.eye(2), top_k=5)
+    assert indexes.shape == (1, 2)
+    with pytest.raises(ValueError, match="top_k must be at least 1"):
+        engine.search(queries=torch.ones(1, 2), corpus=torch.eye(2), top_k=0)
+
+
+def test_class_means_by_hand_and_missing_class():
+    embeddings = torch.tensor([[1.0, 2.0], [3.0, 4.0], [10.0, 0.0]])
+    means = engine.class_means(embeddings=embeddings, targets=torch.tensor([0, 0, 1]), num_labels=2)
+    assert means.tolist() == [[2.0, 3.0], [10.0, 0.0]]
+    with pytest.raises(ValueError, match=r"Classes \[2\] have no embeddings"):
+        engine.class_means(embeddings=embeddings, targets=torch.tensor([0, 0, 1]), num_labels=3)
+
+
+@pytest.fixture(scope="module")
+def fitted_encoder(image_folder, lite0_model):
+    maker = banerjee.DatasetMaker(dataset_path=image_folder)
+    _, transform = engine.eval_transform(lite0_model)
+    train_ds, valid_ds, _ = maker.make_datasets(
+        train_transform=transform, eval_transform=transform, valid_share=0.3, test_share=0.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    device = torch.device("cpu")
+    encoder = engine.Encoder(
+        model=lite0_model, device=device,
+        train_dl=protocol.make_loader(train_ds, batch_size=8, workers=0, device=device),
+        valid_dl=protocol.make_loader(valid_ds, batch_size=8, workers=0, device=device),
+        config=SimpleNamespace(topk=2, short_run_batches=None),
+    )
+    stats = encoder.encode()
+    return encoder, stats, transform, valid_ds
+
+
+def test_encode_builds_one_vector_per_class(fitted_encoder):
+    encoder, stats, _, _ = fitted_encoder
+    assert stats["num_labels"] == 4 and stats["num_images"] == 28 and stats["embedding_dim"] == 1280
+    assert encoder.embeddings.shape == (4, 1280)
+    assert list(encoder.labels) == ["blue triangle", "green square", "red circle", "yellow stripes"]
+
+
+def test_evaluate_separates_generated_classes(fitted_encoder):
+    encoder, _, _, _ = fitted_encoder
+    stats = encoder.evaluate(dataset_part="valid")
+    assert stats["num_images"] == 12
+    assert stats["accuracy"] == 1.0 and stats["topk_accuracy"] == 1.0
+    assert stats["predictions"] == stats["targets"]
+    with pytest.raises(ValueError, match="Unknown dataset part 'holdout'"):
+        encoder.evaluate(dataset_part="holdout")
+    with pytest.raises(ValueError, match="No data loader for the 'test' part"):
+        encoder.evaluate(dataset_part="test")
+
+
+def test_infer_accepts_tensors_files_and_pil_images(fitted_encoder):
+    encoder, _, transform, valid_ds = fitted_encoder
+    path = valid_ds.get_image_path(0)
+    expected = valid_ds.get_label(valid_ds[0][1])
+    from_tensor = encoder.infer(inputs=valid_ds[0][0])
+    from_path = encoder.infer(inputs=path)
+    from_pil = encoder.infer(inputs=[Image.open(path).convert("L")], transform=transform)
+    assert from_tensor[0][0]["label"] == from_path[0][0]["label"] == expected
+    assert from_pil[0][0]["label"] == expected
+    assert len(from_path[0]) == 2 and from_path[0][0]["score"] >= from_path[0][1]["score"]
+    assert from_tensor[0][0]["score"] == pytest.approx(from_path[0][0]["score"], abs=1e-4)
+
+
+def test_short_run_stops_after_the_given_number_of_batches(fitted_encoder):
+    encoder, _, _, _ = fitted_encoder
+    short = engine.Encoder(
+        model=encoder.model, device="cpu", train_dl=encoder.train_dl,
+        config=SimpleNamespace(short_run_batches=1),
+    )
+    embeddings, _ = short.embed(dataloader=encoder.train_dl)
+    assert embeddings.shape[0] == 8
+
+
+def test_channels_last_gives_the_same_embeddings(fitted_encoder):
+    encoder, _, _, _ = fitted_encoder
+    fast, _ = encoder.embed(dataloader=encoder.valid_dl)
+    contiguous = engine.Encoder(model=encoder.model, device="cpu", config=SimpleNamespace(channels_last=False))
+    plain, _ = contiguous.embed(dataloader=encoder.valid_dl)
+    encoder.model.to(memory_format=torch.channels_last)
+    assert torch.allclose(fast, plain, atol=1e-4)
+
+
+def test_infer_before_encode_is_a_clear_error(lite0_model):
+    with pytest.raises(RuntimeError, match="call encode"):
+        engine.Encoder(model=lite0_model, device="cpu").infer(inputs=torch.zeros(1, 3, 224, 224))

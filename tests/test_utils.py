@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import pstats
+
+import pytest
+import torch
+
+import utils
+
+
+def test_get_device_force_cpu():
+    assert utils.get_device(force_cpu=True) == torch.device("cpu")
+
+
+def test_get_device_follows_cuda_availability(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert utils.get_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert utils.get_device() == torch.device("cuda:0")
+    assert utils.get_device(force_cpu=True) == torch.device("cpu")
+
+
+def test_check_cuda_support_prints_only_when_asked(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert utils.check_cuda_support() == (False, False)
+    assert capsys.readouterr().out == ""
+    assert utils.check_cuda_support(inform=True) == (False, False)
+    assert capsys.readouterr().out == "CUDA support: False\nBF16 support: False\n"
+
+
+def test_check_cuda_support_reports_bf16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert utils.check_cuda_support() == (True, True)
+
+
+def _busy_function() -> int:
+    return sum(i * i for i in range(20_000))
+
+
+def test_profile_writes_loadable_prof_and_log(tmp_path):
+    with utils.Profile() as profiler:
+        _busy_function()
+    profiler.dump(filename=tmp_path / "run")
+    stats = pstats.Stats(str(tmp_path / "run.prof"))
+    assert any(name == "_busy_function" for _, _, name in stats.stats)
+    log = (tmp_path / "run.log").read_text(encoding="utf-8")
+    assert "_busy_function" in log
+    assert "Ordered by: cumulative time" in log
+
+
+def test_profile_strip_dirs_sort_and_string_filename(tmp_path):
+    with utils.Profile(active=True) as profiler:
+        _busy_function()
+    profiler.dump(filename=str(tmp_path / "sub" / "run"), sort_by="tottime", strip_dirs=True)
+    files = {file for file, _, _ in pstats.Stats(str(tmp_path / "sub" / "run.prof")).stats}
+    assert "test_utils.py" in files
+    assert not any("/" in file for file in files)
+    assert "Ordered by: internal time" in (tmp_path / "sub" / "run.log").read_text(encoding="utf-8")
+
+
+def test_inactive_profile_writes_nothing(tmp_path):
+    with utils.Profile(active=False) as profiler:
+        _busy_function()
+    profiler.dump(filename=tmp_path / "run")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_profile_does_not_swallow_exceptions():
+    with pytest.raises(KeyError):
+        with utils.Profile():
+            raise KeyError("boom")
+
+
+def _tiny_training_step(scaler: utils.NativeScalerV2, *, scale_loss: float = 1.0):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.weight.detach().clone()
+    loss = model(torch.ones(4, 3)).pow(2).mean() * scale_loss
+    optimizer.zero_grad()
+    scaler(loss=loss, optimizer=optimizer)
+    return before, model.weight.detach()
+
+
+def test_native_scaler_steps_and_reports_it():
+    scaler = utils.NativeScalerV2(device="cpu")
+    scale = scaler.get_scale()
+    assert isinstance(scale, float) and scale >= 1.0
+    assert not scaler.has_stepped()
+    before, after = _tiny_training_step(scaler)
+    assert not torch.equal(before, after)
+    assert scaler.has_stepped()
+    assert scaler.get_scale() == scale
+
+
+def test_native_scaler_reports_a_skipped_step():
+    scaler = utils.NativeScalerV2(device=torch.device("cpu"))
+    if not scaler._scaler.is_enabled():
+        pytest.skip("GradScaler is disabled on CPU in this torch version: it never skips a step")
+    scale = scaler.get_scale()
+    before, after = _tiny_training_step(scaler, scale_loss=float("inf"))
+    assert torch.equal(before, after)
+    assert not scaler.has_stepped()
+    assert scaler.get_scale() == scale * 0.5
+
+
+def test_native_scaler_accumulation_call_does_not_step():
+    scaler = utils.NativeScalerV2(device="cpu")
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.weight.detach().clone()
+    scaler(loss=model(torch.ones(2, 3)).sum(), optimizer=optimizer, need_update=False)
+    assert torch.equal(before, model.weight.detach())
+    assert model.weight.grad is not None
+    assert not scaler.has_stepped()

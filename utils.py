@@ -1,0 +1,115 @@
+"""Device selection, a switchable profiler and a loss scaler that reports skipped optimizer steps."""
+
+from __future__ import annotations
+
+import cProfile
+import os
+import pathlib
+import pstats
+from collections.abc import Iterable
+from types import TracebackType
+
+import timm.utils
+import torch
+
+__all__ = ["NativeScalerV2", "Profile", "check_cuda_support", "get_device"]
+
+
+def check_cuda_support(*, inform: bool = False) -> tuple[bool, bool]:
+    """Return ``(has_cuda, has_bf16)`` so a run can pick its precision before building anything."""
+    has_cuda = torch.cuda.is_available()
+    has_bf16 = has_cuda and torch.cuda.is_bf16_supported()
+    if inform:
+        print(f"CUDA support: {has_cuda}")
+        print(f"BF16 support: {has_bf16}")
+    return has_cuda, has_bf16
+
+
+def get_device(*, force_cpu: bool = False) -> torch.device:
+    """The first CUDA device when there is one, else the CPU; ``force_cpu`` makes runs comparable across machines."""
+    if force_cpu or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda:0")
+
+
+class NativeScalerV2(timm.utils.NativeScaler):
+    """timm's AMP loss scaler that also tells whether the last call really stepped the optimizer.
+
+    ``GradScaler`` silently skips ``optimizer.step()`` when it finds inf/NaN gradients and lowers its scale. A
+    learning-rate scheduler stepped after such a call triggers PyTorch's "scheduler before optimizer" warning and
+    advances the schedule for an update that never happened; ``has_stepped()`` lets the training loop skip it.
+    """
+
+    def __init__(self, *, device: str | torch.device = "cuda") -> None:
+        super().__init__(device=torch.device(device).type)
+        self._stepped = False
+
+    def __call__(
+        self,
+        *,
+        loss: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        clip_grad: float | None = None,
+        clip_mode: str = "norm",
+        parameters: Iterable[torch.nn.Parameter] | None = None,
+        create_graph: bool = False,
+        need_update: bool = True,
+    ) -> None:
+        scale = self.get_scale()
+        super().__call__(
+            loss,
+            optimizer,
+            clip_grad=clip_grad,
+            clip_mode=clip_mode,
+            parameters=parameters,
+            create_graph=create_graph,
+            need_update=need_update,
+        )
+        # The scaler lowers its scale exactly when it skipped the step because of inf/NaN gradients.
+        self._stepped = need_update and self.get_scale() >= scale
+
+    def has_stepped(self) -> bool:
+        """Whether the last call ran ``optimizer.step()`` (False after gradient accumulation or an overflow)."""
+        return self._stepped
+
+    def get_scale(self) -> float:
+        """The current loss scale (1.0 when the scaler is disabled, e.g. CUDA requested on a CPU-only machine)."""
+        return float(self._scaler.get_scale())
+
+
+class Profile:
+    """``cProfile`` as a context manager that can be left in the code and switched off with ``active=False``."""
+
+    def __init__(self, *, active: bool = True) -> None:
+        self.active = active
+        self.profiler = cProfile.Profile()
+
+    def __enter__(self) -> Profile:
+        if self.active:
+            self.profiler.enable()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self.active:
+            self.profiler.disable()
+
+    def dump(
+        self, *, filename: str | os.PathLike, sort_by: str = "cumulative", strip_dirs: bool = False
+    ) -> None:
+        """Write ``<filename>.prof`` (for ``pstats``/snakeviz) and a readable ``<filename>.log``; no-op if inactive."""
+        if not self.active:
+            return
+        base = pathlib.Path(filename)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{base}.log", mode="w", encoding="utf-8") as stream:
+            stats = pstats.Stats(self.profiler, stream=stream)
+            if strip_dirs:
+                stats.strip_dirs()
+            stats.sort_stats(sort_by)
+            stats.dump_stats(f"{base}.prof")
+            stats.print_stats()

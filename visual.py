@@ -1,0 +1,218 @@
+"""Figures for checking results by eye: predictions on images, the cumulative accuracy function, confusion
+matrices and 2-D embedding maps.
+
+Every function returns its Figure. With ``filename`` the figure is written atomically (a crash never leaves a
+truncated image behind) in the format named by the file suffix, then closed so long runs do not pile up open
+figures. Without it the figure stays open and is shown only on an interactive backend, so the functions also run
+headless (Agg) in tests and batch jobs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.backends import BackendFilter, backend_registry
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+import store
+
+__all__ = ["draw_confusion_matrix", "draw_cumulative_accuracy", "draw_embedding_map", "show_images"]
+
+PathLike = str | os.PathLike
+
+GRID_ROWS, GRID_COLS = 2, 3
+MAX_TICK_LABELS = 100
+MAX_LEGEND_CLASSES = 20
+MAX_ANNOTATED_CLASSES = 20
+
+
+def _is_interactive_backend() -> bool:
+    backend = matplotlib.get_backend().lower()
+    return backend not in backend_registry.list_builtin(BackendFilter.NON_INTERACTIVE)
+
+
+def _finish(fig: Figure, filename: PathLike | None) -> Figure:
+    """Save-and-close when a file is wanted, else show on an interactive backend; never block or warn headless."""
+    if filename is None:
+        if _is_interactive_backend():
+            fig.show()
+        return fig
+    path = pathlib.Path(filename)
+    file_format = path.suffix.lstrip(".").lower() or matplotlib.rcParams["savefig.format"]
+    supported = fig.canvas.get_supported_filetypes()
+    if file_format not in supported:
+        plt.close(fig)
+        raise ValueError(
+            f"Cannot save a figure to {path}: unknown format {file_format!r}. "
+            f"Use one of the suffixes {sorted(supported)}."
+        )
+    try:
+        # The temporary file has its own suffix, so the format must be given explicitly.
+        with store.atomic_path(path) as temporary:
+            fig.savefig(temporary, format=file_format)
+    finally:
+        plt.close(fig)
+    return fig
+
+
+def _to_numpy(values: Any) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
+def show_images(
+    *,
+    inputs: torch.Tensor,
+    targets: Sequence[str],
+    predictions: Sequence[str],
+    mean: Sequence[float],
+    std: Sequence[float],
+    figsize: tuple[float, float] = (8, 8),
+    filename: PathLike | None = None,
+) -> Figure:
+    """Show up to 6 normalised CHW images with target and predicted labels; wrong predictions titled in red.
+
+    ``mean``/``std`` are the normalisation of the model's data config; they are undone so the images look natural.
+    """
+    images = _to_numpy(inputs).astype(np.float64)
+    if images.ndim != 4 or len(images) == 0 or images.shape[1] != 3:
+        raise ValueError(f"inputs must be a non-empty batch of RGB CHW images (N, 3, H, W); got shape {images.shape}.")
+    if not len(images) == len(targets) == len(predictions):
+        raise ValueError(
+            f"Got {len(images)} images, {len(targets)} targets and {len(predictions)} predictions; they must match."
+        )
+    mean = np.asarray(mean, dtype=np.float64).reshape(-1, 1, 1)
+    std = np.asarray(std, dtype=np.float64).reshape(-1, 1, 1)
+    if not len(mean) == len(std) == 3:
+        raise ValueError(f"mean and std need one value per RGB channel; got {len(mean)} and {len(std)}.")
+    fig, axes = plt.subplots(nrows=GRID_ROWS, ncols=GRID_COLS, figsize=figsize, constrained_layout=True)
+    for index, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if index >= len(images):
+            continue
+        image = np.clip(images[index] * std + mean, 0.0, 1.0).transpose(1, 2, 0)
+        ax.imshow(image)
+        colour = "black" if targets[index] == predictions[index] else "red"
+        ax.set_title(f"targ.: {targets[index]}\npred.: {predictions[index]}", color=colour)
+    return _finish(fig, filename)
+
+
+def draw_cumulative_accuracy(
+    *,
+    shares: np.ndarray,
+    cum_accs: np.ndarray,
+    band: tuple[np.ndarray, np.ndarray] | None = None,
+    figsize: tuple[float, float] = (8, 8),
+    filename: PathLike | None = None,
+) -> Figure:
+    """Plot the cumulative accuracy function at its sample points; ``band = (low, high)`` shades its spread
+    (e.g. a confidence band over repeated partitions)."""
+    shares = _to_numpy(shares).ravel()
+    cum_accs = _to_numpy(cum_accs).ravel()
+    if shares.shape != cum_accs.shape:
+        raise ValueError(f"shares and cum_accs must have the same length; got {len(shares)} and {len(cum_accs)}.")
+    fig, ax = plt.subplots(figsize=figsize, constrained_layout=True)
+    fig.suptitle("Cumulative accuracy function")
+    if band is not None:
+        low, high = (_to_numpy(bound).ravel() for bound in band)
+        if low.shape != shares.shape or high.shape != shares.shape:
+            raise ValueError(
+                f"band must be (low, high) with {len(shares)} values each; got {len(low)} and {len(high)}."
+            )
+        ax.fill_between(shares, low, high, alpha=0.3, label="confidence band")
+    ax.plot(shares, cum_accs, marker="o", label="cumulative accuracy")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("share of classes")
+    ax.set_ylabel("accuracy")
+    ax.grid(visible=True)
+    if band is not None:
+        ax.legend(loc="lower right")
+    return _finish(fig, filename)
+
+
+def draw_confusion_matrix(
+    *, confusion: np.ndarray, labels: Sequence[str], filename: PathLike | None = None
+) -> Figure:
+    """Draw a confusion matrix (rows: true labels, columns: predicted labels) that stays legible up to ~100
+    classes: the figure grows with the class count, tick labels shrink, and beyond 100 only every k-th is named."""
+    confusion = _to_numpy(confusion)
+    num_classes = len(labels)
+    if confusion.shape != (num_classes, num_classes):
+        raise ValueError(
+            f"confusion must be a square matrix with one row per label ({num_classes}); got {confusion.shape}."
+        )
+    side = min(max(6.0, 2.0 + 0.22 * num_classes), 28.0)
+    fig, ax = plt.subplots(figsize=(side, side), constrained_layout=True)
+    image = ax.imshow(confusion, cmap="Blues", interpolation="nearest")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    step = math.ceil(num_classes / MAX_TICK_LABELS)
+    ticks = np.arange(0, num_classes, step)
+    font_size = float(np.clip(600.0 / max(num_classes, 1), 6.0, 10.0))
+    ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=font_size)
+    ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=font_size)
+    ax.set_xlabel("predicted label")
+    ax.set_ylabel("true label")
+    ax.set_title("Confusion matrix")
+    if num_classes <= MAX_ANNOTATED_CLASSES:
+        threshold = confusion.max() / 2.0
+        for (row, col), count in np.ndenumerate(confusion):
+            colour = "white" if count > threshold else "black"
+            ax.text(col, row, f"{count:g}", ha="center", va="center", color=colour, fontsize=font_size)
+    return _finish(fig, filename)
+
+
+def _class_colours(num_classes: int) -> np.ndarray:
+    if num_classes <= MAX_LEGEND_CLASSES:
+        return matplotlib.colormaps["tab20"](np.arange(num_classes))
+    return matplotlib.colormaps["turbo"](np.linspace(0.0, 1.0, num_classes))
+
+
+def draw_embedding_map(
+    *,
+    coords: np.ndarray,
+    targets: Sequence[int] | np.ndarray,
+    labels: Sequence[str],
+    mean_coords: np.ndarray | None = None,
+    filename: PathLike | None = None,
+) -> Figure:
+    """Scatter 2-D embedding coordinates (e.g. t-SNE/PCA) coloured by class, to see which classes overlap.
+
+    ``mean_coords`` (one row per label) marks class means with crosses; a legend is drawn for up to 20 classes.
+    """
+    coords = _to_numpy(coords)
+    targets = _to_numpy(targets).astype(np.int64).ravel()
+    num_classes = len(labels)
+    if coords.ndim != 2 or coords.shape[1] != 2 or len(coords) != len(targets):
+        raise ValueError(
+            f"coords must have shape (N, 2) with one target per row; got {coords.shape} and {len(targets)} targets."
+        )
+    if len(targets) and (targets.min() < 0 or targets.max() >= num_classes):
+        raise ValueError(f"targets must be label indexes in [0, {num_classes}); got {targets.min()}..{targets.max()}.")
+    colours = _class_colours(num_classes)
+    fig, ax = plt.subplots(figsize=(9, 8), constrained_layout=True)
+    ax.scatter(coords[:, 0], coords[:, 1], c=colours[targets], s=12, alpha=0.7, linewidths=0)
+    if mean_coords is not None:
+        mean_coords = _to_numpy(mean_coords)
+        if mean_coords.shape != (num_classes, 2):
+            raise ValueError(f"mean_coords must have shape ({num_classes}, 2); got {mean_coords.shape}.")
+        ax.scatter(
+            mean_coords[:, 0], mean_coords[:, 1], c=colours, marker="X", s=160, edgecolors="black", linewidths=1.0
+        )
+    if num_classes <= MAX_LEGEND_CLASSES:
+        handles = [
+            Line2D([], [], linestyle="", marker="o", color=colours[index], label=labels[index])
+            for index in np.unique(targets)
+        ]
+        ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
+    ax.set_title("Embedding map" + (" (crosses: class means)" if mean_coords is not None else ""))
+    return _finish(fig, filename)
