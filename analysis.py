@@ -87,7 +87,7 @@ def most_confused_pairs(*, confusion: np.ndarray, labels: Sequence[str], top: in
     off_diagonal = confusion * (1 - np.eye(len(labels), dtype=confusion.dtype))
     rows, cols = np.nonzero(off_diagonal)
     counts = off_diagonal[rows, cols]
-    shares = counts / confusion.sum(axis=1)[rows]
+    shares = counts / confusion.sum(axis=0)[cols]
     table = pd.DataFrame(
         {
             "target": [labels[i] for i in rows],
@@ -483,10 +483,11 @@ def compare_prototypes(
 def random_partitions(
     *, targets: torch.Tensor, valid_share: float, runs: int, generator: torch.Generator
 ) -> Iterator[Partition]:
-    """``runs`` random (train, valid) splits with the dataset splitter's rule, without a dataset on disk.
+    """``runs`` random (train, valid) splits drawn like ``DatasetMaker.split_indexes`` with ``test_share=0``.
 
-    Per class, in class order: ``torch.randperm(n)``, the first ``int(n * valid_share)`` images validate, the rest
-    train. Indexes are global and grouped by class like ``DatasetMaker.split_indexes``.
+    Per class, in class order: ``torch.randperm(n)``; the last ``int(n * valid_share)`` positions validate, the
+    rest train. For a dataset's own label tensor (classes contiguous) the same generator state gives the same
+    partitions as the dataset splitter, without needing the dataset on disk.
     """
     if not 0.0 < valid_share < 1.0:
         raise ValueError(f"valid_share must be between 0 and 1 (exclusive), got {valid_share}.")
@@ -495,9 +496,9 @@ def random_partitions(
         train, valid = [], []
         for members in classes:
             order = members[torch.randperm(len(members), generator=generator)]
-            num_valid = int(len(members) * valid_share)
-            valid.append(order[:num_valid])
-            train.append(order[num_valid:])
+            num_train = len(members) - int(len(members) * valid_share)
+            train.append(order[:num_train])
+            valid.append(order[num_train:])
         yield torch.cat(train), torch.cat(valid)
 
 
@@ -533,7 +534,7 @@ def ci_coverage(
     valid_share: float = 0.2,
     reference_runs: int = 1000,
     sample_runs: int = 20,
-    trials: int = 100,
+    trials: int = 50,
     confidence: float = 0.95,
     seed: int = 0,
 ) -> dict[str, float | int]:

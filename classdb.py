@@ -241,10 +241,11 @@ class ClassVectorStore:
         vectors = self._vectors(embeddings, what="embeddings")
         if len(labels) != len(vectors):
             raise ClassDBError(f"Got {len(vectors)} embeddings but {len(labels)} labels; give one label per row.")
-        new_labels = sorted(set(labels))
-        for label in new_labels:
+        for label in set(labels):
             self._check_new_label(label)
-        rows = torch.tensor([bisect.bisect_left(new_labels, label) for label in labels], dtype=torch.long)
+        new_labels = sorted(set(labels))
+        row_of = {label: row for row, label in enumerate(new_labels)}
+        rows = torch.tensor([row_of[label] for label in labels], dtype=torch.long)
         sums = torch.zeros(len(new_labels), self.dim, dtype=torch.float64).index_add_(0, rows, vectors.double())
         counts = torch.bincount(rows, minlength=len(new_labels))
         self._set_rows(
@@ -266,7 +267,9 @@ class ClassVectorStore:
         """Drop one class; every other row stays bit-for-bit the same."""
         row = self.index(label)
         keep = torch.arange(len(self)) != row
-        self._set_rows(labels=self._labels[:row] + self._labels[row + 1 :], sums=self._sums[keep], counts=self._counts[keep])
+        self._set_rows(
+            labels=self._labels[:row] + self._labels[row + 1 :], sums=self._sums[keep], counts=self._counts[keep]
+        )
 
     def rename_class(self, *, label: str, new_label: str) -> None:
         """Give a class a new label, keeping its vector and count."""
@@ -318,13 +321,15 @@ class ClassVectorStore:
         model_id: str | None = None,
         transform_config: dict[str, Any] | None = None,
     ) -> ClassVectorStore:
-        """Read a store written by :meth:`save`; given ``model_id``/``transform_config``, refuse another model's file."""
+        """Read a store written by :meth:`save`; given ``model_id``/``transform_config``, refuse other models' files."""
         path = pathlib.Path(path)
         kind = _file_kind(path)
         if not path.is_file():
             raise FileNotFoundError(f"No class vector store at {path}: create one with `python -m engine build`.")
         loaded = cls._read_zip(path) if kind == "zip" else cls._read_npz(path)
-        loaded.check_model(model_id=model_id, transform_config=transform_config, source="asked for when loading", where=str(path))
+        loaded.check_model(
+            model_id=model_id, transform_config=transform_config, source="asked for when loading", where=str(path)
+        )
         return loaded
 
     @classmethod
@@ -346,7 +351,9 @@ class ClassVectorStore:
             "update-class calls weigh an imported class mean as a single image.",
             stacklevel=2,
         )
-        imported = cls(dim=embeddings.shape[1], model_name=model_name, model_id=model_id, transform_config=transform_config)
+        imported = cls(
+            dim=embeddings.shape[1], model_name=model_name, model_id=model_id, transform_config=transform_config
+        )
         imported.add_classes(embeddings=embeddings, labels=[str(target) for target in targets])
         return imported
 
@@ -389,7 +396,9 @@ class ClassVectorStore:
             tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as folder,
         ):
             written = store.save_embeddings(
-                embeddings=self.means.numpy(), targets=np.array(self._labels, dtype=object), filename=pathlib.Path(folder) / path.name
+                embeddings=self.means.numpy(),
+                targets=np.array(self._labels, dtype=object),
+                filename=pathlib.Path(folder) / path.name,
             )
             with zipfile.ZipFile(written, "a", compression=zipfile.ZIP_DEFLATED) as archive:
                 archive.writestr(METADATA_MEMBER, json.dumps(metadata, indent=1))
@@ -448,7 +457,9 @@ class ClassVectorStore:
             try:
                 metadata = json.loads(archive.read(METADATA_MEMBER))
             except json.JSONDecodeError as error:
-                raise ClassDBError(f"{path}: {METADATA_MEMBER} is not valid JSON ({error}); the file is damaged.") from error
+                raise ClassDBError(
+                    f"{path}: {METADATA_MEMBER} is not valid JSON ({error}); the file is damaged."
+                ) from error
         loaded = cls._from_metadata(metadata, path=path)
         counts = torch.tensor(metadata.get("counts", []), dtype=torch.int64)
         sums = torch.from_numpy(means).double()
@@ -466,7 +477,9 @@ class ClassVectorStore:
                 sums = torch.from_numpy(arrays["sums"].astype(np.float64))
                 counts = torch.from_numpy(arrays["counts"].astype(np.int64))
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
-            raise ClassDBError(f"Cannot read a class vector store from {path}: {error}. Is the file complete?") from error
+            raise ClassDBError(
+                f"Cannot read a class vector store from {path}: {error}. Is the file complete?"
+            ) from error
         loaded = cls._from_metadata(metadata, path=path)
         loaded._fill(labels=labels, sums=sums, counts=counts, path=path)
         return loaded
@@ -512,10 +525,14 @@ class _Model:
         )
 
     def embed(self, images: Sequence[pathlib.Path]) -> torch.Tensor:
-        return self.encoder.embed_images(images=images, transform=self.transform, batch_size=self.batch_size, inform=True)
+        return self.encoder.embed_images(
+            images=images, transform=self.transform, batch_size=self.batch_size, inform=True
+        )
 
     def check(self, db: ClassVectorStore, *, path: pathlib.Path) -> None:
-        db.check_model(model_id=self.id, transform_config=self.transform_config, source="--model/--weights", where=str(path))
+        db.check_model(
+            model_id=self.id, transform_config=self.transform_config, source="--model/--weights", where=str(path)
+        )
 
 
 def _image_files(path: PathLike) -> list[pathlib.Path]:
@@ -592,7 +609,8 @@ def _cmd_add_or_update(args: argparse.Namespace) -> int:
         db.update_class(label=args.label, embeddings=embeddings, model_id=model.id)
     db.save(path=path)
     count = int(db.counts[db.index(args.label)])
-    print(f"{'Added' if args.command == 'add-class' else 'Updated'} '{args.label}' ({count} images) in {path}: {_summary(db)}.")
+    verb = "Added" if args.command == "add-class" else "Updated"
+    print(f"{verb} '{args.label}' ({count} images) in {path}: {_summary(db)}.")
     return 0
 
 
@@ -639,7 +657,11 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     model = _model_for(args, db)
     model.check(db, path=path)
     result = db.search(
-        queries=model.embed(images), top_k=args.top_k, backend=args.backend, model_id=model.id, device=model.encoder.device
+        queries=model.embed(images),
+        top_k=args.top_k,
+        backend=args.backend,
+        model_id=model.id,
+        device=model.encoder.device,
     )
     root = pathlib.Path(args.images)
     names = [str(image.relative_to(root)) if root.is_dir() else str(image) for image in images]
@@ -665,7 +687,9 @@ def _write_predictions(*, path: pathlib.Path, names: list[str], result: SearchRe
 
 def _parser() -> argparse.ArgumentParser:
     model_options = argparse.ArgumentParser(add_help=False)
-    model_options.add_argument("--model", help="timm model name (default for an existing store: the one it was built with)")
+    model_options.add_argument(
+        "--model", help="timm model name (default for an existing store: the one it was built with)"
+    )
     model_options.add_argument("--weights", help="local weights file for --model (otherwise timm downloads them)")
     model_options.add_argument("--batch-size", type=int, default=32, help="images per encoding batch (default 32)")
     model_options.add_argument("--cpu", action="store_true", help="encode on the CPU even when CUDA is available")
@@ -673,7 +697,8 @@ def _parser() -> argparse.ArgumentParser:
     store_option.add_argument("--store", required=True, help="class vector store file (.zip or .npz)")
 
     parser = argparse.ArgumentParser(
-        prog="python -m engine", description="Build, edit and query a class vector database (one mean embedding per class)."
+        prog="python -m engine",
+        description="Build, edit and query a class vector database (one mean embedding per class).",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -684,7 +709,9 @@ def _parser() -> argparse.ArgumentParser:
     build.set_defaults(handler=_cmd_build)
 
     for name, what in (("add-class", "add a new class"), ("update-class", "add more images to an existing class")):
-        command = commands.add_parser(name, parents=[store_option, model_options], help=f"{what} from a folder of images")
+        command = commands.add_parser(
+            name, parents=[store_option, model_options], help=f"{what} from a folder of images"
+        )
         command.add_argument("--images", required=True, help="an image file or a folder of images of this class")
         command.add_argument("--label", required=True, help="class label")
         command.set_defaults(handler=_cmd_add_or_update)

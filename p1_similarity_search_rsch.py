@@ -161,7 +161,7 @@ if __name__ == "__main__":
     completed = protocol.load_run_records(run_log) if args.resume else []
     common = dict(
         encoder=encoder, maker=dsm, runs=args.runs, valid_share=args.valid_share, batch_size=args.batch_size,
-        workers=args.workers, generator=generator, completed=completed, run_log=run_log, inform=False,
+        workers=args.workers, generator=generator, completed=completed, run_log=run_log, inform=True,
     )
     embeddings = image_targets = None
     with utils.Profile(active=args.profile) as profiler:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from scipy import stats
 
 import analysis
+import banerjee
 
 
 def clusters(
@@ -252,18 +253,17 @@ def test_linear_probe_returns_original_label_indexes():
 # --- Confidence interval calibration -------------------------------------------------------------------------------
 
 
-def test_random_partitions_follow_the_splitter_rule():
-    targets = torch.tensor([0] * 10 + [1] * 7 + [2] * 3)
+def test_random_partitions_reproduce_the_dataset_splitter(image_folder):
+    maker = banerjee.DatasetMaker(dataset_path=image_folder, check_images=False)
+    targets = maker.get_image_labels()
     partitions = list(
-        analysis.random_partitions(targets=targets, valid_share=0.2, runs=2, generator=torch.Generator().manual_seed(5))
+        analysis.random_partitions(targets=targets, valid_share=0.25, runs=2, generator=torch.Generator().manual_seed(5))
     )
     generator = torch.Generator().manual_seed(5)
     for train, valid in partitions:
-        assert torch.bincount(targets[valid], minlength=3).tolist() == [2, 1, 0]
-        assert sorted(torch.cat([train, valid]).tolist()) == list(range(20))
-        permutations = [torch.randperm(n, generator=generator) + start for start, n in ((0, 10), (10, 7), (17, 3))]
-        assert valid.tolist() == torch.cat([p[: int(len(p) * 0.2)] for p in permutations]).tolist()
-        assert train.tolist() == torch.cat([p[int(len(p) * 0.2):] for p in permutations]).tolist()
+        expected_train, expected_valid, _ = maker.split_indexes(valid_share=0.25, test_share=0.0, generator=generator)
+        assert train.tolist() == expected_train.tolist() and valid.tolist() == expected_valid.tolist()
+    assert torch.bincount(targets[partitions[0][1]]).tolist() == [2, 2, 2, 2]
     assert partitions[0][1].tolist() != partitions[1][1].tolist()
     with pytest.raises(ValueError, match="valid_share"):
         next(analysis.random_partitions(targets=targets, valid_share=1.0, runs=1, generator=torch.Generator()))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import pathlib
 import pickle
-import time
 
 import pytest
 import torch
@@ -93,13 +92,10 @@ def test_animal90_kaggle_layout_uses_the_inner_folder_and_warns_about_the_outer_
 @pytest.mark.skipif(not (SHARED_DATA / "caltech101").is_dir(), reason="shared caltech101 data is absent")
 def test_caltech101_enumeration_and_checking():
     root = SHARED_DATA / "caltech101"
-    start = time.perf_counter()
     maker = banerjee.DatasetMaker(dataset_path=root, check_images=True)
-    seconds = time.perf_counter() - start
     assert maker.get_num_labels() == 101
     assert maker.get_num_images() == 8677
     assert maker.skipped == []
-    assert seconds < 60, f"checking 8,677 images took {seconds:.1f} s"
     train, valid, test = maker.split_indexes(valid_share=0.2, test_share=0.0, generator=generator(0))
     counts = [end - begin for _, begin, end in maker.full_dataset().get_state()["labels"]]
     assert len(valid) == sum(int(n * 0.2) for n in counts)

@@ -117,7 +117,10 @@ def test_wrong_dimension_or_model_is_refused():
         db.add_class(label="fox", embeddings=random_vectors(3, seed=0, dim=8))
     with pytest.raises(ClassDBError, match="got \\[2, 8\\]"):
         db.search(queries=random_vectors(2, seed=0, dim=8))
-    with pytest.raises(ModelMismatchError, match=re.escape("The store was built with model 'toy+sha256:000000000000', not with 'other'")):
+    with pytest.raises(
+        ModelMismatchError,
+        match=re.escape("The store was built with model 'toy+sha256:000000000000', not with 'other'"),
+    ):
         db.update_class(label="cat", embeddings=random_vectors(3, seed=0), model_id="other")
     with pytest.raises(ModelMismatchError, match="preprocessing"):
         db.check_model(model_id=TOY["model_id"], transform_config={"input_size": (3, 9, 9)})
@@ -187,7 +190,10 @@ def test_zip_is_readable_by_store_load_embeddings(tmp_path):
 
 def test_loading_another_models_file_is_refused(tmp_path):
     path = filled_store().save(path=tmp_path / "classes.npz")
-    with pytest.raises(ModelMismatchError, match=re.escape(f"classes.npz was built with model '{TOY['model_id']}', not with 'timm/other'")):
+    with pytest.raises(
+        ModelMismatchError,
+        match=re.escape(f"classes.npz was built with model '{TOY['model_id']}', not with 'timm/other'"),
+    ):
         ClassVectorStore.load(path=path, model_id="timm/other")
 
 
@@ -260,7 +266,10 @@ def test_unrelated_class_does_not_change_accuracy_on_the_others(shape_embeddings
     unrelated = "yellow stripes"
     known = [i for i, number in enumerate(numbers) if number >= 5 and labels[i] != unrelated]
     db = lite0_store(lite0_model)
-    db.add_classes(embeddings=embeddings[[i for i in train if labels[i] != unrelated]], labels=[labels[i] for i in train if labels[i] != unrelated])
+    db.add_classes(
+        embeddings=embeddings[[i for i in train if labels[i] != unrelated]],
+        labels=[labels[i] for i in train if labels[i] != unrelated],
+    )
 
     def accuracy() -> tuple[float, list[str]]:
         predicted = [row[0] for row in db.search(queries=embeddings[known], top_k=1, device="cpu").labels]
@@ -300,7 +309,9 @@ def cli_setup(tmp_path_factory, lite0_weights):
     CPU, float32 results move by ~1e-6 with the batch size).
     """
     root = tmp_path_factory.mktemp("cli")
-    dataset = make_class_folders(root / "dataset", classes=["red circle", "green square", "cyan ring"], images_per_class=3, seed=5)
+    dataset = make_class_folders(
+        root / "dataset", classes=["red circle", "green square", "cyan ring"], images_per_class=3, seed=5
+    )
     model_args = ["--model", "tf_efficientnet_lite0", "--weights", str(lite0_weights), "--batch-size", "3", "--cpu"]
     built = root / "built.zip"
     assert classdb.main(["build", "--dataset", str(dataset), "--out", str(built), *model_args]) == 0
@@ -323,9 +334,37 @@ def test_cli_remove_then_readd_restores_the_identical_file(cli_setup, tmp_path, 
     shutil.copy(built, path)
     assert classdb.main(["remove-class", "--store", str(path), "red circle"]) == 0
     assert ClassVectorStore.load(path=path).labels == ["cyan ring", "green square"]
-    assert classdb.main(["add-class", "--store", str(path), "--images", str(dataset / "red circle"), "--label", "red circle", *model_args]) == 0
+    assert (
+        classdb.main(
+            [
+                "add-class",
+                "--store",
+                str(path),
+                "--images",
+                str(dataset / "red circle"),
+                "--label",
+                "red circle",
+                *model_args,
+            ]
+        )
+        == 0
+    )
     assert zip_members(path) == zip_members(built)
-    assert classdb.main(["add-class", "--store", str(path), "--images", str(dataset / "red circle"), "--label", "red circle", *model_args]) == 1
+    assert (
+        classdb.main(
+            [
+                "add-class",
+                "--store",
+                str(path),
+                "--images",
+                str(dataset / "red circle"),
+                "--label",
+                "red circle",
+                *model_args,
+            ]
+        )
+        == 1
+    )
     assert "update-class" in capsys.readouterr().err
 
 
@@ -335,11 +374,30 @@ def test_cli_update_in_two_batches_equals_build(cli_setup, tmp_path):
     ClassVectorStore.load(path=built).save(path=path)
     images = sorted((dataset / "green square").iterdir())
     assert classdb.main(["remove-class", "--store", str(path), "green square"]) == 0
-    assert classdb.main(["add-class", "--store", str(path), "--images", str(images[0]), "--label", "green square", *model_args]) == 0
+    assert (
+        classdb.main(
+            ["add-class", "--store", str(path), "--images", str(images[0]), "--label", "green square", *model_args]
+        )
+        == 0
+    )
     (tmp_path / "more").mkdir()
     for image in images[1:]:
         shutil.copy(image, tmp_path / "more" / image.name)
-    assert classdb.main(["update-class", "--store", str(path), "--images", str(tmp_path / "more"), "--label", "green square", *model_args]) == 0
+    assert (
+        classdb.main(
+            [
+                "update-class",
+                "--store",
+                str(path),
+                "--images",
+                str(tmp_path / "more"),
+                "--label",
+                "green square",
+                *model_args,
+            ]
+        )
+        == 0
+    )
     edited, reference = ClassVectorStore.load(path=path), ClassVectorStore.load(path=built)
     assert edited.counts.tolist() == [3, 3, 3]
     assert torch.equal(edited.means[[0, 2]], reference.means[[0, 2]])
@@ -349,13 +407,27 @@ def test_cli_update_in_two_batches_equals_build(cli_setup, tmp_path):
 def test_cli_classify_prints_and_writes_csv(cli_setup, tmp_path, capsys):
     dataset, built, model_args = cli_setup
     csv_path = tmp_path / "predictions.csv"
-    status = classdb.main(["classify", "--store", str(built), str(dataset / "cyan ring"), "--top-k", "2", "--csv", str(csv_path), *model_args])
+    status = classdb.main(
+        [
+            "classify",
+            "--store",
+            str(built),
+            str(dataset / "cyan ring"),
+            "--top-k",
+            "2",
+            "--csv",
+            str(csv_path),
+            *model_args,
+        ]
+    )
     assert status == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("img_")]
     assert [line.split("\t")[:2] for line in lines] == [[f"img_00{i}.jpg", "cyan ring"] for i in range(3)]
     rows = csv_path.read_text().splitlines()
     assert rows[0] == "image,label_1,score_1,label_2,score_2"
-    assert len(rows) == 4 and all(row.split(",")[1] == "cyan ring" and float(row.split(",")[2]) > float(row.split(",")[4]) for row in rows[1:])
+    assert len(rows) == 4 and all(
+        row.split(",")[1] == "cyan ring" and float(row.split(",")[2]) > float(row.split(",")[4]) for row in rows[1:]
+    )
 
 
 def test_cli_refuses_a_store_of_another_model(cli_setup, tmp_path, capsys):
