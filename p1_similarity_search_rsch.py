@@ -164,18 +164,21 @@ if __name__ == "__main__":
         workers=args.workers, generator=generator, completed=completed, run_log=run_log, inform=True,
     )
     embeddings = image_targets = None
-    with utils.Profile(active=args.profile) as profiler:
-        if args.protocol == "cached":
-            cache = store.EmbeddingCache(args.cache_dir) if args.cache_dir else None
-            run_results, embeddings, image_targets = protocol.run_cached_protocol(
-                transform=eval_transform, cache=cache, **common
-            )
-        else:
-            run_results = protocol.run_original_protocol(
-                encode_transform=encode_transform, eval_transform=query_transform,
-                augment_seed=args.seed if args.augment_encode or args.augment_eval else None, **common,
-            )
-    profiler.dump(filename=str(out_dir / "profile"), sort_by="cumtime")
+    try:
+        with utils.Profile(active=args.profile) as profiler:
+            if args.protocol == "cached":
+                cache = store.EmbeddingCache(args.cache_dir) if args.cache_dir else None
+                run_results, embeddings, image_targets = protocol.run_cached_protocol(
+                    transform=eval_transform, cache=cache, **common
+                )
+            else:
+                run_results = protocol.run_original_protocol(
+                    encode_transform=encode_transform, eval_transform=query_transform,
+                    augment_seed=args.seed if args.augment_encode or args.augment_eval else None, **common,
+                )
+    except KeyboardInterrupt:
+        raise SystemExit(f"Interrupted. Finished partitions are kept in {run_log}; rerun with --resume to go on.")
+    profiler.dump(filename=out_dir / "profile", sort_by="cumulative")
 
     #%% Final stats over the partitions.
     accuracy = metrics.mean_confidence_interval([r["accuracy"] for r in run_results], confidence=args.confidence)

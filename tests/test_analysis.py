@@ -172,7 +172,9 @@ def test_all_prototype_methods_are_perfect_on_separated_clusters():
     table = analysis.compare_prototypes(
         embeddings=embeddings, targets=targets, partitions=partitions_of(targets, runs=3), top_k=2
     )
-    assert list(table.columns) == ["method", "accuracy", "accuracy_ci", "topk_accuracy", "topk_ci", "seconds"]
+    assert list(table.columns) == [
+        "method", "accuracy", "accuracy_ci", "topk_accuracy", "topk_ci", "gain", "gain_ci", "seconds"
+    ]
     assert len(table) == len(analysis.default_prototype_methods())
     np.testing.assert_allclose(table["accuracy"], 1.0)
     np.testing.assert_allclose(table["topk_accuracy"], 1.0)
@@ -229,6 +231,9 @@ def test_kmeans_prototypes_handle_a_class_with_two_looks():
     ).set_index("method")
     assert table.loc["kmeans2", "accuracy"] == 1.0
     assert table.loc["mean", "accuracy"] < 0.9
+    assert table.loc["mean", "gain"] == 0.0 and table.loc["mean", "gain_ci"] == 0.0
+    assert table.loc["kmeans2", "gain"] == pytest.approx(1.0 - table.loc["mean", "accuracy"])
+    assert table.loc["kmeans2", "gain_ci"] == pytest.approx(table.loc["mean", "accuracy_ci"])
 
 
 def test_kmeans_keeps_every_image_of_a_small_class():
