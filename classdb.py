@@ -564,6 +564,10 @@ def _model_for(args: argparse.Namespace, db: ClassVectorStore | None = None) -> 
     model_name = args.model or (db.model_name if db is not None else None)
     if model_name is None:
         raise ClassDBError("Name the encoder with --model (a timm model name, e.g. tf_efficientnet_lite0).")
+    if db is not None and args.weights is None and "+sha256:" in db.model_id:
+        raise ClassDBError(
+            f"{args.store} was built from a local weights file ({db.model_id}): pass that file with --weights."
+        )
     return _Model.create(model_name=model_name, weights=args.weights, cpu=args.cpu, batch_size=args.batch_size)
 
 
@@ -571,13 +575,19 @@ def _summary(db: ClassVectorStore) -> str:
     return f"{len(db)} classes, {int(db.counts.sum())} images, model {db.model_id}"
 
 
-def _cmd_build(args: argparse.Namespace) -> int:
+def _new_store_path(args: argparse.Namespace) -> pathlib.Path:
+    """Where a command that creates a store writes it: checked before any slow work, never replaced by accident."""
     path = pathlib.Path(args.store)
     _file_kind(path)
     if path.exists() and not args.force:
         raise ClassDBError(
             f"{path} already exists: pass --force to replace it, or edit it with add-class/update-class/remove-class."
         )
+    return path
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    path = _new_store_path(args)
     maker = banerjee.DatasetMaker(dataset_path=args.dataset)
     model = _model_for(args)
     embeddings = model.embed(maker.get_image_paths())
@@ -640,8 +650,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    path = pathlib.Path(args.store)
-    _file_kind(path)
+    path = _new_store_path(args)
     model = _model_for(args)
     db = ClassVectorStore.import_embeddings(
         path=args.embeddings, model_name=model.name, model_id=model.id, transform_config=model.transform_config
@@ -739,6 +748,7 @@ def _parser() -> argparse.ArgumentParser:
         "import", parents=[store_option, model_options], help="turn a store.save_embeddings file into a store"
     )
     imported.add_argument("--embeddings", required=True, help="ZIP written by store.save_embeddings")
+    imported.add_argument("--force", action="store_true", help="replace an existing store file")
     imported.set_defaults(handler=_cmd_import)
     return parser
 

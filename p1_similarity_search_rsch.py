@@ -252,6 +252,60 @@ if __name__ == "__main__":
         )
     print(f"Results written to {out_dir.resolve()}")
 
+    #%% Analysis (--analysis): confusion, per-class intervals, retrieval P@K, prototype variants, t-SNE, CI check.
+    if args.analysis and embeddings is None:
+        print("--analysis needs the per-image embeddings of the cached protocol; skipped.")
+    if args.analysis and embeddings is not None:
+        import analysis
+
+        per_run = dict(
+            targets_per_run=[r["targets"] for r in run_results],
+            predictions_per_run=[r["predictions"] for r in run_results],
+        )
+        partitions = [(torch.tensor(r["train_indexes"]), torch.tensor(r["valid_indexes"])) for r in run_results]
+        confusion = analysis.confusion_over_partitions(**per_run, num_labels=len(labels))
+        visual.draw_confusion_matrix(confusion=confusion, labels=labels, filename=out_dir / "confusion.png")
+        confused_pairs = analysis.most_confused_pairs(confusion=confusion, labels=labels)
+        per_class = analysis.per_class_accuracy(**per_run, labels=labels, confidence=args.confidence)
+        band = analysis.cumulative_accuracy_band(
+            **per_run, num_labels=len(labels), num_intervals=NUM_INTERVALS, confidence=args.confidence
+        )
+        visual.draw_cumulative_accuracy(
+            shares=band["share"], cum_accs=band["mean"], band=(band["low"], band["high"]), figsize=(5, 5),
+            filename=out_dir / "cumacc_band.png",
+        )
+        weak_classes = analysis.least_accurate_with_interval(per_class=per_class, threshold=CLASS_ACCURACY_THRESHOLD)
+        retrieval = analysis.retrieval_precision(
+            embeddings=embeddings, targets=image_targets, partitions=partitions, confidence=args.confidence
+        )
+        prototypes = analysis.compare_prototypes(
+            embeddings=embeddings, targets=image_targets, partitions=partitions, top_k=args.top_k,
+            confidence=args.confidence,
+        )
+        last_valid = partitions[-1][1]
+        coords, mean_coords = analysis.tsne_map(
+            embeddings=embeddings[last_valid], targets=image_targets[last_valid], num_labels=len(labels),
+            seed=args.seed,
+        )
+        visual.draw_embedding_map(
+            coords=coords, targets=image_targets[last_valid].numpy(), labels=labels, mean_coords=mean_coords,
+            filename=out_dir / "tsne.png",
+        )
+        coverage = analysis.ci_coverage(
+            embeddings=embeddings, targets=image_targets, valid_share=args.valid_share, confidence=args.confidence,
+            seed=args.seed,
+        )
+        for name, table in (("confused_pairs", confused_pairs), ("class_accuracy_intervals", per_class),
+                            ("least_accurate_intervals", weak_classes), ("retrieval", retrieval),
+                            ("prototypes", prototypes)):
+            write_csv(out_dir / f"{name}.csv", table)
+        write_json(out_dir / "ci_coverage.json", coverage)
+        with pd.option_context("display.width", 160, "display.max_columns", 20):
+            print("-- Most confused pairs --", confused_pairs.head(10), sep="\n")
+            print("-- Retrieval over individual images --", retrieval, sep="\n")
+            print("-- Prototype variants on the same partitions --", prototypes, sep="\n")
+        print("-- Confidence interval coverage --", coverage, sep="\n")
+
     #%% Manual checking: one random validation image of the last partition.
     valid_ds = dsm.datasets_from_indexes(indexes=torch.tensor(run_results[-1]["valid_indexes"]),
                                          transform=eval_transform)

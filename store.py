@@ -109,7 +109,10 @@ def load_embeddings(*, filename: PathLike, inform: bool = False) -> tuple[np.nda
         raise StoreError(f"Cannot read embeddings from {path}: {error}. Is the file complete and a ZIP?") from error
     if frame.shape[1] < 2 or frame.columns[0] != "target":
         raise StoreError(f"{path}: the CSV must start with a 'target' column followed by the embedding columns.")
-    embeddings = frame.iloc[:, 1:].to_numpy(dtype=np.float32)
+    try:
+        embeddings = frame.iloc[:, 1:].to_numpy(dtype=np.float32)
+    except ValueError as error:
+        raise StoreError(f"{path}: some embedding values are not numbers ({error}).") from error
     if np.isnan(embeddings).any():
         raise StoreError(f"{path}: some embedding values are missing or not numbers.")
     if inform:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
+import subprocess
 import sys
 
 import matplotlib
@@ -16,6 +18,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+SCRIPT = REPO_ROOT / "p1_similarity_search_rsch.py"
 
 # Each class is a coloured shape on a grey background: an ImageNet encoder separates them perfectly, so accuracy
 # assertions on these sets are meaningful.
@@ -67,6 +70,20 @@ def make_class_folders(
         for index in range(count):
             draw_class_image(style=style, rng=rng).save(folder / f"img_{index:03d}.jpg", quality=92)
     return root
+
+
+def script_call(*args) -> dict:
+    """``subprocess`` arguments that run the research script headless and offline (no hub downloads)."""
+    return dict(
+        args=[sys.executable, str(SCRIPT), *map(str, args)],
+        env={**os.environ, "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1"},
+        text=True,
+    )
+
+
+def run_script(*args, cwd: pathlib.Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the research script to the end, capturing stdout and stderr."""
+    return subprocess.run(**script_call(*args), cwd=cwd, capture_output=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

@@ -1,24 +1,42 @@
 """Bad inputs: every case must fail loudly with the offending path/value, or be skipped and reported.
 
 Sections: helpers; single image files (``load_rgb_image``); dataset folders (``DatasetMaker``); split shares;
-saved dataset states. Add new groups as further sections at the end.
+saved dataset states; parameters (script options, model names, weights files); the script on a damaged dataset;
+saved files (embeddings, class stores, checkpoints, atomic writes); interrupted runs; reproducibility. Add new
+groups as further sections at the end.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import pathlib
+import pickle
+import re
 import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
-from conftest import make_class_folders
+from conftest import CLASS_STYLES, make_class_folders, run_script, script_call
 from PIL import Image
 
 import banerjee
+import classdb
+import engine
+import p1_similarity_search_rsch as script
+import protocol
+import store
 
 RED, GREEN, BLUE, WHITE = (220, 30, 30), (30, 180, 40), (30, 60, 220), (255, 255, 255)
 
@@ -490,3 +508,422 @@ def test_state_with_bad_active_labels(maker_and_state):
     maker, state = maker_and_state
     with pytest.raises(banerjee.DatasetError, match=r"Label indexes \[7\] are outside 0..3"):
         maker.restore_datasets(train_ds_state={**state, "act_labels": [0, 7]})
+
+
+# ===============================================================================================================
+# Parameters: script options, model names, weights files
+# ===============================================================================================================
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--runs", "0"), "--runs, --batch-size and --top-k must be at least 1"),
+        (("--batch-size", "0"), "--runs, --batch-size and --top-k must be at least 1"),
+        (("--top-k", "0"), "--runs, --batch-size and --top-k must be at least 1"),
+        (("--workers", "-1"), "and --workers at least 0"),
+        (("--confidence", "1.5"), "--confidence must lie strictly between 0 and 1"),
+    ],
+)
+def test_bad_parameters_are_rejected_before_any_work(capsys, args, message):
+    with pytest.raises(SystemExit) as info:
+        script.parse_args(list(args))
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_dataset_says_where_it_looked_and_how_to_get_it(tmp_path):
+    result = run_script("--dataset", tmp_path / "absent", "--model", "tf_efficientnet_lite0", "--weights",
+                        tmp_path / "w.pth", cwd=tmp_path)
+    assert result.returncode != 0
+    assert f"No dataset at {tmp_path / 'absent'}" in result.stderr
+    assert "--download" in result.stderr
+
+
+def test_unknown_model_name_lists_close_matches():
+    with pytest.raises(ValueError, match="Unknown timm model 'tiny_vit_11m_244'.*tiny_vit_11m_224"):
+        engine.create_model(model_name="tiny_vit_11m_244")
+
+
+def test_offline_download_failure_explains_the_way_out(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeError, match="--weights FILE"):
+        engine.create_model(model_name="tf_efficientnet_lite0")
+
+
+def test_weights_of_another_model_are_refused(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"conv.weight": torch.zeros(8, 3, 3, 3), "fc.weight": torch.zeros(10, 8)}, path)
+    with pytest.raises(ValueError, match="Does --weights belong to --model"):
+        engine.create_model(model_name="tf_efficientnet_lite0", weights=path)
+
+
+def test_missing_weights_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        engine.create_model(model_name="tf_efficientnet_lite0", weights=tmp_path / "nope.pth")
+
+
+# ===============================================================================================================
+# The script on a damaged dataset: broken files, a class too small to validate, odd names and folders
+# ===============================================================================================================
+
+TINY_CLASS = "cyan ring"
+ODD_CLASS = "magenta crôss 十字"
+SEED, RUNS, VALID_SHARE = 17, 3, 0.4
+SERIAL, PARALLEL, OTHER_SEED = ("--workers", "0"), ("--workers", "2"), ("--seed", "18", "--runs", "1")
+
+
+@pytest.fixture(scope="module")
+def damaged_set(tmp_path_factory) -> tuple[pathlib.Path, dict[pathlib.Path, str]]:
+    """Six classes: five of 6 images, one ("cyan ring") of 2, which is below 1 / VALID_SHARE and so never gets a
+    validation image; one class folder renamed to a non-ASCII name, one image in a nested folder, and three broken
+    files (mapped to a fragment of their skip reason)."""
+    root = make_class_folders(
+        tmp_path_factory.mktemp("damaged"), classes=list(CLASS_STYLES), images_per_class=[6, 6, 6, 6, 6, 2], seed=3
+    )
+    (root / "magenta cross").rename(root / ODD_CLASS)
+    nested = root / "blue triangle" / "sub folder"
+    nested.mkdir()
+    (root / "blue triangle" / "img_005.jpg").rename(nested / "img_005.jpg")
+    broken = {
+        truncated_jpeg(root / "green square" / "cut.jpg"): "image file is truncated",
+        write_bytes(root / "green square" / "empty.jpg", b""): "cannot identify image file",
+        write_bytes(root / "red circle" / "notes.png", b"not a PNG, just text\n"): "cannot identify image file",
+    }
+    return root, broken
+
+
+def damaged_set_args(root: pathlib.Path, weights: pathlib.Path, out: pathlib.Path) -> list:
+    return ["--dataset", root, "--model", "tf_efficientnet_lite0", "--weights", weights, "--top-k", 2,
+            "--valid-share", VALID_SHARE, "--runs", RUNS, "--seed", SEED, "--out", out]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScriptRun:
+    """One finished script run: its process result and its --out folder."""
+
+    result: subprocess.CompletedProcess
+    out: pathlib.Path
+
+    def results(self) -> dict:
+        return json.loads((self.out / "results.json").read_text(encoding="utf-8"))
+
+    def partitions(self) -> list[dict]:
+        """The runs.jsonl records without their timings: splits, targets and predictions of each partition."""
+        return [{key: value for key, value in record.items() if key != "seconds"}
+                for record in protocol.load_run_records(self.out / "runs.jsonl")]
+
+    def printed_accuracies(self) -> list[str]:
+        """The "Accuracy:" and "Top k accuracy:" lines of the final statistics."""
+        final = self.result.stdout.split("-- Final stats --", 1)[1]
+        return [line for line in final.splitlines() if re.match(r"(Top \d+ a|A)ccuracy: ", line)]
+
+
+@pytest.fixture(scope="module")
+def damaged_run(damaged_set, lite0_weights, tmp_path_factory) -> Callable[..., ScriptRun]:
+    """Run the script on the damaged set with extra options (later options win); each option list runs once."""
+    root, _ = damaged_set
+    runs: dict[tuple[str, ...], ScriptRun] = {}
+
+    def run(*options: str) -> ScriptRun:
+        if options not in runs:
+            out = tmp_path_factory.mktemp("out")
+            result = run_script(*damaged_set_args(root, lite0_weights, out), *options, cwd=out)
+            runs[options] = ScriptRun(result=result, out=out)
+        return runs[options]
+
+    return run
+
+
+def test_script_skips_broken_files_and_records_them(damaged_set, damaged_run):
+    root, broken = damaged_set
+    run = damaged_run(*SERIAL)
+    assert run.result.returncode == 0, run.result.stderr[-3000:]
+    assert "(6 classes, 32 images, 3 skipped)" in run.result.stdout
+    assert run.result.stderr.count("UserWarning: Skipped 3 path(s) in") == 1
+    assert all(str(path) in run.result.stderr for path in broken)
+    skipped = {pathlib.Path(item["path"]): item["reason"] for item in run.results()["skipped_files"]}
+    assert set(skipped) == set(broken)
+    assert all(fragment in skipped[path] for path, fragment in broken.items())
+    assert all(len(p["train_indexes"]) + len(p["valid_indexes"]) == 32 for p in run.partitions())
+    labels = pd.read_csv(run.out / "class_accuracy.csv")["label"].tolist()
+    assert labels == ["blue triangle", TINY_CLASS, "green square", ODD_CLASS, "red circle", "yellow stripes"]
+
+
+def test_strict_script_stops_before_encoding_and_lists_broken_files(damaged_set, damaged_run):
+    _, broken = damaged_set
+    run = damaged_run("--strict")
+    assert run.result.returncode != 0
+    assert "3 problem(s) in" in run.result.stderr
+    assert all(str(path) in run.result.stderr for path in broken)
+    assert "[Embed" not in run.result.stderr and "Dataset:" not in run.result.stdout
+    assert not (run.out / "runs.jsonl").exists()
+
+
+def test_class_too_small_for_validation_gets_no_accuracy_and_no_warning_noise(damaged_run):
+    run = damaged_run(*SERIAL)
+    assert run.result.returncode == 0, run.result.stderr[-3000:]
+    assert "RuntimeWarning" not in run.result.stderr
+    assert "Validation images per partition: 10" in run.result.stdout  # 5 classes x int(6 * 0.4)
+    accuracy = pd.read_csv(run.out / "class_accuracy.csv").set_index("label")["accuracy"]
+    assert math.isnan(accuracy[TINY_CLASS])
+    assert accuracy.drop(TINY_CLASS).notna().all() and accuracy.drop(TINY_CLASS).min() >= 0.9
+    tiny = accuracy.index.tolist().index(TINY_CLASS)  # rows are in label index order
+    assert all(tiny not in p["targets"] for p in run.partitions())
+    assert TINY_CLASS not in [item["label"] for item in run.results()["least_accurate_classes"]]
+
+
+def test_top_k_larger_than_the_class_count_is_rejected(damaged_set, lite0_weights, tmp_path):
+    result = run_script("--dataset", damaged_set[0], "--model", "tf_efficientnet_lite0", "--weights", lite0_weights,
+                        "--top-k", 7, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "--top-k 7 exceeds the 6 classes" in result.stderr
+
+
+def test_single_run_prints_the_value_without_an_interval(damaged_run):
+    result = damaged_run(*OTHER_SEED).result
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"^Accuracy: [0-9.]+ \(n=1, no interval\)$", result.stdout, re.M), result.stdout[-2000:]
+
+
+# ===============================================================================================================
+# Saved files: embeddings ZIPs, class vector stores, checkpoints, atomic writes
+# ===============================================================================================================
+
+
+def edit_zip_member(path: pathlib.Path, member: str, edit: Callable[[str], str]) -> None:
+    """Rewrite one text member of a ZIP archive, keeping the others: a hand-edited (tampered) file."""
+    with zipfile.ZipFile(path) as archive:
+        contents = {name: archive.read(name) for name in archive.namelist()}
+    contents[member] = edit(contents[member].decode("utf-8")).encode("utf-8")
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in contents.items():
+            archive.writestr(name, data)
+
+
+def test_load_embeddings_refuses_truncated_zip(tmp_path):
+    path = store.save_embeddings(
+        embeddings=np.ones((50, 20), dtype=np.float32), targets=list(range(50)), filename=tmp_path / "e"
+    )
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(store.StoreError, match="Cannot read embeddings"):
+        store.load_embeddings(filename=path)
+
+
+def test_load_embeddings_refuses_zip_without_target_column(tmp_path):
+    path = tmp_path / "other.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("other.csv", "a,b\n1,2\n")
+    with pytest.raises(store.StoreError, match="'target' column"):
+        store.load_embeddings(filename=path)
+
+
+@pytest.mark.parametrize(
+    ("cell", "message"),
+    [("abc", "some embedding values are not numbers (could not convert string to float: 'abc')"),
+     ("", "some embedding values are missing or not numbers")],
+)
+def test_load_embeddings_refuses_tampered_values(tmp_path, cell, message):
+    path = store.save_embeddings(embeddings=np.eye(3, dtype=np.float32), targets=[0, 1, 2], filename=tmp_path / "e")
+
+    def tamper(text: str) -> str:
+        lines = text.splitlines()
+        lines[2] = lines[2].replace(",1,", f",{cell},", 1)
+        return "\n".join(lines) + "\n"
+
+    edit_zip_member(path, "e.csv", tamper)
+    with pytest.raises(store.StoreError, match=re.escape(message)) as info:
+        store.load_embeddings(filename=path)
+    assert str(path) in str(info.value)
+
+
+def test_failed_save_keeps_previous_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = store.save_embeddings(embeddings=np.eye(3, dtype=np.float32), targets=[0, 1, 2], filename=tmp_path / "e")
+    before = path.read_bytes()
+
+    def disk_full(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        store.save_embeddings(embeddings=np.zeros((3, 3), dtype=np.float32), targets=[5, 6, 7], filename=path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["e.zip"]
+
+
+def test_save_into_read_only_folder_keeps_previous_file(tmp_path, monkeypatch):
+    path = store.save_embeddings(embeddings=np.eye(3, dtype=np.float32), targets=[0, 1, 2], filename=tmp_path / "e")
+    before = path.read_bytes()
+
+    def read_only_folder(*_args, **_kwargs):  # what mkstemp raises there (root ignores chmod, so simulate it)
+        raise PermissionError(13, "Permission denied", str(tmp_path))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only_folder)
+    with pytest.raises(PermissionError, match="Permission denied"):
+        store.save_embeddings(embeddings=np.zeros((3, 3), dtype=np.float32), targets=[5, 6, 7], filename=path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["e.zip"]
+
+
+def test_atomic_path_discards_partial_output_on_error(tmp_path):
+    target = tmp_path / "result.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with store.atomic_path(target) as temporary:
+            temporary.write_text("half")
+            raise RuntimeError("interrupted")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+
+
+def toy_class_store_zip(folder: pathlib.Path) -> pathlib.Path:
+    """A saved class vector store of a made-up 8-dimensional model, three classes of two images each."""
+    db = classdb.ClassVectorStore(
+        dim=8, model_name="toy", model_id="toy+sha256:000000000000", transform_config={"input_size": [3, 8, 8]}
+    )
+    db.add_classes(embeddings=torch.randn(6, 8, generator=torch.Generator().manual_seed(0)),
+                   labels=["cat", "cat", "dog", "dog", "owl", "owl"])
+    return db.save(path=folder / "classes.zip")
+
+
+def test_class_store_zip_of_another_model_is_refused(tmp_path):
+    path = toy_class_store_zip(tmp_path)
+    lite0_id = "tf_efficientnet_lite0+sha256:579344248a93"
+    expected = f"{path} was built with model 'toy+sha256:000000000000', not with '{lite0_id}'"
+    with pytest.raises(classdb.ModelMismatchError, match=re.escape(expected)) as info:
+        classdb.ClassVectorStore.load(path=path, model_id=lite0_id)
+    assert "--model toy with the same --weights file" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("dim", 1280, r"sums \[3, 8\] .* do not fit a store of dimension 1280; the file is damaged"),
+        ("counts", [2, 0, 2], "every class needs an image count of at least 1; the file is damaged"),
+        ("format", "something else", "is not a class vector store"),
+    ],
+)
+def test_tampered_class_store_zip_is_refused(tmp_path, key, value, message):
+    path = toy_class_store_zip(tmp_path)
+    edit_zip_member(path, classdb.METADATA_MEMBER, lambda text: json.dumps({**json.loads(text), key: value}))
+    with pytest.raises(classdb.ClassDBError, match=message) as info:
+        classdb.ClassVectorStore.load(path=path)
+    assert str(path) in str(info.value)
+
+
+def test_load_checkpoint_refuses_pickled_code(tmp_path):
+    path = tmp_path / "evil.pt"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo hacked",))
+
+    path.write_bytes(pickle.dumps({"model": Payload(), "model_name": "x"}))
+    with pytest.raises(store.StoreError, match="Cannot load checkpoint"):
+        store.load_checkpoint(checkpoint_path=path)
+
+
+def test_load_checkpoint_refuses_foreign_and_truncated_files(tmp_path):
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(store.StoreError, match="not a checkpoint"):
+        store.load_checkpoint(checkpoint_path=foreign)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(foreign.read_bytes()[:40])
+    with pytest.raises(store.StoreError, match="Cannot load checkpoint"):
+        store.load_checkpoint(checkpoint_path=truncated)
+
+
+def test_checkpoint_with_weights_of_another_model_is_refused(tmp_path):
+    path = tmp_path / "mixed.pt"
+    torch.save({"model_name": "tf_efficientnet_lite0", "model_config": {}, "model": {"conv.weight": torch.zeros(8)}},
+               path)
+    with pytest.raises(store.StoreError, match="weights do not fit tf_efficientnet_lite0") as info:
+        store.load_checkpoint(checkpoint_path=path)
+    assert str(path) in str(info.value)
+
+
+# ===============================================================================================================
+# Interrupted runs
+# ===============================================================================================================
+
+
+def test_resume_with_another_seed_is_refused_and_keeps_the_log(image_folder, lite0_model, tmp_path):
+    maker = banerjee.DatasetMaker(dataset_path=image_folder)
+    _, transform = engine.eval_transform(lite0_model)
+    encoder = engine.Encoder(model=lite0_model, device="cpu", config=SimpleNamespace(topk=2))
+    cache = store.EmbeddingCache(tmp_path / "cache")  # the second run reuses the embeddings of the first
+
+    def cached_run(*, runs, seed, **kwargs):
+        return protocol.run_cached_protocol(
+            encoder=encoder, maker=maker, transform=transform, runs=runs, valid_share=0.3, batch_size=16, workers=0,
+            generator=torch.Generator().manual_seed(seed), cache=cache, **kwargs,
+        )
+
+    log = tmp_path / "runs.jsonl"
+    cached_run(runs=2, run_log=log, seed=1)
+    before = protocol.load_run_records(log)
+    with pytest.raises(ValueError, match="Cannot resume: partition 0 differs"):
+        cached_run(runs=3, run_log=log, seed=2, completed=protocol.load_run_records(log))
+    assert len(before) == 2 and protocol.load_run_records(log) == before
+
+
+def test_interrupted_script_keeps_finished_partitions_and_resumes(damaged_set, lite0_weights, damaged_run, tmp_path):
+    out = tmp_path / "out"
+    args = [*damaged_set_args(damaged_set[0], lite0_weights, out), "--protocol", "original"]
+    log = out / "runs.jsonl"
+    with (tmp_path / "stdout.txt").open("w") as stdout, (tmp_path / "stderr.txt").open("w") as stderr:
+        process = subprocess.Popen(**script_call(*args), cwd=tmp_path, stdout=stdout, stderr=stderr)
+        try:
+            deadline = time.monotonic() + 900
+            while not protocol.load_run_records(log):  # the original protocol takes seconds per partition
+                assert process.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no partition finished in 15 minutes"
+                time.sleep(0.2)
+            process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+            process.wait(timeout=600)
+        finally:
+            process.kill()
+            process.wait()
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert process.returncode == 1, stderr[-3000:]
+    assert f"Interrupted. Finished partitions are kept in {log}; rerun with --resume to go on." in stderr
+    kept = protocol.load_run_records(log)
+    assert 1 <= len(kept) < RUNS and not (out / "results.json").exists()
+
+    resumed = ScriptRun(result=run_script(*args, "--resume", cwd=tmp_path), out=out)
+    assert resumed.result.returncode == 0, resumed.result.stderr[-3000:]
+    assert protocol.load_run_records(log)[: len(kept)] == kept  # reused, timings included, not recomputed
+    # The uninterrupted reference uses the cached protocol; equal splits and top-k predictions of every partition
+    # (asserted here) make it the same experiment, as tests/test_protocol.py shows in general.
+    reference = damaged_run(*SERIAL)
+    assert resumed.partitions() == reference.partitions()
+    assert resumed.results()["accuracies"] == reference.results()["accuracies"]
+    assert resumed.results()["topk_accuracies"] == reference.results()["topk_accuracies"]
+    assert resumed.printed_accuracies() == reference.printed_accuracies()
+
+
+# ===============================================================================================================
+# Reproducibility
+# ===============================================================================================================
+
+
+def test_same_seed_gives_identical_results_with_zero_or_two_workers(damaged_run):
+    serial, parallel = damaged_run(*SERIAL), damaged_run(*PARALLEL)
+    assert parallel.result.returncode == 0, parallel.result.stderr[-3000:]
+    assert len(serial.partitions()) == RUNS
+    assert len({tuple(p["valid_indexes"]) for p in serial.partitions()}) == RUNS  # partitions differ between runs
+    assert parallel.partitions() == serial.partitions()
+    assert parallel.results()["accuracies"] == serial.results()["accuracies"]
+    assert parallel.results()["topk_accuracies"] == serial.results()["topk_accuracies"]
+    assert len(serial.printed_accuracies()) == 2
+    assert parallel.printed_accuracies() == serial.printed_accuracies()
+
+
+def test_another_seed_draws_other_partitions(damaged_run):
+    seventeen, eighteen = damaged_run(*SERIAL).partitions(), damaged_run(*OTHER_SEED).partitions()
+    assert len(eighteen) == 1
+    assert eighteen[0]["valid_indexes"] != seventeen[0]["valid_indexes"]
+    assert sorted(eighteen[0]["valid_indexes"] + eighteen[0]["train_indexes"]) == list(range(32))

@@ -450,5 +450,14 @@ def test_cli_imports_a_plain_embeddings_file(cli_setup, tmp_path, capsys):
         assert classdb.main(["import", "--embeddings", str(plain), "--store", str(path), *model_args]) == 0
     imported = ClassVectorStore.load(path=path, model_id=ClassVectorStore.load(path=built).model_id)
     assert imported.counts.tolist() == [1, 1, 1] and torch.equal(imported.means, torch.from_numpy(means))
+    assert classdb.main(["import", "--embeddings", str(plain), "--store", str(path), *model_args]) == 1
+    assert "already exists: pass --force" in capsys.readouterr().err
     assert classdb.main(["remove-class", "--store", str(path), "no such class"]) == 1
     assert "No class 'no such class'" in capsys.readouterr().err
+
+
+def test_cli_asks_for_the_local_weights_file_a_store_was_built_with(cli_setup, capsys):
+    dataset, built, _ = cli_setup
+    assert classdb.main(["classify", "--store", str(built), str(dataset)]) == 1
+    error = capsys.readouterr().err
+    assert "built from a local weights file (tf_efficientnet_lite0+sha256:" in error and "--weights" in error

@@ -13,31 +13,6 @@ import engine
 import protocol
 
 
-def test_unknown_model_name_lists_close_matches():
-    with pytest.raises(ValueError, match="Unknown timm model 'tiny_vit_11m_244'.*tiny_vit_11m_224"):
-        engine.create_model(model_name="tiny_vit_11m_244")
-
-
-def test_offline_download_failure_explains_the_way_out(monkeypatch):
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(RuntimeError, match="--weights FILE"):
-        engine.create_model(model_name="tf_efficientnet_lite0")
-
-
-def test_weights_of_another_model_are_refused(tmp_path):
-    path = tmp_path / "other.pth"
-    torch.save({"conv.weight": torch.zeros(8, 3, 3, 3), "fc.weight": torch.zeros(10, 8)}, path)
-    with pytest.raises(ValueError, match="Does --weights belong to --model"):
-        engine.create_model(model_name="tf_efficientnet_lite0", weights=path)
-
-
-def test_missing_weights_file_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
-        engine.create_model(model_name="tf_efficientnet_lite0", weights=tmp_path / "nope.pth")
-
-
 def test_offline_lite0_weights_are_the_genuine_imagenet_ones(lite0_model, lite0_weights):
     source = torch.load(lite0_weights, map_location="cpu", weights_only=True)
     assert torch.equal(lite0_model.conv_stem.weight, source["_conv_stem.weight"])
