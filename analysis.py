@@ -366,7 +366,7 @@ class KMeansPrototypeClassifier:
     its best-matching centre. Classes with at most ``prototypes_per_class`` images keep every image instead.
     """
 
-    def __init__(self, *, prototypes_per_class: int, random_state: int = 0, n_init: int = 4) -> None:
+    def __init__(self, *, prototypes_per_class: int, random_state: int = 0, n_init: int = 1) -> None:
         if prototypes_per_class < 1:
             raise ValueError(f"prototypes_per_class must be at least 1, got {prototypes_per_class}.")
         self.prototypes_per_class = prototypes_per_class

@@ -36,6 +36,7 @@ __all__ = [
     "DatasetMaker",
     "UnreadableImageError",
     "augment_data",
+    "check_shares",
     "load_rgb_image",
 ]
 
@@ -466,7 +467,7 @@ class DatasetMaker:
         Each class takes ``int(n * share)`` validation and test images, so every class is represented in the
         same proportion; the rest is training data.
         """
-        _check_shares(valid_share=valid_share, test_share=test_share)
+        check_shares(valid_share=valid_share, test_share=test_share)
         counts = [end - begin for _, begin, end in self._labels]
         starved = [
             f"{label!r} ({n} images)"
@@ -580,7 +581,8 @@ class DatasetMaker:
         return dataset
 
 
-def _check_shares(*, valid_share: float, test_share: float) -> None:
+def check_shares(*, valid_share: float, test_share: float) -> None:
+    """Refuse shares outside [0, 1] or adding up to 1 or more, before any work depends on them."""
     for name, value in (("valid_share", valid_share), ("test_share", test_share)):
         if not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
             raise DatasetError(f"{name} must be a number in [0, 1], got {value!r}.")

@@ -89,6 +89,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--runs, --batch-size and --top-k must be at least 1, and --workers at least 0.")
     if not 0.0 < args.confidence < 1.0:
         parser.error(f"--confidence must lie strictly between 0 and 1, got {args.confidence}.")
+    try:
+        banerjee.check_shares(valid_share=args.valid_share, test_share=0.0)
+    except banerjee.DatasetError as error:
+        parser.error(f"--valid-share: {error}")
     if (args.augment_encode or args.augment_eval) and args.protocol == "cached":
         print("Augmentation draws new images every pass, so it bypasses the embedding cache: --protocol original.")
         args.protocol = "original"
@@ -139,9 +143,12 @@ if __name__ == "__main__":
     utils.check_cuda_support(inform=True)
     randomness.set_determinism(seed=args.seed)
     generator = randomness.make_torch_generator(seed=args.seed)
-    dsm = banerjee.DatasetMaker(
-        dataset_path=resolve_dataset(dataset=args.dataset, download=args.download), strict=args.strict
-    )
+    try:
+        dsm = banerjee.DatasetMaker(
+            dataset_path=resolve_dataset(dataset=args.dataset, download=args.download), strict=args.strict
+        )
+    except banerjee.DatasetError as error:
+        raise SystemExit(str(error)) from error
     labels = dsm.get_labels()
     if args.top_k > len(labels):
         raise SystemExit(f"--top-k {args.top_k} exceeds the {len(labels)} classes of {dsm.dataset_path}.")

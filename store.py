@@ -167,11 +167,11 @@ def load_checkpoint(
         raise StoreError(f"Cannot load checkpoint {path}: {error}") from error
     if not isinstance(state, dict) or "model" not in state or "model_name" not in state:
         raise StoreError(f"{path} is not a checkpoint written by store.save_checkpoint.")
-    model = timm.create_model(state["model_name"], pretrained=False, num_classes=0)
     try:
+        model = timm.create_model(state["model_name"], pretrained=False, num_classes=0)
         model.load_state_dict(state["model"])
     except RuntimeError as error:
-        raise StoreError(f"{path}: weights do not fit {state['model_name']}: {error}") from error
+        raise StoreError(f"{path}: cannot rebuild model '{state['model_name']}' from it: {error}") from error
     model.pretrained_cfg = state["model_config"]
     datasets: tuple[Any, Any, Any] = (None, None, None)
     part_states = [state.get(f"{part}_ds_state") for part in ("train", "valid", "test")]

@@ -1,9 +1,9 @@
-"""Encoder throughput: eager NCHW against channels-last (and torch.compile, and CUDA when present), side by side.
+"""Encoder throughput: eager NCHW against channels-last (and TorchScript, torch.compile, CUDA), side by side.
 
 Every variant embeds the same batches; the script prints images/s, the ratio to eager NCHW fp32 on the CPU and the
 largest absolute difference of its embeddings from that baseline::
 
-    python benchmarks/encoder_throughput.py --batches 6 --batch-size 32 [--compile]
+    python benchmarks/encoder_throughput.py --batches 6 --batch-size 32 [--jit] [--compile]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--weights", default=None, help="local weights (default: the offline Lite0 package file)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=6)
+    parser.add_argument("--jit", action="store_true", help="also time a traced, frozen TorchScript module")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow first call)")
     return parser.parse_args(argv)
 
@@ -60,6 +61,10 @@ def main(argv: list[str]) -> None:
     cpu = torch.device("cpu")
     variants = [("cpu eager NCHW fp32", model, cpu, torch.contiguous_format),
                 ("cpu eager channels-last fp32", model, cpu, torch.channels_last)]
+    if args.jit:
+        with torch.inference_mode():
+            frozen = torch.jit.optimize_for_inference(torch.jit.trace(model, batches[0][:2]))
+        variants.append(("cpu TorchScript frozen NCHW", frozen, cpu, torch.contiguous_format))
     if args.compile:
         variants.append(("cpu torch.compile channels-last", torch.compile(model), cpu, torch.channels_last))
     if torch.cuda.is_available():

@@ -523,6 +523,8 @@ def test_state_with_bad_active_labels(maker_and_state):
         (("--top-k", "0"), "--runs, --batch-size and --top-k must be at least 1"),
         (("--workers", "-1"), "and --workers at least 0"),
         (("--confidence", "1.5"), "--confidence must lie strictly between 0 and 1"),
+        (("--valid-share", "1.2"), "--valid-share: valid_share must be a number in [0, 1], got 1.2"),
+        (("--valid-share", "1.0"), "--valid-share: valid_share + test_share must be below 1"),
     ],
 )
 def test_bad_parameters_are_rejected_before_any_work(capsys, args, message):
@@ -533,11 +535,12 @@ def test_bad_parameters_are_rejected_before_any_work(capsys, args, message):
 
 
 def test_missing_dataset_says_where_it_looked_and_how_to_get_it(tmp_path):
-    result = run_script("--dataset", tmp_path / "absent", "--model", "tf_efficientnet_lite0", "--weights",
-                        tmp_path / "w.pth", cwd=tmp_path)
-    assert result.returncode != 0
-    assert f"No dataset at {tmp_path / 'absent'}" in result.stderr
-    assert "--download" in result.stderr
+    with pytest.raises(SystemExit) as info:
+        script.resolve_dataset(dataset=str(tmp_path / "absent"), download=False)
+    message = info.value.code
+    assert isinstance(message, str)  # Python prints it to stderr and exits with status 1
+    assert f"No dataset at {tmp_path / 'absent'}" in message
+    assert "--download" in message
 
 
 def test_unknown_model_name_lists_close_matches():
@@ -656,7 +659,7 @@ def test_strict_script_stops_before_encoding_and_lists_broken_files(damaged_set,
     _, broken = damaged_set
     run = damaged_run("--strict")
     assert run.result.returncode != 0
-    assert "3 problem(s) in" in run.result.stderr
+    assert "3 problem(s) in" in run.result.stderr and "Traceback" not in run.result.stderr
     assert all(str(path) in run.result.stderr for path in broken)
     assert "[Embed" not in run.result.stderr and "Dataset:" not in run.result.stdout
     assert not (run.out / "runs.jsonl").exists()
@@ -840,7 +843,7 @@ def test_checkpoint_with_weights_of_another_model_is_refused(tmp_path):
     path = tmp_path / "mixed.pt"
     torch.save({"model_name": "tf_efficientnet_lite0", "model_config": {}, "model": {"conv.weight": torch.zeros(8)}},
                path)
-    with pytest.raises(store.StoreError, match="weights do not fit tf_efficientnet_lite0") as info:
+    with pytest.raises(store.StoreError, match="cannot rebuild model 'tf_efficientnet_lite0'") as info:
         store.load_checkpoint(checkpoint_path=path)
     assert str(path) in str(info.value)
 
