@@ -26,6 +26,7 @@ from sklearn.manifold import TSNE
 from sklearn.metrics import confusion_matrix
 from tqdm import tqdm
 
+import banerjee
 import cumacc
 import engine
 import metrics
@@ -487,23 +488,17 @@ def compare_prototypes(
 def random_partitions(
     *, targets: torch.Tensor, valid_share: float, runs: int, generator: torch.Generator
 ) -> Iterator[Partition]:
-    """``runs`` random (train, valid) splits drawn like ``DatasetMaker.split_indexes`` with ``test_share=0``.
+    """``runs`` random (train, valid) splits by ``banerjee.split_class_members`` with no test part.
 
-    Per class, in class order: ``torch.randperm(n)``; the last ``int(n * valid_share)`` positions validate, the
-    rest train. For a dataset's own label tensor (classes contiguous) the same generator state gives the same
-    partitions as the dataset splitter, without needing the dataset on disk.
+    For a dataset's own label tensor the same generator state gives the same partitions as
+    ``DatasetMaker.split_indexes``, without needing the dataset on disk.
     """
-    if not 0.0 < valid_share < 1.0:
-        raise ValueError(f"valid_share must be between 0 and 1 (exclusive), got {valid_share}.")
     classes = [torch.nonzero(targets == label).flatten() for label in torch.unique(targets)]
     for _ in range(runs):
-        train, valid = [], []
-        for members in classes:
-            order = members[torch.randperm(len(members), generator=generator)]
-            num_train = len(members) - int(len(members) * valid_share)
-            train.append(order[:num_train])
-            valid.append(order[num_train:])
-        yield torch.cat(train), torch.cat(valid)
+        train, valid, _ = banerjee.split_class_members(
+            class_members=classes, valid_share=valid_share, test_share=0.0, generator=generator
+        )
+        yield train, valid
 
 
 def _class_mean_accuracies(

@@ -38,6 +38,7 @@ __all__ = [
     "augment_data",
     "check_shares",
     "load_rgb_image",
+    "split_class_members",
 ]
 
 PathLike = str | os.PathLike
@@ -479,14 +480,10 @@ class DatasetMaker:
                 f"valid_share={valid_share} and test_share={test_share} leave no training image for class(es) "
                 f"{', '.join(starved)} in {self._dataset_path}. Lower the shares or add images to those classes."
             )
-        parts: tuple[list[torch.Tensor], ...] = ([], [], [])
-        for (_, begin, _), n in zip(self._labels, counts):
-            num_valid, num_test = int(n * valid_share), int(n * test_share)
-            order = torch.randperm(n, generator=generator) + begin
-            for part, chunk in zip(parts, order.split([n - num_valid - num_test, num_valid, num_test])):
-                part.append(chunk)
-        train, valid, test = (torch.cat(part) for part in parts)
-        return train, valid, test
+        return split_class_members(
+            class_members=[torch.arange(begin, end) for _, begin, end in self._labels],
+            valid_share=valid_share, test_share=test_share, generator=generator,
+        )
 
     def make_datasets(
         self,
@@ -579,6 +576,31 @@ class DatasetMaker:
         )
         dataset.use_labels(label_indexes=act_labels)
         return dataset
+
+
+def split_class_members(
+    *,
+    class_members: Sequence[torch.Tensor],
+    valid_share: float,
+    test_share: float,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split each class's image indexes at random into (train, valid, test), classes kept in order.
+
+    Per class: ``torch.randperm(n)``, then ``n - n_valid - n_test`` training, ``int(n * valid_share)`` validation
+    and ``int(n * test_share)`` test images. The one place the partition rule lives, so that the dataset splitter
+    and analyses on cached embeddings draw identical partitions from the same generator state.
+    """
+    check_shares(valid_share=valid_share, test_share=test_share)
+    parts: tuple[list[torch.Tensor], ...] = ([], [], [])
+    for members in class_members:
+        n = len(members)
+        num_valid, num_test = int(n * valid_share), int(n * test_share)
+        order = members[torch.randperm(n, generator=generator)]
+        for part, chunk in zip(parts, order.split([n - num_valid - num_test, num_valid, num_test])):
+            part.append(chunk)
+    train, valid, test = (torch.cat(part) for part in parts)
+    return train, valid, test
 
 
 def check_shares(*, valid_share: float, test_share: float) -> None:

@@ -129,7 +129,8 @@ def draw_cumulative_accuracy(
             raise ValueError(
                 f"band must be (low, high) with {len(shares)} values each; got {len(low)} and {len(high)}."
             )
-        ax.fill_between(shares, low, high, alpha=0.3, label="confidence band")
+        # A t interval can reach past the [0, 1] range that accuracy lives in; the shading stops at the bounds.
+        ax.fill_between(shares, np.clip(low, 0.0, 1.0), np.clip(high, 0.0, 1.0), alpha=0.3, label="confidence band")
     ax.plot(shares, cum_accs, marker="o", label="cumulative accuracy")
     ax.set_xlim(0.0, 1.0)
     ax.set_xlabel("share of classes")

@@ -62,11 +62,14 @@ def test_most_confused_pairs_orders_by_count_then_share():
 def test_most_confused_pair_of_overlapping_classes_is_found():
     # Classes 0 and 1 share a centre; classes 2-4 are far apart, so only 0<->1 may be confused.
     embeddings, targets = clusters(num_labels=5, per_class=30, spread=0.05)
-    embeddings[targets == 1] = embeddings[targets == 0] + 0.05 * torch.randn(30, 16, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(30, 16, generator=torch.Generator().manual_seed(1))
+    embeddings[targets == 1] = embeddings[targets == 0] + 0.05 * noise
     partitions = partitions_of(targets, runs=5)
     all_targets, all_predictions = [], []
     for train, valid in partitions:
-        classifier = analysis.ClassMeanClassifier().fit(embeddings=embeddings[train], targets=targets[train], num_labels=5)
+        classifier = analysis.ClassMeanClassifier().fit(
+            embeddings=embeddings[train], targets=targets[train], num_labels=5
+        )
         all_predictions.append(classifier.predict(queries=embeddings[valid], top_k=1)[:, 0].tolist())
         all_targets.append(targets[valid].tolist())
     confusion = analysis.confusion_over_partitions(
@@ -99,7 +102,8 @@ def test_retrieval_precision_matches_hand_computation():
 
 def test_retrieval_precision_is_perfect_on_separated_clusters():
     embeddings, targets = clusters(num_labels=4, per_class=20)
-    table = analysis.retrieval_precision(embeddings=embeddings, targets=targets, partitions=partitions_of(targets, runs=3))
+    partitions = partitions_of(targets, runs=3)
+    table = analysis.retrieval_precision(embeddings=embeddings, targets=targets, partitions=partitions)
     np.testing.assert_allclose(table["precision"], 1.0)
     np.testing.assert_allclose(table["map"], 1.0)
 
@@ -261,9 +265,10 @@ def test_linear_probe_returns_original_label_indexes():
 def test_random_partitions_reproduce_the_dataset_splitter(image_folder):
     maker = banerjee.DatasetMaker(dataset_path=image_folder, check_images=False)
     targets = maker.get_image_labels()
-    partitions = list(
-        analysis.random_partitions(targets=targets, valid_share=0.25, runs=2, generator=torch.Generator().manual_seed(5))
+    draws = analysis.random_partitions(
+        targets=targets, valid_share=0.25, runs=2, generator=torch.Generator().manual_seed(5)
     )
+    partitions = list(draws)
     generator = torch.Generator().manual_seed(5)
     for train, valid in partitions:
         expected_train, expected_valid, _ = maker.split_indexes(valid_share=0.25, test_share=0.0, generator=generator)
@@ -282,8 +287,11 @@ def test_fast_class_mean_path_matches_the_classifier():
     )
     slow = []
     for train, valid in partitions:
-        classifier = analysis.ClassMeanClassifier().fit(embeddings=embeddings[train], targets=targets[train], num_labels=6)
-        slow.append(float((classifier.predict(queries=embeddings[valid], top_k=1)[:, 0] == targets[valid]).float().mean()))
+        classifier = analysis.ClassMeanClassifier().fit(
+            embeddings=embeddings[train], targets=targets[train], num_labels=6
+        )
+        predictions = classifier.predict(queries=embeddings[valid], top_k=1)[:, 0]
+        slow.append(float((predictions == targets[valid]).float().mean()))
     np.testing.assert_allclose(fast, slow)
     assert 0.3 < np.mean(fast) < 0.95
 
