@@ -37,6 +37,7 @@ __all__ = [
     "UnreadableImageError",
     "augment_data",
     "check_shares",
+    "list_image_files",
     "load_rgb_image",
     "split_class_members",
 ]
@@ -316,8 +317,8 @@ def _list_class_folders(root: pathlib.Path) -> list[str]:
     return classes
 
 
-def _list_class_images(class_dir: pathlib.Path) -> tuple[list[str], list[tuple[pathlib.Path, str]]]:
-    """Image files under one class folder (nested folders too) as sorted relative paths, and dangling entries.
+def list_image_files(class_dir: pathlib.Path) -> tuple[list[str], list[tuple[pathlib.Path, str]]]:
+    """Image files under a folder (nested folders too) as sorted relative paths, and dangling entries.
 
     Symlinked files are followed; symlinked sub-folders are not, so a link cycle cannot loop forever.
     """
@@ -367,7 +368,7 @@ class DatasetMaker:
         self.skipped: list[tuple[pathlib.Path, str]] = []
         classes: dict[str, list[str]] = {}
         for label in _list_class_folders(self._dataset_path):
-            names, dangling = _list_class_images(self._dataset_path / label)
+            names, dangling = list_image_files(self._dataset_path / label)
             classes[label] = names
             self.skipped.extend(dangling)
         if check_images:

@@ -542,17 +542,10 @@ def _image_files(path: PathLike) -> list[pathlib.Path]:
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"No image file or folder at {path}.")
-    found = []
-    for folder, subfolders, files in os.walk(path, followlinks=True):
-        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
-        found += [
-            pathlib.Path(folder, name)
-            for name in sorted(files)
-            if not name.startswith(".") and name.lower().endswith(banerjee.IMAGE_EXTENSIONS)
-        ]
-    if not found:
+    names, _ = banerjee.list_image_files(path)
+    if not names:
         raise ClassDBError(f"No images ({', '.join(banerjee.IMAGE_EXTENSIONS)}) found under {path}.")
-    return found
+    return [path / name for name in names]
 
 
 def _open(args: argparse.Namespace) -> tuple[pathlib.Path, ClassVectorStore]:

@@ -334,37 +334,13 @@ def test_cli_remove_then_readd_restores_the_identical_file(cli_setup, tmp_path, 
     shutil.copy(built, path)
     assert classdb.main(["remove-class", "--store", str(path), "red circle"]) == 0
     assert ClassVectorStore.load(path=path).labels == ["cyan ring", "green square"]
-    assert (
-        classdb.main(
-            [
-                "add-class",
-                "--store",
-                str(path),
-                "--images",
-                str(dataset / "red circle"),
-                "--label",
-                "red circle",
-                *model_args,
-            ]
-        )
-        == 0
-    )
+    add_red_circle = [
+        "add-class", "--store", str(path), "--images", str(dataset / "red circle"), "--label", "red circle",
+        *model_args,
+    ]
+    assert classdb.main(add_red_circle) == 0
     assert zip_members(path) == zip_members(built)
-    assert (
-        classdb.main(
-            [
-                "add-class",
-                "--store",
-                str(path),
-                "--images",
-                str(dataset / "red circle"),
-                "--label",
-                "red circle",
-                *model_args,
-            ]
-        )
-        == 1
-    )
+    assert classdb.main(add_red_circle) == 1
     assert "update-class" in capsys.readouterr().err
 
 
