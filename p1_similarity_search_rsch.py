@@ -14,6 +14,7 @@ Run the ``#%%`` cells one by one in Spyder (or another IDE), or the whole file::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import random
@@ -122,8 +123,13 @@ def resolve_dataset(*, dataset: str, download: bool) -> pathlib.Path:
 
 
 def write_json(path: pathlib.Path, content: dict) -> None:
+    """JSON with intervals as their fields (mean, half_width, ...) and anything else unusual as text."""
+
+    def plain(value):
+        return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else str(value)
+
     with store.atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(content, indent=2, default=str), encoding="utf-8")
+        temporary.write_text(json.dumps(content, indent=2, default=plain), encoding="utf-8")
 
 
 def write_csv(path: pathlib.Path, frame: pd.DataFrame) -> None:

@@ -22,7 +22,7 @@ def test_end_to_end_run_prints_intervals_and_writes_outputs(six_classes, lite0_w
     out = tmp_path / "out"
     result = run_script(
         "--dataset", six_classes, "--model", "tf_efficientnet_lite0", "--weights", lite0_weights, "--runs", 5,
-        "--top-k", 2, "--out", out, "--save-embeddings", cwd=tmp_path,
+        "--top-k", 2, "--out", out, "--save-embeddings", "--analysis", cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     printed = re.search(r"^Accuracy: ([0-9.]+) ± ([0-9.]+) \(95% confidence, n=5\)$", result.stdout, re.M)
@@ -31,12 +31,19 @@ def test_end_to_end_run_prints_intervals_and_writes_outputs(six_classes, lite0_w
     assert re.search(r"^Top 2 accuracy: [0-9.]+ ± [0-9.]+", result.stdout, re.M)
     results = json.loads((out / "results.json").read_text())
     assert len(results["accuracies"]) == 5 and min(results["accuracies"]) >= 0.9
+    interval = results["final_stats"]["accuracy"]
+    assert interval["n"] == 5 and interval["mean"] == pytest.approx(sum(results["accuracies"]) / 5)
     assert results["skipped_files"] == []
     runs = pd.read_csv(out / "runs.csv")
     assert list(runs["run"]) == [0, 1, 2, 3, 4]
     assert runs["accuracy"].tolist() == pytest.approx(results["accuracies"])
     classes = pd.read_csv(out / "class_accuracy.csv")
     assert sorted(classes["label"]) == sorted(CLASS_STYLES)
-    for name in ("cumacc.png", "examples.png", "embeddings-tf_efficientnet_lite0.zip"):
+    for name in ("cumacc.png", "examples.png", "embeddings-tf_efficientnet_lite0.zip", "confusion.png",
+                 "cumacc_band.png", "tsne.png"):
         assert (out / name).stat().st_size > 1000, name
+    prototypes = pd.read_csv(out / "prototypes.csv").set_index("method")
+    assert prototypes.loc["class mean (raw, original)", "accuracy"] == pytest.approx(interval["mean"])
+    assert pd.read_csv(out / "retrieval.csv")["k"].tolist() == [1, 4, 8]
+    assert json.loads((out / "ci_coverage.json").read_text())["sample_runs"] == 20
     assert "Target is among predicted: True" in result.stdout
