@@ -139,8 +139,8 @@ def write_csv(path: pathlib.Path, frame: pd.DataFrame) -> None:
 
 if __name__ == "__main__":
     #%% Settings.
-    print("Part 1: similarity search using a pretrained model.")
     args = parse_args(sys.argv[1:])
+    print("Part 1: similarity search using a pretrained model.")
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
