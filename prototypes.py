@@ -1,0 +1,370 @@
+"""Class-vector classifiers on embedding matrices, with the scikit-learn estimator API.
+
+Every estimator here keeps *additive* statistics per class (a float64 sum of the class's feature vectors and an
+image count) and, where it needs them, shared ones (a Gram matrix, a feature sum, a sample count). Additive
+statistics are what make the article's promise hold: a class can be added (``partial_fit`` with a new label),
+extended (``partial_fit`` with more images), removed (``remove_class``) or renamed (``rename_class``) without
+touching the other classes, and fitting in batches equals fitting at once up to float64 rounding.
+
+* :class:`ClassMeanClassifier` is the article's method: one mean embedding per class, cosine similarity.
+* :class:`DecorrelatedClassifier` L2-normalises and centres the embeddings, then scores a query ``q`` by
+  ``q (G + alpha I)^-1 P`` with ``G`` the centred Gram matrix and ``P`` the centred class sums (ridge regression
+  onto one-hot labels, closed form, no training loop; SimpleShot's centring, RanPAC's decorrelation). ``alpha`` is
+  picked by generalised cross-validation, which needs only the statistics above, so it never looks at validation
+  images and ``partial_fit`` still equals ``fit``.
+
+Both score queries linearly in their L2-normalised (optionally randomly projected) features:
+``scores = features(X) @ weights.T + bias``; :meth:`class_vectors` returns that pair, which is all a search
+backend (torch or FAISS) needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils import check_random_state
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+__all__ = [
+    "CLASSIFIERS",
+    "ClassMeanClassifier",
+    "DecorrelatedClassifier",
+    "cosine_top_k",
+    "make_classifier",
+    "predict_topk",
+    "top_scores",
+]
+
+# Ridge strengths tried by generalised cross-validation, as multiples of the mean eigenvalue of the centred Gram
+# matrix: relative values fit any number of images, since the eigenvalues grow with it.
+RELATIVE_ALPHAS = tuple(float(value) for value in np.logspace(-4, 2, 25))
+
+
+def top_scores(scores: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``top_k`` largest scores per row and their column indexes, best first, ``[N, min(top_k, C)]``."""
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}.")
+    return scores.topk(min(top_k, scores.shape[1]), dim=1)
+
+
+def cosine_top_k(
+    *, queries: torch.Tensor, corpus: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine top-k search of ``queries`` among ``corpus`` rows: one matrix product, no per-query Python."""
+    similarity = torch.nn.functional.normalize(queries, dim=1) @ torch.nn.functional.normalize(corpus, dim=1).T
+    return top_scores(similarity, top_k)
+
+
+def _unit_rows(X: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    return X / np.where(norms > 0, norms, 1.0)
+
+
+class _ClassStatistics(ClassifierMixin, BaseEstimator):
+    """Per-class feature sums and counts, kept sorted by label, plus the shared statistics of subclasses.
+
+    Subclasses define ``_sample_features`` (what is summed), ``_query_features`` (what is scored) and
+    ``_solve`` (weights and bias from the statistics); ``_update_shared`` adds or subtracts shared statistics.
+    """
+
+    def fit(self, X: Any, y: Any) -> _ClassStatistics:
+        """Statistics of ``X`` ``[n, d]`` with labels ``y`` ``[n]``; forgets anything fitted before."""
+        for name in [name for name in vars(self) if name.endswith("_") and not name.startswith("__")]:
+            delattr(self, name)
+        return self.partial_fit(X, y)
+
+    def partial_fit(self, X: Any, y: Any, classes: Sequence[Hashable] | None = None) -> _ClassStatistics:
+        """Add images of existing or new classes; equal to ``fit`` on all images seen (float64 statistics).
+
+        ``classes`` is accepted for scikit-learn's incremental API: it only checks that ``y`` stays inside it,
+        since a class here exists once it has an image.
+        """
+        first = not hasattr(self, "classes_")
+        X, y = validate_data(self, X, y, reset=first, dtype=np.float64)
+        check_classification_targets(y)
+        if classes is not None and not np.isin(y, np.asarray(classes)).all():
+            raise ValueError(f"Labels {sorted(set(np.setdiff1d(y, classes).tolist()))} are not in `classes`.")
+        if first:
+            self._start(n_features=X.shape[1])
+        features = self._sample_features(X)
+        self._grow_classes(np.unique(y))
+        rows = torch.from_numpy(np.searchsorted(self.classes_, y))
+        self.class_sums_ = torch.from_numpy(self.class_sums_.copy()).index_add_(0, rows, torch.from_numpy(features)).numpy()
+        self.class_counts_ = self.class_counts_ + np.bincount(rows.numpy(), minlength=len(self.classes_))
+        self._update_shared(features, sign=1)
+        self._refresh()
+        return self
+
+    def remove_samples(self, X: Any, y: Any) -> _ClassStatistics:
+        """Subtract images fitted earlier (the inverse of ``partial_fit``); a class left with no image is dropped.
+
+        The caller vouches that these exact images were fitted with these labels: the statistics cannot tell.
+        """
+        check_is_fitted(self)
+        X, y = validate_data(self, X, y, reset=False, dtype=np.float64)
+        rows = np.searchsorted(self.classes_, y).clip(max=len(self.classes_) - 1)
+        if not np.array_equal(self.classes_[rows], y):
+            raise ValueError(f"Labels {sorted(set(np.setdiff1d(y, self.classes_).tolist()))} were never fitted.")
+        counts = self.class_counts_ - np.bincount(rows, minlength=len(self.classes_))
+        if (counts < 0).any():
+            raise ValueError("More images to remove than a class holds: these images were not all fitted.")
+        features = self._sample_features(X)
+        sums = torch.from_numpy(self.class_sums_.copy()).index_add_(
+            0, torch.from_numpy(rows), torch.from_numpy(features), alpha=-1
+        )
+        self.class_sums_, self.class_counts_ = sums.numpy(), counts
+        self._update_shared(features, sign=-1)
+        self._keep_classes(counts > 0)
+        return self
+
+    def remove_class(self, label: Hashable, X: Any = None) -> _ClassStatistics:
+        """Drop class ``label``; the other classes' statistics stay bit-for-bit the same.
+
+        Given the class's images ``X``, also subtract them from the shared statistics, so the result equals a fit
+        without them. See the subclass for what removal without ``X`` keeps.
+        """
+        row = self._row(label)
+        if X is not None:
+            X = validate_data(self, X, reset=False, dtype=np.float64)
+            if len(X) != self.class_counts_[row]:
+                raise ValueError(
+                    f"Class {label!r} holds {self.class_counts_[row]} images but {len(X)} were given to remove."
+                )
+            return self.remove_samples(X, np.full(len(X), self.classes_[row], dtype=self.classes_.dtype))
+        self._keep_classes(np.arange(len(self.classes_)) != row)
+        return self
+
+    def rename_class(self, label: Hashable, new_label: Hashable) -> _ClassStatistics:
+        """Give class ``label`` the name ``new_label``, keeping its statistics."""
+        row = self._row(label)
+        if new_label in self.classes_.tolist():
+            raise ValueError(f"Class {new_label!r} already exists; remove it first or choose another name.")
+        names = self.classes_.tolist()
+        names[row] = new_label
+        try:
+            order = np.array(sorted(range(len(names)), key=names.__getitem__))
+        except TypeError as error:
+            raise ValueError(f"New label {new_label!r} cannot be ordered with the other labels: {error}") from error
+        self.classes_ = np.array([names[index] for index in order])
+        self.class_sums_, self.class_counts_ = self.class_sums_[order], self.class_counts_[order]
+        self._refresh()
+        return self
+
+    @property
+    def class_means_(self) -> np.ndarray:
+        """Mean feature vector of each class ``[C, F]``, in ``classes_`` order."""
+        check_is_fitted(self)
+        return self.class_sums_ / self.class_counts_[:, None]
+
+    def class_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(weights [C, F], bias [C])`` with ``class_scores(X) = query_features(X) @ weights.T + bias``."""
+        check_is_fitted(self)
+        if not len(self.classes_):
+            raise ValueError("No classes left: fit or partial_fit some images first.")
+        return self.weights_, self.bias_
+
+    def query_features(self, X: Any) -> np.ndarray:
+        """The features that :meth:`class_vectors` score: L2-normalised (and, where set, projected) rows."""
+        check_is_fitted(self)
+        return self._query_features(validate_data(self, X, reset=False, dtype=np.float64))
+
+    def class_scores(self, X: Any) -> np.ndarray:
+        """Score of every class for every query, ``[N, C]``; higher is more similar."""
+        weights, bias = self.class_vectors()
+        return self.query_features(X) @ weights.T + bias
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """``class_scores``; for two classes scikit-learn's 1-d form (positive means ``classes_[1]``)."""
+        scores = self.class_scores(X)
+        return scores[:, 1] - scores[:, 0] if scores.shape[1] == 2 else scores
+
+    def top_k(self, X: Any, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, class indexes)`` of the ``top_k`` best classes per query, best first."""
+        scores, indexes = top_scores(torch.from_numpy(self.class_scores(X)), top_k)
+        return scores.numpy(), indexes.numpy()
+
+    def predict_topk(self, X: Any, top_k: int) -> np.ndarray:
+        """Labels of the ``top_k`` best classes per query ``[N, min(top_k, C)]``, best first."""
+        _, indexes = self.top_k(X, top_k)
+        return self.classes_[indexes]
+
+    def predict(self, X: Any) -> np.ndarray:
+        return self.predict_topk(X, 1)[:, 0]
+
+    def _start(self, *, n_features: int) -> None:
+        self.classes_ = np.array([])
+        self.class_sums_ = np.zeros((0, self._num_features(n_features)))
+        self.class_counts_ = np.zeros(0, dtype=np.int64)
+
+    def _row(self, label: Hashable) -> int:
+        check_is_fitted(self)
+        names = self.classes_.tolist()
+        if label not in names:
+            raise ValueError(f"Unknown class {label!r}; the classifier has {len(names)} classes.")
+        return names.index(label)
+
+    def _grow_classes(self, labels: np.ndarray) -> None:
+        merged = np.union1d(self.classes_, labels) if len(self.classes_) else labels
+        if len(merged) == len(self.classes_):
+            return
+        positions = np.searchsorted(merged, self.classes_)
+        sums = np.zeros((len(merged), self.class_sums_.shape[1]))
+        counts = np.zeros(len(merged), dtype=np.int64)
+        sums[positions], counts[positions] = self.class_sums_, self.class_counts_
+        self.classes_, self.class_sums_, self.class_counts_ = merged, sums, counts
+
+    def _keep_classes(self, keep: np.ndarray) -> None:
+        self.classes_ = self.classes_[keep]
+        self.class_sums_, self.class_counts_ = self.class_sums_[keep], self.class_counts_[keep]
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Recompute the scoring weights after every change, so prediction never changes the estimator."""
+        self.weights_, self.bias_ = self._solve() if len(self.classes_) else (self.class_sums_, self.class_counts_[:0])
+
+    def _num_features(self, n_features: int) -> int:
+        return n_features
+
+    def _update_shared(self, features: np.ndarray, *, sign: int) -> None:
+        """Add (``sign=1``) or subtract (``-1``) shared statistics; none for a plain class mean."""
+
+
+class ClassMeanClassifier(_ClassStatistics):
+    """The article's classifier: each class is the mean of its embeddings, a query takes the most cosine-similar.
+
+    ``normalize=True`` averages L2-normalised embeddings instead, so images with large norms do not pull the mean
+    towards them. Memory: ``C x d`` float64 sums. ``remove_class`` is always exact.
+    """
+
+    def __init__(self, *, normalize: bool = False) -> None:
+        self.normalize = normalize
+
+    def _sample_features(self, X: np.ndarray) -> np.ndarray:
+        return _unit_rows(X) if self.normalize else X
+
+    def _query_features(self, X: np.ndarray) -> np.ndarray:
+        return _unit_rows(X)
+
+    def _solve(self) -> tuple[np.ndarray, np.ndarray]:
+        return _unit_rows(self.class_sums_), np.zeros(len(self.classes_))
+
+
+class DecorrelatedClassifier(_ClassStatistics):
+    """Training-free decorrelated class prototypes: closed-form ridge regression onto one-hot labels.
+
+    Features are L2-normalised embeddings, optionally ``relu(x @ R)`` with a seeded Gaussian ``R`` of
+    ``projection_dim`` columns (RanPAC). With ``mu`` the mean feature, ``G`` the centred Gram matrix and ``P_c``
+    the centred sum of class ``c``, a query ``q`` scores ``(q - mu) (G + alpha I)^-1 P_c``. With ``alpha=None``
+    the ridge strength is chosen by generalised cross-validation over ``relative_alphas`` (multiples of the mean
+    eigenvalue of ``G``) from one eigendecomposition; ``alpha_`` holds the absolute value in use.
+
+    Memory: ``(C + F) x F`` float64 with ``F`` the feature size (d, or ``projection_dim``); solving costs one
+    ``F x F`` eigendecomposition after each change (``fit``, ``partial_fit``, removals). ``remove_class(label)``
+    without the images drops the class's sums and keeps its images in ``G`` as unlabelled background (as if they
+    had been fitted with a label of "none of these"); ``remove_class(label, X)`` with the class's images
+    subtracts them too, which equals a fit without them.
+    """
+
+    def __init__(
+        self,
+        *,
+        alpha: float | None = None,
+        relative_alphas: Sequence[float] = RELATIVE_ALPHAS,
+        projection_dim: int | None = None,
+        random_state: int | None = 0,
+    ) -> None:
+        self.alpha = alpha
+        self.relative_alphas = relative_alphas
+        self.projection_dim = projection_dim
+        self.random_state = random_state
+
+    def _num_features(self, n_features: int) -> int:
+        if self.projection_dim is None:
+            return n_features
+        if int(self.projection_dim) < 1:
+            raise ValueError(f"projection_dim must be a positive integer or None, got {self.projection_dim}.")
+        self.projection_ = check_random_state(self.random_state).standard_normal((n_features, self.projection_dim))
+        return int(self.projection_dim)
+
+    def _start(self, *, n_features: int) -> None:
+        if self.alpha is not None and not self.alpha > 0:
+            raise ValueError(f"alpha must be positive or None (chosen by cross-validation), got {self.alpha}.")
+        if self.alpha is None and (not len(self.relative_alphas) or min(self.relative_alphas) <= 0):
+            raise ValueError(f"relative_alphas must be positive numbers, got {self.relative_alphas}.")
+        super()._start(n_features=n_features)
+        size = self.class_sums_.shape[1]
+        self.gram_ = np.zeros((size, size))
+        self.feature_sum_ = np.zeros(size)
+        self.n_samples_seen_ = 0
+
+    def _query_features(self, X: np.ndarray) -> np.ndarray:
+        unit = _unit_rows(X)
+        return unit if self.projection_dim is None else np.maximum(unit @ self.projection_, 0.0)
+
+    _sample_features = _query_features
+
+    def _update_shared(self, features: np.ndarray, *, sign: int) -> None:
+        self.gram_ = self.gram_ + sign * (features.T @ features)
+        self.feature_sum_ = self.feature_sum_ + sign * features.sum(axis=0)
+        self.n_samples_seen_ = self.n_samples_seen_ + sign * len(features)
+
+    def _solve(self) -> tuple[np.ndarray, np.ndarray]:
+        n = self.n_samples_seen_
+        mean = self.feature_sum_ / n
+        centred_gram = self.gram_ - n * np.outer(mean, mean)
+        centred_sums = self.class_sums_ - self.class_counts_[:, None] * mean
+        eigenvalues, eigenvectors = np.linalg.eigh(centred_gram)
+        eigenvalues = eigenvalues.clip(min=0.0)
+        rotated = eigenvectors.T @ centred_sums.T
+        scale = eigenvalues.mean() if eigenvalues.mean() > 0 else 1.0
+        if self.alpha is not None:
+            self.alpha_ = float(self.alpha)
+        else:
+            candidates = scale * np.asarray(self.relative_alphas, dtype=np.float64)
+            self.alpha_ = float(candidates[np.argmin([self._gcv(a, eigenvalues, rotated) for a in candidates])])
+        weights = eigenvectors @ (rotated / (eigenvalues + self.alpha_)[:, None])
+        return weights.T, -(mean @ weights)
+
+    def _gcv(self, alpha: float, eigenvalues: np.ndarray, rotated: np.ndarray) -> float:
+        """Generalised cross-validation error of the ridge fit, from the statistics alone (no images needed)."""
+        n = self.n_samples_seen_
+        target_energy = float(np.sum(self.class_counts_ - self.class_counts_**2 / n))
+        explained = np.sum((rotated**2).sum(axis=1) * (eigenvalues + 2 * alpha) / (eigenvalues + alpha) ** 2)
+        residual = max(target_energy - float(explained), 0.0)
+        degrees = 1.0 + float(np.sum(eigenvalues / (eigenvalues + alpha)))
+        return n * residual / (n - degrees) ** 2 if degrees < n else np.inf
+
+
+CLASSIFIERS = {
+    "mean": ClassMeanClassifier,
+    "decorrelated": DecorrelatedClassifier,
+}
+
+
+def make_classifier(name: str, **params: Any) -> _ClassStatistics:
+    """A fresh estimator by its command-line name (``mean`` or ``decorrelated``)."""
+    if name not in CLASSIFIERS:
+        raise ValueError(f"Unknown classifier '{name}'; use one of {', '.join(CLASSIFIERS)}.")
+    return CLASSIFIERS[name](**params)
+
+
+def predict_topk(estimator: Any, X: Any, top_k: int) -> np.ndarray:
+    """Labels of the ``top_k`` best classes for any fitted scikit-learn classifier, best first.
+
+    Estimators of this module rank by their own scores; others by ``decision_function`` (its binary 1-d form is
+    expanded) or else ``predict_proba``.
+    """
+    if isinstance(estimator, _ClassStatistics):
+        return estimator.predict_topk(X, top_k)
+    if hasattr(estimator, "decision_function"):
+        scores = np.asarray(estimator.decision_function(X), dtype=np.float64)
+        scores = np.column_stack([-scores, scores]) if scores.ndim == 1 else scores
+    else:
+        scores = np.asarray(estimator.predict_proba(X), dtype=np.float64)
+    return np.asarray(estimator.classes_)[top_scores(torch.from_numpy(scores), top_k)[1].numpy()]
+

@@ -1,0 +1,160 @@
+"""prototypes.py: the scikit-learn contract, exact incremental statistics, removal, and where decorrelation wins."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.utils.estimator_checks import check_estimator
+
+import prototypes
+from prototypes import ClassMeanClassifier, DecorrelatedClassifier
+
+ESTIMATORS = [
+    ClassMeanClassifier(),
+    ClassMeanClassifier(normalize=True),
+    DecorrelatedClassifier(),
+    DecorrelatedClassifier(projection_dim=24, random_state=3),
+]
+
+
+def gaussian_classes(*, samples_per_class: int, seed: int, dim: int = 16, classes: int = 4):
+    """Class means one unit apart, hidden in shared noise that is strong along the directions separating them.
+
+    The mixing (the shared covariance) is fixed; ``seed`` draws new samples from the same distribution.
+    """
+    layout = np.random.default_rng(0)
+    mixing = layout.standard_normal((dim, dim)) * 0.2
+    mixing[:, :classes] += layout.standard_normal((dim, classes))
+    rng = np.random.default_rng(seed)
+    X = np.concatenate(
+        [5.0 + np.eye(dim)[c] + rng.standard_normal((samples_per_class, dim)) @ mixing.T for c in range(classes)]
+    )
+    return X, np.repeat(np.arange(classes), samples_per_class)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS, ids=repr)
+def test_passes_scikit_learn_estimator_checks(estimator):
+    failures = [
+        f"{result['check_name']}: {result['exception']}"
+        for result in check_estimator(estimator, on_fail=None)
+        if result["status"] == "failed"
+    ]
+    assert failures == []
+
+
+def test_class_mean_is_the_cosine_to_the_raw_mean_by_hand():
+    X = np.array([[1.0, 0.0], [3.0, 2.0], [0.0, 1.0], [0.0, 3.0]])
+    fitted = ClassMeanClassifier().fit(X, ["a", "a", "b", "b"])
+    assert fitted.class_means_.tolist() == [[2.0, 1.0], [0.0, 2.0]]
+    query = np.array([[1.0, 1.0]])
+    expected = [3 / np.sqrt(2) / np.sqrt(5), 1 / np.sqrt(2)]
+    assert fitted.class_scores(query)[0] == pytest.approx(expected, abs=1e-12)
+    assert fitted.predict_topk(query, 5).tolist() == [["a", "b"]]
+    with pytest.raises(ValueError, match="top_k must be at least 1"):
+        fitted.predict_topk(query, 0)
+
+
+def test_decorrelation_wins_where_shared_noise_hides_the_classes():
+    X, y = gaussian_classes(samples_per_class=100, seed=1)
+    X_test, y_test = gaussian_classes(samples_per_class=100, seed=2)
+    mean_accuracy = ClassMeanClassifier().fit(X, y).score(X_test, y_test)
+    decorrelated = DecorrelatedClassifier().fit(X, y)
+    assert mean_accuracy < 0.4
+    assert decorrelated.score(X_test, y_test) > 0.9
+    assert decorrelated.alpha_ > 0
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS, ids=repr)
+def test_partial_fit_in_batches_equals_fit(estimator):
+    X, y = gaussian_classes(samples_per_class=30, seed=4)
+    order = np.random.default_rng(0).permutation(len(y))
+    whole = type(estimator)(**estimator.get_params()).fit(X, y)
+    batched = type(estimator)(**estimator.get_params())
+    for batch in np.array_split(order, 7):
+        batched.partial_fit(X[batch], y[batch])
+    assert batched.classes_.tolist() == whole.classes_.tolist()
+    assert batched.class_counts_.tolist() == whole.class_counts_.tolist()
+    np.testing.assert_allclose(batched.class_sums_, whole.class_sums_, rtol=0, atol=1e-10)
+    for name in ("gram_", "feature_sum_"):
+        if hasattr(whole, name):
+            np.testing.assert_allclose(getattr(batched, name), getattr(whole, name), rtol=0, atol=1e-10)
+    assert batched.predict(X).tolist() == whole.predict(X).tolist()
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS, ids=repr)
+def test_remove_class_with_its_images_equals_a_fit_without_them(estimator):
+    X, y = gaussian_classes(samples_per_class=30, seed=5)
+    X_test, _ = gaussian_classes(samples_per_class=10, seed=6)
+    fitted = type(estimator)(**estimator.get_params()).fit(X, y)
+    kept_rows = fitted.class_sums_[[0, 1, 3]].copy()
+    fitted.remove_class(2, X[y == 2])
+    without = type(estimator)(**estimator.get_params()).fit(X[y != 2], y[y != 2])
+    assert fitted.classes_.tolist() == [0, 1, 3]
+    assert np.array_equal(fitted.class_sums_, kept_rows)
+    np.testing.assert_allclose(fitted.class_scores(X_test), without.class_scores(X_test), rtol=1e-7, atol=1e-9)
+    assert fitted.predict(X_test).tolist() == without.predict(X_test).tolist()
+
+
+def test_removal_without_images_keeps_them_as_unlabelled_background():
+    X, y = gaussian_classes(samples_per_class=30, seed=7)
+    X_test, _ = gaussian_classes(samples_per_class=10, seed=8)
+    cheap = DecorrelatedClassifier().fit(X, y).remove_class(3)
+    assert cheap.classes_.tolist() == [0, 1, 2] and cheap.n_samples_seen_ == len(y)
+    background = DecorrelatedClassifier().fit(X, y)
+    background.class_sums_, background.class_counts_ = background.class_sums_[:3], background.class_counts_[:3]
+    background.classes_ = background.classes_[:3]
+    background._refresh()
+    np.testing.assert_allclose(cheap.class_scores(X_test), background.class_scores(X_test), atol=1e-12)
+    assert np.array_equal(
+        ClassMeanClassifier().fit(X, y).remove_class(3).predict(X_test),
+        ClassMeanClassifier().fit(X[y != 3], y[y != 3]).predict(X_test),
+    )
+
+
+def test_remove_samples_undoes_partial_fit_and_refuses_what_was_never_fitted():
+    X, y = gaussian_classes(samples_per_class=20, seed=9)
+    base = DecorrelatedClassifier().fit(X[:50], y[:50])
+    grown = DecorrelatedClassifier().fit(X[:50], y[:50]).partial_fit(X[50:], y[50:]).remove_samples(X[50:], y[50:])
+    assert grown.classes_.tolist() == base.classes_.tolist()
+    np.testing.assert_allclose(grown.gram_, base.gram_, atol=1e-10)
+    np.testing.assert_allclose(grown.class_sums_, base.class_sums_, atol=1e-10)
+    with pytest.raises(ValueError, match=r"Labels \[7\] were never fitted"):
+        base.remove_samples(X[:1], [7])
+    with pytest.raises(ValueError, match="Class 0 holds 20 images but 3 were given"):
+        base.remove_class(0, X[:3])
+    with pytest.raises(ValueError, match="Unknown class 'cat'"):
+        ClassMeanClassifier().fit(X, y.astype(str)).remove_class("cat")
+
+
+def test_rename_class_keeps_statistics_and_sorted_order():
+    X, y = gaussian_classes(samples_per_class=10, seed=10)
+    labels = np.array(["ant", "bee", "cow", "dog"])[y]
+    fitted = ClassMeanClassifier().fit(X, labels)
+    sums = dict(zip(fitted.classes_, fitted.class_sums_.tolist()))
+    fitted.rename_class("ant", "zebra")
+    assert fitted.classes_.tolist() == ["bee", "cow", "dog", "zebra"]
+    assert fitted.class_sums_[-1].tolist() == sums["ant"]
+    assert fitted.predict([sums["ant"]]).tolist() == ["zebra"]
+    with pytest.raises(ValueError, match="Class 'bee' already exists"):
+        fitted.rename_class("cow", "bee")
+
+
+def test_fixed_alpha_and_bad_parameters():
+    X, y = gaussian_classes(samples_per_class=10, seed=11)
+    assert DecorrelatedClassifier(alpha=2.5).fit(X, y).alpha_ == 2.5
+    with pytest.raises(ValueError, match="alpha must be positive"):
+        DecorrelatedClassifier(alpha=0.0).fit(X, y)
+    with pytest.raises(ValueError, match="projection_dim must be a positive integer"):
+        DecorrelatedClassifier(projection_dim=0).fit(X, y)
+    with pytest.raises(ValueError, match="Unknown classifier 'lda'"):
+        prototypes.make_classifier("lda")
+
+
+def test_predict_topk_ranks_any_scikit_learn_classifier():
+    X, y = gaussian_classes(samples_per_class=20, seed=12)
+    probe = LogisticRegression(max_iter=5000).fit(X, y)
+    ranked = prototypes.predict_topk(probe, X[:5], 3)
+    assert ranked.shape == (5, 3) and ranked[:, 0].tolist() == probe.predict(X[:5]).tolist()
+    binary = LogisticRegression(max_iter=5000).fit(X[y < 2], y[y < 2])
+    assert prototypes.predict_topk(binary, X[:3], 2)[:, 0].tolist() == binary.predict(X[:3]).tolist()
