@@ -12,31 +12,34 @@ label indexes, and ``partitions`` as ``(train_indexes, valid_indexes)`` pairs of
 
 from __future__ import annotations
 
+import copy
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Protocol
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import sklearn.base
 import torch
 import torch.nn.functional as F
+from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.cluster import KMeans
 from sklearn.linear_model import LogisticRegression
 from sklearn.manifold import TSNE
 from sklearn.metrics import confusion_matrix
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import Normalizer
+from sklearn.utils.validation import validate_data
 from tqdm import tqdm
 
 import banerjee
 import cumacc
-import engine
 import metrics
+import prototypes
 
 __all__ = [
-    "ClassMeanClassifier",
     "KMeansPrototypeClassifier",
-    "LinearProbeClassifier",
     "NearestNeighbourClassifier",
-    "PrototypeClassifier",
     "ci_coverage",
     "class_accuracy_matrix",
     "compare_prototypes",
@@ -44,6 +47,7 @@ __all__ = [
     "cumulative_accuracy_band",
     "default_prototype_methods",
     "least_accurate_with_interval",
+    "linear_probe",
     "most_confused_pairs",
     "per_class_accuracy",
     "random_partitions",
@@ -132,7 +136,7 @@ def retrieval_precision(
     average_precision_runs: list[list[float]] = []
     for train_indexes, valid_indexes in tqdm(partitions, desc="[Retrieval] Partitions", leave=False):
         train_targets, query_targets = targets[train_indexes], targets[valid_indexes]
-        _, neighbours = engine.search(
+        _, neighbours = prototypes.cosine_top_k(
             queries=embeddings[valid_indexes], corpus=embeddings[train_indexes], top_k=ks[-1]
         )
         relevant = (train_targets[neighbours] == query_targets.unsqueeze(1)).double()
@@ -178,18 +182,16 @@ def tsne_map(
     Vectors are L2-normalised first: Euclidean distance between unit vectors orders pairs exactly as cosine
     similarity does, which is what the classifier uses. Rows of ``mean_coords`` for classes without images are NaN.
     """
-    points = F.normalize(embeddings.float(), dim=1)
-    present = torch.unique(targets)
-    means = engine.class_means(
-        embeddings=points, targets=torch.searchsorted(present, targets), num_labels=len(present)
-    )
-    stacked = torch.cat([points, F.normalize(means, dim=1)]).numpy()
+    points = F.normalize(embeddings.float(), dim=1).numpy()
+    class_mean = prototypes.ClassMeanClassifier(normalize=True).fit(points, targets.numpy())
+    present = class_mean.classes_
+    stacked = np.concatenate([points, prototypes.unit_rows(class_mean.class_means_)])
     tsne = TSNE(
         n_components=2, perplexity=min(perplexity, len(stacked) - 1.0), init="pca", random_state=seed
     )
     coords = tsne.fit_transform(stacked)
     mean_coords = np.full((num_labels, 2), np.nan)
-    mean_coords[present.numpy()] = coords[len(points):]
+    mean_coords[present] = coords[len(points):]
     return coords[: len(points)], mean_coords
 
 
@@ -286,150 +288,106 @@ def least_accurate_with_interval(*, per_class: pd.DataFrame, threshold: float = 
 # --- Prototype variants --------------------------------------------------------------------------------------------
 
 
-class PrototypeClassifier(Protocol):
-    """What ``compare_prototypes`` needs: fit on training embeddings, return ranked label indexes for queries."""
-
-    def fit(self, *, embeddings: torch.Tensor, targets: torch.Tensor, num_labels: int) -> PrototypeClassifier: ...
-
-    def predict(self, *, queries: torch.Tensor, top_k: int) -> torch.Tensor: ...
-
-
-def _cosine_similarity(queries: torch.Tensor, corpus: torch.Tensor) -> torch.Tensor:
-    return F.normalize(queries.float(), dim=1) @ F.normalize(corpus.float(), dim=1).T
-
-
-def _best_per_class(similarity: torch.Tensor, owners: torch.Tensor, num_labels: int) -> torch.Tensor:
-    """``[Q, num_labels]``: each class's highest similarity among its corpus vectors; -inf for a class with none."""
-    best = torch.full((similarity.shape[0], num_labels), -torch.inf, dtype=similarity.dtype)
-    return best.scatter_reduce(1, owners.expand_as(similarity), similarity, reduce="amax")
-
-
-def _ranked_labels(scores: torch.Tensor, top_k: int) -> torch.Tensor:
-    return scores.topk(min(top_k, scores.shape[1]), dim=1).indices
-
-
-class ClassMeanClassifier:
-    """One vector per class, the mean embedding, searched by cosine similarity.
-
-    ``normalize=False`` is the article's classifier (the engine's own class means and search), where images with
-    large norms pull the mean towards them; ``normalize=True`` averages unit vectors so every image counts equally.
-    Classes without training images are left out, as in ``engine.Encoder.encode``.
-    """
-
-    def __init__(self, *, normalize: bool = False) -> None:
-        self.normalize = normalize
-
-    def fit(self, *, embeddings: torch.Tensor, targets: torch.Tensor, num_labels: int) -> ClassMeanClassifier:
-        source = F.normalize(embeddings, dim=1) if self.normalize else embeddings
-        self.label_indexes_ = torch.unique(targets)
-        self.prototypes_ = engine.class_means(
-            embeddings=source,
-            targets=torch.searchsorted(self.label_indexes_, targets),
-            num_labels=len(self.label_indexes_),
-        )
-        return self
-
-    def predict(self, *, queries: torch.Tensor, top_k: int) -> torch.Tensor:
-        _, indexes = engine.search(queries=queries, corpus=self.prototypes_, top_k=top_k)
-        return self.label_indexes_[indexes]
-
-
-class NearestNeighbourClassifier:
+class NearestNeighbourClassifier(ClassifierMixin, BaseEstimator):
     """k nearest training images by cosine similarity, majority vote.
 
     Classes are ranked by votes among the ``k`` nearest images, ties (and classes without votes, for the rest of
     the top-k list) by their single most similar training image, so top-k accuracy stays defined for ``k = 1``.
     """
 
-    def __init__(self, *, k: int) -> None:
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}.")
+    def __init__(self, *, k: int = 1) -> None:
         self.k = k
 
-    def fit(self, *, embeddings: torch.Tensor, targets: torch.Tensor, num_labels: int) -> NearestNeighbourClassifier:
-        self.embeddings_, self.targets_, self.num_labels_ = embeddings, targets, num_labels
+    def fit(self, X, y) -> NearestNeighbourClassifier:
+        if self.k < 1:
+            raise ValueError(f"k must be at least 1, got {self.k}.")
+        X, y = validate_data(self, X, y, dtype=np.float64)
+        self.classes_, owners = np.unique(y, return_inverse=True)
+        self.unit_train_ = torch.from_numpy(prototypes.unit_rows(X))
+        self.owners_ = torch.from_numpy(owners)
         return self
 
-    def predict(self, *, queries: torch.Tensor, top_k: int) -> torch.Tensor:
-        similarity = _cosine_similarity(queries, self.embeddings_)
-        best = _best_per_class(similarity, self.targets_, self.num_labels_)
-        voters = self.targets_[similarity.topk(min(self.k, similarity.shape[1]), dim=1).indices]
+    def decision_function(self, X) -> np.ndarray:
+        """``votes + (1 + best cosine) / 3``: votes decide, the most similar image breaks ties."""
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        similarity = torch.from_numpy(prototypes.unit_rows(X)) @ self.unit_train_.T
+        best = _best_per_class(similarity, self.owners_, len(self.classes_))
+        voters = self.owners_[similarity.topk(min(self.k, similarity.shape[1]), dim=1).indices]
         votes = torch.zeros_like(best).scatter_add_(1, voters, torch.ones_like(voters, dtype=best.dtype))
-        by_similarity = best.argsort(dim=1, descending=True, stable=True)
-        by_votes = votes.gather(1, by_similarity).argsort(dim=1, descending=True, stable=True)
-        return by_similarity.gather(1, by_votes)[:, : min(top_k, self.num_labels_)]
+        return (votes + (1 + best) / 3).numpy()
+
+    def predict(self, X) -> np.ndarray:
+        return prototypes.predict_topk(self, X, 1)[:, 0]
 
 
-class KMeansPrototypeClassifier:
+def _best_per_class(similarity: torch.Tensor, owners: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[Q, num_classes]``: each class's highest similarity among its vectors (every class has one)."""
+    best = torch.full((similarity.shape[0], num_classes), -torch.inf, dtype=similarity.dtype)
+    return best.scatter_reduce(1, owners.expand_as(similarity), similarity, reduce="amax")
+
+
+class KMeansPrototypeClassifier(ClassifierMixin, BaseEstimator):
     """Several vectors per class: k-means centres of its L2-normalised training embeddings.
 
     A class made of distinct looks (e.g. photos and drawings) has a mean that resembles neither; a class scores
     its best-matching centre. Classes with at most ``prototypes_per_class`` images keep every image instead.
     """
 
-    def __init__(self, *, prototypes_per_class: int, random_state: int = 0, n_init: int = 1) -> None:
-        if prototypes_per_class < 1:
-            raise ValueError(f"prototypes_per_class must be at least 1, got {prototypes_per_class}.")
+    def __init__(self, *, prototypes_per_class: int = 2, random_state: int = 0, n_init: int = 1) -> None:
         self.prototypes_per_class = prototypes_per_class
         self.random_state = random_state
         self.n_init = n_init
 
-    def fit(self, *, embeddings: torch.Tensor, targets: torch.Tensor, num_labels: int) -> KMeansPrototypeClassifier:
-        unit = F.normalize(embeddings.float(), dim=1).numpy()
-        labels = targets.numpy()
-        prototypes, owners = [], []
-        for label in np.unique(labels):
-            members = unit[labels == label]
+    def fit(self, X, y) -> KMeansPrototypeClassifier:
+        if self.prototypes_per_class < 1:
+            raise ValueError(f"prototypes_per_class must be at least 1, got {self.prototypes_per_class}.")
+        X, y = validate_data(self, X, y, dtype=np.float64)
+        unit = prototypes.unit_rows(X)
+        self.classes_ = np.unique(y)
+        centres, owners = [], []
+        for row, label in enumerate(self.classes_):
+            members = unit[y == label]
             if len(members) > self.prototypes_per_class:
                 kmeans = KMeans(
                     n_clusters=self.prototypes_per_class, random_state=self.random_state, n_init=self.n_init
                 )
                 members = kmeans.fit(members).cluster_centers_
-            prototypes.append(members)
-            owners += [label] * len(members)
-        self.prototypes_ = torch.from_numpy(np.concatenate(prototypes)).float()
+            centres.append(members)
+            owners += [row] * len(members)
+        self.prototypes_ = torch.from_numpy(prototypes.unit_rows(np.concatenate(centres)))
         self.owners_ = torch.tensor(owners, dtype=torch.long)
-        self.num_labels_ = num_labels
         return self
 
-    def predict(self, *, queries: torch.Tensor, top_k: int) -> torch.Tensor:
-        similarity = _cosine_similarity(queries, self.prototypes_)
-        return _ranked_labels(_best_per_class(similarity, self.owners_, self.num_labels_), top_k)
+    def decision_function(self, X) -> np.ndarray:
+        """Each class's best cosine similarity among its centres."""
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        similarity = torch.from_numpy(prototypes.unit_rows(X)) @ self.prototypes_.T
+        return _best_per_class(similarity, self.owners_, len(self.classes_)).numpy()
+
+    def predict(self, X) -> np.ndarray:
+        return prototypes.predict_topk(self, X, 1)[:, 0]
 
 
-class LinearProbeClassifier:
+def linear_probe(*, C: float = 1.0, max_iter: int = 1000, random_state: int = 0) -> Pipeline:
     """Multinomial logistic regression on L2-normalised embeddings: the trained-head baseline.
 
     It tells how much accuracy a fitted linear head would add over training-free class vectors (the vector-search
     fine-tuning write-up's linear layer), at the cost of refitting whenever a class changes.
     """
-
-    def __init__(self, *, C: float = 1.0, max_iter: int = 1000, random_state: int = 0) -> None:
-        self.C = C
-        self.max_iter = max_iter
-        self.random_state = random_state
-
-    def fit(self, *, embeddings: torch.Tensor, targets: torch.Tensor, num_labels: int) -> LinearProbeClassifier:
-        self.model_ = LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.random_state)
-        self.model_.fit(F.normalize(embeddings.float(), dim=1).numpy(), targets.numpy())
-        self.label_indexes_ = torch.from_numpy(self.model_.classes_).long()
-        return self
-
-    def predict(self, *, queries: torch.Tensor, top_k: int) -> torch.Tensor:
-        log_proba = torch.from_numpy(self.model_.predict_log_proba(F.normalize(queries.float(), dim=1).numpy()))
-        return self.label_indexes_[_ranked_labels(log_proba, top_k)]
+    return make_pipeline(Normalizer(), LogisticRegression(C=C, max_iter=max_iter, random_state=random_state))
 
 
-def default_prototype_methods() -> dict[str, Callable[[], PrototypeClassifier]]:
-    """The variants compared by default, as factories so every partition starts from a fresh classifier."""
+def default_prototype_methods() -> dict[str, Any]:
+    """The classifiers compared by default (unfitted; each partition fits a fresh copy), the article's first."""
     return {
-        "class mean (raw, original)": lambda: ClassMeanClassifier(normalize=False),
-        "class mean (L2-normalised)": lambda: ClassMeanClassifier(normalize=True),
-        "1-NN images": lambda: NearestNeighbourClassifier(k=1),
-        "5-NN images": lambda: NearestNeighbourClassifier(k=5),
-        "k-means, 2 per class": lambda: KMeansPrototypeClassifier(prototypes_per_class=2),
-        "k-means, 3 per class": lambda: KMeansPrototypeClassifier(prototypes_per_class=3),
-        "linear probe": lambda: LinearProbeClassifier(),
+        "class mean (raw, original)": prototypes.ClassMeanClassifier(),
+        "class mean (L2-normalised)": prototypes.ClassMeanClassifier(normalize=True),
+        "decorrelated (GCV ridge)": prototypes.DecorrelatedClassifier(),
+        "1-NN images": NearestNeighbourClassifier(k=1),
+        "5-NN images": NearestNeighbourClassifier(k=5),
+        "k-means, 2 per class": KMeansPrototypeClassifier(prototypes_per_class=2),
+        "k-means, 3 per class": KMeansPrototypeClassifier(prototypes_per_class=3),
+        "linear probe": linear_probe(),
     }
 
 
@@ -440,25 +398,25 @@ def compare_prototypes(
     partitions: Sequence[Partition],
     top_k: int = 4,
     confidence: float = 0.95,
-    methods: Mapping[str, Callable[[], PrototypeClassifier]] | None = None,
+    methods: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
-    """Accuracy and top-k accuracy (mean and Student-t half width) of each method on the same partitions.
+    """Accuracy and top-k accuracy (mean and Student-t half width) of each classifier on the same partitions.
 
-    Identical partitions pair the results: ``gain`` is the mean per-partition accuracy difference to the first
-    method (the original class mean by default) with its own half width ``gain_ci``, far narrower than the spread
-    of either method, so small real differences show. ``seconds`` is the mean fit-plus-predict time per partition.
+    ``methods`` maps names to unfitted scikit-learn classifiers. Identical partitions pair the results: ``gain`` is
+    the mean per-partition accuracy difference to the first method (the original class mean by default) with its
+    own half width ``gain_ci``, far narrower than the spread of either method, so small real differences show;
+    ``error_reduction`` is ``gain`` over the first method's error rate. ``seconds`` is the mean fit-plus-predict
+    time per partition.
     """
     methods = default_prototype_methods() if methods is None else methods
-    num_labels = int(targets.max()) + 1
+    X, y = embeddings.double().numpy(), targets.numpy()
     rows, baseline = [], None
-    for name, make in methods.items():
+    for name, method in tqdm(methods.items(), desc="[Prototypes] Methods", leave=False):
         accuracies, topk_accuracies, seconds = [], [], []
-        for train_indexes, valid_indexes in tqdm(partitions, desc=f"[Prototypes] {name}", leave=False):
+        for train_indexes, valid_indexes in partitions:
             started = time.perf_counter()
-            classifier = make().fit(
-                embeddings=embeddings[train_indexes], targets=targets[train_indexes], num_labels=num_labels
-            )
-            ranked = classifier.predict(queries=embeddings[valid_indexes], top_k=top_k)
+            fitted = sklearn.base.clone(method).fit(X[train_indexes], y[train_indexes])
+            ranked = torch.from_numpy(prototypes.predict_topk(fitted, X[valid_indexes], top_k))
             seconds.append(time.perf_counter() - started)
             accuracy, topk_accuracy = metrics.topk_accuracies(topk_indices=ranked, targets=targets[valid_indexes])
             accuracies.append(accuracy)
@@ -467,6 +425,7 @@ def compare_prototypes(
         accuracy = metrics.mean_confidence_interval(accuracies, confidence=confidence)
         topk = metrics.mean_confidence_interval(topk_accuracies, confidence=confidence)
         gain = metrics.mean_confidence_interval(np.subtract(accuracies, baseline), confidence=confidence)
+        baseline_error = 1.0 - float(np.mean(baseline))
         rows.append(
             {
                 "method": name,
@@ -476,6 +435,7 @@ def compare_prototypes(
                 "topk_ci": topk.half_width,
                 "gain": gain.mean,
                 "gain_ci": gain.half_width,
+                "error_reduction": gain.mean / baseline_error if baseline_error > 0 else float("nan"),
                 "seconds": float(np.mean(seconds)),
             }
         )
@@ -501,29 +461,22 @@ def random_partitions(
         yield train, valid
 
 
-def _class_mean_accuracies(
+def _leave_out_accuracies(
     *, embeddings: torch.Tensor, targets: torch.Tensor, valid_sets: Iterable[torch.Tensor]
 ) -> list[float]:
-    """Top-1 accuracy of the raw class-mean classifier for many validation sets, training on the rest.
+    """Top-1 accuracy of the article's class mean for many validation sets, training on the rest.
 
-    Class sums over all images are computed once; each partition only subtracts its validation images, which is
-    what makes a thousand partitions cheap. Runs on the device of ``embeddings``. Equal to
-    ``ClassMeanClassifier`` up to float rounding.
+    The classifier is fitted once on every image; each partition copies it and subtracts its validation images
+    (``remove_samples``, exact on additive statistics), which makes a thousand partitions cheap.
     """
-    num_labels = int(targets.max()) + 1
-    targets = targets.to(embeddings.device)
-    total_sums = torch.zeros(num_labels, embeddings.shape[1], dtype=embeddings.dtype, device=embeddings.device)
-    total_sums.index_add_(0, targets, embeddings)
-    total_counts = torch.bincount(targets, minlength=num_labels)
+    X, y = embeddings.double().numpy(), targets.numpy()
+    everything = prototypes.ClassMeanClassifier().fit(X, y)
     accuracies = []
     for valid_indexes in valid_sets:
-        valid_indexes = valid_indexes.to(embeddings.device)
-        queries, query_targets = embeddings[valid_indexes], targets[valid_indexes]
-        sums = total_sums.index_add(0, query_targets, queries, alpha=-1)
-        counts = total_counts - torch.bincount(query_targets, minlength=num_labels)
-        means = F.normalize(sums / counts.unsqueeze(1), dim=1)
-        accuracies.append(((queries @ means.T).argmax(dim=1) == query_targets).float().mean())
-    return torch.stack(accuracies).tolist()
+        queries, query_targets = X[valid_indexes], y[valid_indexes]
+        fitted = copy.deepcopy(everything).remove_samples(queries, query_targets)
+        accuracies.append(float(np.mean(fitted.predict(queries) == query_targets)))
+    return accuracies
 
 
 def ci_coverage(
@@ -543,8 +496,7 @@ def ci_coverage(
     holds, ``coverage`` is near ``confidence``. The reference is the mean of ``reference_runs`` partitions (its own
     interval is reported, it should be far narrower than the sampled ones), and each of ``trials`` disjoint groups
     of fresh partitions gives one interval. ``coverage_std_error`` is the binomial error of the coverage estimate.
-    It needs ``reference_runs + trials * sample_runs`` partitions of the fast class-mean path; embeddings on a GPU
-    make that a few seconds.
+    It needs ``reference_runs + trials * sample_runs`` partitions of the fast class-mean path.
     """
     if sample_runs < 2:
         raise ValueError(f"sample_runs must be at least 2 to form an interval, got {sample_runs}.")
@@ -552,7 +504,7 @@ def ci_coverage(
     total = reference_runs + trials * sample_runs
     partitions = random_partitions(targets=targets, valid_share=valid_share, runs=total, generator=generator)
     valid_sets = (valid for _, valid in partitions)
-    accuracies = _class_mean_accuracies(
+    accuracies = _leave_out_accuracies(
         embeddings=embeddings,
         targets=targets,
         valid_sets=tqdm(valid_sets, total=total, desc="[CI coverage] Partitions", leave=False),

@@ -1,10 +1,11 @@
-"""The encoder engine: turn images into embeddings, average them per class, label queries by cosine search.
+"""The encoder engine: turn images into embeddings and label them with a class-vector classifier (``prototypes``).
 
 ``python -m engine ...`` runs the class-vector store command line (see ``classdb.py``).
 """
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import hashlib
 import math
@@ -18,20 +19,22 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
+import sklearn.base
 import timm
 import torch
 from sentence_transformers.util import semantic_search
 from tqdm import tqdm
 
 import metrics
+import prototypes
 
 __all__ = [
     "Encoder",
-    "class_means",
     "create_model",
     "eval_transform",
     "model_id",
-    "search",
+    "print_stats",
+    "score_predictions",
 ]
 
 ImageInput = str | os.PathLike | PIL.Image.Image
@@ -121,29 +124,6 @@ def eval_transform(model: torch.nn.Module) -> tuple[dict[str, Any], Callable]:
     return data_config, timm.data.create_transform(**data_config, is_training=False)
 
 
-def search(*, queries: torch.Tensor, corpus: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cosine top-k search; returns ``(scores, indexes)`` of shape ``[num_queries, min(top_k, len(corpus))]``."""
-    if top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}.")
-    k = min(top_k, len(corpus))
-    hits = semantic_search(queries, corpus.to(queries.device), top_k=k)
-    scores = torch.tensor([[hit["score"] for hit in row] for row in hits], dtype=torch.float32)
-    indexes = torch.tensor([[hit["corpus_id"] for hit in row] for row in hits], dtype=torch.long)
-    return scores.reshape(len(hits), k), indexes.reshape(len(hits), k)
-
-
-def class_means(*, embeddings: torch.Tensor, targets: torch.Tensor, num_labels: int) -> torch.Tensor:
-    """One averaged embedding per class: the class vector database of the article."""
-    targets = targets.to(embeddings.device)
-    counts = torch.bincount(targets, minlength=num_labels)
-    if (counts == 0).any():
-        missing = torch.nonzero(counts == 0).flatten().tolist()
-        raise ValueError(f"Classes {missing} have no embeddings; every class needs at least one training image.")
-    sums = torch.zeros(num_labels, embeddings.shape[1], dtype=embeddings.dtype, device=embeddings.device)
-    sums.index_add_(0, targets, embeddings)
-    return sums / counts.unsqueeze(1).to(embeddings.dtype)
-
-
 class _ImageList(torch.utils.data.Dataset):
     """Arbitrary image files or PIL images as a dataset, for inference outside a class-folder dataset."""
 
@@ -163,10 +143,12 @@ class _ImageList(torch.utils.data.Dataset):
 
 
 class Encoder:
-    """A pretrained model plus a class vector database built from a training data loader.
+    """A pretrained model plus, after :meth:`encode`, a fitted class-vector classifier of the training loader.
 
     ``config`` is any object with optional attributes ``topk`` (default 4), ``short_run_batches`` (stop after
     this many batches, for quick checks; default None) and ``channels_last`` (default True: faster on CPU).
+    ``classifier`` is an unfitted estimator of :mod:`prototypes` (default: the article's class mean); ``encode``
+    fits a copy of it, so one encoder can be encoded again with other data.
     """
 
     def __init__(
@@ -178,6 +160,7 @@ class Encoder:
         valid_dl: torch.utils.data.DataLoader | None = None,
         test_dl: torch.utils.data.DataLoader | None = None,
         config: Any = None,
+        classifier: prototypes.ClassMeanClassifier | prototypes.DecorrelatedClassifier | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.config = config if config is not None else SimpleNamespace()
@@ -186,8 +169,8 @@ class Encoder:
         self.train_dl = train_dl
         self.valid_dl = valid_dl
         self.test_dl = test_dl
-        self.embeddings: torch.Tensor | None = None
-        self.label_indexes: torch.Tensor | None = None
+        self.classifier = classifier if classifier is not None else prototypes.ClassMeanClassifier()
+        self.fitted_classifier: Any = None
         self.labels: np.ndarray | None = None
 
     def _setting(self, name: str, default: Any) -> Any:
@@ -196,6 +179,18 @@ class Encoder:
     @property
     def topk(self) -> int:
         return int(self._setting("topk", 4))
+
+    @property
+    def embeddings(self) -> torch.Tensor | None:
+        """The class vectors (mean embedding per class, ``[C, D]`` float32), as the original exposes them."""
+        if self.fitted_classifier is None:
+            return None
+        return torch.from_numpy(self.fitted_classifier.class_means_).float().to(self.device)
+
+    @property
+    def label_indexes(self) -> torch.Tensor | None:
+        """Dataset label index of each class vector row."""
+        return None if self.fitted_classifier is None else torch.from_numpy(self.fitted_classifier.classes_)
 
     def _describe(self) -> dict[str, Any]:
         return {
@@ -238,39 +233,34 @@ class Encoder:
         loader = torch.utils.data.DataLoader(_ImageList(images, transform), batch_size=batch_size)
         return self.embed(dataloader=loader, desc="[Embed/Images]", inform=inform)[0]
 
-    def set_class_vectors(self, *, embeddings: torch.Tensor, label_indexes: torch.Tensor, labels: Sequence[str]) -> None:
-        """Install a class vector database: row ``i`` represents label index ``label_indexes[i]`` named ``labels[i]``."""
-        self.embeddings = embeddings.to(self.device)
-        self.label_indexes = label_indexes.cpu()
+    def set_classifier(self, *, classifier: Any, labels: Sequence[str]) -> None:
+        """Install a fitted classifier whose class ``classifier.classes_[i]`` is named ``labels[i]``."""
+        if len(labels) != len(classifier.classes_):
+            raise ValueError(f"Got {len(labels)} label names for {len(classifier.classes_)} classes.")
+        self.fitted_classifier = classifier
         self.labels = np.array(labels)
 
     def encode(self, *, inform: bool = False) -> dict[str, Any]:
-        """Build the class vector database from ``train_dl``: the mean embedding of each class seen."""
+        """Fit the classifier on ``train_dl``: with the default, the mean embedding of each class seen."""
         started = time.perf_counter()
         dataset = self.train_dl.dataset
         embeddings, targets = self.embed(dataloader=self.train_dl, desc="[Encode/TrainDS]", inform=inform)
-        present = torch.unique(targets)
-        remapped = torch.searchsorted(present, targets)
-        self.set_class_vectors(
-            embeddings=class_means(embeddings=embeddings, targets=remapped, num_labels=len(present)),
-            label_indexes=present,
-            labels=[dataset.get_label(int(index)) for index in present],
-        )
+        fitted = sklearn.base.clone(self.classifier).fit(embeddings.numpy(), targets.numpy())
+        self.set_classifier(classifier=fitted, labels=[dataset.get_label(int(index)) for index in fitted.classes_])
         stats = {
             **self._describe(),
             "dataset_part": "train",
-            "num_labels": len(present),
+            "num_labels": len(fitted.classes_),
             "num_images": len(targets),
-            "duration": time.perf_counter() - started,
+            "duration": datetime.timedelta(seconds=time.perf_counter() - started),
         }
         if inform:
-            _print_stats(stats, total_labels=dataset.get_num_act_labels(), total_images=len(dataset))
+            print_stats(_pass_summary(stats, dataset=dataset), title="Stats")
         return stats
 
     def evaluate(self, *, dataset_part: str, inform: bool = False) -> dict[str, Any]:
-        """Accuracy and top-k accuracy of cosine search against the class vectors on one dataset part."""
-        if self.embeddings is None:
-            raise RuntimeError("No class vectors yet: call encode() (or set_class_vectors()) before evaluate().")
+        """Accuracy and top-k accuracy of the fitted classifier on one dataset part."""
+        fitted = self._fitted("evaluate")
         part = dataset_part.lower()
         loaders = {"train": self.train_dl, "valid": self.valid_dl, "test": self.test_dl}
         if part not in loaders:
@@ -282,8 +272,7 @@ class Encoder:
         all_targets, all_topk = [], []
         correct = 0
         for embeddings, targets, progress in self._batches(dataloader=loaders[part], desc=desc, inform=inform):
-            _, corpus_indexes = search(queries=embeddings, corpus=self.embeddings, top_k=self.topk)
-            all_topk.append(self.label_indexes[corpus_indexes])
+            all_topk.append(torch.from_numpy(fitted.predict_topk(embeddings.cpu().numpy(), self.topk)))
             all_targets.append(targets.cpu())
             correct += int((all_topk[-1][:, 0] == all_targets[-1]).sum())
             progress.set_postfix(accuracy=f"{correct / sum(len(t) for t in all_targets):.4f}")
@@ -294,19 +283,21 @@ class Encoder:
             "dataset_part": part,
             **score_predictions(targets=targets, topk_predictions=topk),
             "topk": self.topk,
-            "duration": time.perf_counter() - started,
+            "duration": datetime.timedelta(seconds=time.perf_counter() - started),
         }
         if inform:
-            dataset = loaders[part].dataset
-            _print_stats(stats, total_labels=dataset.get_num_act_labels(), total_images=len(dataset))
+            print_stats(_pass_summary(stats, dataset=loaders[part].dataset), title="Stats")
         return stats
 
     def infer(
         self, *, inputs: torch.Tensor | ImageInput | Sequence[ImageInput], transform: Callable | None = None
     ) -> list[list[dict[str, Any]]]:
-        """Top-k hits (``corpus_id``, ``label_idx``, ``label``, ``score``) for image tensors, files or PIL images."""
-        if self.embeddings is None:
-            raise RuntimeError("No class vectors yet: call encode() (or set_class_vectors()) before infer().")
+        """Top-k hits (``corpus_id``, ``label_idx``, ``label``, ``score``) for image tensors, files or PIL images.
+
+        With the article's class mean the hits come from ``sentence_transformers.util.semantic_search`` over the
+        class vectors, as in the original; other classifiers rank by their own scores.
+        """
+        fitted = self._fitted("infer")
         if isinstance(inputs, torch.Tensor):
             batch = inputs.unsqueeze(0) if inputs.ndim == 3 else inputs
             with torch.inference_mode():
@@ -315,19 +306,30 @@ class Encoder:
             images = [inputs] if isinstance(inputs, (str, os.PathLike, PIL.Image.Image)) else list(inputs)
             transform = transform if transform is not None else eval_transform(self.model)[1]
             queries = self.embed_images(images=images, transform=transform).to(self.device)
-        scores, corpus_indexes = search(queries=queries, corpus=self.embeddings, top_k=self.topk)
+        if type(fitted) is prototypes.ClassMeanClassifier and not fitted.normalize:
+            hits = semantic_search(queries, self.embeddings, top_k=self.topk)
+            ranked = [[(hit["corpus_id"], hit["score"]) for hit in row] for row in hits]
+        else:
+            scores, indexes = fitted.top_k(queries.cpu().numpy(), self.topk)
+            ranked = [list(zip(row_indexes.tolist(), row_scores.tolist())) for row_scores, row_indexes in
+                      zip(scores, indexes)]
         return [
             [
                 {
                     "corpus_id": int(index),
-                    "label_idx": int(self.label_indexes[index]),
+                    "label_idx": int(fitted.classes_[index]),
                     "label": str(self.labels[index]),
                     "score": float(score),
                 }
-                for score, index in zip(row_scores, row_indexes)
+                for index, score in row
             ]
-            for row_scores, row_indexes in zip(scores, corpus_indexes)
+            for row in ranked
         ]
+
+    def _fitted(self, action: str) -> Any:
+        if self.fitted_classifier is None:
+            raise RuntimeError(f"No class vectors yet: call encode() (or set_classifier()) before {action}().")
+        return self.fitted_classifier
 
 
 def score_predictions(*, targets: torch.Tensor, topk_predictions: torch.Tensor) -> dict[str, Any]:
@@ -347,19 +349,29 @@ def score_predictions(*, targets: torch.Tensor, topk_predictions: torch.Tensor) 
     }
 
 
-def _print_stats(stats: dict[str, Any], *, total_labels: int, total_images: int) -> None:
-    print("-- Stats --")
-    print("Model name:", stats["model_name"])
-    print("Number of trainable model parameters:", stats["num_trainable_params"])
-    print("Size of an embedding vector:", stats["embedding_dim"])
-    print("Dataset part:", stats["dataset_part"])
-    print(f"Number of processed labels: {stats['num_labels']}/{total_labels}")
-    print(f"Number of processed images: {stats['num_images']}/{total_images}")
+def _pass_summary(stats: dict[str, Any], *, dataset: Any) -> dict[str, Any]:
+    """The lines printed after one encoding or evaluation pass."""
+    summary = {
+        "Model name": stats["model_name"],
+        "Number of trainable model parameters": stats["num_trainable_params"],
+        "Size of an embedding vector": stats["embedding_dim"],
+        "Dataset part": stats["dataset_part"],
+        "Number of processed labels": f"{stats['num_labels']}/{dataset.get_num_act_labels()}",
+        "Number of processed images": f"{stats['num_images']}/{len(dataset)}",
+    }
     if "accuracy" in stats:
-        print(f"Accuracy: {stats['accuracy']:.4f}")
-        print(f"Top {stats['topk']} accuracy: {stats['topk_accuracy']:.4f}")
-    print(f"Calculation duration: {stats['duration']:.2f} s")
-    print("-----------")
+        summary["Accuracy"] = f"{stats['accuracy']:.4f}"
+        summary[f"Top {stats['topk']} accuracy"] = f"{stats['topk_accuracy']:.4f}"
+    summary["Calculation duration"] = f"{stats['duration'].total_seconds():.2f} s"
+    return summary
+
+
+def print_stats(summary: dict[str, Any], *, title: str) -> None:
+    """Print ``name: value`` lines between rules: the one format of every statistics block."""
+    print(f"-- {title} --")
+    for name, value in summary.items():
+        print(f"{name}: {value}")
+    print("-" * (len(title) + 6))
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ import torch
 import banerjee
 import cumacc
 import engine
-import metrics
 import protocol
+import prototypes
 import randomness
 import store
 import utils
@@ -37,6 +37,7 @@ import visual
 AUGMENT_ENCODE_DATA = False
 AUGMENT_EVAL_DATA = False
 BATCH_SIZE = 32
+CLASSIFIER = "mean"
 CLASS_ACCURACY_THRESHOLD = 0.8
 CONFIDENCE = 0.95
 DATASET_PATH = "../data/banerjee-animal-90/animals"
@@ -65,6 +66,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=RUNS, help="number of random partitions")
     parser.add_argument("--valid-share", type=float, default=VALID_SHARE, help="validation share of each class")
     parser.add_argument("--top-k", type=int, default=TOPK)
+    parser.add_argument(
+        "--classifier", choices=tuple(prototypes.CLASSIFIERS), default=CLASSIFIER,
+        help="mean: the article's class mean (cosine); decorrelated: centred ridge prototypes, alpha by GCV",
+    )
     parser.add_argument("--confidence", type=float, default=CONFIDENCE, help="two-sided interval confidence")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument("--workers", type=int, default=NUM_WORKERS, help="DataLoader worker processes")
@@ -163,8 +168,10 @@ if __name__ == "__main__":
     augmenting_transform = banerjee.augment_data(data_config)
     encode_transform = augmenting_transform if args.augment_encode else eval_transform
     query_transform = augmenting_transform if args.augment_eval else eval_transform
+    classifier = prototypes.make_classifier(args.classifier)
     encoder = engine.Encoder(
-        model=model, device=device, config=argparse.Namespace(topk=args.top_k, short_run_batches=args.short_run)
+        model=model, device=device, config=argparse.Namespace(topk=args.top_k, short_run_batches=args.short_run),
+        classifier=classifier,
     )
     print(f"Dataset: {dsm.dataset_path} ({len(labels)} classes, {dsm.get_num_images()} images, "
           f"{len(dsm.skipped)} skipped); model: {engine.model_id(model)}; device: {device}")
@@ -174,14 +181,14 @@ if __name__ == "__main__":
     completed = protocol.load_run_records(run_log) if args.resume else []
     common = dict(
         encoder=encoder, maker=dsm, runs=args.runs, valid_share=args.valid_share, batch_size=args.batch_size,
-        workers=args.workers, generator=generator, completed=completed, run_log=run_log, inform=True,
+        workers=args.workers, generator=generator, top_k=args.top_k, classifier=classifier, completed=completed,
+        run_log=run_log, inform=True,
     )
-    embeddings = image_targets = None
     try:
         with utils.Profile(active=args.profile) as profiler:
             if args.protocol == "cached":
                 cache = store.EmbeddingCache(args.cache_dir) if args.cache_dir else None
-                run_results, embeddings, image_targets = protocol.run_cached_protocol(
+                run_results = protocol.run_cached_protocol(
                     transform=eval_transform, cache=cache, **common
                 )
             else:
@@ -194,41 +201,41 @@ if __name__ == "__main__":
     profiler.dump(filename=out_dir / "profile", sort_by="cumulative")
 
     #%% Final stats over the partitions.
-    accuracy = metrics.mean_confidence_interval([r["accuracy"] for r in run_results], confidence=args.confidence)
-    topk_accuracy = metrics.mean_confidence_interval(
-        [r["topk_accuracy"] for r in run_results], confidence=args.confidence
-    )
+    accuracy = run_results.accuracy(confidence=args.confidence)
+    topk_accuracy = run_results.topk_accuracy(confidence=args.confidence)
     final_stats = {
         "model_name": engine.model_id(model),
         "num_trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "embedding_dim": model.num_features,
         "dataset": str(dsm.dataset_path),
         "num_labels": len(labels),
-        "num_valid_images": run_results[-1]["num_images"],
+        "num_valid_images": run_results[-1].num_images,
         "runs": len(run_results),
         "protocol": args.protocol,
+        "classifier": repr(classifier),
         "accuracy": accuracy,
         "topk": args.top_k,
         "topk_accuracy": topk_accuracy,
-        "duration": sum(r["seconds"] for r in run_results),
+        "duration": sum(r.seconds for r in run_results),
     }
-    print("-- Final stats --")
-    print("Model name:", final_stats["model_name"])
-    print("Number of trainable model parameters:", final_stats["num_trainable_params"])
-    print("Size of an embedding vector:", final_stats["embedding_dim"])
-    print(f"Dataset: {final_stats['dataset']} ({final_stats['num_labels']} classes)")
-    print(f"Validation images per partition: {final_stats['num_valid_images']}")
-    print(f"Partitions: {final_stats['runs']} ({args.protocol} protocol)")
-    print("Accuracy:", accuracy)
-    print(f"Top {args.top_k} accuracy:", topk_accuracy)
-    print(f"Calculation duration: {final_stats['duration']:.1f} s")
-    print("-----------------")
+    engine.print_stats({
+        "Model name": final_stats["model_name"],
+        "Number of trainable model parameters": final_stats["num_trainable_params"],
+        "Size of an embedding vector": final_stats["embedding_dim"],
+        "Dataset": f"{final_stats['dataset']} ({final_stats['num_labels']} classes)",
+        "Validation images per partition": final_stats["num_valid_images"],
+        "Partitions": f"{final_stats['runs']} ({args.protocol} protocol)",
+        "Classifier": final_stats["classifier"],
+        "Accuracy": accuracy,
+        f"Top {args.top_k} accuracy": topk_accuracy,
+        "Calculation duration": f"{final_stats['duration']:.1f} s",
+    }, title="Final stats")
 
     #%% Per-class accuracy and the cumulative accuracy function.
     # Every partition validates the same number of images per class, so pooling equals averaging over runs.
     class_accuracy = cumacc.class_accuracies(
-        targets=[t for r in run_results for t in r["targets"]],
-        predictions=[p for r in run_results for p in r["predictions"]],
+        targets=[t for r in run_results for t in r.targets],
+        predictions=[p for r in run_results for p in r.predictions],
         num_labels=len(labels),
     )
     cum_accuracies, class_shares = cumacc.cumulative_accuracy(accuracies=class_accuracy, num_intervals=NUM_INTERVALS)
@@ -246,18 +253,22 @@ if __name__ == "__main__":
 
     #%% Save results (and, optionally, the class vectors of the last partition).
     write_csv(out_dir / "runs.csv", pd.DataFrame(
-        [{key: r[key] for key in ("run", "accuracy", "topk_accuracy", "train_accuracy", "seconds")}
+        [{key: getattr(r, key) for key in ("run", "accuracy", "topk_accuracy", "train_accuracy", "seconds")}
          for r in run_results]
     ))
     write_csv(out_dir / "class_accuracy.csv", pd.DataFrame({"label": labels, "accuracy": class_accuracy}))
     write_json(out_dir / "results.json", {
         "settings": vars(args),
         "final_stats": final_stats,
-        "accuracies": [r["accuracy"] for r in run_results],
-        "topk_accuracies": [r["topk_accuracy"] for r in run_results],
+        "accuracies": [r.accuracy for r in run_results],
+        "topk_accuracies": [r.topk_accuracy for r in run_results],
         "least_accurate_classes": least_accurate_classes,
         "skipped_files": [{"path": str(path), "reason": reason} for path, reason in dsm.skipped],
     })
+    if run_results.classifier is not None:
+        encoder.set_classifier(
+            classifier=run_results.classifier, labels=[labels[i] for i in run_results.classifier.classes_]
+        )
     if args.save_embeddings and encoder.embeddings is not None:
         store.save_embeddings(
             embeddings=encoder.embeddings.cpu().numpy(), targets=encoder.labels,
@@ -266,16 +277,16 @@ if __name__ == "__main__":
     print(f"Results written to {out_dir.resolve()}")
 
     #%% Analysis (--analysis): confusion, per-class intervals, retrieval P@K, prototype variants, t-SNE, CI check.
+    embeddings, image_targets = run_results.embeddings, run_results.targets
     if args.analysis and embeddings is None:
         print("--analysis needs the per-image embeddings of the cached protocol; skipped.")
     if args.analysis and embeddings is not None:
         import analysis
 
         per_run = dict(
-            targets_per_run=[r["targets"] for r in run_results],
-            predictions_per_run=[r["predictions"] for r in run_results],
+            targets_per_run=run_results.targets_per_run, predictions_per_run=run_results.predictions_per_run
         )
-        partitions = [(torch.tensor(r["train_indexes"]), torch.tensor(r["valid_indexes"])) for r in run_results]
+        partitions = run_results.partitions
         confusion = analysis.confusion_over_partitions(**per_run, num_labels=len(labels))
         visual.draw_confusion_matrix(confusion=confusion, labels=labels, filename=out_dir / "confusion.png")
         confused_pairs = analysis.most_confused_pairs(confusion=confusion, labels=labels)
@@ -320,7 +331,7 @@ if __name__ == "__main__":
         print("-- Confidence interval coverage --", coverage, sep="\n")
 
     #%% Manual checking: one random validation image of the last partition.
-    valid_ds = dsm.datasets_from_indexes(indexes=torch.tensor(run_results[-1]["valid_indexes"]),
+    valid_ds = dsm.datasets_from_indexes(indexes=torch.tensor(run_results[-1].valid_indexes),
                                          transform=eval_transform)
     if encoder.embeddings is not None and len(valid_ds) > 0:
         image_idx = random.randrange(len(valid_ds))

@@ -4,28 +4,37 @@ Two protocols give the same partitions for the same generator state:
 
 * ``run_original_protocol`` re-encodes the training part and evaluates both parts in every partition, like the
   original script (kept as a faithful baseline and for augmented runs);
-* ``run_cached_protocol`` encodes every image once (optionally through an on-disk cache) and then builds class
-  means and runs the search on those tensors, so each further partition costs milliseconds.
+* ``run_cached_protocol`` encodes every image once (optionally through an on-disk cache) and then fits the
+  class-vector classifier and scores on those tensors, so each further partition costs milliseconds.
+
+Both take the classifier (an unfitted :mod:`prototypes` estimator) and ``top_k`` explicitly, return typed
+:class:`Runs`, and leave the encoder as it was.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import sklearn.base
 import torch
 from tqdm import tqdm
 
 import banerjee
 import engine
+import metrics
+import prototypes
 import randomness
 import store
 
 __all__ = [
+    "Run",
+    "Runs",
     "embed_all_images",
     "evaluate_partition",
     "load_run_records",
@@ -34,7 +43,78 @@ __all__ = [
     "run_original_protocol",
 ]
 
-RunRecord = dict[str, Any]
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One partition's result: validation scores, the predictions behind them and the partition itself."""
+
+    run: int
+    accuracy: float
+    topk_accuracy: float
+    train_accuracy: float
+    num_images: int
+    targets: list[int]
+    predictions: list[int]
+    topk_predictions: list[list[int]]
+    train_indexes: list[int]
+    valid_indexes: list[int]
+    seconds: float
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any], *, source: str) -> Run:
+        """A run read back from a log line; names what is missing instead of failing later."""
+        names = [field.name for field in dataclasses.fields(cls)]
+        missing = [name for name in names if name not in record]
+        if missing:
+            raise ValueError(f"{source}: a run record lacks {', '.join(missing)}; the file is not a run log of this version.")
+        return cls(**{name: record[name] for name in names})
+
+
+@dataclasses.dataclass(frozen=True)
+class Runs:
+    """The series of partitions of one experiment, plus what later analyses need from it.
+
+    ``classifier`` is the estimator fitted on the last partition's training part (None when every partition was
+    resumed from a log of the original protocol); ``embeddings``/``targets`` are every image's embedding and label
+    index in global order (cached protocol only).
+    """
+
+    runs: tuple[Run, ...]
+    protocol: str
+    top_k: int
+    classifier: Any = None
+    embeddings: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def __iter__(self) -> Iterator[Run]:
+        return iter(self.runs)
+
+    def __getitem__(self, index: int) -> Run:
+        return self.runs[index]
+
+    def accuracy(self, *, confidence: float = 0.95) -> metrics.MeanInterval:
+        """Mean validation accuracy over partitions with its Student-t interval."""
+        return metrics.mean_confidence_interval([run.accuracy for run in self.runs], confidence=confidence)
+
+    def topk_accuracy(self, *, confidence: float = 0.95) -> metrics.MeanInterval:
+        """Mean top-k validation accuracy over partitions with its Student-t interval."""
+        return metrics.mean_confidence_interval([run.topk_accuracy for run in self.runs], confidence=confidence)
+
+    @property
+    def partitions(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(train_indexes, valid_indexes)`` of every partition, as analyses take them."""
+        return [(torch.tensor(run.train_indexes), torch.tensor(run.valid_indexes)) for run in self.runs]
+
+    @property
+    def targets_per_run(self) -> list[list[int]]:
+        return [run.targets for run in self.runs]
+
+    @property
+    def predictions_per_run(self) -> list[list[int]]:
+        return [run.predictions for run in self.runs]
 
 
 def make_loader(
@@ -95,69 +175,84 @@ def evaluate_partition(
     targets: torch.Tensor,
     train_indexes: torch.Tensor,
     valid_indexes: torch.Tensor,
-    num_labels: int,
+    classifier: Any,
     top_k: int,
-) -> tuple[dict[str, Any], dict[str, Any], torch.Tensor]:
-    """Scores of the class-mean search on the training and validation parts, plus the class vectors."""
-    vectors = engine.class_means(
-        embeddings=embeddings[train_indexes], targets=targets[train_indexes], num_labels=num_labels
+    run: int = 0,
+) -> tuple[Run, Any]:
+    """Fit a copy of ``classifier`` on the training part and score both parts; returns the run and the fit."""
+    started = time.perf_counter()
+    fitted = sklearn.base.clone(classifier).fit(embeddings[train_indexes].numpy(), targets[train_indexes].numpy())
+    return _score(
+        run=run, fitted=fitted, train=(embeddings[train_indexes], targets[train_indexes]),
+        valid=(embeddings[valid_indexes], targets[valid_indexes]), indexes=(train_indexes, valid_indexes),
+        top_k=top_k, started=started,
+    ), fitted
+
+
+def _score(
+    *,
+    run: int,
+    fitted: Any,
+    train: tuple[torch.Tensor, torch.Tensor],
+    valid: tuple[torch.Tensor, torch.Tensor],
+    indexes: tuple[torch.Tensor, torch.Tensor],
+    top_k: int,
+    started: float,
+) -> Run:
+    train_predictions = torch.from_numpy(fitted.predict_topk(train[0].numpy(), 1))
+    valid_scores = engine.score_predictions(
+        targets=valid[1], topk_predictions=torch.from_numpy(fitted.predict_topk(valid[0].numpy(), top_k))
+    )
+    return Run(
+        run=run,
+        accuracy=valid_scores["accuracy"],
+        topk_accuracy=valid_scores["topk_accuracy"],
+        train_accuracy=metrics.topk_accuracies(topk_indices=train_predictions, targets=train[1])[0],
+        num_images=valid_scores["num_images"],
+        targets=valid_scores["targets"],
+        predictions=valid_scores["predictions"],
+        topk_predictions=valid_scores["topk_predictions"],
+        train_indexes=indexes[0].tolist(),
+        valid_indexes=indexes[1].tolist(),
+        seconds=time.perf_counter() - started,
     )
 
-    def scores_of(indexes: torch.Tensor) -> dict[str, Any]:
-        _, predicted = engine.search(queries=embeddings[indexes], corpus=vectors, top_k=top_k)
-        return engine.score_predictions(targets=targets[indexes], topk_predictions=predicted)
 
-    return scores_of(train_indexes), scores_of(valid_indexes), vectors
-
-
-def _record(
-    *, run: int, train: dict[str, Any], valid: dict[str, Any], indexes: tuple[torch.Tensor, torch.Tensor], seconds: float
-) -> RunRecord:
-    return {
-        "run": run,
-        "accuracy": valid["accuracy"],
-        "topk_accuracy": valid["topk_accuracy"],
-        "train_accuracy": train["accuracy"],
-        "num_images": valid["num_images"],
-        "targets": valid["targets"],
-        "predictions": valid["predictions"],
-        "topk_predictions": valid["topk_predictions"],
-        "train_indexes": indexes[0].tolist(),
-        "valid_indexes": indexes[1].tolist(),
-        "seconds": seconds,
-    }
-
-
-def load_run_records(path: pathlib.Path) -> list[RunRecord]:
-    """Records already written by an earlier, interrupted run; a half-written last line is dropped."""
+def load_run_records(path: pathlib.Path) -> list[Run]:
+    """Runs already written by an earlier, interrupted experiment; a half-written last line is dropped."""
     if not path.exists():
         return []
     records = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             break
+        records.append(Run.from_dict(record, source=str(path)))
     return records
 
 
 class _RunLog:
     """Appends one JSON line per finished partition so an interrupted experiment can resume."""
 
-    def __init__(self, path: pathlib.Path | None, completed: list[RunRecord]) -> None:
+    def __init__(self, path: pathlib.Path | None, completed: list[Run]) -> None:
         self.path = path
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             with store.atomic_path(path) as temporary:
-                temporary.write_text("".join(json.dumps(record) + "\n" for record in completed), encoding="utf-8")
+                temporary.write_text("".join(_json_line(run) for run in completed), encoding="utf-8")
 
-    def append(self, record: RunRecord) -> None:
+    def append(self, run: Run) -> None:
         if self.path is None:
             return
         with self.path.open("a", encoding="utf-8") as stream:
-            stream.write(json.dumps(record) + "\n")
+            stream.write(_json_line(run))
             stream.flush()
             os.fsync(stream.fileno())
+
+
+def _json_line(run: Run) -> str:
+    return json.dumps(dataclasses.asdict(run)) + "\n"
 
 
 def _partitions(
@@ -166,10 +261,10 @@ def _partitions(
     runs: int,
     valid_share: float,
     generator: torch.Generator,
-    completed: list[RunRecord],
+    completed: list[Run],
     run_log: pathlib.Path | None,
     desc: str,
-):
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, Callable[[Run], None]]]:
     """Yield ``(run, train_indexes, valid_indexes, append)`` for runs not yet done; replay the done ones' draws."""
     if runs < 1:
         raise ValueError(f"runs must be at least 1, got {runs}.")
@@ -180,7 +275,7 @@ def _partitions(
             valid_share=valid_share, test_share=0.0, generator=generator
         )
         if run < len(completed):
-            if completed[run]["valid_indexes"] != valid_indexes.tolist():
+            if completed[run].valid_indexes != valid_indexes.tolist():
                 raise ValueError(
                     f"Cannot resume: partition {run} differs from the one saved in {run_log}. The seed, shares or "
                     "dataset changed; start again without --resume or with another --out directory."
@@ -199,45 +294,41 @@ def run_cached_protocol(
     batch_size: int,
     workers: int,
     generator: torch.Generator,
+    top_k: int,
+    classifier: Any = None,
     cache: store.EmbeddingCache | None = None,
-    completed: list[RunRecord] | None = None,
+    completed: list[Run] | None = None,
     run_log: pathlib.Path | None = None,
     inform: bool = False,
-) -> tuple[list[RunRecord], torch.Tensor, torch.Tensor]:
-    """Encode once, then score ``runs`` partitions; returns the records and the per-image embeddings and targets.
+) -> Runs:
+    """Encode every image once, then fit ``classifier`` (default: the class mean) and score ``runs`` partitions.
 
-    After the loop ``encoder`` holds the class vectors of the last partition, ready for ``infer``.
+    Each partition costs one fit and two matrix products; the encoder is only used to embed, never changed.
     """
+    classifier = classifier if classifier is not None else prototypes.ClassMeanClassifier()
     embeddings, targets = embed_all_images(
         encoder=encoder, maker=maker, transform=transform, batch_size=batch_size, workers=workers, cache=cache,
         inform=inform,
     )
     records = list(completed or [])[:runs]
-    vectors = None
+    fitted = None
     for run, train_indexes, valid_indexes, append in _partitions(
         maker=maker, runs=runs, valid_share=valid_share, generator=generator, completed=records, run_log=run_log,
         desc="[Run/cached]",
     ):
-        started = time.perf_counter()
-        train, valid, vectors = evaluate_partition(
+        record, fitted = evaluate_partition(
             embeddings=embeddings, targets=targets, train_indexes=train_indexes, valid_indexes=valid_indexes,
-            num_labels=maker.get_num_labels(), top_k=encoder.topk,
+            classifier=classifier, top_k=top_k, run=run,
         )
-        records.append(
-            _record(run=run, train=train, valid=valid, indexes=(train_indexes, valid_indexes),
-                    seconds=time.perf_counter() - started)
-        )
-        append(records[-1])
-    if vectors is None:
-        last = records[-1]
-        vectors = engine.class_means(
-            embeddings=embeddings[last["train_indexes"]], targets=targets[last["train_indexes"]],
-            num_labels=maker.get_num_labels(),
-        )
-    encoder.set_class_vectors(
-        embeddings=vectors, label_indexes=torch.arange(maker.get_num_labels()), labels=maker.get_labels()
+        records.append(record)
+        append(record)
+    if fitted is None:
+        last_train = torch.tensor(records[-1].train_indexes)
+        fitted = sklearn.base.clone(classifier).fit(embeddings[last_train].numpy(), targets[last_train].numpy())
+    return Runs(
+        runs=tuple(records), protocol="cached", top_k=top_k, classifier=fitted, embeddings=embeddings,
+        targets=targets,
     )
-    return records, embeddings, targets
 
 
 def run_original_protocol(
@@ -251,34 +342,39 @@ def run_original_protocol(
     batch_size: int,
     workers: int,
     generator: torch.Generator,
+    top_k: int,
+    classifier: Any = None,
     augment_seed: int | None = None,
-    completed: list[RunRecord] | None = None,
+    completed: list[Run] | None = None,
     run_log: pathlib.Path | None = None,
     inform: bool = False,
-) -> list[RunRecord]:
-    """Re-encode the training part and evaluate both parts in every partition, as the original script does.
+) -> Runs:
+    """Re-encode the training and validation parts in every partition, as the original script does.
 
     ``augment_seed`` seeds random augmentation per image and partition, so results do not depend on ``workers``.
     """
+    classifier = classifier if classifier is not None else prototypes.ClassMeanClassifier()
     records = list(completed or [])[:runs]
+    fitted = None
     for run, train_indexes, valid_indexes, append in _partitions(
         maker=maker, runs=runs, valid_share=valid_share, generator=generator, completed=records, run_log=run_log,
         desc="[Run/original]",
     ):
         started = time.perf_counter()
         parts = []
-        for indexes, transform in ((train_indexes, encode_transform), (valid_indexes, eval_transform)):
+        for indexes, transform, name in ((train_indexes, encode_transform, "Train"),
+                                         (valid_indexes, eval_transform, "Valid")):
             dataset = maker.datasets_from_indexes(indexes=indexes, transform=transform)
             if augment_seed is not None:
                 dataset.set_sample_seed(augment_seed + run * maker.get_num_images())
-            parts.append(make_loader(dataset, batch_size=batch_size, workers=workers, device=encoder.device))
-        encoder.train_dl, encoder.valid_dl = parts
-        encoder.encode(inform=inform)
-        train = encoder.evaluate(dataset_part="train", inform=inform)
-        valid = encoder.evaluate(dataset_part="valid", inform=inform)
-        records.append(
-            _record(run=run, train=train, valid=valid, indexes=(train_indexes, valid_indexes),
-                    seconds=time.perf_counter() - started)
+            loader = make_loader(dataset, batch_size=batch_size, workers=workers, device=encoder.device)
+            parts.append(encoder.embed(dataloader=loader, desc=f"[Encode/{name}DS]", inform=inform))
+        train, valid = parts
+        fitted = sklearn.base.clone(classifier).fit(train[0].numpy(), train[1].numpy())
+        record = _score(
+            run=run, fitted=fitted, train=train, valid=valid, indexes=(train_indexes, valid_indexes), top_k=top_k,
+            started=started,
         )
-        append(records[-1])
-    return records
+        records.append(record)
+        append(record)
+    return Runs(runs=tuple(records), protocol="original", top_k=top_k, classifier=fitted)

@@ -10,8 +10,7 @@ touching the other classes, and fitting in batches equals fitting at once up to 
 * :class:`DecorrelatedClassifier` L2-normalises and centres the embeddings, then scores a query ``q`` by
   ``q (G + alpha I)^-1 P`` with ``G`` the centred Gram matrix and ``P`` the centred class sums (ridge regression
   onto one-hot labels, closed form, no training loop; SimpleShot's centring, RanPAC's decorrelation). ``alpha`` is
-  picked by generalised cross-validation, which needs only the statistics above, so it never looks at validation
-  images and ``partial_fit`` still equals ``fit``.
+  picked on the training images alone (closed-form leave-one-out accuracy, or generalised cross-validation).
 
 Both score queries linearly in their L2-normalised (optionally randomly projected) features:
 ``scores = features(X) @ weights.T + bias``; :meth:`class_vectors` returns that pair, which is all a search
@@ -38,6 +37,7 @@ __all__ = [
     "make_classifier",
     "predict_topk",
     "top_scores",
+    "unit_rows",
 ]
 
 # Ridge strengths tried by generalised cross-validation, as multiples of the mean eigenvalue of the centred Gram
@@ -60,9 +60,16 @@ def cosine_top_k(
     return top_scores(similarity, top_k)
 
 
-def _unit_rows(X: np.ndarray) -> np.ndarray:
+def unit_rows(X: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero): cosine similarity becomes a dot product."""
     norms = np.linalg.norm(X, axis=1, keepdims=True)
     return X / np.where(norms > 0, norms, 1.0)
+
+
+def _sums_by_row(features: np.ndarray, *, rows: np.ndarray, num_rows: int) -> np.ndarray:
+    """``[num_rows, F]`` sums of the ``features`` rows that belong to each row index (float64)."""
+    sums = torch.zeros(num_rows, features.shape[1], dtype=torch.float64)
+    return sums.index_add_(0, torch.from_numpy(rows), torch.tensor(features, dtype=torch.float64)).numpy()
 
 
 class _ClassStatistics(ClassifierMixin, BaseEstimator):
@@ -93,11 +100,11 @@ class _ClassStatistics(ClassifierMixin, BaseEstimator):
             self._start(n_features=X.shape[1])
         features = self._sample_features(X)
         self._grow_classes(np.unique(y))
-        rows = torch.from_numpy(np.searchsorted(self.classes_, y))
-        self.class_sums_ = torch.from_numpy(self.class_sums_.copy()).index_add_(0, rows, torch.from_numpy(features)).numpy()
-        self.class_counts_ = self.class_counts_ + np.bincount(rows.numpy(), minlength=len(self.classes_))
+        rows = np.searchsorted(self.classes_, y)
+        self.class_sums_ = self.class_sums_ + _sums_by_row(features, rows=rows, num_rows=len(self.classes_))
+        self.class_counts_ = self.class_counts_ + np.bincount(rows, minlength=len(self.classes_))
         self._update_shared(features, sign=1)
-        self._refresh()
+        self._refresh(selection=(features, rows) if first else None)
         return self
 
     def remove_samples(self, X: Any, y: Any) -> _ClassStatistics:
@@ -114,10 +121,8 @@ class _ClassStatistics(ClassifierMixin, BaseEstimator):
         if (counts < 0).any():
             raise ValueError("More images to remove than a class holds: these images were not all fitted.")
         features = self._sample_features(X)
-        sums = torch.from_numpy(self.class_sums_.copy()).index_add_(
-            0, torch.from_numpy(rows), torch.from_numpy(features), alpha=-1
-        )
-        self.class_sums_, self.class_counts_ = sums.numpy(), counts
+        self.class_sums_ = self.class_sums_ - _sums_by_row(features, rows=rows, num_rows=len(self.classes_))
+        self.class_counts_ = counts
         self._update_shared(features, sign=-1)
         self._keep_classes(counts > 0)
         return self
@@ -223,9 +228,16 @@ class _ClassStatistics(ClassifierMixin, BaseEstimator):
         self.class_sums_, self.class_counts_ = self.class_sums_[keep], self.class_counts_[keep]
         self._refresh()
 
-    def _refresh(self) -> None:
-        """Recompute the scoring weights after every change, so prediction never changes the estimator."""
-        self.weights_, self.bias_ = self._solve() if len(self.classes_) else (self.class_sums_, self.class_counts_[:0])
+    def _refresh(self, *, selection: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Recompute the scoring weights after every change, so prediction never changes the estimator.
+
+        ``selection`` holds the features and class rows of the images that started the estimator, for
+        subclasses that tune a parameter on them.
+        """
+        if not len(self.classes_):
+            self.weights_, self.bias_ = self.class_sums_, np.zeros(0)
+            return
+        self.weights_, self.bias_ = self._solve(selection)
 
     def _num_features(self, n_features: int) -> int:
         return n_features
@@ -245,13 +257,13 @@ class ClassMeanClassifier(_ClassStatistics):
         self.normalize = normalize
 
     def _sample_features(self, X: np.ndarray) -> np.ndarray:
-        return _unit_rows(X) if self.normalize else X
+        return unit_rows(X) if self.normalize else X
 
     def _query_features(self, X: np.ndarray) -> np.ndarray:
-        return _unit_rows(X)
+        return unit_rows(X)
 
-    def _solve(self) -> tuple[np.ndarray, np.ndarray]:
-        return _unit_rows(self.class_sums_), np.zeros(len(self.classes_))
+    def _solve(self, selection: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+        return unit_rows(self.class_sums_), np.zeros(len(self.classes_))
 
 
 class DecorrelatedClassifier(_ClassStatistics):
@@ -259,21 +271,30 @@ class DecorrelatedClassifier(_ClassStatistics):
 
     Features are L2-normalised embeddings, optionally ``relu(x @ R)`` with a seeded Gaussian ``R`` of
     ``projection_dim`` columns (RanPAC). With ``mu`` the mean feature, ``G`` the centred Gram matrix and ``P_c``
-    the centred sum of class ``c``, a query ``q`` scores ``(q - mu) (G + alpha I)^-1 P_c``. With ``alpha=None``
-    the ridge strength is chosen by generalised cross-validation over ``relative_alphas`` (multiples of the mean
-    eigenvalue of ``G``) from one eigendecomposition; ``alpha_`` holds the absolute value in use.
+    the centred sum of class ``c``, a query ``q`` scores ``(q - mu) (G + alpha I)^-1 P_c``.
 
-    Memory: ``(C + F) x F`` float64 with ``F`` the feature size (d, or ``projection_dim``); solving costs one
-    ``F x F`` eigendecomposition after each change (``fit``, ``partial_fit``, removals). ``remove_class(label)``
-    without the images drops the class's sums and keeps its images in ``G`` as unlabelled background (as if they
-    had been fitted with a label of "none of these"); ``remove_class(label, X)`` with the class's images
-    subtracts them too, which equals a fit without them.
+    The ridge strength ``alpha``:
+
+    * ``"loo"`` (default): the candidate (``relative_alphas`` times the mean eigenvalue of ``G``) with the best
+      leave-one-out accuracy on the images that start the estimator (``fit``, or a first ``partial_fit``),
+      computed in closed form from one eigendecomposition. Later changes keep that relative strength.
+    * ``"gcv"``: generalised cross-validation of the ridge fit, from the statistics alone and re-chosen after
+      every change, so ``partial_fit`` in batches predicts exactly as ``fit`` (it favours stronger ridges than
+      leave-one-out accuracy does, costing a little accuracy).
+    * a positive number: that absolute value.
+
+    ``alpha_`` holds the absolute value in use, ``relative_alpha_`` its multiple of the mean eigenvalue.
+
+    Memory: ``(C + F) x F`` float64 with ``F`` the feature size (d, or ``projection_dim``); every change costs
+    one ``F x F`` eigendecomposition. ``remove_class(label)`` without the images drops the class's sums and keeps
+    its images in ``G`` as unlabelled background (as if they had been fitted with a label of "none of these");
+    ``remove_class(label, X)`` with the class's images subtracts them too, which equals a fit without them.
     """
 
     def __init__(
         self,
         *,
-        alpha: float | None = None,
+        alpha: float | str = "loo",
         relative_alphas: Sequence[float] = RELATIVE_ALPHAS,
         projection_dim: int | None = None,
         random_state: int | None = 0,
@@ -292,9 +313,11 @@ class DecorrelatedClassifier(_ClassStatistics):
         return int(self.projection_dim)
 
     def _start(self, *, n_features: int) -> None:
-        if self.alpha is not None and not self.alpha > 0:
-            raise ValueError(f"alpha must be positive or None (chosen by cross-validation), got {self.alpha}.")
-        if self.alpha is None and (not len(self.relative_alphas) or min(self.relative_alphas) <= 0):
+        if isinstance(self.alpha, str) and self.alpha not in ("loo", "gcv"):
+            raise ValueError(f"alpha must be 'loo', 'gcv' or a positive number, got {self.alpha!r}.")
+        if not isinstance(self.alpha, str) and not self.alpha > 0:
+            raise ValueError(f"alpha must be 'loo', 'gcv' or a positive number, got {self.alpha!r}.")
+        if not len(self.relative_alphas) or min(self.relative_alphas) <= 0:
             raise ValueError(f"relative_alphas must be positive numbers, got {self.relative_alphas}.")
         super()._start(n_features=n_features)
         size = self.class_sums_.shape[1]
@@ -303,7 +326,7 @@ class DecorrelatedClassifier(_ClassStatistics):
         self.n_samples_seen_ = 0
 
     def _query_features(self, X: np.ndarray) -> np.ndarray:
-        unit = _unit_rows(X)
+        unit = unit_rows(X)
         return unit if self.projection_dim is None else np.maximum(unit @ self.projection_, 0.0)
 
     _sample_features = _query_features
@@ -313,7 +336,7 @@ class DecorrelatedClassifier(_ClassStatistics):
         self.feature_sum_ = self.feature_sum_ + sign * features.sum(axis=0)
         self.n_samples_seen_ = self.n_samples_seen_ + sign * len(features)
 
-    def _solve(self) -> tuple[np.ndarray, np.ndarray]:
+    def _solve(self, selection: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
         n = self.n_samples_seen_
         mean = self.feature_sum_ / n
         centred_gram = self.gram_ - n * np.outer(mean, mean)
@@ -322,11 +345,20 @@ class DecorrelatedClassifier(_ClassStatistics):
         eigenvalues = eigenvalues.clip(min=0.0)
         rotated = eigenvectors.T @ centred_sums.T
         scale = eigenvalues.mean() if eigenvalues.mean() > 0 else 1.0
-        if self.alpha is not None:
-            self.alpha_ = float(self.alpha)
-        else:
-            candidates = scale * np.asarray(self.relative_alphas, dtype=np.float64)
-            self.alpha_ = float(candidates[np.argmin([self._gcv(a, eigenvalues, rotated) for a in candidates])])
+        relative = np.asarray(self.relative_alphas, dtype=np.float64)
+        if not isinstance(self.alpha, str):
+            self.relative_alpha_ = float(self.alpha) / scale
+        elif self.alpha == "gcv":
+            errors = [self._gcv(value * scale, eigenvalues, rotated) for value in relative]
+            self.relative_alpha_ = float(relative[int(np.argmin(errors))])
+        elif selection is not None:
+            accuracies = self._loo_accuracies(
+                *selection, mean=mean, eigenvalues=eigenvalues, eigenvectors=eigenvectors, rotated=rotated,
+                alphas=relative * scale,
+            )
+            best = np.flatnonzero(accuracies == accuracies.max())
+            self.relative_alpha_ = float(relative[best[np.argmax(relative[best])]])
+        self.alpha_ = float(self.alpha) if not isinstance(self.alpha, str) else self.relative_alpha_ * scale
         weights = eigenvectors @ (rotated / (eigenvalues + self.alpha_)[:, None])
         return weights.T, -(mean @ weights)
 
@@ -338,6 +370,34 @@ class DecorrelatedClassifier(_ClassStatistics):
         residual = max(target_energy - float(explained), 0.0)
         degrees = 1.0 + float(np.sum(eigenvalues / (eigenvalues + alpha)))
         return n * residual / (n - degrees) ** 2 if degrees < n else np.inf
+
+    def _loo_accuracies(
+        self,
+        features: np.ndarray,
+        rows: np.ndarray,
+        *,
+        mean: np.ndarray,
+        eigenvalues: np.ndarray,
+        eigenvectors: np.ndarray,
+        rotated: np.ndarray,
+        alphas: np.ndarray,
+    ) -> np.ndarray:
+        """Leave-one-out accuracy for each ridge strength, in closed form (float32 suffices to rank them).
+
+        Leaving image ``i`` out turns its fitted one-hot scores ``f_i`` into ``(f_i - h_i y_i) / (1 - h_i)`` with
+        ``h_i`` its leverage; the positive factor does not change the argmax, so it is dropped.
+        """
+        projected = (features - mean).astype(np.float32) @ eigenvectors.astype(np.float32)
+        squared = projected**2
+        prior = (self.class_counts_ / self.n_samples_seen_).astype(np.float32)
+        own = np.arange(len(rows))
+        accuracies = []
+        for alpha in alphas:
+            inverse = 1.0 / (eigenvalues + alpha)
+            fitted = projected @ (rotated * inverse[:, None]).astype(np.float32) + prior
+            fitted[own, rows] -= squared @ inverse.astype(np.float32) + 1.0 / self.n_samples_seen_
+            accuracies.append(np.mean(fitted.argmax(axis=1) == rows))
+        return np.asarray(accuracies)
 
 
 CLASSIFIERS = {

@@ -77,11 +77,12 @@ def run_phase(args: argparse.Namespace) -> dict:
     _, transform = engine.eval_transform(model)
     encoder = engine.Encoder(model=model, device="cpu")
     common = dict(encoder=encoder, maker=maker, valid_share=args.valid_share, batch_size=args.batch_size,
-                  workers=args.workers, generator=torch.Generator().manual_seed(17))
+                  workers=args.workers, generator=torch.Generator().manual_seed(17), top_k=4)
     started = time.perf_counter()
     if args.phase == "cached":
-        records, embeddings, _ = protocol.run_cached_protocol(transform=transform, runs=args.runs, **common)
-        embed_seconds = time.perf_counter() - started - sum(r["seconds"] for r in records)
+        records = protocol.run_cached_protocol(transform=transform, runs=args.runs, **common)
+        embeddings = records.embeddings
+        embed_seconds = time.perf_counter() - started - sum(r.seconds for r in records)
         extra = {"embed_seconds": embed_seconds, "cache_bytes": embeddings.numel() * embeddings.element_size()}
     else:
         runs = args.original_runs or args.runs
@@ -93,7 +94,7 @@ def run_phase(args: argparse.Namespace) -> dict:
         "seconds": time.perf_counter() - started,
         "images": maker.get_num_images(),
         "labels": maker.get_num_labels(),
-        "accuracies": [r["accuracy"] for r in records],
+        "accuracies": [r.accuracy for r in records],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         **extra,
     }

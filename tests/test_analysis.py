@@ -13,6 +13,7 @@ from scipy import stats
 
 import analysis
 import banerjee
+import prototypes
 
 
 def clusters(
@@ -67,10 +68,8 @@ def test_most_confused_pair_of_overlapping_classes_is_found():
     partitions = partitions_of(targets, runs=5)
     all_targets, all_predictions = [], []
     for train, valid in partitions:
-        classifier = analysis.ClassMeanClassifier().fit(
-            embeddings=embeddings[train], targets=targets[train], num_labels=5
-        )
-        all_predictions.append(classifier.predict(queries=embeddings[valid], top_k=1)[:, 0].tolist())
+        classifier = prototypes.ClassMeanClassifier().fit(embeddings[train], targets[train])
+        all_predictions.append(classifier.predict(embeddings[valid]).tolist())
         all_targets.append(targets[valid].tolist())
     confusion = analysis.confusion_over_partitions(
         targets_per_run=all_targets, predictions_per_run=all_predictions, num_labels=5
@@ -177,7 +176,8 @@ def test_all_prototype_methods_are_perfect_on_separated_clusters():
         embeddings=embeddings, targets=targets, partitions=partitions_of(targets, runs=3), top_k=2
     )
     assert list(table.columns) == [
-        "method", "accuracy", "accuracy_ci", "topk_accuracy", "topk_ci", "gain", "gain_ci", "seconds"
+        "method", "accuracy", "accuracy_ci", "topk_accuracy", "topk_ci", "gain", "gain_ci", "error_reduction",
+        "seconds",
     ]
     assert len(table) == len(analysis.default_prototype_methods())
     np.testing.assert_allclose(table["accuracy"], 1.0)
@@ -185,22 +185,16 @@ def test_all_prototype_methods_are_perfect_on_separated_clusters():
     assert (table["seconds"] > 0).all()
 
 
-def test_raw_class_mean_is_the_engine_search_and_differs_from_normalised_mean():
+def test_raw_class_mean_differs_from_normalised_mean():
     # Class 0: a long vector at 0 degrees and a short one at 90; class 1: one vector at 60.
     # The raw mean of class 0 points at ~0.6 degrees, the mean of unit vectors at 45.
     train = torch.tensor([unit(0, 100.0), unit(90), unit(60)])
     train_targets = torch.tensor([0, 0, 1])
     query = torch.tensor([unit(40)])
-    raw = analysis.ClassMeanClassifier(normalize=False).fit(embeddings=train, targets=train_targets, num_labels=2)
-    unit_mean = analysis.ClassMeanClassifier(normalize=True).fit(embeddings=train, targets=train_targets, num_labels=2)
-    assert raw.predict(queries=query, top_k=2).tolist() == [[1, 0]]
-    assert unit_mean.predict(queries=query, top_k=2).tolist() == [[0, 1]]
-
-    embeddings, targets = clusters(num_labels=5, per_class=20, spread=0.8)
-    means = torch.stack([embeddings[targets == label].mean(dim=0) for label in range(5)])
-    expected = (F.normalize(embeddings, dim=1) @ F.normalize(means, dim=1).T).argmax(dim=1)
-    fitted = analysis.ClassMeanClassifier().fit(embeddings=embeddings, targets=targets, num_labels=5)
-    torch.testing.assert_close(fitted.predict(queries=embeddings, top_k=1)[:, 0], expected)
+    raw = prototypes.ClassMeanClassifier(normalize=False).fit(train, train_targets)
+    unit_mean = prototypes.ClassMeanClassifier(normalize=True).fit(train, train_targets)
+    assert raw.predict_topk(query, 2).tolist() == [[1, 0]]
+    assert unit_mean.predict_topk(query, 2).tolist() == [[0, 1]]
 
 
 def test_nearest_neighbour_ranks_by_votes_then_similarity():
@@ -208,11 +202,13 @@ def test_nearest_neighbour_ranks_by_votes_then_similarity():
     train = torch.tensor([unit(0), unit(30), unit(60), unit(90)])
     train_targets = torch.tensor([0, 1, 0, 2])
     queries = torch.tensor([unit(25), unit(80), unit(35)])
-    one = analysis.NearestNeighbourClassifier(k=1).fit(embeddings=train, targets=train_targets, num_labels=3)
-    assert one.predict(queries=queries, top_k=3).tolist() == [[1, 0, 2], [2, 0, 1], [1, 0, 2]]
+    one = analysis.NearestNeighbourClassifier(k=1).fit(train, train_targets)
+    assert prototypes.predict_topk(one, queries, 3).tolist() == [[1, 0, 2], [2, 0, 1], [1, 0, 2]]
     # With k=3 the query at 35 degrees has neighbours 30 (1), 60 (0), 0 (0): two votes for class 0 beat the nearest.
-    three = analysis.NearestNeighbourClassifier(k=3).fit(embeddings=train, targets=train_targets, num_labels=4)
-    assert three.predict(queries=queries[2:], top_k=4).tolist() == [[0, 1, 2, 3]]
+    three = analysis.NearestNeighbourClassifier(k=3).fit(train, train_targets)
+    assert prototypes.predict_topk(three, queries[2:], 4).tolist() == [[0, 1, 2]]
+    with pytest.raises(ValueError, match="k must be at least 1, got 0"):
+        analysis.NearestNeighbourClassifier(k=0).fit(train, train_targets)
 
 
 def test_kmeans_prototypes_handle_a_class_with_two_looks():
@@ -229,8 +225,8 @@ def test_kmeans_prototypes_handle_a_class_with_two_looks():
         partitions=partitions,
         top_k=1,
         methods={
-            "mean": lambda: analysis.ClassMeanClassifier(),
-            "kmeans2": lambda: analysis.KMeansPrototypeClassifier(prototypes_per_class=2),
+            "mean": prototypes.ClassMeanClassifier(),
+            "kmeans2": analysis.KMeansPrototypeClassifier(prototypes_per_class=2),
         },
     ).set_index("method")
     assert table.loc["kmeans2", "accuracy"] == 1.0
@@ -238,25 +234,24 @@ def test_kmeans_prototypes_handle_a_class_with_two_looks():
     assert table.loc["mean", "gain"] == 0.0 and table.loc["mean", "gain_ci"] == 0.0
     assert table.loc["kmeans2", "gain"] == pytest.approx(1.0 - table.loc["mean", "accuracy"])
     assert table.loc["kmeans2", "gain_ci"] == pytest.approx(table.loc["mean", "accuracy_ci"])
+    assert table.loc["kmeans2", "error_reduction"] == pytest.approx(1.0)
 
 
 def test_kmeans_keeps_every_image_of_a_small_class():
     embeddings, targets = clusters(num_labels=2, per_class=10)
     embeddings, targets = embeddings[:12], targets[:12]
-    classifier = analysis.KMeansPrototypeClassifier(prototypes_per_class=3).fit(
-        embeddings=embeddings, targets=targets, num_labels=2
-    )
+    classifier = analysis.KMeansPrototypeClassifier(prototypes_per_class=3).fit(embeddings, targets)
     assert classifier.owners_.tolist() == [0, 0, 0, 1, 1]
-    torch.testing.assert_close(classifier.prototypes_[3:], F.normalize(embeddings[10:], dim=1))
+    torch.testing.assert_close(classifier.prototypes_[3:].float(), F.normalize(embeddings[10:], dim=1))
 
 
 def test_linear_probe_returns_original_label_indexes():
     embeddings, targets = clusters(num_labels=3, per_class=15)
     keep = targets != 1
-    probe = analysis.LinearProbeClassifier().fit(embeddings=embeddings[keep], targets=targets[keep], num_labels=3)
-    ranked = probe.predict(queries=embeddings[keep], top_k=4)
+    probe = analysis.linear_probe().fit(embeddings[keep], targets[keep])
+    ranked = prototypes.predict_topk(probe, embeddings[keep], 4)
     assert ranked.shape == (30, 2)
-    torch.testing.assert_close(ranked[:, 0], targets[keep])
+    assert ranked[:, 0].tolist() == targets[keep].tolist()
 
 
 # --- Confidence interval calibration -------------------------------------------------------------------------------
@@ -279,19 +274,16 @@ def test_random_partitions_reproduce_the_dataset_splitter(image_folder):
         next(analysis.random_partitions(targets=targets, valid_share=1.0, runs=1, generator=torch.Generator()))
 
 
-def test_fast_class_mean_path_matches_the_classifier():
+def test_leave_out_path_matches_a_fresh_fit_per_partition():
     embeddings, targets = clusters(num_labels=6, per_class=20, spread=0.6)
     partitions = partitions_of(targets, runs=4)
-    fast = analysis._class_mean_accuracies(
+    fast = analysis._leave_out_accuracies(
         embeddings=embeddings, targets=targets, valid_sets=[valid for _, valid in partitions]
     )
-    slow = []
-    for train, valid in partitions:
-        classifier = analysis.ClassMeanClassifier().fit(
-            embeddings=embeddings[train], targets=targets[train], num_labels=6
-        )
-        predictions = classifier.predict(queries=embeddings[valid], top_k=1)[:, 0]
-        slow.append(float((predictions == targets[valid]).float().mean()))
+    slow = [
+        prototypes.ClassMeanClassifier().fit(embeddings[train], targets[train]).score(embeddings[valid], targets[valid])
+        for train, valid in partitions
+    ]
     np.testing.assert_allclose(fast, slow)
     assert 0.3 < np.mean(fast) < 0.95
 

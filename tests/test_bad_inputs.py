@@ -615,7 +615,7 @@ class ScriptRun:
 
     def partitions(self) -> list[dict]:
         """The runs.jsonl records without their timings: splits, targets and predictions of each partition."""
-        return [{key: value for key, value in record.items() if key != "seconds"}
+        return [{key: value for key, value in dataclasses.asdict(record).items() if key != "seconds"}
                 for record in protocol.load_run_records(self.out / "runs.jsonl")]
 
     def printed_accuracies(self) -> list[str]:
@@ -862,7 +862,7 @@ def test_resume_with_another_seed_is_refused_and_keeps_the_log(image_folder, lit
     def cached_run(*, runs, seed, **kwargs):
         return protocol.run_cached_protocol(
             encoder=encoder, maker=maker, transform=transform, runs=runs, valid_share=0.3, batch_size=16, workers=0,
-            generator=torch.Generator().manual_seed(seed), cache=cache, **kwargs,
+            generator=torch.Generator().manual_seed(seed), top_k=2, cache=cache, **kwargs,
         )
 
     log = tmp_path / "runs.jsonl"

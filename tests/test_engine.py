@@ -1,9 +1,11 @@
-"""engine.py: model creation, cosine search, class means and the Encoder on separable generated classes."""
+"""engine.py: model creation and the Encoder (encode / evaluate / infer over prototypes) on separable classes."""
 
 from __future__ import annotations
 
+import datetime
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -11,6 +13,7 @@ from PIL import Image
 import banerjee
 import engine
 import protocol
+import prototypes
 
 
 def test_offline_lite0_weights_are_the_genuine_imagenet_ones(lite0_model, lite0_weights):
@@ -18,30 +21,6 @@ def test_offline_lite0_weights_are_the_genuine_imagenet_ones(lite0_model, lite0_
     assert torch.equal(lite0_model.conv_stem.weight, source["_conv_stem.weight"])
     assert engine.model_id(lite0_model).startswith("tf_efficientnet_lite0+sha256:")
     assert lite0_model.num_features == 1280
-
-
-def test_search_matches_manual_cosine_ranking():
-    corpus = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    queries = torch.tensor([[2.0, 0.1], [0.1, 1.0]])
-    scores, indexes = engine.search(queries=queries, corpus=corpus, top_k=2)
-    expected = torch.nn.functional.normalize(queries, dim=1) @ torch.nn.functional.normalize(corpus, dim=1).T
-    assert indexes.tolist() == [[0, 2], [1, 2]]
-    assert torch.allclose(scores, expected.gather(1, indexes), atol=1e-6)
-
-
-def test_search_caps_top_k_at_corpus_size_and_rejects_zero():
-    scores, indexes = engine.search(queries=torch.ones(1, 2), corpus=torch.eye(2), top_k=5)
-    assert indexes.shape == (1, 2)
-    with pytest.raises(ValueError, match="top_k must be at least 1"):
-        engine.search(queries=torch.ones(1, 2), corpus=torch.eye(2), top_k=0)
-
-
-def test_class_means_by_hand_and_missing_class():
-    embeddings = torch.tensor([[1.0, 2.0], [3.0, 4.0], [10.0, 0.0]])
-    means = engine.class_means(embeddings=embeddings, targets=torch.tensor([0, 0, 1]), num_labels=2)
-    assert means.tolist() == [[2.0, 3.0], [10.0, 0.0]]
-    with pytest.raises(ValueError, match=r"Classes \[2\] have no embeddings"):
-        engine.class_means(embeddings=embeddings, targets=torch.tensor([0, 0, 1]), num_labels=3)
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +91,38 @@ def test_channels_last_gives_the_same_embeddings(fitted_encoder):
     plain, _ = contiguous.embed(dataloader=encoder.valid_dl)
     encoder.model.to(memory_format=torch.channels_last)
     assert torch.allclose(fast, plain, atol=1e-4)
+
+
+def test_encode_fits_the_given_classifier_and_infer_ranks_by_its_scores(fitted_encoder):
+    encoder, _, _, valid_ds = fitted_encoder
+    decorrelated = engine.Encoder(
+        model=encoder.model, device="cpu", train_dl=encoder.train_dl, valid_dl=encoder.valid_dl,
+        config=SimpleNamespace(topk=3), classifier=prototypes.DecorrelatedClassifier(),
+    )
+    decorrelated.encode()
+    assert isinstance(decorrelated.fitted_classifier, prototypes.DecorrelatedClassifier)
+    assert decorrelated.classifier.get_params() == prototypes.DecorrelatedClassifier().get_params()
+    assert decorrelated.evaluate(dataset_part="valid")["accuracy"] == 1.0
+    hits = decorrelated.infer(inputs=valid_ds[0][0])[0]
+    scores = decorrelated.fitted_classifier.class_scores(decorrelated.embed_images(
+        images=[valid_ds.get_image_path(0)], transform=engine.eval_transform(encoder.model)[1]).numpy())[0]
+    assert [hit["label_idx"] for hit in hits] == np.argsort(-scores)[:3].tolist()
+    assert hits[0]["score"] == pytest.approx(scores.max(), abs=1e-4)
+
+
+def test_class_mean_infer_equals_semantic_search_over_the_means(fitted_encoder):
+    encoder, _, _, valid_ds = fitted_encoder
+    query = encoder.embed_images(images=[valid_ds.get_image_path(1)], transform=engine.eval_transform(encoder.model)[1])
+    expected = torch.nn.functional.normalize(query, dim=1) @ torch.nn.functional.normalize(encoder.embeddings, dim=1).T
+    hits = encoder.infer(inputs=valid_ds.get_image_path(1))[0]
+    assert [hit["corpus_id"] for hit in hits] == expected[0].argsort(descending=True)[:2].tolist()
+    assert [hit["score"] for hit in hits] == pytest.approx(expected[0].sort(descending=True).values[:2].tolist(), abs=1e-5)
+
+
+def test_encode_and_evaluate_durations_are_timedeltas_like_the_original(fitted_encoder):
+    encoder, stats, _, _ = fitted_encoder
+    assert isinstance(stats["duration"], datetime.timedelta)
+    assert isinstance(encoder.evaluate(dataset_part="valid")["duration"], datetime.timedelta)
 
 
 def test_infer_before_encode_is_a_clear_error(lite0_model):

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 import banerjee
 import engine
 import protocol
+import prototypes
 import store
 
 
@@ -26,45 +28,62 @@ def cached_run(setup, *, runs=3, seed=5, workers=0, **kwargs):
     maker, transform, encoder = setup
     return protocol.run_cached_protocol(
         encoder=encoder, maker=maker, transform=transform, runs=runs, valid_share=0.3, batch_size=16,
-        workers=workers, generator=torch.Generator().manual_seed(seed), **kwargs,
+        workers=workers, generator=torch.Generator().manual_seed(seed), top_k=2, **kwargs,
     )
 
 
 def test_cached_protocol_matches_the_original_protocol(setup):
     maker, transform, encoder = setup
-    cached, embeddings, targets = cached_run(setup, runs=2)
+    cached = cached_run(setup, runs=2)
     original = protocol.run_original_protocol(
         encoder=encoder, maker=maker, encode_transform=transform, eval_transform=transform, runs=2,
-        valid_share=0.3, batch_size=8, workers=0, generator=torch.Generator().manual_seed(5),
+        valid_share=0.3, batch_size=8, workers=0, generator=torch.Generator().manual_seed(5), top_k=2,
     )
-    assert embeddings.shape == (40, 1280) and targets.tolist() == maker.get_image_labels().tolist()
+    assert cached.embeddings.shape == (40, 1280)
+    assert cached.targets.tolist() == maker.get_image_labels().tolist()
+    assert original.embeddings is None and len(original) == len(cached) == 2
     for fast, slow in zip(cached, original):
-        assert fast["valid_indexes"] == slow["valid_indexes"]
-        assert fast["topk_predictions"] == slow["topk_predictions"]
-        assert fast["accuracy"] == slow["accuracy"] == 1.0
-        assert fast["train_accuracy"] == slow["train_accuracy"] == 1.0
+        assert fast.valid_indexes == slow.valid_indexes
+        assert fast.topk_predictions == slow.topk_predictions
+        assert fast.accuracy == slow.accuracy == 1.0
+        assert fast.train_accuracy == slow.train_accuracy == 1.0
+    assert cached.classifier.classes_.tolist() == original.classifier.classes_.tolist() == [0, 1, 2, 3]
+    np.testing.assert_allclose(cached.classifier.class_sums_, original.classifier.class_sums_, rtol=1e-5)
+
+
+def test_protocols_take_the_classifier_and_leave_the_encoder_unchanged(setup):
+    maker, transform, encoder = setup
+    before = {name: value for name, value in vars(encoder).items()}
+    decorrelated = cached_run(setup, runs=2, classifier=prototypes.DecorrelatedClassifier())
+    assert vars(encoder) == before and encoder.fitted_classifier is None
+    assert isinstance(decorrelated.classifier, prototypes.DecorrelatedClassifier)
+    assert [run.accuracy for run in decorrelated] == [1.0, 1.0]
+    interval = decorrelated.accuracy(confidence=0.9)
+    assert (interval.mean, interval.n) == (1.0, 2)
+    assert decorrelated.partitions[1][1].tolist() == decorrelated[1].valid_indexes
+    assert decorrelated.targets_per_run == [run.targets for run in decorrelated]
 
 
 def test_partitions_differ_between_runs_and_follow_the_seed(setup):
-    first, _, _ = cached_run(setup, runs=3, seed=1)
-    again, _, _ = cached_run(setup, runs=3, seed=1)
-    other, _, _ = cached_run(setup, runs=3, seed=2)
-    assert [r["valid_indexes"] for r in first] == [r["valid_indexes"] for r in again]
-    assert len({tuple(r["valid_indexes"]) for r in first}) == 3
-    assert [r["valid_indexes"] for r in first] != [r["valid_indexes"] for r in other]
+    first = cached_run(setup, runs=3, seed=1)
+    again = cached_run(setup, runs=3, seed=1)
+    other = cached_run(setup, runs=3, seed=2)
+    assert [r.valid_indexes for r in first] == [r.valid_indexes for r in again]
+    assert len({tuple(r.valid_indexes) for r in first}) == 3
+    assert [r.valid_indexes for r in first] != [r.valid_indexes for r in other]
 
 
 def test_cache_is_reused_and_never_stale(setup, tmp_path, monkeypatch):
     maker, transform, encoder = setup
     cache = store.EmbeddingCache(tmp_path)
-    _, embeddings, _ = cached_run(setup, cache=cache)
+    embeddings = cached_run(setup, cache=cache).embeddings
     assert len(list(tmp_path.glob("embeddings-*.pt"))) == 1
 
     def no_encoding(**_kwargs):
         raise AssertionError("the cache should have been used")
 
     monkeypatch.setattr(encoder, "embed", no_encoding)
-    _, again, _ = cached_run(setup, cache=cache)
+    again = cached_run(setup, cache=cache).embeddings
     assert torch.equal(again, embeddings)
     monkeypatch.setattr(encoder, "model", torch.nn.Identity())
     with pytest.raises(AssertionError, match="cache should have been used"):
@@ -73,22 +92,23 @@ def test_cache_is_reused_and_never_stale(setup, tmp_path, monkeypatch):
 
 def test_resume_continues_an_interrupted_experiment(setup, tmp_path):
     log = tmp_path / "runs.jsonl"
-    full, _, _ = cached_run(setup, runs=4, run_log=log)
+    full = cached_run(setup, runs=4, run_log=log)
     lines = log.read_text().splitlines()
     assert len(lines) == 4
     log.write_text("\n".join(lines[:2]) + "\n" + lines[2][:30])
     completed = protocol.load_run_records(log)
     assert len(completed) == 2
-    resumed, _, _ = cached_run(setup, runs=4, run_log=log, completed=completed)
-    assert [r["topk_predictions"] for r in resumed] == [r["topk_predictions"] for r in full]
+    resumed = cached_run(setup, runs=4, run_log=log, completed=completed)
+    assert [r.topk_predictions for r in resumed] == [r.topk_predictions for r in full]
+    assert resumed.runs[:2] == tuple(completed)
     assert [json.loads(line)["run"] for line in log.read_text().splitlines()] == [0, 1, 2, 3]
 
 
 def test_worker_count_does_not_change_results(setup):
-    serial, serial_embeddings, _ = cached_run(setup, runs=2, workers=0)
-    parallel, parallel_embeddings, _ = cached_run(setup, runs=2, workers=2)
-    assert torch.allclose(serial_embeddings, parallel_embeddings, atol=1e-5)
-    assert [r["topk_predictions"] for r in serial] == [r["topk_predictions"] for r in parallel]
+    serial = cached_run(setup, runs=2, workers=0)
+    parallel = cached_run(setup, runs=2, workers=2)
+    assert torch.allclose(serial.embeddings, parallel.embeddings, atol=1e-5)
+    assert [r.topk_predictions for r in serial] == [r.topk_predictions for r in parallel]
 
 
 def test_augmented_original_protocol_is_reproducible_across_workers(setup):
@@ -100,13 +120,13 @@ def test_augmented_original_protocol_is_reproducible_across_workers(setup):
         return protocol.run_original_protocol(
             encoder=encoder, maker=maker, encode_transform=augment, eval_transform=transform, runs=1,
             valid_share=0.3, batch_size=8, workers=workers, generator=torch.Generator().manual_seed(3),
-            augment_seed=11,
+            top_k=2, augment_seed=11,
         )
 
     serial, parallel = augmented(0), augmented(2)
-    assert serial[0]["topk_predictions"] == parallel[0]["topk_predictions"]
-    assert serial[0]["train_accuracy"] == parallel[0]["train_accuracy"]
-    assert serial[0]["accuracy"] >= 0.9
+    assert serial[0].topk_predictions == parallel[0].topk_predictions
+    assert serial[0].train_accuracy == parallel[0].train_accuracy
+    assert serial[0].accuracy >= 0.9
 
 
 def test_loader_rejects_bad_sizes(setup):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.estimator_checks import check_estimator
 
@@ -14,7 +15,15 @@ ESTIMATORS = [
     ClassMeanClassifier(),
     ClassMeanClassifier(normalize=True),
     DecorrelatedClassifier(),
+    DecorrelatedClassifier(alpha="gcv"),
     DecorrelatedClassifier(projection_dim=24, random_state=3),
+]
+# Estimators whose ridge strength depends on the statistics alone, so batches and removals predict exactly as fit.
+EXACT = [
+    ClassMeanClassifier(),
+    ClassMeanClassifier(normalize=True),
+    DecorrelatedClassifier(alpha="gcv"),
+    DecorrelatedClassifier(alpha=0.5, projection_dim=24, random_state=3),
 ]
 
 
@@ -65,7 +74,7 @@ def test_decorrelation_wins_where_shared_noise_hides_the_classes():
     assert decorrelated.alpha_ > 0
 
 
-@pytest.mark.parametrize("estimator", ESTIMATORS, ids=repr)
+@pytest.mark.parametrize("estimator", EXACT, ids=repr)
 def test_partial_fit_in_batches_equals_fit(estimator):
     X, y = gaussian_classes(samples_per_class=30, seed=4)
     order = np.random.default_rng(0).permutation(len(y))
@@ -82,7 +91,7 @@ def test_partial_fit_in_batches_equals_fit(estimator):
     assert batched.predict(X).tolist() == whole.predict(X).tolist()
 
 
-@pytest.mark.parametrize("estimator", ESTIMATORS, ids=repr)
+@pytest.mark.parametrize("estimator", EXACT, ids=repr)
 def test_remove_class_with_its_images_equals_a_fit_without_them(estimator):
     X, y = gaussian_classes(samples_per_class=30, seed=5)
     X_test, _ = gaussian_classes(samples_per_class=10, seed=6)
@@ -94,6 +103,26 @@ def test_remove_class_with_its_images_equals_a_fit_without_them(estimator):
     assert np.array_equal(fitted.class_sums_, kept_rows)
     np.testing.assert_allclose(fitted.class_scores(X_test), without.class_scores(X_test), rtol=1e-7, atol=1e-9)
     assert fitted.predict(X_test).tolist() == without.predict(X_test).tolist()
+
+
+def test_leave_one_out_alpha_is_chosen_once_and_kept_relative_to_the_statistics():
+    X, y = gaussian_classes(samples_per_class=40, seed=13)
+    whole = DecorrelatedClassifier().fit(X, y)
+    batched = DecorrelatedClassifier().partial_fit(X[:80], y[:80])
+    chosen = batched.relative_alpha_
+    batched.partial_fit(X[80:], y[80:])
+    np.testing.assert_allclose(batched.gram_, whole.gram_, rtol=0, atol=1e-10)
+    assert batched.relative_alpha_ == chosen
+    assert whole.relative_alpha_ in DecorrelatedClassifier().relative_alphas
+    manual = []
+    for alpha in whole.relative_alphas:  # leave-one-out accuracy by refitting without each image
+        hits = [
+            DecorrelatedClassifier(alpha="gcv", relative_alphas=(alpha,)).fit(np.delete(X, i, 0), np.delete(y, i))
+            .predict(X[i : i + 1])[0] == y[i]
+            for i in range(0, len(y), 8)
+        ]
+        manual.append(np.mean(hits))
+    assert manual[list(whole.relative_alphas).index(whole.relative_alpha_)] >= max(manual) - 0.05
 
 
 def test_removal_without_images_keeps_them_as_unlabelled_background():
@@ -143,12 +172,26 @@ def test_rename_class_keeps_statistics_and_sorted_order():
 def test_fixed_alpha_and_bad_parameters():
     X, y = gaussian_classes(samples_per_class=10, seed=11)
     assert DecorrelatedClassifier(alpha=2.5).fit(X, y).alpha_ == 2.5
-    with pytest.raises(ValueError, match="alpha must be positive"):
+    with pytest.raises(ValueError, match="alpha must be 'loo', 'gcv' or a positive number, got 0.0"):
         DecorrelatedClassifier(alpha=0.0).fit(X, y)
+    with pytest.raises(ValueError, match="alpha must be 'loo', 'gcv' or a positive number, got 'aic'"):
+        DecorrelatedClassifier(alpha="aic").fit(X, y)
     with pytest.raises(ValueError, match="projection_dim must be a positive integer"):
         DecorrelatedClassifier(projection_dim=0).fit(X, y)
     with pytest.raises(ValueError, match="Unknown classifier 'lda'"):
         prototypes.make_classifier("lda")
+
+
+def test_cosine_top_k_matches_manual_ranking_and_caps_k():
+    corpus = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    queries = torch.tensor([[2.0, 0.1], [0.1, 1.0]])
+    scores, indexes = prototypes.cosine_top_k(queries=queries, corpus=corpus, top_k=2)
+    expected = torch.nn.functional.normalize(queries, dim=1) @ torch.nn.functional.normalize(corpus, dim=1).T
+    assert indexes.tolist() == [[0, 2], [1, 2]]
+    assert torch.allclose(scores, expected.gather(1, indexes), atol=1e-6)
+    assert prototypes.cosine_top_k(queries=queries, corpus=corpus, top_k=9)[1].shape == (2, 3)
+    with pytest.raises(ValueError, match="top_k must be at least 1"):
+        prototypes.cosine_top_k(queries=queries, corpus=corpus, top_k=0)
 
 
 def test_predict_topk_ranks_any_scikit_learn_classifier():
