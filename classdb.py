@@ -1,13 +1,14 @@
 """A class vector database that can be edited one class at a time, saved, and queried from the command line.
 
-Each class is kept as the running sum (float64) and count of its image embeddings, so its mean can be grown with
-new images later and comes out exactly as if all images had been averaged at once. Classes are independent rows:
-adding, updating, renaming or removing one never changes another, which is the point of replacing a fine-tuned
-classifier head with a table of class means when classes come and go between releases.
+The store persists a :mod:`prototypes` estimator: each class is the running sum (float64) and count of its image
+embeddings, so its mean can be grown with new images later and comes out exactly as if all images had been
+averaged at once. Classes are independent rows: adding, updating, renaming or removing one never changes another,
+which is the point of replacing a fine-tuned classifier head with a table of class vectors when classes come and
+go between releases. A ``decorrelated`` store also keeps the shared Gram matrix of all images (``.npz`` only).
 
 Command line (``python -m engine`` runs :func:`main`)::
 
-    python -m engine build --dataset DIR --model M [--weights FILE] --out store.zip
+    python -m engine build --dataset DIR --model M [--weights FILE] --out store.zip [--classifier decorrelated]
     python -m engine add-class --store store.zip --images DIR --label NAME
     python -m engine update-class --store store.zip --images DIR --label NAME
     python -m engine remove-class --store store.zip NAME
@@ -20,7 +21,6 @@ Command line (``python -m engine`` runs :func:`main`)::
 from __future__ import annotations
 
 import argparse
-import bisect
 import csv
 import dataclasses
 import difflib
@@ -39,6 +39,7 @@ import torch
 
 import banerjee
 import engine
+import prototypes
 import store
 import utils
 
@@ -55,7 +56,8 @@ __all__ = [
 ]
 
 FORMAT = "classdb"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 METADATA_MEMBER = "classdb.json"
 BACKENDS = ("torch", "faiss")
 
@@ -81,31 +83,41 @@ class SearchResult:
 
 
 class TorchBackend:
-    """Exact cosine search with torch (``engine.search``), on CUDA when available: the default, for any size."""
+    """Exact linear scoring with torch (one matrix product and top-k), on CUDA when available: the default."""
 
-    def __init__(self, *, corpus: torch.Tensor, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, *, weights: torch.Tensor, bias: torch.Tensor | None = None, device: torch.device | str | None = None
+    ) -> None:
         self.device = torch.device(device) if device is not None else utils.get_device()
-        self.corpus = corpus.to(self.device, torch.float32)
+        self.weights = weights.to(self.device, torch.float32)
+        self.bias = (bias if bias is not None else torch.zeros(len(weights))).to(self.device, torch.float32)
 
     def search(self, *, queries: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scores, indexes)``, each ``[num_queries, min(top_k, num_classes)]``, on the CPU."""
-        return engine.search(queries=queries.to(self.device, torch.float32), corpus=self.corpus, top_k=top_k)
+        """``(scores, indexes)`` of query features, each ``[num_queries, min(top_k, num_classes)]``, on the CPU."""
+        scores = queries.to(self.device, torch.float32) @ self.weights.T + self.bias
+        values, indexes = prototypes.top_scores(scores, top_k)
+        return values.cpu(), indexes.cpu()
 
 
 class FaissBackend:
-    """Exact inner-product search over L2-normalised vectors with FAISS ``IndexFlatIP`` (CPU), for many classes."""
+    """Exact inner-product search with FAISS ``IndexFlatIP`` (CPU), for many classes.
 
-    def __init__(self, *, corpus: torch.Tensor) -> None:
+    The bias rides along as one more coordinate: ``[q, 1] . [w, b] = q . w + b``.
+    """
+
+    def __init__(self, *, weights: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self._faiss = _import_faiss()
-        vectors = _normalised_array(corpus)
+        bias = bias if bias is not None else torch.zeros(len(weights))
+        vectors = _float32_rows(torch.cat([weights, bias[:, None].to(weights.dtype)], dim=1))
         self.index = self._faiss.IndexFlatIP(vectors.shape[1])
         self.index.add(vectors)
 
     def search(self, *, queries: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scores, indexes)``, each ``[num_queries, min(top_k, num_classes)]``, on the CPU."""
+        """``(scores, indexes)`` of query features, each ``[num_queries, min(top_k, num_classes)]``, on the CPU."""
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}.")
-        scores, indexes = self.index.search(_normalised_array(queries), min(top_k, self.index.ntotal))
+        augmented = _float32_rows(torch.cat([queries, torch.ones(len(queries), 1, dtype=queries.dtype)], dim=1))
+        scores, indexes = self.index.search(augmented, min(top_k, self.index.ntotal))
         return torch.from_numpy(scores), torch.from_numpy(indexes).long()
 
 
@@ -120,33 +132,43 @@ def _import_faiss() -> Any:
     return faiss
 
 
-def _normalised_array(vectors: torch.Tensor) -> np.ndarray:
-    """A float32 C-contiguous copy with unit-length rows (zero rows stay zero), as FAISS inner product needs."""
-    array = np.array(vectors.detach().cpu().numpy(), dtype=np.float32, order="C", copy=True)
-    _import_faiss().normalize_L2(array)
-    return array
+def _float32_rows(vectors: torch.Tensor) -> np.ndarray:
+    """A float32 C-contiguous copy, as FAISS needs."""
+    return np.array(vectors.detach().cpu().numpy(), dtype=np.float32, order="C", copy=True)
 
 
 def make_backend(
-    *, name: str, corpus: torch.Tensor, device: torch.device | str | None = None
+    *,
+    name: str,
+    weights: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
 ) -> TorchBackend | FaissBackend:
-    """The search backend ``name`` (one of :data:`BACKENDS`) over ``corpus`` rows; both answer the same call."""
+    """The search backend ``name`` (one of :data:`BACKENDS`) scoring ``features @ weights.T + bias``."""
     if name == "torch":
-        return TorchBackend(corpus=corpus, device=device)
+        return TorchBackend(weights=weights, bias=bias, device=device)
     if name == "faiss":
-        return FaissBackend(corpus=corpus)
+        return FaissBackend(weights=weights, bias=bias)
     raise ValueError(f"Unknown search backend '{name}'; use one of {', '.join(BACKENDS)}.")
 
 
 class ClassVectorStore:
-    """Labels with per-class embedding sums (float64) and image counts, tied to one model and its preprocessing.
+    """A class-vector classifier (:mod:`prototypes`) tied to one model and its preprocessing, editable and saved.
 
-    Rows are kept sorted by label, so the store is a pure function of its classes: removing a class and adding it
-    back from the same images restores the identical store, whatever the order of operations.
+    The classifier keeps each class as additive statistics, sorted by label, so the store is a pure function of
+    its classes: removing a class and adding it back from the same images restores the identical store, whatever
+    the order of operations. ``classifier`` is the unfitted estimator to start from (default: the article's class
+    mean); the store fits it as classes arrive.
     """
 
     def __init__(
-        self, *, dim: int, model_name: str, model_id: str, transform_config: dict[str, Any] | None = None
+        self,
+        *,
+        dim: int,
+        model_name: str,
+        model_id: str,
+        transform_config: dict[str, Any] | None = None,
+        classifier: Any = None,
     ) -> None:
         if dim < 1:
             raise ValueError(f"dim must be positive, got {dim}.")
@@ -154,44 +176,47 @@ class ClassVectorStore:
         self.model_name = model_name
         self.model_id = model_id
         self.transform_config = _plain_json(transform_config or {})
-        self._labels: list[str] = []
-        self._sums = torch.zeros(0, self.dim, dtype=torch.float64)
-        self._counts = torch.zeros(0, dtype=torch.int64)
+        self.classifier = classifier if classifier is not None else prototypes.ClassMeanClassifier()
+        self.classifier_name = _classifier_name(self.classifier)
         self._backends: dict[tuple[str, str], TorchBackend | FaissBackend] = {}
 
     def __len__(self) -> int:
-        return len(self._labels)
+        return len(self.labels)
 
     def __contains__(self, label: object) -> bool:
-        return isinstance(label, str) and self._position(label) is not None
+        return isinstance(label, str) and label in self.labels
 
     def __repr__(self) -> str:
         return (
-            f"ClassVectorStore(classes={len(self)}, images={int(self._counts.sum())}, dim={self.dim}, "
-            f"model_id={self.model_id!r})"
+            f"ClassVectorStore(classes={len(self)}, images={int(self.counts.sum())}, dim={self.dim}, "
+            f"classifier={self.classifier_name!r}, model_id={self.model_id!r})"
         )
 
     @property
+    def _fitted(self) -> bool:
+        return hasattr(self.classifier, "classes_")
+
+    @property
     def labels(self) -> list[str]:
-        return list(self._labels)
+        return [str(label) for label in self.classifier.classes_] if self._fitted else []
 
     @property
     def counts(self) -> torch.Tensor:
-        """Images averaged into each class, ``[C]`` int64."""
-        return self._counts.clone()
+        """Images in each class, ``[C]`` int64."""
+        return torch.from_numpy(self.classifier.class_counts_.copy()) if self._fitted else torch.zeros(0, dtype=torch.int64)
 
     @property
     def sums(self) -> torch.Tensor:
-        """Running embedding sums ``[C, D]`` float64: the exact state behind the means."""
-        return self._sums.clone()
+        """Per-class feature sums ``[C, F]`` float64 (raw embeddings for the class mean): the exact state."""
+        return torch.from_numpy(self.classifier.class_sums_.copy()) if self._fitted else torch.zeros(0, self.dim, dtype=torch.float64)
 
     @property
     def means(self) -> torch.Tensor:
-        """Class mean embeddings ``[C, D]`` float32, in label order: the vectors that are searched and saved."""
-        return (self._sums / self._counts.unsqueeze(1)).float()
+        """Class mean vectors ``[C, F]`` float32, in label order: what a ``.zip`` store holds as rows."""
+        return (self.sums / self.counts.unsqueeze(1)).float()
 
     def metadata(self) -> dict[str, Any]:
-        """What a file needs to know to refuse vectors from another model or preprocessing."""
+        """What a file needs to know to refuse vectors from another model or preprocessing, and to rebuild."""
         return {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -199,6 +224,7 @@ class ClassVectorStore:
             "model_name": self.model_name,
             "model_id": self.model_id,
             "transform_config": self.transform_config,
+            "classifier": {"name": self.classifier_name, "params": _plain_json(self.classifier.get_params())},
         }
 
     def check_model(
@@ -224,60 +250,44 @@ class ClassVectorStore:
 
     def index(self, label: str) -> int:
         """Row of ``label``; an unknown label is an error that names close matches."""
-        position = self._position(label)
-        if position is None:
-            close = difflib.get_close_matches(str(label), self._labels, n=3)
+        labels = self.labels
+        if label not in labels:
+            close = difflib.get_close_matches(str(label), labels, n=3)
             hint = f" Did you mean {', '.join(repr(name) for name in close)}?" if close else ""
             raise ClassDBError(f"No class '{label}' in the store ({len(self)} classes).{hint}")
-        return position
+        return labels.index(label)
 
     def add_class(self, *, label: str, embeddings: Vectors, model_id: str | None = None) -> None:
         """Add a new class from the embeddings ``[n, D]`` of its images."""
         self.add_classes(embeddings=embeddings, labels=[label] * len(embeddings), model_id=model_id)
 
     def add_classes(self, *, embeddings: Vectors, labels: Sequence[str], model_id: str | None = None) -> None:
-        """Add one new class per distinct label, averaging the rows of ``embeddings`` that carry it."""
+        """Add one new class per distinct label from the rows of ``embeddings`` that carry it."""
         self.check_model(model_id=model_id)
         vectors = self._vectors(embeddings, what="embeddings")
-        if len(labels) != len(vectors):
+        if isinstance(labels, str) or len(labels) != len(vectors):
             raise ClassDBError(f"Got {len(vectors)} embeddings but {len(labels)} labels; give one label per row.")
         for label in set(labels):
             self._check_new_label(label)
-        new_labels = sorted(set(labels))
-        row_of = {label: row for row, label in enumerate(new_labels)}
-        rows = torch.tensor([row_of[label] for label in labels], dtype=torch.long)
-        sums = torch.zeros(len(new_labels), self.dim, dtype=torch.float64).index_add_(0, rows, vectors.double())
-        counts = torch.bincount(rows, minlength=len(new_labels))
-        self._set_rows(
-            labels=self._labels + new_labels,
-            sums=torch.cat([self._sums, sums]),
-            counts=torch.cat([self._counts, counts]),
-        )
+        self._change(self.classifier.partial_fit, vectors, np.array(labels, dtype=str))
 
     def update_class(self, *, label: str, embeddings: Vectors, model_id: str | None = None) -> None:
-        """Merge new images of an existing class into its running mean (exact: sums in float64)."""
+        """Merge new images into an existing class (exact: float64 sums)."""
         self.check_model(model_id=model_id)
         vectors = self._vectors(embeddings, what="embeddings")
-        row = self.index(label)
-        self._sums[row] += vectors.double().sum(dim=0)
-        self._counts[row] += len(vectors)
-        self._backends.clear()
+        self.index(label)
+        self._change(self.classifier.partial_fit, vectors, np.array([label] * len(vectors), dtype=str))
 
     def remove_class(self, *, label: str) -> None:
-        """Drop one class; every other row stays bit-for-bit the same."""
-        row = self.index(label)
-        keep = torch.arange(len(self)) != row
-        self._set_rows(
-            labels=self._labels[:row] + self._labels[row + 1 :], sums=self._sums[keep], counts=self._counts[keep]
-        )
+        """Drop one class; every other class's statistics stay bit-for-bit the same (see the classifier for the rest)."""
+        self.index(label)
+        self._change(self.classifier.remove_class, label)
 
     def rename_class(self, *, label: str, new_label: str) -> None:
-        """Give a class a new label, keeping its vector and count."""
-        row = self.index(label)
+        """Give a class a new label, keeping its statistics."""
+        self.index(label)
         self._check_new_label(new_label)
-        labels = list(self._labels)
-        labels[row] = new_label
-        self._set_rows(labels=labels, sums=self._sums, counts=self._counts)
+        self._change(self.classifier.rename_class, label, new_label)
 
     def search(
         self,
@@ -288,26 +298,40 @@ class ClassVectorStore:
         model_id: str | None = None,
         device: torch.device | str | None = None,
     ) -> SearchResult:
-        """The ``top_k`` most cosine-similar classes of each query ``[N, D]`` (the backend is built once, cached)."""
+        """The ``top_k`` best-scoring classes of each query ``[N, D]`` (the backend is built once, cached).
+
+        Scores are the classifier's: cosine similarity to the class mean by default.
+        """
         self.check_model(model_id=model_id, source="the queries given")
         vectors = self._vectors(queries, what="queries")
-        if not self._labels:
+        if not len(self):
             raise ClassDBError("The store has no classes yet: add classes before searching it.")
         key = (backend, str(device))
         if key not in self._backends:
-            self._backends[key] = make_backend(name=backend, corpus=self.means, device=device)
-        scores, indexes = self._backends[key].search(queries=vectors, top_k=top_k)
-        labels = [[self._labels[index] for index in row] for row in indexes.tolist()]
-        return SearchResult(labels=labels, scores=scores, indexes=indexes)
+            weights, bias = self.classifier.class_vectors()
+            self._backends[key] = make_backend(
+                name=backend, weights=torch.from_numpy(weights), bias=torch.from_numpy(bias), device=device
+            )
+        features = torch.from_numpy(self.classifier.query_features(vectors.double().numpy()))
+        scores, indexes = self._backends[key].search(queries=features, top_k=top_k)
+        labels = self.labels
+        return SearchResult(labels=[[labels[index] for index in row] for row in indexes.tolist()], scores=scores,
+                            indexes=indexes)
 
     def save(self, *, path: PathLike) -> pathlib.Path:
-        """Write the store atomically: ``.zip`` (CSV of float32 means, store.py format, plus metadata) or ``.npz``.
+        """Write the store atomically: ``.zip`` (CSV of float32 class means, store.py format, plus metadata) or ``.npz``.
 
-        The ``.zip`` form is readable by ``store.load_embeddings`` (means as rows, labels as targets); the ``.npz``
-        form keeps the float64 sums, so later updates stay exact across sessions.
+        The ``.zip`` form is readable by ``store.load_embeddings`` (means as rows, labels as targets) and holds a
+        class-mean store; the ``.npz`` form keeps every float64 statistic of any classifier, so later updates stay
+        exact across sessions.
         """
         path = pathlib.Path(path)
         if _file_kind(path) == "zip":
+            if self.classifier_name != "mean":
+                raise ClassDBError(
+                    f"A '{self.classifier_name}' store keeps a Gram matrix that the .zip format (a CSV of class means) "
+                    f"cannot hold: save it as {path.with_suffix('.npz')}."
+                )
             self._save_zip(path)
         else:
             self._save_npz(path)
@@ -357,9 +381,13 @@ class ClassVectorStore:
         imported.add_classes(embeddings=embeddings, labels=[str(target) for target in targets])
         return imported
 
-    def _position(self, label: str) -> int | None:
-        position = bisect.bisect_left(self._labels, label)
-        return position if position < len(self._labels) and self._labels[position] == label else None
+    def _change(self, action: Any, *args: Any) -> None:
+        """Apply one edit to the classifier and forget search backends built on the old state."""
+        try:
+            action(*args)
+        except ValueError as error:
+            raise ClassDBError(str(error)) from error
+        self._backends.clear()
 
     def _check_new_label(self, label: str) -> None:
         if not isinstance(label, str) or not label.strip():
@@ -381,23 +409,15 @@ class ClassVectorStore:
             raise ClassDBError(f"The {what} must be finite floating-point numbers (dtype {tensor.dtype}).")
         return tensor
 
-    def _set_rows(self, *, labels: list[str], sums: torch.Tensor, counts: torch.Tensor) -> None:
-        order = sorted(range(len(labels)), key=labels.__getitem__)
-        permutation = torch.tensor(order, dtype=torch.long)
-        self._labels = [labels[index] for index in order]
-        self._sums = sums[permutation].contiguous()
-        self._counts = counts[permutation].contiguous()
-        self._backends.clear()
-
     def _save_zip(self, path: pathlib.Path) -> None:
-        metadata = {**self.metadata(), "labels": self._labels, "counts": self._counts.tolist()}
+        metadata = {**self.metadata(), "labels": self.labels, "counts": self.counts.tolist()}
         with (
             store.atomic_path(path) as temporary,
             tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as folder,
         ):
             written = store.save_embeddings(
                 embeddings=self.means.numpy(),
-                targets=np.array(self._labels, dtype=object),
+                targets=np.array(self.labels, dtype=object),
                 filename=pathlib.Path(folder) / path.name,
             )
             with zipfile.ZipFile(written, "a", compression=zipfile.ZIP_DEFLATED) as archive:
@@ -405,44 +425,46 @@ class ClassVectorStore:
             os.replace(written, temporary)
 
     def _save_npz(self, path: pathlib.Path) -> None:
+        statistics = self.classifier.get_statistics() if self._fitted else {}
+        statistics["classes"] = np.array(self.labels, dtype=str)
         with store.atomic_path(path) as temporary, temporary.open("wb") as stream:
-            np.savez_compressed(
-                stream,
-                metadata=np.array(json.dumps(self.metadata())),
-                labels=np.array(self._labels, dtype=str),
-                sums=self._sums.numpy(),
-                counts=self._counts.numpy(),
-            )
+            np.savez_compressed(stream, metadata=np.array(json.dumps(self.metadata())), **statistics)
 
     @classmethod
     def _from_metadata(cls, metadata: Any, *, path: pathlib.Path) -> ClassVectorStore:
         if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
             raise ClassDBError(f"{path} is not a class vector store (its metadata has no format '{FORMAT}').")
-        if metadata.get("version") != FORMAT_VERSION:
+        if metadata.get("version") not in READABLE_VERSIONS:
             raise ClassDBError(
-                f"{path} uses class store format version {metadata.get('version')}; this code reads version "
-                f"{FORMAT_VERSION}. Rebuild the store with this version."
+                f"{path} uses class store format version {metadata.get('version')}; this code reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}. Rebuild the store with this version."
             )
+        described = metadata.get("classifier", {"name": "mean", "params": {}})
         try:
+            classifier = prototypes.make_classifier(described["name"], **described["params"])
             return cls(
                 dim=int(metadata["dim"]),
                 model_name=str(metadata["model_name"]),
                 model_id=str(metadata["model_id"]),
                 transform_config=metadata["transform_config"],
+                classifier=classifier,
             )
-        except KeyError as error:
-            raise ClassDBError(f"{path}: the store metadata lacks {error}; the file is damaged.") from error
+        except (KeyError, TypeError, ValueError) as error:
+            raise ClassDBError(f"{path}: the store metadata is damaged ({error}); rebuild the store.") from error
 
-    def _fill(self, *, labels: list[str], sums: torch.Tensor, counts: torch.Tensor, path: pathlib.Path) -> None:
-        """Install rows read from ``path`` after checking that they are consistent."""
-        if len(set(labels)) != len(labels) or sums.shape != (len(labels), self.dim) or counts.shape != (len(labels),):
+    def _fill(self, statistics: dict[str, np.ndarray], *, path: pathlib.Path) -> None:
+        """Install statistics read from ``path`` after the classifier has checked that they are consistent."""
+        if not len(statistics["classes"]):
+            return
+        sums = np.asarray(statistics.get("class_sums", np.zeros((0, 0))))
+        if sums.ndim != 2 or sums.shape[1] != self.dim:
             raise ClassDBError(
-                f"{path}: {len(labels)} labels (distinct: {len(set(labels))}), sums {list(sums.shape)} and counts "
-                f"{list(counts.shape)} do not fit a store of dimension {self.dim}; the file is damaged."
+                f"{path}: class sums {list(sums.shape)} do not fit a store of dimension {self.dim}; the file is damaged."
             )
-        if len(counts) and int(counts.min()) < 1:
-            raise ClassDBError(f"{path}: every class needs an image count of at least 1; the file is damaged.")
-        self._set_rows(labels=labels, sums=sums, counts=counts)
+        try:
+            self.classifier.set_statistics(**statistics)
+        except ValueError as error:
+            raise ClassDBError(f"{path}: {error}; the file is damaged.") from error
 
     @classmethod
     def _read_zip(cls, path: pathlib.Path) -> ClassVectorStore:
@@ -461,11 +483,13 @@ class ClassVectorStore:
                     f"{path}: {METADATA_MEMBER} is not valid JSON ({error}); the file is damaged."
                 ) from error
         loaded = cls._from_metadata(metadata, path=path)
-        counts = torch.tensor(metadata.get("counts", []), dtype=torch.int64)
-        sums = torch.from_numpy(means).double()
-        if counts.shape == (len(sums),):
-            sums *= counts.unsqueeze(1)
-        loaded._fill(labels=[str(label) for label in metadata.get("labels", [])], sums=sums, counts=counts, path=path)
+        counts = np.asarray(metadata.get("counts", []))
+        sums = means.astype(np.float64) * counts[:, None] if counts.shape == (len(means),) else means
+        loaded._fill(
+            {"classes": np.array([str(label) for label in metadata.get("labels", [])]), "class_sums": sums,
+             "class_counts": counts},
+            path=path,
+        )
         return loaded
 
     @classmethod
@@ -473,16 +497,27 @@ class ClassVectorStore:
         try:
             with np.load(path, allow_pickle=False) as arrays:
                 metadata = json.loads(str(arrays["metadata"]))
-                labels = [str(label) for label in arrays["labels"]]
-                sums = torch.from_numpy(arrays["sums"].astype(np.float64))
-                counts = torch.from_numpy(arrays["counts"].astype(np.int64))
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+                statistics = {name: arrays[name] for name in arrays.files if name != "metadata"}
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
             raise ClassDBError(
                 f"Cannot read a class vector store from {path}: {error}. Is the file complete?"
             ) from error
+        renamed = {"labels": "classes", "sums": "class_sums", "counts": "class_counts"}  # version 1 names
+        statistics = {renamed.get(name, name): value for name, value in statistics.items()}
         loaded = cls._from_metadata(metadata, path=path)
-        loaded._fill(labels=labels, sums=sums, counts=counts, path=path)
+        loaded._fill(statistics, path=path)
         return loaded
+
+
+def _classifier_name(classifier: Any) -> str:
+    """The command-line name of a :mod:`prototypes` estimator, which a store file records to rebuild it."""
+    for name, kind in prototypes.CLASSIFIERS.items():
+        if type(classifier) is kind:
+            return name
+    raise ClassDBError(
+        f"A store needs a classifier of prototypes.CLASSIFIERS ({', '.join(prototypes.CLASSIFIERS)}), "
+        f"got {type(classifier).__name__}."
+    )
 
 
 def _file_kind(path: pathlib.Path) -> str:
@@ -581,12 +616,15 @@ def _new_store_path(args: argparse.Namespace) -> pathlib.Path:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     path = _new_store_path(args)
+    if args.classifier != "mean" and _file_kind(path) == "zip":
+        raise ClassDBError(f"A '{args.classifier}' store needs the .npz format: use --out {path.with_suffix('.npz')}.")
     maker = banerjee.DatasetMaker(dataset_path=args.dataset)
     model = _model_for(args)
     embeddings = model.embed(maker.get_image_paths())
     labels = maker.get_labels()
     db = ClassVectorStore(
-        dim=embeddings.shape[1], model_name=model.name, model_id=model.id, transform_config=model.transform_config
+        dim=embeddings.shape[1], model_name=model.name, model_id=model.id, transform_config=model.transform_config,
+        classifier=prototypes.make_classifier(args.classifier),
     )
     db.add_classes(
         embeddings=embeddings, labels=[labels[index] for index in maker.get_image_labels().tolist()], model_id=model.id
@@ -708,6 +746,10 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--dataset", required=True, help="folder with one sub-folder of images per class")
     build.add_argument("--out", "--store", dest="store", required=True, help="new store file (.zip or .npz)")
     build.add_argument("--force", action="store_true", help="replace an existing store file")
+    build.add_argument(
+        "--classifier", choices=tuple(prototypes.CLASSIFIERS), default="mean",
+        help="mean: the article's class means (default); decorrelated: centred ridge prototypes (needs a .npz store)",
+    )
     build.set_defaults(handler=_cmd_build)
 
     for name, what in (("add-class", "add a new class"), ("update-class", "add more images to an existing class")):

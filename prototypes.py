@@ -160,6 +160,43 @@ class _ClassStatistics(ClassifierMixin, BaseEstimator):
         self._refresh()
         return self
 
+    def get_statistics(self) -> dict[str, np.ndarray]:
+        """The fitted state as plain arrays (no pickles), so a file can hold it and :meth:`set_statistics` restore it."""
+        check_is_fitted(self)
+        return {name.rstrip("_"): np.asarray(getattr(self, name)) for name in self._statistics_names()}
+
+    def set_statistics(self, **arrays: np.ndarray) -> _ClassStatistics:
+        """Install a state written by :meth:`get_statistics`, checked first: it may come from a damaged file."""
+        missing = [name.rstrip("_") for name in self._statistics_names() if name.rstrip("_") not in arrays]
+        if missing:
+            raise ValueError(f"the statistics lack {', '.join(missing)}")
+        classes, sums = np.asarray(arrays["classes"]), np.asarray(arrays["class_sums"])
+        counts = np.asarray(arrays["class_counts"])
+        if classes.ndim != 1 or len(set(classes.tolist())) != len(classes):
+            raise ValueError(f"class labels must be distinct, got {len(classes)} labels, {len(set(classes.tolist()))} distinct")
+        if sums.ndim != 2 or sums.shape[0] != len(classes) or counts.shape != classes.shape:
+            raise ValueError(
+                f"{len(classes)} labels do not fit class sums of shape {list(sums.shape)} and counts of shape "
+                f"{list(counts.shape)}"
+            )
+        if counts.dtype.kind not in "iu" or (len(counts) and counts.min() < 1):
+            raise ValueError("every class needs an image count of at least 1 (a whole number)")
+        for name, value in arrays.items():
+            if np.asarray(value).dtype.kind == "f" and not np.isfinite(value).all():
+                raise ValueError(f"the statistics '{name}' hold values that are not finite numbers")
+        order = np.argsort(classes, kind="stable")
+        self.classes_, self.class_sums_ = classes[order], sums[order].astype(np.float64)
+        self.class_counts_ = counts[order].astype(np.int64)
+        self._set_shared(arrays)
+        self._refresh()
+        return self
+
+    def _statistics_names(self) -> tuple[str, ...]:
+        return ("classes_", "class_sums_", "class_counts_")
+
+    def _set_shared(self, arrays: dict[str, np.ndarray]) -> None:
+        self.n_features_in_ = self.class_sums_.shape[1]
+
     @property
     def class_means_(self) -> np.ndarray:
         """Mean feature vector of each class ``[C, F]``, in ``classes_`` order."""
@@ -328,6 +365,30 @@ class DecorrelatedClassifier(_ClassStatistics):
     def _query_features(self, X: np.ndarray) -> np.ndarray:
         unit = unit_rows(X)
         return unit if self.projection_dim is None else np.maximum(unit @ self.projection_, 0.0)
+
+    def _statistics_names(self) -> tuple[str, ...]:
+        projection = ("projection_",) if self.projection_dim is not None else ()
+        shared = ("gram_", "feature_sum_", "n_samples_seen_", "relative_alpha_")
+        return super()._statistics_names() + shared + projection
+
+    def _set_shared(self, arrays: dict[str, np.ndarray]) -> None:
+        size = self.class_sums_.shape[1]
+        gram, feature_sum = np.asarray(arrays["gram"], np.float64), np.asarray(arrays["feature_sum"], np.float64)
+        seen = np.asarray(arrays["n_samples_seen"])
+        if gram.shape != (size, size) or feature_sum.shape != (size,):
+            raise ValueError(
+                f"Gram matrix {list(gram.shape)} or feature sum {list(feature_sum.shape)} do not fit {size} features"
+            )
+        if seen.shape != () or seen.dtype.kind not in "iu" or int(seen) < int(self.class_counts_.sum()):
+            raise ValueError("n_samples_seen must be a whole number no smaller than the images of all classes")
+        self.gram_, self.feature_sum_, self.n_samples_seen_ = gram, feature_sum, int(seen)
+        self.relative_alpha_ = float(arrays["relative_alpha"])
+        self.n_features_in_ = size
+        if self.projection_dim is not None:
+            self.projection_ = np.asarray(arrays["projection"], np.float64)
+            if self.projection_.shape[1] != size:
+                raise ValueError(f"the projection has {self.projection_.shape[1]} columns, not {size}")
+            self.n_features_in_ = self.projection_.shape[0]
 
     _sample_features = _query_features
 

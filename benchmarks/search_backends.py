@@ -93,10 +93,13 @@ def run(
         top1 = {}
         for name in classdb.BACKENDS:
             started = time.perf_counter()
-            backend = classdb.make_backend(name=name, corpus=corpus, device=device)
+            backend = classdb.make_backend(
+                name=name, weights=torch.nn.functional.normalize(corpus, dim=1), device=device
+            )
             build_s = time.perf_counter() - started
             seconds, indexes = time_search(
-                backend=backend, queries=queries, top_k=top_k, repeats=repeats, budget_s=budget_s
+                backend=backend, queries=torch.nn.functional.normalize(queries, dim=1), top_k=top_k, repeats=repeats,
+                budget_s=budget_s,
             )
             top1[name] = indexes[:, 0]
             rows.append(

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import classdb
+import prototypes
 import store
 from classdb import ClassDBError, ClassVectorStore, ModelMismatchError
 from conftest import make_class_folders
@@ -147,10 +148,12 @@ def test_backends_agree_on_top1(num_classes):
     corpus = random_vectors(num_classes, seed=3, dim=64)
     picks = torch.randint(num_classes, (300,), generator=torch.Generator().manual_seed(4))
     queries = corpus[picks] + 0.5 * random_vectors(300, seed=5, dim=64)
-    exact = classdb.make_backend(name="torch", corpus=corpus, device="cpu").search(queries=queries, top_k=5)
-    approx = classdb.make_backend(name="faiss", corpus=corpus).search(queries=queries, top_k=5)
+    weights, bias = corpus, torch.linspace(-0.1, 0.1, num_classes)  # a bias, as the decorrelated classifier has
+    exact = classdb.make_backend(name="torch", weights=weights, bias=bias, device="cpu").search(queries=queries, top_k=5)
+    approx = classdb.make_backend(name="faiss", weights=weights, bias=bias).search(queries=queries, top_k=5)
     assert torch.equal(exact[1][:, 0], approx[1][:, 0])
-    torch.testing.assert_close(exact[0], approx[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(exact[0], approx[0], rtol=0, atol=1e-4)
+    torch.testing.assert_close(exact[0][:, 0], (queries @ corpus.T + bias).max(dim=1).values, rtol=0, atol=1e-4)
     assert (exact[1][:, 0] == picks).float().mean() > 0.9
 
 
@@ -298,6 +301,64 @@ def test_two_batch_update_with_image_embeddings(shape_embeddings, lite0_model):
     assert two_batches.counts.tolist() == [10]
 
 
+# --- decorrelated stores --------------------------------------------------------------------------------------------
+
+
+def decorrelated_store() -> ClassVectorStore:
+    db = ClassVectorStore(dim=DIM, **TOY, classifier=prototypes.DecorrelatedClassifier())
+    db.add_classes(embeddings=random_vectors(40, seed=20), labels=[f"class {i % 4}" for i in range(40)])
+    return db
+
+
+def test_decorrelated_store_round_trips_every_statistic_through_npz_and_refuses_zip(tmp_path):
+    db = decorrelated_store()
+    db.add_class(label="extra", embeddings=random_vectors(6, seed=21))
+    path = db.save(path=tmp_path / "decorrelated.npz")
+    loaded = ClassVectorStore.load(path=path)
+    assert isinstance(loaded.classifier, prototypes.DecorrelatedClassifier)
+    assert loaded.metadata() == db.metadata() and loaded.metadata()["classifier"]["name"] == "decorrelated"
+    for name, value in db.classifier.get_statistics().items():
+        assert np.array_equal(loaded.classifier.get_statistics()[name], value), name
+    queries = random_vectors(7, seed=22)
+    assert loaded.search(queries=queries).labels == db.search(queries=queries).labels
+    torch.testing.assert_close(loaded.search(queries=queries).scores, db.search(queries=queries).scores)
+    with pytest.raises(ClassDBError, match=r"cannot hold: save it as .*decorrelated\.npz"):
+        db.save(path=tmp_path / "decorrelated.zip")
+
+
+def test_decorrelated_store_scores_are_the_classifiers_on_both_backends():
+    pytest.importorskip("faiss")
+    db = decorrelated_store()
+    queries = random_vectors(9, seed=23)
+    expected = db.classifier.class_scores(queries.double().numpy())
+    for backend in classdb.BACKENDS:
+        result = db.search(queries=queries, top_k=2, backend=backend, device="cpu")
+        assert [row[0] for row in result.labels] == [db.labels[i] for i in expected.argmax(axis=1)]
+        np.testing.assert_allclose(result.scores[:, 0].numpy(), expected.max(axis=1), atol=1e-4)
+
+
+def test_decorrelated_store_edits_leave_other_classes_alone():
+    db = decorrelated_store()
+    before = db.sums[[0, 2, 3]].clone()
+    db.remove_class(label="class 1")
+    db.rename_class(label="class 3", new_label="a new name")
+    assert db.labels == ["a new name", "class 0", "class 2"]
+    assert torch.equal(db.sums, before[[2, 0, 1]])
+    assert db.classifier.n_samples_seen_ == 40  # the removed class stays in the shared Gram matrix as background
+
+
+def test_version_1_npz_store_still_loads(tmp_path):
+    db = filled_store()
+    metadata = {**db.metadata(), "version": 1}
+    del metadata["classifier"]
+    path = tmp_path / "old.npz"
+    with path.open("wb") as stream:
+        np.savez_compressed(stream, metadata=np.array(json.dumps(metadata)), labels=np.array(db.labels),
+                            sums=db.sums.numpy(), counts=db.counts.numpy())
+    loaded = ClassVectorStore.load(path=path)
+    assert loaded.labels == db.labels and torch.equal(loaded.sums, db.sums) and loaded.classifier_name == "mean"
+
+
 # --- command line ---------------------------------------------------------------------------------------------------
 
 
@@ -404,6 +465,22 @@ def test_cli_classify_prints_and_writes_csv(cli_setup, tmp_path, capsys):
     assert len(rows) == 4 and all(
         row.split(",")[1] == "cyan ring" and float(row.split(",")[2]) > float(row.split(",")[4]) for row in rows[1:]
     )
+
+
+def test_cli_builds_a_decorrelated_store(cli_setup, tmp_path, capsys):
+    dataset, built, model_args = cli_setup
+    assert classdb.main(["build", "--dataset", str(dataset), "--out", str(tmp_path / "d.zip"),
+                         "--classifier", "decorrelated", *model_args]) == 1
+    assert "needs the .npz format: use --out" in capsys.readouterr().err
+    path = tmp_path / "d.npz"
+    assert classdb.main(["build", "--dataset", str(dataset), "--out", str(path), "--classifier", "decorrelated",
+                         *model_args]) == 0
+    db = ClassVectorStore.load(path=path)
+    assert db.classifier_name == "decorrelated" and db.counts.tolist() == [3, 3, 3]
+    assert torch.equal(db.counts, ClassVectorStore.load(path=built).counts)
+    assert classdb.main(["classify", "--store", str(path), str(dataset / "red circle"), *model_args]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("img_")]
+    assert [line.split("\t")[1] for line in lines] == ["red circle"] * 3
 
 
 def test_cli_refuses_a_store_of_another_model(cli_setup, tmp_path, capsys):
