@@ -382,7 +382,7 @@ def default_prototype_methods() -> dict[str, Any]:
     return {
         "class mean (raw, original)": prototypes.ClassMeanClassifier(),
         "class mean (L2-normalised)": prototypes.ClassMeanClassifier(normalize=True),
-        "decorrelated (GCV ridge)": prototypes.DecorrelatedClassifier(),
+        "decorrelated prototypes": prototypes.DecorrelatedClassifier(),
         "1-NN images": NearestNeighbourClassifier(k=1),
         "5-NN images": NearestNeighbourClassifier(k=5),
         "k-means, 2 per class": KMeansPrototypeClassifier(prototypes_per_class=2),

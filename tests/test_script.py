@@ -18,12 +18,34 @@ def six_classes(tmp_path_factory):
     )
 
 
-def test_end_to_end_run_prints_intervals_and_writes_outputs(six_classes, lite0_weights, tmp_path):
-    out = tmp_path / "out"
-    result = run_script(
+def six_class_run(six_classes, lite0_weights, out, *options):
+    return run_script(
         "--dataset", six_classes, "--model", "tf_efficientnet_lite0", "--weights", lite0_weights, "--runs", 5,
-        "--top-k", 2, "--out", out, "--save-embeddings", "--analysis", cwd=tmp_path,
+        "--top-k", 2, "--out", out, *options, cwd=out.parent,
     )
+
+
+@pytest.fixture(scope="module")
+def analysed_run(six_classes, lite0_weights, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    return out, six_class_run(six_classes, lite0_weights, out, "--save-embeddings", "--analysis")
+
+
+def test_decorrelated_classifier_run_equals_its_analysis_row(six_classes, lite0_weights, analysed_run, tmp_path):
+    analysed_out, _ = analysed_run
+    result = six_class_run(six_classes, lite0_weights, tmp_path / "out", "--classifier", "decorrelated")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"^Classifier: DecorrelatedClassifier\(\)$", result.stdout, re.M)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    prototypes = pd.read_csv(analysed_out / "prototypes.csv").set_index("method")
+    assert results["final_stats"]["accuracy"]["mean"] == pytest.approx(
+        prototypes.loc["decorrelated prototypes", "accuracy"]
+    )
+    assert results["settings"]["classifier"] == "decorrelated"
+
+
+def test_end_to_end_run_prints_intervals_and_writes_outputs(analysed_run):
+    out, result = analysed_run
     assert result.returncode == 0, result.stderr[-3000:]
     printed = re.search(r"^Accuracy: ([0-9.]+) ± ([0-9.]+) \(95% confidence, n=5\)$", result.stdout, re.M)
     assert printed, result.stdout[-3000:]
