@@ -11,6 +11,7 @@ not the one with ``name of the animals.txt`` beside it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import numbers
 import os
 import pathlib
@@ -34,11 +35,15 @@ __all__ = [
     "Animal90",
     "DatasetError",
     "DatasetMaker",
+    "TextDataset",
+    "TextDatasetMaker",
     "UnreadableImageError",
     "augment_data",
     "check_shares",
+    "detect_modality",
     "list_image_files",
     "load_rgb_image",
+    "make_dataset_maker",
     "split_class_members",
 ]
 
@@ -356,11 +361,18 @@ def _describe(skipped: Sequence[tuple[pathlib.Path, str]]) -> str:
 class DatasetMaker:
     """Enumerates ``dataset_path/<class>/...`` once and builds dataset parts from it.
 
+    ``modality`` is ``"image"`` here and ``"text"`` for :class:`TextDatasetMaker`, which shares everything else.
+
     Images are numbered in a *global* order: classes sorted by folder name, files sorted by relative path.
     ``check_images`` decodes every file up front so that a damaged one is reported here, with its path, rather
     than halfway through an epoch. Unusable files and classes left without images are dropped, recorded in
     ``skipped`` and reported in one warning; ``strict=True`` raises instead.
     """
+
+    modality = "image"
+    sample_kind = "image"
+    _layout_hint = f"looked for {', '.join(IMAGE_EXTENSIONS)} files in its class folders"
+    _part_class = Animal90
 
     def __init__(self, *, dataset_path: PathLike, check_images: bool = True, strict: bool = False) -> None:
         self._dataset_path = pathlib.Path(dataset_path)
@@ -373,12 +385,21 @@ class DatasetMaker:
             self.skipped.extend(dangling)
         if check_images:
             self._drop_unreadable(classes)
+        self._install(classes, empty=f"class folder has no readable {', '.join(IMAGE_EXTENSIONS)} files")
+        if len(self._labels) == 1 and any("/" in name for name, _ in self._images):
+            warnings.warn(
+                f"{self._dataset_path} holds a single class folder with nested folders; if those are the classes "
+                f"(as in Animal-90's animals/animals), pass {self._dataset_path / self._labels[0][0]} instead.",
+                stacklevel=2,
+            )
+
+    def _install(self, classes: dict[str, list[str]], *, empty: str) -> None:
+        """Number the samples of ``classes`` (label -> sample names, labels in order) and report what was skipped."""
         self._labels: list[tuple[str, int, int]] = []
         self._images: list[tuple[str, int]] = []
         for label, names in classes.items():
             if not names:
-                reason = f"class folder has no readable {', '.join(IMAGE_EXTENSIONS)} files; class dropped"
-                self.skipped.append((self._dataset_path / label, reason))
+                self.skipped.append((self._dataset_path / label, f"{empty}; class dropped"))
                 continue
             begin = len(self._images)
             self._images.extend((name, len(self._labels)) for name in names)
@@ -388,12 +409,6 @@ class DatasetMaker:
             (self._labels[label_idx][0], name): index for index, (name, label_idx) in enumerate(self._images)
         }
         self._report_skipped()
-        if len(self._labels) == 1 and any("/" in name for name, _ in self._images):
-            warnings.warn(
-                f"{self._dataset_path} holds a single class folder with nested folders; if those are the classes "
-                f"(as in Animal-90's animals/animals), pass {self._dataset_path / self._labels[0][0]} instead.",
-                stacklevel=2,
-            )
 
     def _drop_unreadable(self, classes: dict[str, list[str]]) -> None:
         paths = [self._dataset_path / label / name for label, names in classes.items() for name in names]
@@ -416,8 +431,8 @@ class DatasetMaker:
     def _report_skipped(self) -> None:
         if not self._images:
             raise DatasetError(
-                f"No readable images in {self._dataset_path} (looked for {', '.join(IMAGE_EXTENSIONS)} files in "
-                f"its class folders). Problems found:\n{_describe(self.skipped)}"
+                f"No readable {self.sample_kind}s in {self._dataset_path} ({self._layout_hint}). "
+                f"Problems found:\n{_describe(self.skipped) or '  (none: the dataset is empty)'}"
             )
         if not self.skipped:
             return
@@ -523,7 +538,7 @@ class DatasetMaker:
         for (label, _, _), count in zip(self._labels, counts):
             labels.append((label, begin, begin + count))
             begin += count
-        return Animal90(
+        return self._part_class(
             dataset_path=self._dataset_path,
             images=[self._images[index] for index in grouped],
             labels=labels,
@@ -568,7 +583,7 @@ class DatasetMaker:
                 f"{len(missing)} image(s) of the saved {part} part are not in {self._dataset_path} "
                 f"(e.g. {missing[:3]}). The dataset changed since the state was saved; make new partitions."
             )
-        dataset = Animal90(
+        dataset = self._part_class(
             dataset_path=self._dataset_path,
             images=images,
             labels=labels,
@@ -633,3 +648,160 @@ def augment_data(data_config: dict[str, Any]) -> T.Compose:
             T.Normalize(mean=tuple(data_config["mean"]), std=tuple(data_config["std"])),
         ]
     )
+
+
+# --- Sentences ------------------------------------------------------------------------------------------------------
+
+
+class TextDataset(Animal90):
+    """Sentences of one dataset part: ``__getitem__`` returns ``(text, active label index)``.
+
+    The sample names of the layout are the texts themselves, so a part's state (``get_state``) and the embedding
+    cache's fingerprint depend on the data, not on where a row sat in a file.
+    """
+
+    def __getitem__(self, act_image_idx: int) -> tuple[str, int]:
+        image_idx, act_label_idx = self._act_images[act_image_idx]
+        return self._images[image_idx][0], act_label_idx
+
+    def get_text(self, act_image_idx: int) -> str:
+        return self._images[self._act_images[act_image_idx][0]][0]
+
+
+class TextDatasetMaker(DatasetMaker):
+    """Labelled sentences, split per class exactly like images.
+
+    Two layouts: a CSV/TSV file (``.csv``, ``.tsv``; UTF-8) with a text column and a label column chosen by name
+    (``label_column="coarse,fine"`` joins several columns with ``:``), or class folders of ``.txt`` files, one
+    sample per file. Empty texts, files that are not UTF-8 and repeated samples (same text, same label) are
+    skipped and reported like unreadable images (``strict=True`` makes them an error).
+    """
+
+    modality = "text"
+    sample_kind = "text"
+    _layout_hint = "a CSV/TSV file with a text and a label column, or class folders of .txt files"
+    _part_class = TextDataset
+
+    def __init__(
+        self,
+        *,
+        dataset_path: PathLike,
+        text_column: str = "text",
+        label_column: str = "label",
+        strict: bool = False,
+    ) -> None:
+        self._dataset_path = pathlib.Path(dataset_path)
+        self._strict = strict
+        self.skipped: list[tuple[pathlib.Path, str]] = []
+        if self._dataset_path.suffix.lower() in TEXT_TABLE_SUFFIXES and not self._dataset_path.is_file():
+            raise DatasetError(f"No text dataset file at {self._dataset_path}.")
+        if self._dataset_path.is_file():
+            rows = self._read_table(text_column=text_column, label_column=label_column)
+        else:
+            rows = self._read_folders()
+        classes: dict[str, list[str]] = {}
+        seen: set[tuple[str, str]] = set()
+        for where, label, text in rows:
+            if not text.strip():
+                self.skipped.append((where, "empty text"))
+            elif (label, text) in seen:
+                self.skipped.append((where, f"repeats an earlier sample of class {label!r}"))
+            else:
+                seen.add((label, text))
+                classes.setdefault(label, []).append(text)
+        self._install(dict(sorted(classes.items())), empty="class has no usable text")
+
+    def _read_table(self, *, text_column: str, label_column: str) -> list[tuple[pathlib.Path, str, str]]:
+        import pandas as pd
+
+        path = self._dataset_path
+        if path.suffix.lower() not in TEXT_TABLE_SUFFIXES:
+            raise DatasetError(f"{path}: a text dataset file must be {' or '.join(TEXT_TABLE_SUFFIXES)}.")
+        try:
+            table = pd.read_csv(
+                path, sep="\t" if path.suffix.lower() == ".tsv" else ",", dtype=str, keep_default_na=False,
+                encoding="utf-8",
+            )
+        except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+            raise DatasetError(f"Cannot read {path} as UTF-8 {path.suffix[1:].upper()}: {error}") from error
+        label_columns = [name.strip() for name in label_column.split(",")]
+        missing = [name for name in [text_column, *label_columns] if name not in table.columns]
+        if missing:
+            raise DatasetError(
+                f"{path} has no column {', '.join(repr(name) for name in missing)}; its columns are "
+                f"{', '.join(repr(name) for name in table.columns)}. Choose them with --text-column/--label-column."
+            )
+        labels = table[label_columns].agg(":".join, axis=1) if len(table) else table[label_columns[0]]
+        # Row numbers as a spreadsheet shows them: the header is row 1.
+        return [
+            (pathlib.Path(f"{path}:row {number + 2}"), label, text)
+            for number, (label, text) in enumerate(zip(labels, table[text_column]))
+        ]
+
+    def _read_folders(self) -> list[tuple[pathlib.Path, str, str]]:
+        rows = []
+        for label in _list_class_folders(self._dataset_path):
+            for dirpath, dirnames, filenames in sorted(os.walk(self._dataset_path / label)):
+                dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
+                for name in sorted(filenames):
+                    if name.startswith(".") or not name.lower().endswith(".txt"):
+                        continue
+                    path = pathlib.Path(dirpath) / name
+                    try:
+                        rows.append((path, label, path.read_text(encoding="utf-8").strip()))
+                    except UnicodeDecodeError:
+                        self.skipped.append((path, "not UTF-8 text"))
+                    except OSError as error:
+                        self.skipped.append((path, f"cannot be read ({error.strerror or error})"))
+        return rows
+
+    def get_image_paths(self) -> list[pathlib.Path]:
+        raise DatasetError(f"{self._dataset_path} holds sentences, not image files: use get_texts().")
+
+    def get_texts(self) -> list[str]:
+        """Every sample's text in global order."""
+        return [text for text, _ in self._images]
+
+    def get_fingerprint(self) -> list[tuple[str, int, int]]:
+        """``(label/sha256 of the text, length, 0)`` per sample: changes whenever a sample or label changes."""
+        return [
+            (f"{self._labels[label_idx][0]}/{hashlib.sha256(text.encode()).hexdigest()[:16]}", len(text), 0)
+            for text, label_idx in self._images
+        ]
+
+
+TEXT_TABLE_SUFFIXES = (".csv", ".tsv")
+
+
+def make_dataset_maker(
+    *,
+    dataset_path: PathLike,
+    modality: str = "auto",
+    text_column: str = "text",
+    label_column: str = "label",
+    strict: bool = False,
+) -> DatasetMaker:
+    """The maker for ``dataset_path``: sentences for a CSV/TSV file or class folders of ``.txt`` files, else images."""
+    if modality == "auto":
+        modality = detect_modality(dataset_path)
+    if modality == "text":
+        return TextDatasetMaker(
+            dataset_path=dataset_path, text_column=text_column, label_column=label_column, strict=strict
+        )
+    if modality == "image":
+        return DatasetMaker(dataset_path=dataset_path, strict=strict)
+    raise DatasetError(f"Unknown modality {modality!r}; use 'auto', 'image' or 'text'.")
+
+
+def detect_modality(dataset_path: PathLike) -> str:
+    """``"text"`` for a CSV/TSV file or class folders that hold ``.txt`` files and no images, else ``"image"``."""
+    path = pathlib.Path(dataset_path)
+    if path.suffix.lower() in TEXT_TABLE_SUFFIXES:
+        return "text"
+    if not path.is_dir():
+        return "image"
+    suffixes = {
+        file.suffix.lower() for folder in path.iterdir() if folder.is_dir() for file in folder.rglob("*")
+        if file.is_file()
+    }
+    return "text" if ".txt" in suffixes and not suffixes & set(IMAGE_EXTENSIONS) else "image"

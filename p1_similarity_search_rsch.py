@@ -43,6 +43,7 @@ CONFIDENCE = 0.95
 DATASET_PATH = "../data/banerjee-animal-90/animals"
 FORCE_CPU = False
 KAGGLE_DATASET = "iamsouravbanerjee/animal-image-dataset-90-different-animals"
+MODALITY = "auto"
 MODEL_NAME = "tiny_vit_11m_224.dist_in22k_ft_in1k"
 NUM_INTERVALS = 20
 NUM_WORKERS = 0
@@ -53,15 +54,33 @@ RANDOM_SEED = 17
 RUNS = 20
 SAVE_EMBEDDINGS = False
 SHORT_RUN_BATCHES = None
+TEXT_COLUMN = "text"
+LABEL_COLUMN = "label"
+TEXT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 TOPK = 4
 VALID_SHARE = 0.2
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default=DATASET_PATH, help="class-folder dataset: one sub-folder per class")
+    parser.add_argument(
+        "--dataset", default=DATASET_PATH,
+        help="class-folder dataset (one sub-folder per class, of images or .txt files) or a CSV/TSV of sentences",
+    )
     parser.add_argument("--download", action="store_true", help="fetch Banerjee's Animal-90 with kagglehub")
-    parser.add_argument("--model", default=MODEL_NAME, help="timm model name")
+    parser.add_argument(
+        "--modality", choices=("auto", "image", "text"), default=MODALITY,
+        help="auto: text for a CSV/TSV file or folders of .txt files, images otherwise",
+    )
+    parser.add_argument("--text-column", default=TEXT_COLUMN, help="CSV/TSV column that holds the sentences")
+    parser.add_argument(
+        "--label-column", default=LABEL_COLUMN, help="CSV/TSV label column (several, comma-separated, are joined)"
+    )
+    parser.add_argument(
+        "--model", default=None,
+        help=f"timm model name for images (default {MODEL_NAME}); sentence-transformers name or local folder for "
+        f"text (default {TEXT_MODEL_NAME})",
+    )
     parser.add_argument("--weights", default=None, help="local weights file instead of a hub download")
     parser.add_argument("--runs", type=int, default=RUNS, help="number of random partitions")
     parser.add_argument("--valid-share", type=float, default=VALID_SHARE, help="validation share of each class")
@@ -106,7 +125,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def resolve_dataset(*, dataset: str, download: bool) -> pathlib.Path:
-    """The class-folder root: the given path, or the Animal-90 folder that kagglehub downloads."""
+    """The dataset (class-folder root or sentence file): the given path, or the Animal-90 folder kagglehub downloads."""
     if download:
         import kagglehub
 
@@ -119,10 +138,11 @@ def resolve_dataset(*, dataset: str, download: bool) -> pathlib.Path:
             ) from error
         return next(path for path in (root / "animals" / "animals", root / "animals", root) if path.is_dir())
     path = pathlib.Path(dataset).expanduser()
-    if not path.is_dir():
+    if not path.exists():
         raise SystemExit(
-            f"No dataset at {path.resolve()}. Pass --dataset DIR (one sub-folder of images per class), or "
-            f"--download to fetch Banerjee's Animal-90 ({KAGGLE_DATASET}) with kagglehub."
+            f"No dataset at {path.resolve()}. Pass --dataset DIR (one sub-folder of images or .txt files per class) "
+            f"or a CSV/TSV file of sentences, or --download to fetch Banerjee's Animal-90 ({KAGGLE_DATASET}) with "
+            "kagglehub."
         )
     return path
 
@@ -155,25 +175,33 @@ if __name__ == "__main__":
     randomness.set_determinism(seed=args.seed)
     generator = randomness.make_torch_generator(seed=args.seed)
     try:
-        dsm = banerjee.DatasetMaker(
-            dataset_path=resolve_dataset(dataset=args.dataset, download=args.download), strict=args.strict
+        dsm = banerjee.make_dataset_maker(
+            dataset_path=resolve_dataset(dataset=args.dataset, download=args.download), modality=args.modality,
+            text_column=args.text_column, label_column=args.label_column, strict=args.strict,
         )
     except banerjee.DatasetError as error:
         raise SystemExit(str(error)) from error
+    text = dsm.modality == "text"
+    if text and (args.augment_encode or args.augment_eval or args.weights):
+        raise SystemExit("--augment-encode, --augment-eval and --weights apply to image models only; a local "
+                         "sentence-transformers model is a folder: pass it as --model.")
     labels = dsm.get_labels()
     if args.top_k > len(labels):
         raise SystemExit(f"--top-k {args.top_k} exceeds the {len(labels)} classes of {dsm.dataset_path}.")
-    model = engine.create_model(model_name=args.model, weights=args.weights)
-    data_config, eval_transform = engine.eval_transform(model)
-    augmenting_transform = banerjee.augment_data(data_config)
-    encode_transform = augmenting_transform if args.augment_encode else eval_transform
-    query_transform = augmenting_transform if args.augment_eval else eval_transform
+    model_name = args.model or (TEXT_MODEL_NAME if text else MODEL_NAME)
     classifier = prototypes.make_classifier(args.classifier)
-    encoder = engine.Encoder(
-        model=model, device=device, config=argparse.Namespace(topk=args.top_k, short_run_batches=args.short_run),
-        classifier=classifier,
+    encoder = engine.create_encoder(
+        modality=dsm.modality, model_name=model_name, weights=args.weights, device=device, classifier=classifier,
+        config=argparse.Namespace(topk=args.top_k, short_run_batches=args.short_run),
     )
-    print(f"Dataset: {dsm.dataset_path} ({len(labels)} classes, {dsm.get_num_images()} images, "
+    model = encoder.model
+    data_config = eval_transform = encode_transform = query_transform = None
+    if not text:
+        data_config, eval_transform = engine.eval_transform(model)
+        augmenting_transform = banerjee.augment_data(data_config)
+        encode_transform = augmenting_transform if args.augment_encode else eval_transform
+        query_transform = augmenting_transform if args.augment_eval else eval_transform
+    print(f"Dataset: {dsm.dataset_path} ({len(labels)} classes, {dsm.get_num_images()} {dsm.sample_kind}s, "
           f"{len(dsm.skipped)} skipped); model: {engine.model_id(model)}; device: {device}")
 
     #%% Encode and evaluate over random partitions.
@@ -206,7 +234,7 @@ if __name__ == "__main__":
     final_stats = {
         "model_name": engine.model_id(model),
         "num_trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "embedding_dim": model.num_features,
+        "embedding_dim": encoder.num_features,
         "dataset": str(dsm.dataset_path),
         "num_labels": len(labels),
         "num_valid_images": run_results[-1].num_images,
@@ -272,7 +300,7 @@ if __name__ == "__main__":
     if args.save_embeddings and encoder.embeddings is not None:
         store.save_embeddings(
             embeddings=encoder.embeddings.cpu().numpy(), targets=encoder.labels,
-            filename=out_dir / f"embeddings-{args.model}", inform=True,
+            filename=out_dir / f"embeddings-{pathlib.Path(model_name).name}", inform=True,
         )
     print(f"Results written to {out_dir.resolve()}")
 
@@ -330,7 +358,7 @@ if __name__ == "__main__":
             print("-- Prototype variants on the same partitions --", prototypes, sep="\n")
         print("-- Confidence interval coverage --", coverage, sep="\n")
 
-    #%% Manual checking: one random validation image of the last partition.
+    #%% Manual checking: one random validation sample of the last partition.
     valid_ds = dsm.datasets_from_indexes(indexes=torch.tensor(run_results[-1].valid_indexes),
                                          transform=eval_transform)
     if encoder.embeddings is not None and len(valid_ds) > 0:
@@ -340,15 +368,15 @@ if __name__ == "__main__":
         target_label = valid_ds.get_label(target_label_idx)
         predicted_labels = [hit["label"] for hit in hits]
         print("-- Manual checking --")
-        print("Image path:", valid_ds.get_image_path(image_idx))
+        print(f"Text: {valid_ds.get_text(image_idx)}" if text else f"Image path: {valid_ds.get_image_path(image_idx)}")
         print("Target label:", target_label)
         print("Predicted labels:", ", ".join(f"{hit['label']} ({hit['score']:.3f})" for hit in hits))
         print("Correct:", predicted_labels[0] == target_label)
         print("Target is among predicted:", target_label in predicted_labels)
         print("---------------------")
 
-    #%% Visual checking: six random validation images with target and predicted labels.
-    if encoder.embeddings is not None and len(valid_ds) > 0:
+    #%% Visual checking: six random validation images with target and predicted labels (images only).
+    if encoder.embeddings is not None and len(valid_ds) > 0 and not text:
         image_indexes = np.random.permutation(len(valid_ds))[:6]
         samples = [valid_ds[int(index)] for index in image_indexes]
         inputs = torch.stack([image for image, _ in samples])

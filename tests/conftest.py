@@ -105,3 +105,34 @@ def lite0_model(lite0_weights):
     import engine
 
     return engine.create_model(model_name="tf_efficientnet_lite0", weights=lite0_weights)
+
+
+# Sentences of three topics with disjoint vocabularies: a sentence encoder separates them perfectly.
+TOPIC_WORDS = {
+    "cooking": (["Stir", "Whisk", "Simmer", "Season", "Chop"], ["the soup", "the onions", "the sauce", "the dough"],
+                ["with a pinch of salt", "in butter", "until golden", "over low heat"]),
+    "sports": (["The striker scored", "The team won", "The goalkeeper saved", "The coach praised"],
+               ["the final match", "a penalty kick", "the league title", "the cup game"],
+               ["in extra time", "before the crowd", "at the stadium", "after half time"]),
+    "weather": (["Heavy rain is expected", "A cold front brings", "Strong winds will hit", "Sunny skies return"],
+                ["to the coast", "across the valley", "over the mountains", "to the northern plains"],
+                ["tomorrow morning", "this weekend", "by Friday night", "later today"]),
+}
+
+
+def topic_sentences(*, per_class: int, seed: int = 0) -> list[tuple[str, str]]:
+    """``(label, sentence)`` pairs, ``per_class`` distinct sentences of each topic."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for label, (starts, middles, ends) in TOPIC_WORDS.items():
+        sentences = [f"{a} {b} {c}." for a in starts for b in middles for c in ends]
+        rows += [(label, sentences[index]) for index in rng.permutation(len(sentences))[:per_class]]
+    return rows
+
+
+@pytest.fixture(scope="session")
+def minilm_folder(tmp_path_factory) -> pathlib.Path:
+    """The real all-MiniLM-L6-v2 sentence-transformers model (a test dependency), extracted once per session."""
+    import all_minilm_l6_v2
+
+    return pathlib.Path(all_minilm_l6_v2.extract_model(str(tmp_path_factory.mktemp("minilm"))))
