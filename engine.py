@@ -358,10 +358,10 @@ class TextEncoder(Encoder):
         return dimension()
 
     def _forward(self, inputs: Sequence[str]) -> torch.Tensor:
-        texts = list(inputs)
+        # sentence-transformers sorts a call's texts by length and pads per inner batch of 64: larger loader
+        # batches (e.g. 512) waste less padding.
         return self.model.encode(
-            texts, batch_size=max(len(texts), 1), convert_to_tensor=True, device=str(self.device),
-            show_progress_bar=False,
+            list(inputs), batch_size=64, convert_to_tensor=True, device=str(self.device), show_progress_bar=False
         ).float()
 
     def _queries(self, inputs: str | Sequence[str], transform: Callable | None) -> torch.Tensor:
