@@ -13,6 +13,7 @@ label indexes, and ``partitions`` as ``(train_indexes, valid_indexes)`` pairs of
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -40,6 +41,8 @@ import prototypes
 __all__ = [
     "KMeansPrototypeClassifier",
     "NearestNeighbourClassifier",
+    "RunAnalysis",
+    "analyse_runs",
     "ci_coverage",
     "class_accuracy_matrix",
     "compare_prototypes",
@@ -526,3 +529,74 @@ def ci_coverage(
         "confidence": confidence,
         "mean_half_width": float(np.mean([i.half_width for i in intervals])),
     }
+
+
+# --- Everything at once, for the research script ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RunAnalysis:
+    """Every analysis of one experiment's partitions (``analyse_runs``); ``tables`` names the CSV-ready ones."""
+
+    confusion: np.ndarray
+    confused_pairs: pd.DataFrame
+    per_class: pd.DataFrame
+    weak_classes: pd.DataFrame
+    band: pd.DataFrame
+    retrieval: pd.DataFrame
+    prototypes: pd.DataFrame
+    tsne_coords: np.ndarray
+    tsne_targets: np.ndarray
+    tsne_means: np.ndarray
+    coverage: dict[str, float | int]
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        return {
+            "confused_pairs": self.confused_pairs,
+            "class_accuracy_intervals": self.per_class,
+            "least_accurate_intervals": self.weak_classes,
+            "retrieval": self.retrieval,
+            "prototypes": self.prototypes,
+        }
+
+
+def analyse_runs(
+    *,
+    runs: Any,
+    labels: Sequence[str],
+    valid_share: float,
+    confidence: float = 0.95,
+    seed: int = 0,
+    num_intervals: int = 20,
+    threshold: float = 0.8,
+) -> RunAnalysis:
+    """All analyses of a cached-protocol experiment (``protocol.Runs`` with embeddings), on its own partitions."""
+    per_run = dict(targets_per_run=runs.targets_per_run, predictions_per_run=runs.predictions_per_run)
+    embeddings, targets, partitions = runs.embeddings, runs.targets, runs.partitions
+    confusion = confusion_over_partitions(**per_run, num_labels=len(labels))
+    per_class = per_class_accuracy(**per_run, labels=labels, confidence=confidence)
+    last_valid = partitions[-1][1]
+    coords, means = tsne_map(
+        embeddings=embeddings[last_valid], targets=targets[last_valid], num_labels=len(labels), seed=seed
+    )
+    return RunAnalysis(
+        confusion=confusion,
+        confused_pairs=most_confused_pairs(confusion=confusion, labels=labels),
+        per_class=per_class,
+        weak_classes=least_accurate_with_interval(per_class=per_class, threshold=threshold),
+        band=cumulative_accuracy_band(
+            **per_run, num_labels=len(labels), num_intervals=num_intervals, confidence=confidence
+        ),
+        retrieval=retrieval_precision(
+            embeddings=embeddings, targets=targets, partitions=partitions, confidence=confidence
+        ),
+        prototypes=compare_prototypes(
+            embeddings=embeddings, targets=targets, partitions=partitions, top_k=runs.top_k, confidence=confidence
+        ),
+        tsne_coords=coords,
+        tsne_targets=targets[last_valid].numpy(),
+        tsne_means=means,
+        coverage=ci_coverage(
+            embeddings=embeddings, targets=targets, valid_share=valid_share, confidence=confidence, seed=seed
+        ),
+    )

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import difflib
 import hashlib
@@ -14,7 +15,6 @@ import pathlib
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,7 @@ import prototypes
 
 __all__ = [
     "Encoder",
+    "EncoderConfig",
     "TextEncoder",
     "create_encoder",
     "create_model",
@@ -145,11 +146,21 @@ class _ImageList(torch.utils.data.Dataset):
         return self.transform(image), -1
 
 
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """An :class:`Encoder`'s settings, resolved once (the original accepts any object with these attributes)."""
+
+    topk: int = 4
+    short_run_batches: int | None = None
+    channels_last: bool = True
+
+
 class Encoder:
     """A pretrained model plus, after :meth:`encode`, a fitted class-vector classifier of the training loader.
 
-    ``config`` is any object with optional attributes ``topk`` (default 4), ``short_run_batches`` (stop after
-    this many batches, for quick checks; default None) and ``channels_last`` (default True: faster on CPU).
+    ``config`` is an :class:`EncoderConfig` or any object with optional attributes ``topk`` (default 4),
+    ``short_run_batches`` (stop after this many batches, for quick checks; default None) and ``channels_last``
+    (default True: faster on CPU).
     ``classifier`` is an unfitted estimator of :mod:`prototypes` (default: the article's class mean); ``encode``
     fits a copy of it, so one encoder can be encoded again with other data.
     """
@@ -166,7 +177,7 @@ class Encoder:
         classifier: prototypes.ClassMeanClassifier | prototypes.DecorrelatedClassifier | None = None,
     ) -> None:
         self.device = torch.device(device)
-        self.config = config if config is not None else SimpleNamespace()
+        self.config = config if config is not None else EncoderConfig()
         self.memory_format = torch.channels_last if self._setting("channels_last", True) else torch.contiguous_format
         self.model = model.to(self.device, memory_format=self.memory_format).eval()
         self.train_dl = train_dl

@@ -35,12 +35,15 @@ import store
 __all__ = [
     "Run",
     "Runs",
+    "describe_final_stats",
     "embed_all_images",
     "evaluate_partition",
+    "final_stats",
     "load_run_records",
     "make_loader",
     "run_cached_protocol",
     "run_original_protocol",
+    "run_table",
 ]
 
 
@@ -76,7 +79,8 @@ class Runs:
 
     ``classifier`` is the estimator fitted on the last partition's training part (None when every partition was
     resumed from a log of the original protocol); ``embeddings``/``targets`` are every image's embedding and label
-    index in global order (cached protocol only).
+    index in global order (cached protocol only). ``encode_seconds`` is the time spent obtaining embeddings (encoding,
+    or loading them from the cache); ``short_run`` marks a quick check on truncated encoding passes, not a result.
     """
 
     runs: tuple[Run, ...]
@@ -85,6 +89,8 @@ class Runs:
     classifier: Any = None
     embeddings: torch.Tensor | None = None
     targets: torch.Tensor | None = None
+    encode_seconds: float = 0.0
+    short_run: bool = False
 
     def __len__(self) -> int:
         return len(self.runs)
@@ -306,16 +312,22 @@ def run_cached_protocol(
     Each partition costs one fit and two matrix products; the encoder is only used to embed, never changed.
     """
     classifier = classifier if classifier is not None else prototypes.ClassMeanClassifier()
+    short_run = _short_run(encoder)
+    started = time.perf_counter()
     embeddings, targets = embed_all_images(
-        encoder=encoder, maker=maker, transform=transform, batch_size=batch_size, workers=workers, cache=cache,
-        inform=inform,
+        encoder=encoder, maker=maker, transform=transform, batch_size=batch_size, workers=workers,
+        cache=None if short_run else cache, inform=inform,
     )
+    encode_seconds = time.perf_counter() - started
     records = list(completed or [])[:runs]
     fitted = None
     for run, train_indexes, valid_indexes, append in _partitions(
         maker=maker, runs=runs, valid_share=valid_share, generator=generator, completed=records, run_log=run_log,
         desc="[Run/cached]",
     ):
+        if short_run:  # only the first batches were encoded: keep the samples that were
+            train_indexes, valid_indexes = train_indexes[train_indexes < len(targets)], valid_indexes[
+                valid_indexes < len(targets)]
         record, fitted = evaluate_partition(
             embeddings=embeddings, targets=targets, train_indexes=train_indexes, valid_indexes=valid_indexes,
             classifier=classifier, top_k=top_k, run=run,
@@ -327,7 +339,7 @@ def run_cached_protocol(
         fitted = sklearn.base.clone(classifier).fit(embeddings[last_train].numpy(), targets[last_train].numpy())
     return Runs(
         runs=tuple(records), protocol="cached", top_k=top_k, classifier=fitted, embeddings=embeddings,
-        targets=targets,
+        targets=targets, encode_seconds=encode_seconds, short_run=short_run,
     )
 
 
@@ -356,6 +368,7 @@ def run_original_protocol(
     classifier = classifier if classifier is not None else prototypes.ClassMeanClassifier()
     records = list(completed or [])[:runs]
     fitted = None
+    encode_seconds = 0.0
     for run, train_indexes, valid_indexes, append in _partitions(
         maker=maker, runs=runs, valid_share=valid_share, generator=generator, completed=records, run_log=run_log,
         desc="[Run/original]",
@@ -370,6 +383,7 @@ def run_original_protocol(
             loader = make_loader(dataset, batch_size=batch_size, workers=workers, device=encoder.device)
             parts.append(encoder.embed(dataloader=loader, desc=f"[Encode/{name}DS]", inform=inform))
         train, valid = parts
+        encode_seconds += time.perf_counter() - started
         fitted = sklearn.base.clone(classifier).fit(train[0].numpy(), train[1].numpy())
         record = _score(
             run=run, fitted=fitted, train=train, valid=valid, indexes=(train_indexes, valid_indexes), top_k=top_k,
@@ -377,4 +391,64 @@ def run_original_protocol(
         )
         records.append(record)
         append(record)
-    return Runs(runs=tuple(records), protocol="original", top_k=top_k, classifier=fitted)
+    return Runs(
+        runs=tuple(records), protocol="original", top_k=top_k, classifier=fitted, encode_seconds=encode_seconds,
+        short_run=_short_run(encoder),
+    )
+
+
+def _short_run(encoder: engine.Encoder) -> bool:
+    return getattr(encoder.config, "short_run_batches", None) is not None
+
+
+def run_table(runs: Runs) -> list[dict[str, Any]]:
+    """One row per partition with its scores and time, for ``runs.csv``."""
+    return [
+        {"run": run.run, "accuracy": run.accuracy, "topk_accuracy": run.topk_accuracy,
+         "train_accuracy": run.train_accuracy, "seconds": run.seconds}
+        for run in runs
+    ]
+
+
+def final_stats(
+    *, runs: Runs, encoder: engine.Encoder, maker: banerjee.DatasetMaker, confidence: float, total_seconds: float
+) -> dict[str, Any]:
+    """The experiment's summary: model, data, intervals and where the time went (saved in ``results.json``)."""
+    return {
+        "model_name": engine.model_id(encoder.model),
+        "num_trainable_params": sum(p.numel() for p in encoder.model.parameters() if p.requires_grad),
+        "embedding_dim": encoder.num_features,
+        "dataset": str(maker.dataset_path),
+        "modality": maker.modality,
+        "num_labels": maker.get_num_labels(),
+        "num_valid_samples": runs[-1].num_images,
+        "runs": len(runs),
+        "protocol": runs.protocol,
+        "short_run": runs.short_run,
+        "classifier": repr(runs.classifier),
+        "accuracy": runs.accuracy(confidence=confidence),
+        "topk": runs.top_k,
+        "topk_accuracy": runs.topk_accuracy(confidence=confidence),
+        "encode_seconds": runs.encode_seconds,
+        "partition_seconds": sum(run.seconds for run in runs),
+        "total_seconds": total_seconds,
+    }
+
+
+def describe_final_stats(stats: dict[str, Any]) -> dict[str, Any]:
+    """The printed lines of :func:`final_stats`."""
+    note = "; SHORT RUN: truncated encoding passes, not a result" if stats["short_run"] else ""
+    return {
+        "Model name": stats["model_name"],
+        "Number of trainable model parameters": stats["num_trainable_params"],
+        "Size of an embedding vector": stats["embedding_dim"],
+        "Dataset": f"{stats['dataset']} ({stats['num_labels']} classes, {stats['modality']})",
+        f"Validation {stats['modality']}s per partition": stats["num_valid_samples"],
+        "Partitions": f"{stats['runs']} ({stats['protocol']} protocol{note})",
+        "Classifier": stats["classifier"],
+        "Accuracy": stats["accuracy"],
+        f"Top {stats['topk']} accuracy": stats["topk_accuracy"],
+        "Encoding duration": f"{stats['encode_seconds']:.1f} s",
+        "Partitions duration": f"{stats['partition_seconds']:.1f} s (classifier fits and searches included)",
+        "Total duration": f"{stats['total_seconds']:.1f} s",
+    }

@@ -100,10 +100,13 @@ class Profile:
 
     def dump(
         self, *, filename: str | os.PathLike, sort_by: str = "cumulative", strip_dirs: bool = False
-    ) -> None:
-        """Write ``<filename>.prof`` (for ``pstats``/snakeviz) and a readable ``<filename>.log``; no-op if inactive."""
+    ) -> pathlib.Path | None:
+        """Write ``<filename>.prof`` (for ``pstats``/snakeviz) and a readable ``<filename>.log``; no-op if inactive.
+
+        Returns the ``.log`` path (None when inactive), so the caller can say where it went.
+        """
         if not self.active:
-            return
+            return None
         base = pathlib.Path(filename)
         base.parent.mkdir(parents=True, exist_ok=True)
         with open(f"{base}.log", mode="w", encoding="utf-8") as stream:
@@ -113,3 +116,4 @@ class Profile:
             stats.sort_stats(sort_by)
             stats.dump_stats(f"{base}.prof")
             stats.print_stats()
+        return pathlib.Path(f"{base}.log")

@@ -107,6 +107,11 @@ def show_images(
     return _finish(fig, filename)
 
 
+def _plain_text(text: str) -> str:
+    """Text shown as written: a ``$`` would otherwise start matplotlib's math mode (and can fail to render)."""
+    return text.replace("$", r"\$")
+
+
 def draw_cumulative_accuracy(
     *,
     shares: np.ndarray,
@@ -114,6 +119,7 @@ def draw_cumulative_accuracy(
     band: tuple[np.ndarray, np.ndarray] | None = None,
     figsize: tuple[float, float] = (8, 8),
     filename: PathLike | None = None,
+    title: str = "Cumulative accuracy function",
 ) -> Figure:
     """Plot the cumulative accuracy function at its sample points; ``band = (low, high)`` shades its spread
     (e.g. a confidence band over repeated partitions)."""
@@ -122,7 +128,7 @@ def draw_cumulative_accuracy(
     if shares.shape != cum_accs.shape:
         raise ValueError(f"shares and cum_accs must have the same length; got {len(shares)} and {len(cum_accs)}.")
     fig, ax = plt.subplots(figsize=figsize, constrained_layout=True)
-    fig.suptitle("Cumulative accuracy function")
+    fig.suptitle(_plain_text(title), wrap=True)
     if band is not None:
         low, high = (_to_numpy(bound).ravel() for bound in band)
         if low.shape != shares.shape or high.shape != shares.shape:
@@ -142,7 +148,7 @@ def draw_cumulative_accuracy(
 
 
 def draw_confusion_matrix(
-    *, confusion: np.ndarray, labels: Sequence[str], filename: PathLike | None = None
+    *, confusion: np.ndarray, labels: Sequence[str], filename: PathLike | None = None, title: str = "Confusion matrix"
 ) -> Figure:
     """Draw a confusion matrix (rows: true labels, columns: predicted labels) that stays legible up to ~100
     classes: the figure grows with the class count, tick labels shrink, and beyond 100 only every k-th is named."""
@@ -163,7 +169,7 @@ def draw_confusion_matrix(
     ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=font_size)
     ax.set_xlabel("predicted label")
     ax.set_ylabel("true label")
-    ax.set_title("Confusion matrix")
+    ax.set_title(_plain_text(title), wrap=True)
     if num_classes <= MAX_ANNOTATED_CLASSES:
         threshold = confusion.max() / 2.0
         for (row, col), count in np.ndenumerate(confusion):
@@ -185,6 +191,7 @@ def draw_embedding_map(
     labels: Sequence[str],
     mean_coords: np.ndarray | None = None,
     filename: PathLike | None = None,
+    title: str = "Embedding map",
 ) -> Figure:
     """Scatter 2-D embedding coordinates (e.g. t-SNE/PCA) coloured by class, to see which classes overlap.
 
@@ -215,5 +222,5 @@ def draw_embedding_map(
             for index in np.unique(targets)
         ]
         ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
-    ax.set_title("Embedding map" + (" (crosses: class means)" if mean_coords is not None else ""))
+    ax.set_title(_plain_text(title + (" (crosses: class means)" if mean_coords is not None else "")), wrap=True)
     return _finish(fig, filename)

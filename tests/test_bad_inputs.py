@@ -34,7 +34,7 @@ from PIL import Image
 import banerjee
 import classdb
 import engine
-import p1_similarity_search_rsch as script
+import cli
 import protocol
 import store
 
@@ -525,18 +525,20 @@ def test_state_with_bad_active_labels(maker_and_state):
         (("--confidence", "1.5"), "--confidence must lie strictly between 0 and 1"),
         (("--valid-share", "1.2"), "--valid-share: valid_share must be a number in [0, 1], got 1.2"),
         (("--valid-share", "1.0"), "--valid-share: valid_share + test_share must be below 1"),
+        (("--valid-share", "0"), "--valid-share: valid_share must be above 0"),
+        (("--short-run", "0"), "--short-run must be at least 1 batch"),
     ],
 )
-def test_bad_parameters_are_rejected_before_any_work(capsys, args, message):
-    with pytest.raises(SystemExit) as info:
-        script.parse_args(list(args))
-    assert info.value.code == 2
-    assert message in capsys.readouterr().err
+def test_bad_parameters_are_rejected_before_any_work(tmp_path, args, message):
+    result = run_script(*args, "--out", tmp_path / "out", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_dataset_says_where_it_looked_and_how_to_get_it(tmp_path):
     with pytest.raises(SystemExit) as info:
-        script.resolve_dataset(dataset=str(tmp_path / "absent"), download=False)
+        cli.resolve_dataset(dataset=str(tmp_path / "absent"), download=False, kaggle_dataset="owner/animals")
     message = info.value.code
     assert isinstance(message, str)  # Python prints it to stderr and exits with status 1
     assert f"No dataset at {tmp_path / 'absent'}" in message

@@ -69,3 +69,42 @@ def test_end_to_end_run_prints_intervals_and_writes_outputs(analysed_run):
     assert pd.read_csv(out / "retrieval.csv")["k"].tolist() == [1, 4, 8]
     assert json.loads((out / "ci_coverage.json").read_text())["sample_runs"] == 20
     assert "Target is among predicted: True" in result.stdout
+
+
+def test_short_run_with_the_cached_protocol_never_touches_the_cache(six_classes, lite0_weights, tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    result = six_class_run(six_classes, lite0_weights, out, "--short-run", "1", "--batch-size", "16",
+                           "--cache-dir", cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SHORT RUN: truncated encoding passes, not a result" in result.stdout
+    assert json.loads((out / "results.json").read_text())["final_stats"]["short_run"] is True
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_help_lists_defaults_without_importing_torch(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import SCRIPT
+
+    result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert "--classifier {mean,decorrelated}" in result.stdout and "(default: mean)" in result.stdout
+    assert "--device DEVICE" in result.stdout and "(default: auto)" in result.stdout
+    probe = subprocess.run([sys.executable, "-c", "import sys, cli; print('torch' in sys.modules)"],
+                           capture_output=True, text=True, timeout=60, cwd=SCRIPT.parent)
+    assert probe.stdout.strip() == "False"
+
+
+def test_cli_classifier_names_are_the_estimators():
+    import cli
+    import prototypes
+
+    assert cli.CLASSIFIER_NAMES == tuple(prototypes.CLASSIFIERS)
+
+
+def test_unknown_device_is_one_clear_line(six_classes, lite0_weights, tmp_path):
+    result = six_class_run(six_classes, lite0_weights, tmp_path / "out", "--device", "cuda:7")
+    assert result.returncode == 1
+    assert re.fullmatch(r"--device cuda:7: this machine has \d+ CUDA device\(s\)\. Use --device cpu or auto\.",
+                        result.stderr.strip())

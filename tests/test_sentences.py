@@ -144,7 +144,7 @@ def test_script_runs_on_a_csv_of_sentences(topics_csv, minilm_folder, tmp_path):
 
 def test_script_refuses_image_options_for_text(topics_csv, minilm_folder, tmp_path):
     result = run_script("--dataset", topics_csv, "--text-column", "sentence", "--label-column", "topic", "--model",
-                        minilm_folder, "--augment-encode", "--out", tmp_path / "out", cwd=tmp_path)
+                        minilm_folder, "--top-k", 2, "--augment-encode", "--out", tmp_path / "out", cwd=tmp_path)
     assert result.returncode == 1
     assert "apply to image models only" in result.stderr
 

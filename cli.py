@@ -1,0 +1,231 @@
+"""Options of the research script, resolved once into explicit settings, and the files and facts a run records.
+
+Kept free of heavy imports (torch, timm, sentence-transformers load only when a function needs them), so that
+``python p1_similarity_search_rsch.py --help`` answers at once. The script's upper-case constants are the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata
+import json
+import pathlib
+import platform
+import subprocess
+import sys
+from typing import Any
+
+__all__ = [
+    "parse_script_args",
+    "run_class_store",
+    "run_research_script",
+    "resolve_dataset",
+    "resolve_device",
+    "run_environment",
+    "script_argv",
+    "write_csv",
+    "write_json",
+]
+
+CLASSIFIER_NAMES = ("mean", "decorrelated")  # prototypes.CLASSIFIERS, named here to keep --help light
+
+
+def script_argv() -> list[str]:
+    """The script's command-line arguments; none inside an IPython kernel (Spyder, Jupyter), whose argv is its own."""
+    return [] if "ipykernel" in sys.modules else sys.argv[1:]
+
+
+SCRIPT_DESCRIPTION = (
+    "Part 1: classification with a pretrained model and no fine-tuning, by similarity search. Every option defaults "
+    "to an upper-case constant at the top of the script."
+)
+
+
+def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.Namespace:
+    """Parse and check the research script's options; ``defaults`` come from the script's constants."""
+    parser = argparse.ArgumentParser(
+        description=SCRIPT_DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default=defaults["dataset"],
+                      help="class-folder dataset (one sub-folder of images or .txt files per class) or a CSV/TSV "
+                           "file of labelled sentences")
+    data.add_argument("--download", action="store_true", help="fetch Banerjee's Animal-90 with kagglehub")
+    data.add_argument("--modality", choices=("auto", "image", "text"), default=defaults["modality"],
+                      help="auto: text for a CSV/TSV file or folders of .txt files, images otherwise")
+    data.add_argument("--text-column", default=defaults["text_column"], help="CSV/TSV column of the sentences")
+    data.add_argument("--label-column", default=defaults["label_column"],
+                      help="CSV/TSV label column (several, comma-separated, are joined with ':')")
+    data.add_argument("--strict", action="store_true", help="stop on unreadable samples instead of skipping them")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default=defaults["model"],
+                       help=f"timm model for images (None: {defaults['image_model']}); sentence-transformers name or "
+                            f"folder for text (None: {defaults['text_model']})")
+    model.add_argument("--weights", default=defaults["weights"], help="local weights file for a timm model")
+    model.add_argument("--device", default=defaults["device"],
+                       help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps")
+    model.add_argument("--cpu", action="store_true", help="same as --device cpu")
+    model.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="samples per encoding batch")
+    model.add_argument("--workers", type=int, default=defaults["workers"], help="DataLoader worker processes")
+    experiment = parser.add_argument_group("experiment")
+    experiment.add_argument("--classifier", choices=CLASSIFIER_NAMES, default=defaults["classifier"],
+                            help="mean: the article's class mean (cosine); decorrelated: centred ridge prototypes")
+    experiment.add_argument("--runs", type=int, default=defaults["runs"], help="number of random partitions")
+    experiment.add_argument("--valid-share", type=float, default=defaults["valid_share"],
+                            help="validation share of each class")
+    experiment.add_argument("--top-k", type=int, default=defaults["top_k"],
+                            help="k of the top-k accuracy and of the labels shown per query")
+    experiment.add_argument("--confidence", type=float, default=defaults["confidence"],
+                            help="two-sided confidence of the Student-t intervals")
+    experiment.add_argument("--seed", type=int, default=defaults["seed"],
+                            help="seed of the partitions and of every random draw")
+    experiment.add_argument("--protocol", choices=("cached", "original"), default=defaults["protocol"],
+                            help="cached: encode every sample once; original: re-encode each partition like the "
+                                 "article")
+    experiment.add_argument("--augment-encode", action="store_true", default=defaults["augment_encode"],
+                            help="augment the encoded training images (images only; switches to --protocol original)")
+    experiment.add_argument("--augment-eval", action="store_true", default=defaults["augment_eval"],
+                            help="augment the evaluated images (images only; switches to --protocol original)")
+    experiment.add_argument("--short-run", type=int, default=defaults["short_run"], metavar="BATCHES",
+                            help="quick check: stop every encoding pass after this many batches (never cached)")
+    outputs = parser.add_argument_group("outputs")
+    outputs.add_argument("--out", default=defaults["out"], help="directory for plots, CSV and JSON results")
+    outputs.add_argument("--cache-dir", default=defaults["cache_dir"],
+                         help="keep per-sample embeddings here between runs (None: no cache)")
+    outputs.add_argument("--resume", action="store_true", help="continue the partitions saved in --out")
+    outputs.add_argument("--save-embeddings", action="store_true", default=defaults["save_embeddings"],
+                         help="also save the last partition's class vectors (store.save_embeddings ZIP)")
+    outputs.add_argument("--analysis", action="store_true",
+                         help="cached protocol only: confusions, per-class intervals, retrieval P@K, every "
+                              "classifier on the same partitions, t-SNE and a check of the intervals")
+    outputs.add_argument("--profile", action="store_true", default=defaults["profile"],
+                         help="profile the partitions loop (cProfile) into --out/profile")
+    args = parser.parse_args(argv)
+    if args.runs < 1 or args.batch_size < 1 or args.top_k < 1 or args.workers < 0:
+        parser.error("--runs, --batch-size and --top-k must be at least 1, and --workers at least 0.")
+    if args.short_run is not None and args.short_run < 1:
+        parser.error(f"--short-run must be at least 1 batch, got {args.short_run}.")
+    if not 0.0 < args.confidence < 1.0:
+        parser.error(f"--confidence must lie strictly between 0 and 1, got {args.confidence}.")
+    import banerjee  # heavy (torch): only once --help has had its chance to answer
+
+    try:
+        banerjee.check_shares(valid_share=args.valid_share, test_share=0.0)
+    except banerjee.DatasetError as error:
+        parser.error(f"--valid-share: {error}")
+    if args.valid_share == 0.0:
+        parser.error("--valid-share: valid_share must be above 0, or no partition has a validation image.")
+    if args.cpu:
+        args.device = "cpu"
+    if (args.augment_encode or args.augment_eval) and args.protocol == "cached":
+        print("Augmentation draws new images every pass, so it bypasses the embedding cache: --protocol original.")
+        args.protocol = "original"
+    return args
+
+
+def resolve_dataset(*, dataset: str, download: bool, kaggle_dataset: str) -> pathlib.Path:
+    """The dataset (class-folder root or sentence file): the given path, or the folder kagglehub downloads."""
+    if download:
+        import kagglehub
+
+        try:
+            root = pathlib.Path(kagglehub.dataset_download(kaggle_dataset))
+        except Exception as error:
+            raise SystemExit(
+                f"Could not download {kaggle_dataset} with kagglehub ({type(error).__name__}: {error}). It needs "
+                "network access and Kaggle credentials; otherwise download it by hand and pass --dataset DIR."
+            ) from error
+        return next(path for path in (root / "animals" / "animals", root / "animals", root) if path.is_dir())
+    path = pathlib.Path(dataset).expanduser()
+    if not path.exists():
+        raise SystemExit(
+            f"No dataset at {path.resolve()}. Pass --dataset DIR (one sub-folder of images or .txt files per class) "
+            f"or a CSV/TSV file of sentences, or --download to fetch Banerjee's Animal-90 ({kaggle_dataset}) with "
+            "kagglehub."
+        )
+    return path
+
+
+def resolve_device(name: str) -> Any:
+    """``torch.device`` for ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; refuses one this machine lacks."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda:0")
+        return torch.device("mps") if torch.backends.mps.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise SystemExit(f"--device {name!r} is not a device name; use auto, cpu, cuda, cuda:N or mps.") from error
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise SystemExit(
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s). Use --device cpu or auto."
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("--device mps: Apple's Metal backend is not available here. Use --device cpu or auto.")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise SystemExit(f"--device {name}: use auto, cpu, cuda, cuda:N or mps.")
+    return device
+
+
+def run_environment(*, repository: pathlib.Path) -> dict[str, Any]:
+    """Versions and the package's git commit, so a result can be traced to the code and libraries behind it."""
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "torchvision", "timm", "sentence-transformers", "scikit-learn", "numpy"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(repository), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"versions": versions, "git_commit": commit, "platform": platform.platform()}
+
+
+def write_json(path: pathlib.Path, content: dict) -> pathlib.Path:
+    """JSON with intervals as their fields (mean, half_width, ...), floats rounded to 10 digits, the rest as text."""
+    import store
+
+    def plain(value: Any) -> Any:
+        return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else str(value)
+
+    def rounded(value: Any) -> Any:
+        if isinstance(value, float):
+            return round(value, 10)
+        if isinstance(value, dict):
+            return {key: rounded(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [rounded(item) for item in value]
+        return value
+
+    text = json.dumps(rounded(json.loads(json.dumps(content, default=plain))), indent=2)
+    with store.atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_csv(path: pathlib.Path, frame: Any) -> pathlib.Path:
+    import store
+
+    with store.atomic_path(path) as temporary:
+        frame.to_csv(temporary, index=False)
+    return path
+
+
+def run_research_script() -> None:
+    """Console entry point ``similarity-search``: the research script, end to end, with the command-line options."""
+    import runpy
+
+    runpy.run_module("p1_similarity_search_rsch", run_name="__main__")
+
+
+def run_class_store() -> None:
+    """Console entry point ``similarity-classdb``: the class-store commands (same as ``python -m engine``)."""
+    import classdb
+
+    sys.exit(classdb.main())
