@@ -161,7 +161,7 @@ def embed_all_images(
     key = store.cache_key(
         model_id=engine.model_id(encoder.model), transform=transform, fingerprint=maker.get_fingerprint()
     )
-    cached = cache.load(key) if cache is not None else None
+    cached = cache.load(key, targets=maker.get_image_labels()) if cache is not None else None
     if cached is not None:
         if inform:
             print(f"[Embed/All] Using cached embeddings: {cache.path(key)}")

@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import tempfile
+import warnings
 import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
@@ -206,7 +207,9 @@ def cache_key(*, model_id: str, transform: Any, fingerprint: Sequence[Sequence[A
 class EmbeddingCache:
     """Per-image embeddings on disk, one ``<key>.pt`` file per (model, transform, file list) combination.
 
-    A different key means a different file, so a stale cache is never served: it is simply not found.
+    A different key means a different file, so a stale cache is never served: it is simply not found. A file under
+    the right name is still checked before use (its key, shapes, the expected labels and a SHA-256 of its tensors):
+    a damaged, truncated or edited file is reported in a warning and encoded again.
     """
 
     def __init__(self, directory: PathLike) -> None:
@@ -215,21 +218,47 @@ class EmbeddingCache:
     def path(self, key: str) -> pathlib.Path:
         return self.directory / f"embeddings-{key}.pt"
 
-    def load(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Return ``(embeddings, targets)`` for ``key``, or ``None`` when absent or unreadable."""
+    def load(self, key: str, *, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(embeddings, targets)`` for ``key``; None when absent, or (with a warning) when it fails a check.
+
+        ``targets``, when given, are the label indexes the dataset expects, image by image.
+        """
         path = self.path(key)
         if not path.exists():
             return None
+        problem = None
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
+            embeddings, stored_targets = state["embeddings"], state["targets"]
+        except Exception as error:
+            problem = f"unreadable as a torch file of this package ({type(error).__name__})"
+        else:
+            if state.get("key") != key:
+                problem = "it was written for another key"
+            elif embeddings.ndim != 2 or stored_targets.shape != (len(embeddings),):
+                problem = f"embeddings {list(embeddings.shape)} do not fit targets {list(stored_targets.shape)}"
+            elif targets is not None and not torch.equal(stored_targets, targets.cpu()):
+                problem = f"its {len(stored_targets)} labels are not the dataset's {len(targets)}"
+            elif state.get("checksum") != _tensor_checksum(embeddings, stored_targets):
+                problem = "its contents do not match their checksum (edited, damaged or written by an older version)"
+        if problem is not None:
+            warnings.warn(f"Embedding cache {path} is not used: {problem}. Encoding again.", stacklevel=2)
             return None
-        if state.get("key") != key:
-            return None
-        return state["embeddings"], state["targets"]
+        return embeddings, stored_targets
 
     def save(self, key: str, *, embeddings: torch.Tensor, targets: torch.Tensor) -> pathlib.Path:
         path = self.path(key)
+        embeddings, targets = embeddings.cpu().contiguous(), targets.cpu().contiguous()
+        state = {"key": key, "embeddings": embeddings, "targets": targets,
+                 "checksum": _tensor_checksum(embeddings, targets)}
         with atomic_path(path) as temporary:
-            torch.save({"key": key, "embeddings": embeddings.cpu(), "targets": targets.cpu()}, temporary)
+            torch.save(state, temporary)
         return path
+
+
+def _tensor_checksum(*tensors: torch.Tensor) -> str:
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -75,4 +75,21 @@ def test_embedding_cache_round_trip_and_miss(tmp_path):
     assert torch.equal(loaded_embeddings, embeddings) and torch.equal(loaded_targets, targets)
     assert cache.load("k2") is None
     cache.path("k3").write_bytes(b"garbage")
-    assert cache.load("k3") is None
+    with pytest.warns(UserWarning, match=r"embeddings-k3\.pt is not used: unreadable .* Encoding again"):
+        assert cache.load("k3") is None
+
+
+def test_embedding_cache_refuses_edited_mismatched_or_misfiled_contents(tmp_path):
+    cache = store.EmbeddingCache(tmp_path)
+    embeddings, targets = torch.randn(4, 3), torch.tensor([0, 0, 1, 2])
+    path = cache.save("k1", embeddings=embeddings, targets=targets)
+    assert cache.load("k1", targets=targets)[0].equal(embeddings)
+    with pytest.warns(UserWarning, match="its 4 labels are not the dataset's 5"):
+        assert cache.load("k1", targets=torch.tensor([0, 0, 1, 2, 2])) is None
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "embeddings": state["embeddings"] * 1.01}, path)
+    with pytest.warns(UserWarning, match="do not match their checksum"):
+        assert cache.load("k1") is None
+    torch.save(state, cache.path("k2"))
+    with pytest.warns(UserWarning, match="written for another key"):
+        assert cache.load("k2") is None
