@@ -197,8 +197,11 @@ if args.analysis and run_results.embeddings is not None:
         num_intervals=NUM_INTERVALS, threshold=CLASS_ACCURACY_THRESHOLD,
     )
     title = f"{model_name} on {dsm.dataset_path.name}, {len(run_results)} partitions"
-    visual.draw_confusion_matrix(confusion=analysed.confusion, labels=labels, filename=out_dir / "confusion.png",
-                                 title=f"Confusions summed over partitions: {title}")
+    for name, normalize in (("confusion.png", False), ("confusion_normalised.png", True)):
+        visual.draw_confusion_matrix(
+            confusion=analysed.confusion, labels=labels, filename=out_dir / name, normalize=normalize,
+            title=f"Confusions summed over partitions{' (share of the true class)' if normalize else ''}: {title}",
+        )
     visual.draw_cumulative_accuracy(
         shares=analysed.band["share"], cum_accs=analysed.band["mean"], band=(analysed.band["low"],
         analysed.band["high"]), figsize=(5, 5), filename=out_dir / "cumacc_band.png",
@@ -208,7 +211,8 @@ if args.analysis and run_results.embeddings is not None:
         coords=analysed.tsne_coords, targets=analysed.tsne_targets, labels=labels, mean_coords=analysed.tsne_means,
         filename=out_dir / "tsne.png", title=f"t-SNE of the last partition's validation {dsm.sample_kind}s: {title}",
     )
-    print("\n".join(f"Written: {out_dir / name}" for name in ("confusion.png", "cumacc_band.png", "tsne.png")))
+    print("\n".join(f"Written: {out_dir / name}" for name in (
+        "confusion.png", "confusion_normalised.png", "cumacc_band.png", "tsne.png")))
     for name, table in analysed.tables().items():
         print(f"Written: {cli.write_csv(out_dir / f'{name}.csv', table)}")
     print(f"Written: {cli.write_json(out_dir / 'ci_coverage.json', analysed.coverage)}")

@@ -148,11 +148,22 @@ def draw_cumulative_accuracy(
 
 
 def draw_confusion_matrix(
-    *, confusion: np.ndarray, labels: Sequence[str], filename: PathLike | None = None, title: str = "Confusion matrix"
+    *,
+    confusion: np.ndarray,
+    labels: Sequence[str],
+    filename: PathLike | None = None,
+    title: str = "Confusion matrix",
+    normalize: bool = False,
 ) -> Figure:
     """Draw a confusion matrix (rows: true labels, columns: predicted labels) that stays legible up to ~100
-    classes: the figure grows with the class count, tick labels shrink, and beyond 100 only every k-th is named."""
+    classes: the figure grows with the class count, tick labels shrink, and beyond 100 only every k-th is named.
+
+    ``normalize=True`` divides each row by its total, so cells are shares of the true class (classes of different
+    sizes compare fairly); rows without samples stay 0."""
     confusion = _to_numpy(confusion)
+    if normalize:
+        totals = confusion.sum(axis=1, keepdims=True)
+        confusion = np.divide(confusion, totals, out=np.zeros(confusion.shape), where=totals > 0)
     num_classes = len(labels)
     if confusion.shape != (num_classes, num_classes):
         raise ValueError(
@@ -174,7 +185,8 @@ def draw_confusion_matrix(
         threshold = confusion.max() / 2.0
         for (row, col), count in np.ndenumerate(confusion):
             colour = "white" if count > threshold else "black"
-            ax.text(col, row, f"{count:g}", ha="center", va="center", color=colour, fontsize=font_size)
+            text = f"{count:.2f}" if normalize else f"{count:g}"
+            ax.text(col, row, text, ha="center", va="center", color=colour, fontsize=font_size)
     return _finish(fig, filename)
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import io
+
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
@@ -160,6 +162,16 @@ def test_confusion_matrix_small_is_annotated():
     np.testing.assert_array_equal(ax.images[0].get_array(), confusion)
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
     assert sorted(t.get_text() for t in ax.texts) == sorted(str(v) for v in confusion.ravel())
+
+
+def test_normalised_confusion_matrix_shows_shares_of_the_true_class_and_a_literal_title():
+    confusion = np.array([[3, 1], [0, 0]])
+    fig = visual.draw_confusion_matrix(confusion=confusion, labels=["a", "b"], normalize=True, title="cost $5")
+    ax = fig.axes[0]
+    np.testing.assert_allclose(ax.images[0].get_array(), [[0.75, 0.25], [0.0, 0.0]])
+    assert sorted(t.get_text() for t in ax.texts) == ["0.00", "0.00", "0.25", "0.75"]
+    assert ax.get_title() == r"cost \$5"
+    fig.savefig(io.BytesIO(), format="png")  # a bare $ would make matplotlib's math parser fail here
 
 
 def test_confusion_matrix_scales_to_100_classes():
