@@ -80,6 +80,9 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
                             help="two-sided confidence of the Student-t intervals")
     experiment.add_argument("--seed", type=int, default=defaults["seed"],
                             help="seed of the partitions and of every random draw")
+    experiment.add_argument("--reproducible", action=argparse.BooleanOptionalAction, default=defaults["reproducible"],
+                            help="seed every generator with --seed and pick reproducible kernels; without it the "
+                                 "seed is drawn at random (and recorded in results.json)")
     experiment.add_argument("--protocol", choices=("cached", "original"), default=defaults["protocol"],
                             help="cached: encode every sample once; original: re-encode each partition like the "
                                  "article")
@@ -89,6 +92,11 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
                             help="augment the evaluated images (images only; switches to --protocol original)")
     experiment.add_argument("--short-run", type=int, default=defaults["short_run"], metavar="BATCHES",
                             help="quick check: stop every encoding pass after this many batches (never cached)")
+    experiment.add_argument("--caf-from", choices=("pooled", "last"), default=defaults["caf_from"],
+                            help="class accuracies of the CAF and the least accurate classes: pooled over all "
+                                 "partitions, or from the last partition only (the original's choice)")
+    experiment.add_argument("--caf-rule", choices=("ceil", "original"), default=defaults["caf_rule"],
+                            help="CAF sampling rule (cumacc.cumulative_accuracy): ceil, or the original's numbers")
     outputs = parser.add_argument_group("outputs")
     outputs.add_argument("--out", default=defaults["out"], help="directory for plots, CSV and JSON results")
     outputs.add_argument("--cache-dir", default=defaults["cache_dir"],
@@ -118,6 +126,10 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
         parser.error("--valid-share: valid_share must be above 0, or no partition has a validation image.")
     if args.cpu:
         args.device = "cpu"
+    if not args.reproducible:
+        import random
+
+        args.seed = random.SystemRandom().randrange(2**32)
     if (args.augment_encode or args.augment_eval) and args.protocol == "cached":
         print("Augmentation draws new images every pass, so it bypasses the embedding cache: --protocol original.")
         args.protocol = "original"

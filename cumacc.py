@@ -44,14 +44,23 @@ def class_accuracies(*, targets: Any, predictions: Any, num_labels: int) -> np.n
         return np.where(samples > 0, correct / samples, np.nan)
 
 
-def cumulative_accuracy(*, accuracies: Any, num_intervals: int = 10) -> tuple[np.ndarray, np.ndarray]:
+CAF_RULES = ("ceil", "original")
+
+
+def cumulative_accuracy(
+    *, accuracies: Any, num_intervals: int = 10, rule: str = "ceil"
+) -> tuple[np.ndarray, np.ndarray]:
     """Sample the CAF at ``num_intervals + 1`` equally spaced shares of classes; return ``(cum_accs, shares)``.
 
-    For a share ``s > 0`` the value is the accuracy of the ``ceil(s * n)``-th worst of the ``n`` classes, i.e. the
-    smallest accuracy that a share ``s`` of classes do not exceed. At share 0 the value is the worst class accuracy,
-    so the curve starts where the data start (the original implementation forced 0 there, which drew a spurious
-    drop). NaN accuracies (classes without samples) are ignored.
+    ``rule="ceil"`` (default): for a share ``s > 0`` the value is the accuracy of the ``ceil(s * n)``-th worst of
+    the ``n`` classes, i.e. the smallest accuracy that a share ``s`` of classes do not exceed; at share 0 it is the
+    worst class accuracy, so the curve starts where the data start. ``rule="original"`` reproduces the original
+    project's numbers: 0 at share 0 and the ``floor(s * n)``-th worst class elsewhere (at least the first), which
+    can report, for a share of classes, an accuracy that fewer classes than that share stay within. NaN accuracies
+    (classes without samples) are ignored.
     """
+    if rule not in CAF_RULES:
+        raise ValueError(f"rule must be one of {', '.join(CAF_RULES)}; got {rule!r}.")
     if int(num_intervals) != num_intervals or num_intervals < 1:
         raise ValueError(f"num_intervals must be an integer of at least 1; got {num_intervals}.")
     num_intervals = int(num_intervals)
@@ -60,9 +69,15 @@ def cumulative_accuracy(*, accuracies: Any, num_intervals: int = 10) -> tuple[np
     if values.size == 0:
         raise ValueError("accuracies holds no values (all NaN or empty); nothing to accumulate.")
     steps = np.arange(num_intervals + 1)
+    shares = np.linspace(0.0, 1.0, num_intervals + 1)
+    if rule == "original":
+        # The original's float expression int(i * (n / N)), kept as it is so that its rounding is reproduced too.
+        ranks = np.array([max(int(step * (values.size / num_intervals)), 1) for step in steps])
+        cum_accs = values[ranks - 1]
+        cum_accs[0] = 0.0
+        return cum_accs, shares
     # Integer ceil(i * n / N): in floats the share 3/5 times 5 classes is 3.0000000000000004, one class too far.
     ranks = np.maximum(-(-steps * values.size // num_intervals), 1)
-    shares = np.linspace(0.0, 1.0, num_intervals + 1)
     return values[ranks - 1], shares
 
 

@@ -29,6 +29,9 @@ VALID_SHARE = 0.2
 TOPK = 4
 CONFIDENCE = 0.95
 RANDOM_SEED = 17
+REPRODUCIBLE = True  # False: a random seed (recorded in results.json) and no determinism settings
+CAF_FROM = "pooled"  # "pooled" over all partitions, or "last" partition only (the original's choice)
+CAF_RULE = "ceil"  # "ceil", or "original" for the original project's CAF numbers
 PROTOCOL = "cached"
 BATCH_SIZE = 32
 NUM_WORKERS = 0
@@ -50,7 +53,8 @@ args = cli.parse_script_args(
         dataset=DATASET_PATH, modality=MODALITY, text_column=TEXT_COLUMN, label_column=LABEL_COLUMN,
         model=MODEL_NAME, image_model=IMAGE_MODEL_NAME, text_model=TEXT_MODEL_NAME, weights=WEIGHTS,
         device=DEVICE, batch_size=BATCH_SIZE, workers=NUM_WORKERS, classifier=CLASSIFIER, runs=RUNS,
-        valid_share=VALID_SHARE, top_k=TOPK, confidence=CONFIDENCE, seed=RANDOM_SEED, protocol=PROTOCOL,
+        valid_share=VALID_SHARE, top_k=TOPK, confidence=CONFIDENCE, seed=RANDOM_SEED, reproducible=REPRODUCIBLE,
+        caf_from=CAF_FROM, caf_rule=CAF_RULE, protocol=PROTOCOL,
         augment_encode=AUGMENT_ENCODE_DATA, augment_eval=AUGMENT_EVAL_DATA, short_run=SHORT_RUN_BATCHES,
         out=OUT_DIR, cache_dir=CACHE_DIR, save_embeddings=SAVE_EMBEDDINGS, profile=PROFILE,
     ),
@@ -79,7 +83,8 @@ import visual  # noqa: E402
 started = time.perf_counter()
 device = cli.resolve_device(args.device)
 utils.check_cuda_support(inform=True)
-randomness.set_determinism(seed=args.seed)
+if args.reproducible:
+    randomness.set_determinism(seed=args.seed)
 generator = randomness.make_torch_generator(seed=args.seed)
 
 # %% The dataset maker (images or sentences).
@@ -145,15 +150,19 @@ final_stats = protocol.final_stats(
 )
 engine.print_stats(protocol.describe_final_stats(final_stats), title="Final stats")
 
-# %% Per-class accuracy and the cumulative accuracy function (predictions pooled over the partitions).
+# %% Per-class accuracy and the cumulative accuracy function (pooled over the partitions, or the last one).
+caf_runs = run_results.runs if args.caf_from == "pooled" else run_results.runs[-1:]
 class_accuracy = cumacc.class_accuracies(
-    targets=[t for r in run_results for t in r.targets], predictions=[p for r in run_results for p in r.predictions],
+    targets=[t for r in caf_runs for t in r.targets], predictions=[p for r in caf_runs for p in r.predictions],
     num_labels=len(labels),
 )
-cum_accuracies, class_shares = cumacc.cumulative_accuracy(accuracies=class_accuracy, num_intervals=NUM_INTERVALS)
+cum_accuracies, class_shares = cumacc.cumulative_accuracy(
+    accuracies=class_accuracy, num_intervals=NUM_INTERVALS, rule=args.caf_rule
+)
 visual.draw_cumulative_accuracy(
     shares=class_shares, cum_accs=cum_accuracies, figsize=(5, 5), filename=out_dir / "cumacc.png",
-    title=f"CAF of {model_name} on {dsm.dataset_path.name}, pooled over {len(run_results)} partitions",
+    title=f"CAF ({args.caf_rule} rule) of {model_name} on {dsm.dataset_path.name}, "
+          + (f"pooled over {len(run_results)} partitions" if args.caf_from == "pooled" else "last partition"),
 )
 
 # %% The least accurate classes.

@@ -51,12 +51,10 @@ def seed_worker(worker_id: int) -> None:
 def make_torch_generator(*, seed: int | None = None, device: str | torch.device | None = None) -> torch.Generator:
     """A private generator for splits and DataLoaders, so their draws do not depend on other RNG users.
 
-    Without ``seed`` it is seeded from system entropy: a fresh ``torch.Generator`` always starts from the same
-    default seed, which would silently make every "random" run identical.
+    Without ``seed`` it keeps torch's fixed default seed, as the original does: calls without a seed repeat the
+    same draws. For fresh randomness pass ``seed=random.SystemRandom().randrange(2**32)`` (and record it).
     """
     generator = torch.Generator(device=device or "cpu")
-    if seed is None:
-        generator.seed()
-    else:
+    if seed is not None:
         generator.manual_seed(seed)
     return generator

@@ -72,14 +72,23 @@ def _zip_name(filename: PathLike) -> pathlib.Path:
 def save_embeddings(
     *,
     embeddings: np.ndarray | torch.Tensor,
-    targets: Sequence[Any] | np.ndarray,
+    targets: Sequence[Any] | np.ndarray | None = None,
     filename: PathLike,
     inform: bool = False,
+    targes: Sequence[Any] | np.ndarray | None = None,
 ) -> pathlib.Path:
     """Write one CSV (target first, then one column per dimension) inside a ZIP archive.
 
-    Floats are written with enough digits (9 for float32, 17 for float64) for an exact round trip.
+    Floats are written with enough digits (9 for float32, 17 for float64) for an exact round trip. ``targes`` is
+    the original's spelling of ``targets``, accepted with a deprecation warning.
     """
+    if targes is not None:
+        if targets is not None:
+            raise TypeError("Pass targets only (targes is its deprecated spelling), not both.")
+        warnings.warn("save_embeddings(targes=...) is deprecated; use targets=...", DeprecationWarning, stacklevel=2)
+        targets = targes
+    if targets is None:
+        raise TypeError("save_embeddings needs targets=... (one label per embedding row).")
     embeddings = np.asarray(embeddings.detach().cpu() if isinstance(embeddings, torch.Tensor) else embeddings)
     targets = np.asarray(targets)
     if embeddings.ndim != 2 or len(targets) != len(embeddings):
@@ -166,14 +175,19 @@ def load_checkpoint(
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise StoreError(f"Cannot load checkpoint {path}: {error}") from error
-    if not isinstance(state, dict) or "model" not in state or "model_name" not in state:
+    if not isinstance(state, dict) or "model" not in state or not isinstance(state.get("model_config", {}), dict):
         raise StoreError(f"{path} is not a checkpoint written by store.save_checkpoint.")
+    # The original's checkpoints record no model name: its timm config names the architecture.
+    model_name = state.get("model_name") or state.get("model_config", {}).get("architecture")
+    if not model_name:
+        raise StoreError(f"{path} names no model (neither model_name nor model_config['architecture']).")
     try:
-        model = timm.create_model(state["model_name"], pretrained=False, num_classes=0)
+        num_classes = _head_size(model_name=model_name, weights=state["model"])
+        model = timm.create_model(model_name, pretrained=False, num_classes=num_classes)
         model.load_state_dict(state["model"])
     except RuntimeError as error:
-        raise StoreError(f"{path}: cannot rebuild model '{state['model_name']}' from it: {error}") from error
-    model.pretrained_cfg = state["model_config"]
+        raise StoreError(f"{path}: cannot rebuild model '{model_name}' from it: {error}") from error
+    model.pretrained_cfg = state.get("model_config") or model.pretrained_cfg
     datasets: tuple[Any, Any, Any] = (None, None, None)
     part_states = [state.get(f"{part}_ds_state") for part in ("train", "valid", "test")]
     if dataset_path is not None and any(part_states):
@@ -184,6 +198,15 @@ def load_checkpoint(
     if inform:
         print("A checkpoint has been loaded:", path, sep="\n  ")
     return (model, *datasets)
+
+
+def _head_size(*, model_name: str, weights: dict[str, torch.Tensor]) -> int:
+    """Classes of the saved classifier head (0 for a headless encoder), read from timm's name for the head."""
+    import timm
+
+    classifier = timm.models.get_pretrained_cfg_value(model_name, "classifier") or "head"
+    classifier_weight = weights.get(f"{classifier}.weight")
+    return 0 if classifier_weight is None else int(classifier_weight.shape[0])
 
 
 def _plain(value: Any) -> Any:

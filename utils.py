@@ -40,7 +40,7 @@ class NativeScalerV2(timm.utils.NativeScaler):
     advances the schedule for an update that never happened; ``has_stepped()`` lets the training loop skip it.
     """
 
-    def __init__(self, *, device: str | torch.device = "cuda") -> None:
+    def __init__(self, device: str | torch.device = "cuda") -> None:
         super().__init__(device=torch.device(device).type)
         self._stepped = False
 
@@ -83,6 +83,12 @@ class Profile:
     def __init__(self, *, active: bool = True) -> None:
         self.active = active
         self.profiler = cProfile.Profile()
+
+    def __copy__(self) -> Profile:
+        raise TypeError("A Profile cannot be copied: two copies would share one running profiler.")
+
+    def __deepcopy__(self, memo: dict) -> Profile:
+        raise TypeError("A Profile cannot be copied: two copies would share one running profiler.")
 
     def __enter__(self) -> Profile:
         if self.active:

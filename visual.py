@@ -70,6 +70,28 @@ def _to_numpy(values: Any) -> np.ndarray:
     return np.asarray(values)
 
 
+def draw_image(
+    *,
+    ax: plt.Axes,
+    image: torch.Tensor | np.ndarray,
+    mean: Sequence[float],
+    std: Sequence[float],
+    title: str | None = None,
+    title_colour: str = "black",
+) -> None:
+    """Draw one normalised CHW RGB image on ``ax``, undoing the model's ``mean``/``std`` normalisation."""
+    mean = np.asarray(mean, dtype=np.float64).reshape(-1, 1, 1)
+    std = np.asarray(std, dtype=np.float64).reshape(-1, 1, 1)
+    if not len(mean) == len(std) == 3:
+        raise ValueError(f"mean and std need one value per RGB channel; got {len(mean)} and {len(std)}.")
+    image = _to_numpy(image).astype(np.float64)
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be an RGB CHW array (3, H, W); got shape {image.shape}.")
+    ax.imshow(np.clip(image * std + mean, 0.0, 1.0).transpose(1, 2, 0))
+    if title is not None:
+        ax.set_title(_plain_text(title), color=title_colour)
+
+
 def show_images(
     *,
     inputs: torch.Tensor,
@@ -91,19 +113,16 @@ def show_images(
         raise ValueError(
             f"Got {len(images)} images, {len(targets)} targets and {len(predictions)} predictions; they must match."
         )
-    mean = np.asarray(mean, dtype=np.float64).reshape(-1, 1, 1)
-    std = np.asarray(std, dtype=np.float64).reshape(-1, 1, 1)
-    if not len(mean) == len(std) == 3:
-        raise ValueError(f"mean and std need one value per RGB channel; got {len(mean)} and {len(std)}.")
     fig, axes = plt.subplots(nrows=GRID_ROWS, ncols=GRID_COLS, figsize=figsize, constrained_layout=True)
     for index, ax in enumerate(axes.flat):
         ax.axis("off")
         if index >= len(images):
             continue
-        image = np.clip(images[index] * std + mean, 0.0, 1.0).transpose(1, 2, 0)
-        ax.imshow(image)
-        colour = "black" if targets[index] == predictions[index] else "red"
-        ax.set_title(f"targ.: {targets[index]}\npred.: {predictions[index]}", color=colour)
+        draw_image(
+            ax=ax, image=images[index], mean=mean, std=std,
+            title=f"targ.: {targets[index]}\npred.: {predictions[index]}",
+            title_colour="black" if targets[index] == predictions[index] else "red",
+        )
     return _finish(fig, filename)
 
 

@@ -67,12 +67,12 @@ def test_make_torch_generator_with_seed_is_repeatable_and_seed_dependent():
     assert randomness.make_torch_generator(seed=5).device == torch.device("cpu")
 
 
-def test_make_torch_generator_without_seed_is_not_the_fixed_default():
+def test_make_torch_generator_without_seed_repeats_like_the_original():
     default = torch.randperm(50, generator=torch.Generator())
     first = torch.randperm(50, generator=randomness.make_torch_generator())
     second = torch.randperm(50, generator=randomness.make_torch_generator())
-    assert not torch.equal(first, default)
-    assert not torch.equal(first, second)
+    assert torch.equal(first, default) and torch.equal(first, second)
+    assert not torch.equal(first, torch.randperm(50, generator=randomness.make_torch_generator(seed=1)))
 
 
 class WorkerDraws(torch.utils.data.Dataset):

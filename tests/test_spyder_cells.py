@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT, SCRIPT
+from conftest import REPO_ROOT, SCRIPT, topic_sentences
 
 pytest.importorskip("spyder_kernels")
 jupyter_client = pytest.importorskip("jupyter_client")
@@ -95,13 +95,18 @@ def execute(client, code: str, *, timeout: float = 600) -> tuple[str, list[str]]
     return "".join(printed), errors
 
 
-def test_every_cell_runs_in_order_in_a_spyder_kernel_and_any_cell_reruns(spyder_kernel, image_folder, lite0_weights,
-                                                                         tmp_path):
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_every_cell_runs_in_order_in_a_spyder_kernel_and_any_cell_reruns(spyder_kernel, modality, tmp_path, request):
     script = tmp_path / SCRIPT.name
-    constants = {
-        "DATASET_PATH": str(image_folder), "MODEL_NAME": "tf_efficientnet_lite0", "WEIGHTS": str(lite0_weights),
-        "DEVICE": "cpu", "RUNS": 3, "TOPK": 2, "OUT_DIR": str(tmp_path / "out"), "CLASSIFIER": "decorrelated",
-    }
+    constants = {"DEVICE": "cpu", "RUNS": 3, "TOPK": 2, "OUT_DIR": str(tmp_path / "out"), "CLASSIFIER": "decorrelated"}
+    if modality == "image":
+        constants.update(DATASET_PATH=str(request.getfixturevalue("image_folder")), MODEL_NAME="tf_efficientnet_lite0",
+                         WEIGHTS=str(request.getfixturevalue("lite0_weights")))
+    else:
+        rows = topic_sentences(per_class=10)
+        path = tmp_path / "topics.csv"
+        path.write_text("label,text\n" + "".join(f"{label},{text}\n" for label, text in rows), encoding="utf-8")
+        constants.update(DATASET_PATH=str(path), MODEL_NAME=str(request.getfixturevalue("minilm_folder")))
     text = SCRIPT.read_text(encoding="utf-8")
     for name, value in constants.items():
         text, count = re.subn(rf"^{name} = .*$", f"{name} = {value!r}", text, count=1, flags=re.M)
@@ -120,7 +125,9 @@ def test_every_cell_runs_in_order_in_a_spyder_kernel_and_any_cell_reruns(spyder_
     assert re.search(r"^Accuracy: 1\.0000 ± 0\.0000 \(95% confidence, n=3\)$", everything, re.M)
     assert "Classifier: DecorrelatedClassifier()" in everything
     assert "Target is among predicted: True" in everything
-    assert (tmp_path / "out" / "results.json").exists() and (tmp_path / "out" / "examples.png").exists()
+    assert (tmp_path / "out" / "results.json").exists()
+    assert (tmp_path / "out" / "examples.png").exists() == (modality == "image")
+    assert ("Text: " in everything) == (modality == "text")
     final_stats = next(index for index, printed in enumerate(outputs) if "-- Final stats --" in printed)
     again, errors = execute(spyder_kernel, f"%runcell -i {final_stats} {script}")
     assert errors == [] and again == outputs[final_stats].replace(
