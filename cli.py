@@ -29,6 +29,7 @@ __all__ = [
 ]
 
 CLASSIFIER_NAMES = ("mean", "decorrelated")  # prototypes.CLASSIFIERS, named here to keep --help light
+DOWNLOADS = ("animal90", "caltech101")
 
 
 def script_argv() -> list[str]:
@@ -51,7 +52,9 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
     data.add_argument("--dataset", default=defaults["dataset"],
                       help="class-folder dataset (one sub-folder of images or .txt files per class) or a CSV/TSV "
                            "file of labelled sentences")
-    data.add_argument("--download", action="store_true", help="fetch Banerjee's Animal-90 with kagglehub")
+    data.add_argument("--download", nargs="?", const="animal90", choices=DOWNLOADS, default=None,
+                      help="fetch a dataset instead of --dataset: animal90 (the article's, kagglehub, Kaggle "
+                           "credentials) or caltech101 (torchvision, into --cache-dir or ~/.cache)")
     data.add_argument("--modality", choices=("auto", "image", "text"), default=defaults["modality"],
                       help="auto: text for a CSV/TSV file or folders of .txt files, images otherwise")
     data.add_argument("--text-column", default=defaults["text_column"], help="CSV/TSV column of the sentences")
@@ -136,8 +139,12 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
     return args
 
 
-def resolve_dataset(*, dataset: str, download: bool, kaggle_dataset: str) -> pathlib.Path:
-    """The dataset (class-folder root or sentence file): the given path, or the folder kagglehub downloads."""
+def resolve_dataset(
+    *, dataset: str, download: str | None, kaggle_dataset: str, download_dir: str | None = None
+) -> pathlib.Path:
+    """The dataset (class-folder root or sentence file): the given path, or the folder a download leaves."""
+    if download == "caltech101":
+        return _download_caltech101(pathlib.Path(download_dir or pathlib.Path.home() / ".cache" / "similarity-search"))
     if download:
         import kagglehub
 
@@ -157,6 +164,22 @@ def resolve_dataset(*, dataset: str, download: bool, kaggle_dataset: str) -> pat
             "kagglehub."
         )
     return path
+
+
+def _download_caltech101(root: pathlib.Path) -> pathlib.Path:
+    """Caltech-101 through torchvision (about 130 MB); its class folders, ``BACKGROUND_Google`` included."""
+    import torchvision
+
+    folder = root / "caltech101" / "101_ObjectCategories"
+    if not folder.is_dir():
+        try:
+            torchvision.datasets.Caltech101(root=str(root), download=True)
+        except Exception as error:
+            raise SystemExit(
+                f"Could not download Caltech-101 with torchvision into {root} ({type(error).__name__}: {error}). "
+                "It needs network access; otherwise pass a class-folder dataset with --dataset DIR."
+            ) from error
+    return folder
 
 
 def resolve_device(name: str) -> Any:

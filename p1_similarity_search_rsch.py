@@ -90,7 +90,9 @@ generator = randomness.make_torch_generator(seed=args.seed)
 # %% The dataset maker (images or sentences).
 try:
     dsm = banerjee.make_dataset_maker(
-        dataset_path=cli.resolve_dataset(dataset=args.dataset, download=args.download, kaggle_dataset=KAGGLE_DATASET),
+        dataset_path=cli.resolve_dataset(
+            dataset=args.dataset, download=args.download, kaggle_dataset=KAGGLE_DATASET, download_dir=args.cache_dir
+        ),
         modality=args.modality, text_column=args.text_column, label_column=args.label_column, strict=args.strict,
     )
 except banerjee.DatasetError as error:

@@ -932,3 +932,16 @@ def test_another_seed_draws_other_partitions(damaged_run):
     assert len(eighteen) == 1
     assert eighteen[0]["valid_indexes"] != seventeen[0]["valid_indexes"]
     assert sorted(eighteen[0]["valid_indexes"] + eighteen[0]["train_indexes"]) == list(range(32))
+
+
+def test_caltech101_download_offline_is_one_clear_line(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(**_kwargs):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "Caltech101", offline)
+    with pytest.raises(SystemExit) as info:
+        cli.resolve_dataset(dataset="unused", download="caltech101", kaggle_dataset="x/y", download_dir=str(tmp_path))
+    assert str(info.value.code).startswith(f"Could not download Caltech-101 with torchvision into {tmp_path} (OSError")
+    assert "pass a class-folder dataset with --dataset DIR" in str(info.value.code)
