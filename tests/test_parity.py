@@ -173,3 +173,46 @@ def test_augment_data_draws_the_originals_images_for_a_fixed_seed(lite0_model):
         random.seed(3)
         outputs.append(augment(image))
     assert outputs[0].shape == (3, 224, 224) and torch.equal(outputs[0], outputs[1])
+
+
+def test_class_splits_equal_the_originals_given_the_same_draws(image_folder, monkeypatch):
+    import os
+    import pathlib
+
+    import banerjee
+
+    def sorted_walk(self):
+        """The README's shim for Python 3.11 (os.walk for Path.walk), in sorted order like the package's listing."""
+        for root, dirs, files in os.walk(self):
+            dirs.sort()
+            yield pathlib.Path(root), dirs, sorted(files)
+
+    monkeypatch.setattr(pathlib.Path, "walk", sorted_walk, raising=False)
+    torch.manual_seed(5)  # the original draws from the global generator, the package from its own
+    theirs = original("banerjee").DatasetMaker(dataset_path=image_folder).make_datasets(valid_share=0.3,
+                                                                                      test_share=0.2)
+    ours = banerjee.DatasetMaker(dataset_path=image_folder).make_datasets(
+        valid_share=0.3, test_share=0.2, generator=torch.Generator().manual_seed(5)
+    )
+    for their_part, our_part in zip(theirs, ours, strict=True):
+        state = their_part.get_state()
+        assert our_part.get_state() == {
+            "images": [list(image) for image in state["images"]],
+            "labels": [list(label) for label in state["labels"]],
+            "act_labels": state["act_labels"],
+        }
+
+
+def test_checkpoint_written_by_the_package_loads_in_the_originals_loader(tmp_path, monkeypatch):
+    """The original's loader passes the hub id as a model name, which timm 1.0.31 refuses for any checkpoint (its
+    README); with that one name mapped back to the architecture, it rebuilds the package's checkpoint exactly."""
+    theirs = original("store")
+    create_model = timm.create_model
+    monkeypatch.setattr(theirs.timm, "create_model",
+                        lambda model_name, **kwargs: create_model(model_name.split("/")[-1].split(".")[0], **kwargs))
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=7).eval()
+    store.save_checkpoint(filename=tmp_path / "ours.pt", model=model)
+    loaded, *_ = theirs.load_checkpoint(checkpoint_path=tmp_path / "ours.pt", dataset_path=None)
+    assert loaded.num_classes == 7
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
