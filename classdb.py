@@ -209,12 +209,16 @@ class ClassVectorStore:
     @property
     def counts(self) -> torch.Tensor:
         """Images in each class, ``[C]`` int64."""
-        return torch.from_numpy(self.classifier.class_counts_.copy()) if self._fitted else torch.zeros(0, dtype=torch.int64)
+        if not self._fitted:
+            return torch.zeros(0, dtype=torch.int64)
+        return torch.from_numpy(self.classifier.class_counts_.copy())
 
     @property
     def sums(self) -> torch.Tensor:
         """Per-class feature sums ``[C, F]`` float64 (raw embeddings for the class mean): the exact state."""
-        return torch.from_numpy(self.classifier.class_sums_.copy()) if self._fitted else torch.zeros(0, self.dim, dtype=torch.float64)
+        if not self._fitted:
+            return torch.zeros(0, self.dim, dtype=torch.float64)
+        return torch.from_numpy(self.classifier.class_sums_.copy())
 
     @property
     def means(self) -> torch.Tensor:
@@ -292,7 +296,7 @@ class ClassVectorStore:
         self._change(self.classifier.partial_fit, vectors, np.array([label] * len(vectors), dtype=str))
 
     def remove_class(self, *, label: str) -> None:
-        """Drop one class; every other class's statistics stay bit-for-bit the same (see the classifier for the rest)."""
+        """Drop one class; every other class's statistics stay bit-for-bit the same (the classifier says the rest)."""
         self.index(label)
         self._change(self.classifier.remove_class, label)
 
@@ -332,7 +336,8 @@ class ClassVectorStore:
                             indexes=indexes)
 
     def save(self, *, path: PathLike) -> pathlib.Path:
-        """Write the store atomically: ``.zip`` (CSV of float32 class means, store.py format, plus metadata) or ``.npz``.
+        """Write the store atomically: ``.zip`` (CSV of float32 class means in store.py's format, plus metadata) or
+        ``.npz``.
 
         The ``.zip`` form is readable by ``store.load_embeddings`` (means as rows, labels as targets) and holds a
         class-mean store; the ``.npz`` form keeps every float64 statistic of any classifier, so later updates stay
@@ -473,7 +478,8 @@ class ClassVectorStore:
         sums = np.asarray(statistics.get("class_sums", np.zeros((0, 0))))
         if sums.ndim != 2 or sums.shape[1] != self.dim:
             raise ClassDBError(
-                f"{path}: class sums {list(sums.shape)} do not fit a store of dimension {self.dim}; the file is damaged."
+                f"{path}: class sums {list(sums.shape)} do not fit a store of dimension {self.dim}; the file is "
+                "damaged."
             )
         try:
             self.classifier.set_statistics(**statistics)
@@ -779,7 +785,9 @@ def _parser() -> argparse.ArgumentParser:
         help="timm model name for images, sentence-transformers name or folder for texts (default for an existing "
         "store: the one it was built with)",
     )
-    model_options.add_argument("--weights", help="local weights file for a timm --model (otherwise timm downloads them)")
+    model_options.add_argument(
+        "--weights", help="local weights file for a timm --model (otherwise timm downloads them)"
+    )
     model_options.add_argument("--batch-size", type=int, default=32, help="samples per encoding batch (default 32)")
     model_options.add_argument("--cpu", action="store_true", help="encode on the CPU even when CUDA is available")
     store_option = argparse.ArgumentParser(add_help=False)

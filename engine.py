@@ -404,7 +404,9 @@ def create_text_model(*, model_name: str | os.PathLike) -> torch.nn.Module:
         ) from error
     if folder.is_dir():
         weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("pytorch_model.bin"))
-        digest = _file_digest(weights[0]) if weights else hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:12]
+        digest = (
+            _file_digest(weights[0]) if weights else hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:12]
+        )
         model.encoder_id = f"{folder.name}+sha256:{digest}"
     else:
         model.encoder_id = f"sentence-transformers:{model_name}"

@@ -189,7 +189,9 @@ written = [
     }),
 ]
 if run_results.classifier is not None:
-    encoder.set_classifier(classifier=run_results.classifier, labels=[labels[i] for i in run_results.classifier.classes_])
+    encoder.set_classifier(
+        classifier=run_results.classifier, labels=[labels[i] for i in run_results.classifier.classes_]
+    )
 if args.save_embeddings and encoder.embeddings is not None:
     written.append(store.save_embeddings(
         embeddings=encoder.embeddings.cpu().numpy(), targets=encoder.labels,

@@ -69,7 +69,9 @@ class Run:
         names = [field.name for field in dataclasses.fields(cls)]
         missing = [name for name in names if name not in record]
         if missing:
-            raise ValueError(f"{source}: a run record lacks {', '.join(missing)}; the file is not a run log of this version.")
+            raise ValueError(
+                f"{source}: a run record lacks {', '.join(missing)}; the file is not a run log of this version."
+            )
         return cls(**{name: record[name] for name in names})
 
 

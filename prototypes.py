@@ -161,7 +161,7 @@ class _ClassStatistics(ClassifierMixin, BaseEstimator):
         return self
 
     def get_statistics(self) -> dict[str, np.ndarray]:
-        """The fitted state as plain arrays (no pickles), so a file can hold it and :meth:`set_statistics` restore it."""
+        """The fitted state as plain arrays (no pickles): a file can hold it, :meth:`set_statistics` restore it."""
         check_is_fitted(self)
         return {name.rstrip("_"): np.asarray(getattr(self, name)) for name in self._statistics_names()}
 
@@ -173,7 +173,9 @@ class _ClassStatistics(ClassifierMixin, BaseEstimator):
         classes, sums = np.asarray(arrays["classes"]), np.asarray(arrays["class_sums"])
         counts = np.asarray(arrays["class_counts"])
         if classes.ndim != 1 or len(set(classes.tolist())) != len(classes):
-            raise ValueError(f"class labels must be distinct, got {len(classes)} labels, {len(set(classes.tolist()))} distinct")
+            raise ValueError(
+                f"class labels must be distinct, got {len(classes)} labels, {len(set(classes.tolist()))} distinct"
+            )
         if sums.ndim != 2 or sums.shape[0] != len(classes) or counts.shape != classes.shape:
             raise ValueError(
                 f"{len(classes)} labels do not fit class sums of shape {list(sums.shape)} and counts of shape "

@@ -33,7 +33,9 @@ import prototypes  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--embeddings", default=None, help="an embedding cache file (store.EmbeddingCache, .pt)")
     parser.add_argument("--dataset", default=None, help="class-folder dataset to encode (when no --embeddings)")
     parser.add_argument("--model", default="tf_efficientnet_lite0", help="timm model name for --dataset")
@@ -152,7 +154,8 @@ def main(argv: list[str]) -> None:
     table = analysis.compare_prototypes(
         embeddings=embeddings, targets=targets, partitions=partitions, top_k=args.top_k, methods=methods(args)
     )
-    print_table(table, title=f"All classifiers on the same {args.runs} partitions ({time.perf_counter() - started:.0f} s)")
+    seconds = time.perf_counter() - started
+    print_table(table, title=f"All classifiers on the same {args.runs} partitions ({seconds:.0f} s)")
     if args.subsets:
         subset_check(embeddings=embeddings, targets=targets, args=args)
 

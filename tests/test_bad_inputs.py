@@ -806,7 +806,8 @@ def test_class_store_zip_of_another_model_is_refused(tmp_path):
     ("key", "value", "message"),
     [
         ("dim", 1280, r"class sums \[3, 8\] do not fit a store of dimension 1280; the file is damaged"),
-        ("counts", [2, 0, 2], r"every class needs an image count of at least 1 \(a whole number\); the file is damaged"),
+        ("counts", [2, 0, 2],
+         r"every class needs an image count of at least 1 \(a whole number\); the file is damaged"),
         ("format", "something else", "is not a class vector store"),
     ],
 )

@@ -149,7 +149,9 @@ def test_backends_agree_on_top1(num_classes):
     picks = torch.randint(num_classes, (300,), generator=torch.Generator().manual_seed(4))
     queries = corpus[picks] + 0.5 * random_vectors(300, seed=5, dim=64)
     weights, bias = corpus, torch.linspace(-0.1, 0.1, num_classes)  # a bias, as the decorrelated classifier has
-    exact = classdb.make_backend(name="torch", weights=weights, bias=bias, device="cpu").search(queries=queries, top_k=5)
+    exact = classdb.make_backend(name="torch", weights=weights, bias=bias, device="cpu").search(
+        queries=queries, top_k=5
+    )
     approx = classdb.make_backend(name="faiss", weights=weights, bias=bias).search(queries=queries, top_k=5)
     assert torch.equal(exact[1][:, 0], approx[1][:, 0])
     torch.testing.assert_close(exact[0], approx[0], rtol=0, atol=1e-4)
