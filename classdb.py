@@ -861,11 +861,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+WRITING_COMMANDS = ("build", "add-class", "update-class", "remove-class", "rename-class", "import")
+LOCK_TIMEOUT_S = 60.0  # how long a command waits for another writer of the same store
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (errors are printed, not raised)."""
     args = _parser().parse_args(argv)
     try:
-        return args.handler(args)
+        if args.command not in WRITING_COMMANDS:
+            return args.handler(args)
+        lock = store.acquire_writer_lock(args.store, timeout=LOCK_TIMEOUT_S)
+        try:
+            return args.handler(args)
+        finally:
+            lock.release()
     except (ValueError, OSError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

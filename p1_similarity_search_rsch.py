@@ -121,8 +121,11 @@ print(f"Dataset: {dsm.dataset_path} ({len(labels)} classes, {dsm.get_num_images(
 
 # %% Encode and evaluate over random partitions.
 out_dir = pathlib.Path(args.out)
-out_dir.mkdir(parents=True, exist_ok=True)
 run_log = out_dir / "runs.jsonl"
+try:  # held until the end: a second run into the same --out stops here instead of interleaving the logs
+    out_lock = store.acquire_writer_lock(run_log, timeout=0)
+except store.StoreError as error:
+    raise SystemExit(str(error)) from error
 common = dict(
     encoder=encoder, maker=dsm, runs=args.runs, valid_share=args.valid_share, batch_size=args.batch_size,
     workers=args.workers, generator=generator, top_k=args.top_k, classifier=classifier, run_log=run_log,

@@ -247,6 +247,7 @@ class _RunLog:
         self.path = path
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+            _keep_replaced_log(path, completed=completed)
             with store.atomic_path(path) as temporary:
                 temporary.write_text("".join(_json_line(run) for run in completed), encoding="utf-8")
 
@@ -257,6 +258,16 @@ class _RunLog:
             stream.write(_json_line(run))
             stream.flush()
             os.fsync(stream.fileno())
+
+
+def _keep_replaced_log(path: pathlib.Path, *, completed: list[Run]) -> None:
+    """Move aside (and say so) a log holding more than ``completed``: a new experiment never empties an old one."""
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    if len(lines) <= len(completed):
+        return
+    kept = path.with_name(f"{path.stem}-replaced-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
+    os.replace(path, kept)
+    print(f"{path} held {len(lines)} partitions of an earlier experiment; moved to {kept}.")
 
 
 def _json_line(run: Run) -> str:

@@ -25,6 +25,7 @@ import torch
 
 __all__ = [
     "EmbeddingCache",
+    "acquire_writer_lock",
     "StoreError",
     "atomic_path",
     "cache_key",
@@ -225,6 +226,29 @@ def cache_key(*, model_id: str, transform: Any, fingerprint: Sequence[Sequence[A
     digest = hashlib.sha256()
     digest.update(json.dumps([model_id, repr(transform), [list(item) for item in fingerprint]]).encode())
     return digest.hexdigest()[:32]
+
+
+def acquire_writer_lock(path: PathLike, *, timeout: float) -> Any:
+    """Take the lock every writer of ``path`` takes (a hidden ``.<name>.lock`` beside it) and return it, held.
+
+    Two writers of one file (two ``add-class`` commands, two runs into one ``--out``) would otherwise both report
+    success while one's work is lost or interleaved. Waits up to ``timeout`` seconds (0: not at all), then stops
+    with a clear error. Within one process the same lock is returned again, so re-running a notebook cell does
+    not lock itself out; release it with ``.release()`` (the operating system releases it when the process ends).
+    """
+    import filelock
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(path.parent / f".{path.name}.lock", timeout=timeout, is_singleton=True)
+    try:
+        lock.acquire()
+    except filelock.Timeout as error:
+        raise StoreError(
+            f"Another process is writing {path} (it holds {lock.lock_file}). Wait for it to finish, or write to "
+            "another file or folder."
+        ) from error
+    return lock
 
 
 class EmbeddingCache:

@@ -8,6 +8,7 @@ groups as further sections at the end.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -18,6 +19,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import zipfile
@@ -946,3 +948,62 @@ def test_caltech101_download_offline_is_one_clear_line(tmp_path, monkeypatch):
         cli.resolve_dataset(dataset="unused", download="caltech101", kaggle_dataset="x/y", download_dir=str(tmp_path))
     assert str(info.value.code).startswith(f"Could not download Caltech-101 with torchvision into {tmp_path} (OSError")
     assert "pass a class-folder dataset with --dataset DIR" in str(info.value.code)
+
+
+# ===============================================================================================================
+# Concurrent writers and earlier run logs
+# ===============================================================================================================
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(path: pathlib.Path):
+    """Another process holding the writer lock of ``path``, as a second add-class or run would."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import filelock, sys, time; lock = filelock.FileLock(sys.argv[1]); lock.acquire(); "
+         "print('locked', flush=True); time.sleep(120)", str(path.parent / f".{path.name}.lock")],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_second_writer_of_a_class_store_stops_with_a_clear_message(tmp_path, monkeypatch, capsys):
+    path = toy_class_store_zip(tmp_path)
+    before = path.read_bytes()
+    monkeypatch.setattr(classdb, "LOCK_TIMEOUT_S", 0.3)
+    with lock_held_elsewhere(path):
+        assert classdb.main(["remove-class", "--store", str(path), "cat"]) == 1
+    error = capsys.readouterr().err
+    assert f"Another process is writing {path}" in error and "Wait for it to finish" in error
+    assert path.read_bytes() == before
+    assert classdb.main(["remove-class", "--store", str(path), "cat"]) == 0
+
+
+def test_second_run_into_the_same_out_stops_and_an_earlier_log_is_kept(image_folder, lite0_weights, lite0_model,
+                                                                       tmp_path):
+    out = tmp_path / "out"
+    with lock_held_elsewhere(out / "runs.jsonl"):
+        result = run_script("--dataset", image_folder, "--model", "tf_efficientnet_lite0", "--weights", lite0_weights,
+                            "--runs", 2, "--top-k", 2, "--out", out, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(f"Another process is writing {out / 'runs.jsonl'}")
+    maker = banerjee.DatasetMaker(dataset_path=image_folder)
+    _, transform = engine.eval_transform(lite0_model)
+    encoder = engine.Encoder(model=lite0_model, device="cpu")
+
+    def experiment(runs):
+        return protocol.run_cached_protocol(
+            encoder=encoder, maker=maker, transform=transform, runs=runs, valid_share=0.3, batch_size=16, workers=0,
+            generator=torch.Generator().manual_seed(1), top_k=2, run_log=out / "runs.jsonl",
+        )
+
+    experiment(3)
+    earlier = (out / "runs.jsonl").read_text()
+    experiment(2)
+    kept = list(out.glob("runs-replaced-*.jsonl"))
+    assert len(kept) == 1 and kept[0].read_text() == earlier
+    assert len((out / "runs.jsonl").read_text().splitlines()) == 2
