@@ -7,6 +7,7 @@ failed save never leaves a half-written file where a good one used to be.
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import io
 import json
@@ -101,7 +102,10 @@ def save_embeddings(
     frame.insert(loc=0, column="target", value=targets)
     digits = "%.9g" if embeddings.dtype == np.float32 else "%.17g"
     with atomic_path(path) as temporary, zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr(path.stem + ".csv", frame.to_csv(index=False, float_format=digits))
+        # Text fields quoted: a label may hold a bare carriage return, which an unquoted CSV reads as a line break.
+        archive.writestr(
+            path.stem + ".csv", frame.to_csv(index=False, float_format=digits, quoting=csv.QUOTE_NONNUMERIC)
+        )
     if inform:
         print("Embeddings have been saved:", path, sep="\n  ")
     return path

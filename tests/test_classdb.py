@@ -516,3 +516,12 @@ def test_cli_asks_for_the_local_weights_file_a_store_was_built_with(cli_setup, c
     assert classdb.main(["classify", "--store", str(built), str(dataset)]) == 1
     error = capsys.readouterr().err
     assert "built from a local weights file (tf_efficientnet_lite0+sha256:" in error and "--weights" in error
+
+
+@pytest.mark.parametrize("suffix", [".zip", ".npz"])
+def test_any_folder_name_label_round_trips(tmp_path, suffix):
+    db = toy_store()
+    labels = ["carriage\rreturn", "new\nline", 'quote " and, comma', "=SUM(A1)", "ünïcode class"]
+    db.add_classes(embeddings=random_vectors(len(labels), seed=40), labels=labels)
+    loaded = ClassVectorStore.load(path=db.save(path=tmp_path / f"labels{suffix}"))
+    assert loaded.labels == sorted(labels) and torch.equal(loaded.means, db.means)
