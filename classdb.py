@@ -488,7 +488,7 @@ class ClassVectorStore:
 
     @classmethod
     def _read_zip(cls, path: pathlib.Path) -> ClassVectorStore:
-        _, means = store.load_embeddings(filename=path)
+        targets, means = store.load_embeddings(filename=path, text_targets=True)
         with zipfile.ZipFile(path) as archive:
             if METADATA_MEMBER not in archive.namelist():
                 raise ClassDBError(
@@ -503,13 +503,15 @@ class ClassVectorStore:
                     f"{path}: {METADATA_MEMBER} is not valid JSON ({error}); the file is damaged."
                 ) from error
         loaded = cls._from_metadata(metadata, path=path)
+        labels = [str(label) for label in metadata.get("labels", [])]
+        if labels != targets.tolist():
+            raise ClassDBError(
+                f"{path}: the labels of {METADATA_MEMBER} and the CSV's target column differ (in order or content), "
+                "so vectors would get the wrong names; the file was edited or damaged. Rebuild the store."
+            )
         counts = np.asarray(metadata.get("counts", []))
         sums = means.astype(np.float64) * counts[:, None] if counts.shape == (len(means),) else means
-        loaded._fill(
-            {"classes": np.array([str(label) for label in metadata.get("labels", [])]), "class_sums": sums,
-             "class_counts": counts},
-            path=path,
-        )
+        loaded._fill({"classes": np.array(labels), "class_sums": sums, "class_counts": counts}, path=path)
         return loaded
 
     @classmethod

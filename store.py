@@ -111,15 +111,22 @@ def save_embeddings(
     return path
 
 
-def load_embeddings(*, filename: PathLike, inform: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Read ``(targets, embeddings)`` from the first CSV member of a ZIP written by :func:`save_embeddings`."""
+def load_embeddings(
+    *, filename: PathLike, inform: bool = False, text_targets: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``(targets, embeddings)`` from the first CSV member of a ZIP written by :func:`save_embeddings`.
+
+    Targets are parsed as pandas does (numbers become numbers, as in the original); ``text_targets=True`` keeps
+    them as written (``"01"`` stays ``"01"``), for labels that must match exactly.
+    """
     path = pathlib.Path(filename)
     try:
         with zipfile.ZipFile(path) as archive:
             members = [name for name in archive.namelist() if name.lower().endswith(".csv")]
             if not members:
                 raise StoreError(f"{path} holds no CSV file; expected one written by store.save_embeddings.")
-            frame = pd.read_csv(io.BytesIO(archive.read(members[0])))
+            options = {"dtype": {"target": str}, "keep_default_na": False} if text_targets else {}
+            frame = pd.read_csv(io.BytesIO(archive.read(members[0])), **options)
     except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as error:
         raise StoreError(f"Cannot read embeddings from {path}: {error}. Is the file complete and a ZIP?") from error
     if frame.shape[1] < 2 or frame.columns[0] != "target":

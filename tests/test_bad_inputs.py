@@ -1007,3 +1007,22 @@ def test_second_run_into_the_same_out_stops_and_an_earlier_log_is_kept(image_fol
     kept = list(out.glob("runs-replaced-*.jsonl"))
     assert len(kept) == 1 and kept[0].read_text() == earlier
     assert len((out / "runs.jsonl").read_text().splitlines()) == 2
+
+
+def test_class_store_zip_with_relabelled_rows_is_refused(tmp_path):
+    path = toy_class_store_zip(tmp_path)
+    edit_zip_member(path, classdb.METADATA_MEMBER,
+                    lambda text: json.dumps({**json.loads(text), "labels": ["dog", "cat", "owl"]}))
+    with pytest.raises(classdb.ClassDBError, match="target column differ .* wrong names"):
+        classdb.ClassVectorStore.load(path=path)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("counts", [2.5, 2, 2], r"image count of at least 1 \(a whole number\)"),
+    ("counts", None, "labels do not fit class sums"),
+])
+def test_class_store_zip_with_bad_counts_is_refused(tmp_path, key, value, message):
+    path = toy_class_store_zip(tmp_path)
+    edit_zip_member(path, classdb.METADATA_MEMBER, lambda text: json.dumps({**json.loads(text), key: value}))
+    with pytest.raises(classdb.ClassDBError, match=message):
+        classdb.ClassVectorStore.load(path=path)
