@@ -29,7 +29,6 @@ import difflib
 import json
 import os
 import pathlib
-import sys
 import tempfile
 import warnings
 import zipfile
@@ -780,104 +779,35 @@ def _write_predictions(*, path: pathlib.Path, names: list[str], result: SearchRe
             writer.writerow([name] + [value for pair in zip(labels, scores) for value in pair])
 
 
-def _parser() -> argparse.ArgumentParser:
-    model_options = argparse.ArgumentParser(add_help=False)
-    model_options.add_argument(
-        "--model",
-        help="timm model name for images, sentence-transformers name or folder for texts (default for an existing "
-        "store: the one it was built with)",
-    )
-    model_options.add_argument(
-        "--weights", help="local weights file for a timm --model (otherwise timm downloads them)"
-    )
-    model_options.add_argument("--batch-size", type=int, default=32, help="samples per encoding batch (default 32)")
-    model_options.add_argument("--cpu", action="store_true", help="encode on the CPU even when CUDA is available")
-    store_option = argparse.ArgumentParser(add_help=False)
-    store_option.add_argument("--store", required=True, help="class vector store file (.zip or .npz)")
-
-    parser = argparse.ArgumentParser(
-        prog="python -m engine",
-        description="Build, edit and query a class vector database of images or texts (one class-vector classifier).",
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    build = commands.add_parser("build", parents=[model_options], help="encode a dataset into a new store")
-    build.add_argument(
-        "--dataset", required=True,
-        help="folder with one sub-folder of images (or .txt files) per class, or a CSV/TSV file of labelled texts",
-    )
-    build.add_argument("--modality", choices=("auto", "image", "text"), default="auto",
-                       help="auto: text for a CSV/TSV file or folders of .txt files (default)")
-    build.add_argument("--text-column", default="text", help="CSV/TSV column of the texts (default text)")
-    build.add_argument("--label-column", default="label",
-                       help="CSV/TSV label column; several, comma-separated, are joined with ':' (default label)")
-    build.add_argument("--out", "--store", dest="store", required=True, help="new store file (.zip or .npz)")
-    build.add_argument("--force", action="store_true", help="replace an existing store file")
-    build.add_argument(
-        "--classifier", choices=tuple(prototypes.CLASSIFIERS), default="mean",
-        help="mean: the article's class means (default); decorrelated: centred ridge prototypes (needs a .npz store)",
-    )
-    build.set_defaults(handler=_cmd_build)
-
-    for name, what in (("add-class", "add a new class"), ("update-class", "add more samples to an existing class")):
-        command = commands.add_parser(
-            name, parents=[store_option, model_options], help=f"{what} from images or texts"
-        )
-        command.add_argument(
-            "--images", "--texts", dest="samples", required=True,
-            help="an image file or folder of images; for a text store a folder of .txt files or a file of lines",
-        )
-        command.add_argument("--label", required=True, help="class label")
-        command.set_defaults(handler=_cmd_add_or_update)
-
-    remove = commands.add_parser("remove-class", parents=[store_option], help="remove one class")
-    remove.add_argument("label", help="class label")
-    remove.set_defaults(handler=_cmd_remove)
-
-    rename = commands.add_parser("rename-class", parents=[store_option], help="rename one class")
-    rename.add_argument("label", help="current class label")
-    rename.add_argument("new_label", help="new class label")
-    rename.set_defaults(handler=_cmd_rename)
-
-    classify = commands.add_parser(
-        "classify", parents=[store_option, model_options], help="label images or texts by the store"
-    )
-    classify.add_argument(
-        "samples", metavar="IMAGES_OR_TEXTS",
-        help="an image file or folder of images; for a text store a folder of .txt files or a file of lines",
-    )
-    classify.add_argument("--top-k", type=int, default=4, help="classes to report per image (default 4)")
-    classify.add_argument("--backend", choices=BACKENDS, default="torch", help="search backend (default torch)")
-    classify.add_argument("--csv", help="also write the predictions to this CSV file")
-    classify.set_defaults(handler=_cmd_classify)
-
-    info = commands.add_parser("info", parents=[store_option], help="print the model and the classes of a store")
-    info.set_defaults(handler=_cmd_info)
-
-    imported = commands.add_parser(
-        "import", parents=[store_option, model_options], help="turn a store.save_embeddings file into a store"
-    )
-    imported.add_argument("--embeddings", required=True, help="ZIP written by store.save_embeddings")
-    imported.add_argument("--force", action="store_true", help="replace an existing store file")
-    imported.set_defaults(handler=_cmd_import)
-    return parser
-
-
 WRITING_COMMANDS = ("build", "add-class", "update-class", "remove-class", "rename-class", "import")
 LOCK_TIMEOUT_S = 60.0  # how long a command waits for another writer of the same store
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit status (errors are printed, not raised)."""
-    args = _parser().parse_args(argv)
+COMMANDS = {
+    "build": _cmd_build,
+    "add-class": _cmd_add_or_update,
+    "update-class": _cmd_add_or_update,
+    "remove-class": _cmd_remove,
+    "rename-class": _cmd_rename,
+    "classify": _cmd_classify,
+    "info": _cmd_info,
+    "import": _cmd_import,
+}
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Carry out one parsed class-store command (``cli.class_store_parser``); writers hold the store's lock."""
+    if args.command not in WRITING_COMMANDS:
+        return COMMANDS[args.command](args)
+    lock = store.acquire_writer_lock(args.store, timeout=LOCK_TIMEOUT_S)
     try:
-        if args.command not in WRITING_COMMANDS:
-            return args.handler(args)
-        lock = store.acquire_writer_lock(args.store, timeout=LOCK_TIMEOUT_S)
-        try:
-            return args.handler(args)
-        finally:
-            lock.release()
-    except (ValueError, OSError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return COMMANDS[args.command](args)
+    finally:
+        lock.release()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line (``python -m engine``); return the exit status, errors printed as one line."""
+    import cli
+
+    return cli.class_store_main(argv)

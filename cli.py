@@ -17,6 +17,8 @@ import sys
 from typing import Any
 
 __all__ = [
+    "class_store_main",
+    "class_store_parser",
     "parse_script_args",
     "run_class_store",
     "run_research_script",
@@ -30,6 +32,7 @@ __all__ = [
 
 CLASSIFIER_NAMES = ("mean", "decorrelated")  # prototypes.CLASSIFIERS, named here to keep --help light
 DOWNLOADS = ("animal90", "caltech101")
+SEARCH_BACKENDS = ("torch", "faiss")  # classdb.BACKENDS, named here to keep --help light
 
 
 def script_argv() -> list[str]:
@@ -252,6 +255,97 @@ def write_csv(path: pathlib.Path, frame: Any) -> pathlib.Path:
     return path
 
 
+def class_store_parser() -> argparse.ArgumentParser:
+    """The class-store commands' options (``python -m engine``, ``similarity-classdb``), importable without torch."""
+    model_options = argparse.ArgumentParser(add_help=False)
+    model_options.add_argument(
+        "--model",
+        help="timm model name for images, sentence-transformers name or folder for texts (default for an existing "
+        "store: the one it was built with)",
+    )
+    model_options.add_argument(
+        "--weights", help="local weights file for a timm --model (otherwise timm downloads them)"
+    )
+    model_options.add_argument("--batch-size", type=int, default=32, help="samples per encoding batch (default 32)")
+    model_options.add_argument("--cpu", action="store_true", help="encode on the CPU even when CUDA is available")
+    store_option = argparse.ArgumentParser(add_help=False)
+    store_option.add_argument("--store", required=True, help="class vector store file (.zip or .npz)")
+
+    parser = argparse.ArgumentParser(
+        prog="python -m engine",
+        description="Build, edit and query a class vector database of images or texts (one class-vector classifier).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    build = commands.add_parser("build", parents=[model_options], help="encode a dataset into a new store")
+    build.add_argument(
+        "--dataset", required=True,
+        help="folder with one sub-folder of images (or .txt files) per class, or a CSV/TSV file of labelled texts",
+    )
+    build.add_argument("--modality", choices=("auto", "image", "text"), default="auto",
+                       help="auto: text for a CSV/TSV file or folders of .txt files (default)")
+    build.add_argument("--text-column", default="text", help="CSV/TSV column of the texts (default text)")
+    build.add_argument("--label-column", default="label",
+                       help="CSV/TSV label column; several, comma-separated, are joined with ':' (default label)")
+    build.add_argument("--out", "--store", dest="store", required=True, help="new store file (.zip or .npz)")
+    build.add_argument("--force", action="store_true", help="replace an existing store file")
+    build.add_argument(
+        "--classifier", choices=CLASSIFIER_NAMES, default="mean",
+        help="mean: the article's class means (default); decorrelated: centred ridge prototypes (needs a .npz store)",
+    )
+
+    for name, what in (("add-class", "add a new class"), ("update-class", "add more samples to an existing class")):
+        command = commands.add_parser(
+            name, parents=[store_option, model_options], help=f"{what} from images or texts"
+        )
+        command.add_argument(
+            "--images", "--texts", dest="samples", required=True,
+            help="an image file or folder of images; for a text store a folder of .txt files or a file of lines",
+        )
+        command.add_argument("--label", required=True, help="class label")
+
+    remove = commands.add_parser("remove-class", parents=[store_option], help="remove one class")
+    remove.add_argument("label", help="class label")
+
+    rename = commands.add_parser("rename-class", parents=[store_option], help="rename one class")
+    rename.add_argument("label", help="current class label")
+    rename.add_argument("new_label", help="new class label")
+
+    classify = commands.add_parser(
+        "classify", parents=[store_option, model_options], help="label images or texts by the store"
+    )
+    classify.add_argument(
+        "samples", metavar="IMAGES_OR_TEXTS",
+        help="an image file or folder of images; for a text store a folder of .txt files or a file of lines",
+    )
+    classify.add_argument("--top-k", type=int, default=4, help="classes to report per image (default 4)")
+    classify.add_argument(
+        "--backend", choices=SEARCH_BACKENDS, default="torch", help="search backend (default torch)"
+    )
+    classify.add_argument("--csv", help="also write the predictions to this CSV file")
+
+    commands.add_parser("info", parents=[store_option], help="print the model and the classes of a store")
+
+    imported = commands.add_parser(
+        "import", parents=[store_option, model_options], help="turn a store.save_embeddings file into a store"
+    )
+    imported.add_argument("--embeddings", required=True, help="ZIP written by store.save_embeddings")
+    imported.add_argument("--force", action="store_true", help="replace an existing store file")
+    return parser
+
+
+def class_store_main(argv: list[str] | None = None) -> int:
+    """Parse a class-store command, then load the heavy modules and run it; user errors become one line."""
+    args = class_store_parser().parse_args(argv)
+    import classdb
+
+    try:
+        return classdb.run_command(args)
+    except (ValueError, OSError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
 def run_research_script() -> None:
     """Console entry point ``similarity-search``: the research script, end to end, with the command-line options."""
     import runpy
@@ -261,6 +355,4 @@ def run_research_script() -> None:
 
 def run_class_store() -> None:
     """Console entry point ``similarity-classdb``: the class-store commands (same as ``python -m engine``)."""
-    import classdb
-
-    sys.exit(classdb.main())
+    sys.exit(class_store_main())

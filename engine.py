@@ -5,6 +5,13 @@
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # ``python -m engine``: parse the store commands before torch and timm load
+    import sys as _sys
+
+    import cli as _cli
+
+    _sys.exit(_cli.class_store_main())
+
 import dataclasses
 import datetime
 import difflib
@@ -12,7 +19,6 @@ import hashlib
 import math
 import os
 import pathlib
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -475,9 +481,3 @@ def print_stats(summary: dict[str, Any], *, title: str) -> None:
     for name, value in summary.items():
         print(f"{name}: {value}")
     print("-" * (len(title) + 6))
-
-
-if __name__ == "__main__":
-    import classdb
-
-    sys.exit(classdb.main())

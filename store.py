@@ -7,7 +7,6 @@ failed save never leaves a half-written file where a good one used to be.
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import io
 import json
@@ -102,10 +101,9 @@ def save_embeddings(
     frame.insert(loc=0, column="target", value=targets)
     digits = "%.9g" if embeddings.dtype == np.float32 else "%.17g"
     with atomic_path(path) as temporary, zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        # Text fields quoted: a label may hold a bare carriage return, which an unquoted CSV reads as a line break.
-        archive.writestr(
-            path.stem + ".csv", frame.to_csv(index=False, float_format=digits, quoting=csv.QUOTE_NONNUMERIC)
-        )
+        # CRLF line ends make the CSV writer quote any field holding a carriage return (a label may), which an
+        # unquoted CSV would read back as a line break.
+        archive.writestr(path.stem + ".csv", frame.to_csv(index=False, float_format=digits, lineterminator="\r\n"))
     if inform:
         print("Embeddings have been saved:", path, sep="\n  ")
     return path

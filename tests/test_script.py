@@ -96,11 +96,27 @@ def test_help_lists_defaults_without_importing_torch(tmp_path):
     assert probe.stdout.strip() == "False"
 
 
-def test_cli_classifier_names_are_the_estimators():
+def test_cli_names_are_the_modules_own():
+    import classdb
     import cli
     import prototypes
 
     assert cli.CLASSIFIER_NAMES == tuple(prototypes.CLASSIFIERS)
+    assert cli.SEARCH_BACKENDS == classdb.BACKENDS
+
+
+def test_store_command_help_answers_before_torch_loads():
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    probe = ("import runpy, sys; sys.argv = ['engine', '--help']\n"
+             "try:\n    runpy.run_module('engine', run_name='__main__')\n"
+             "except SystemExit:\n    print('torch loaded:', 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert "{build,add-class,update-class,remove-class,rename-class,classify,info,import}" in result.stdout
+    assert result.stdout.strip().endswith("torch loaded: False")
 
 
 def test_unknown_device_is_one_clear_line(six_classes, lite0_weights, tmp_path):
