@@ -18,6 +18,7 @@ import json
 import os
 import pathlib
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -287,6 +288,7 @@ def _partitions(
     """Yield ``(run, train_indexes, valid_indexes, append)`` for runs not yet done; replay the done ones' draws."""
     if runs < 1:
         raise ValueError(f"runs must be at least 1, got {runs}.")
+    _warn_about_uninformative_classes(maker=maker, valid_share=valid_share)
     completed = completed[:runs]
     log = _RunLog(run_log, completed)
     for run in tqdm(range(runs), desc=desc, leave=True):
@@ -301,6 +303,25 @@ def _partitions(
                 )
             continue
         yield run, train_indexes, valid_indexes, log.append
+
+
+def _warn_about_uninformative_classes(*, maker: banerjee.DatasetMaker, valid_share: float) -> None:
+    """Say when the accuracy cannot mean what it seems: one class only, or classes that are never validated."""
+    if maker.get_num_labels() == 1:
+        warnings.warn(
+            f"{maker.dataset_path} has a single class: every prediction is right, so an accuracy of 1.0 says nothing "
+            "about the model. Add classes.",
+            stacklevel=3,
+        )
+    sizes = torch.bincount(maker.get_image_labels(), minlength=maker.get_num_labels()).tolist()
+    unvalidated = [label for label, size in zip(maker.get_labels(), sizes) if int(size * valid_share) == 0]
+    if unvalidated:
+        shown = ", ".join(repr(label) for label in unvalidated[:10]) + (" ..." if len(unvalidated) > 10 else "")
+        warnings.warn(
+            f"{len(unvalidated)} class(es) of {maker.dataset_path} are too small to get a validation sample at "
+            f"valid_share={valid_share}, so their accuracy is never measured: {shown}. Add samples or raise the share.",
+            stacklevel=3,
+        )
 
 
 def run_cached_protocol(

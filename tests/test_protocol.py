@@ -134,3 +134,22 @@ def test_loader_rejects_bad_sizes(setup):
     with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
         protocol.make_loader(maker.full_dataset(transform=transform), batch_size=0, workers=0,
                              device=torch.device("cpu"))
+
+
+def test_single_class_and_never_validated_classes_are_warned_about(tmp_path, setup):
+    from conftest import CLASS_STYLES, make_class_folders
+
+    _, transform, encoder = setup
+    root = make_class_folders(tmp_path / "uneven", classes=list(CLASS_STYLES)[:3], images_per_class=[10, 10, 2])
+    with pytest.warns(UserWarning, match=r"1 class\(es\) .* never measured: 'blue triangle'"):
+        protocol.run_cached_protocol(
+            encoder=encoder, maker=banerjee.DatasetMaker(dataset_path=root), transform=transform, runs=1,
+            valid_share=0.3, batch_size=16, workers=0, generator=torch.Generator().manual_seed(0), top_k=1,
+        )
+    single = make_class_folders(tmp_path / "single", classes=list(CLASS_STYLES)[:1], images_per_class=6)
+    with pytest.warns(UserWarning, match="single class: every prediction is right"):
+        runs = protocol.run_cached_protocol(
+            encoder=encoder, maker=banerjee.DatasetMaker(dataset_path=single), transform=transform, runs=1,
+            valid_share=0.3, batch_size=16, workers=0, generator=torch.Generator().manual_seed(0), top_k=1,
+        )
+    assert runs[0].accuracy == 1.0
