@@ -222,7 +222,9 @@ class ClassVectorStore:
     @property
     def means(self) -> torch.Tensor:
         """Class mean vectors ``[C, F]`` float32, in label order: what a ``.zip`` store holds as rows."""
-        return (self.sums / self.counts.unsqueeze(1)).float()
+        if not self._fitted:
+            return torch.zeros(0, self.dim)
+        return torch.from_numpy(self.classifier.class_means_).float()
 
     def metadata(self) -> dict[str, Any]:
         """What a file needs to know to refuse vectors from another model or preprocessing, and to rebuild."""

@@ -41,6 +41,7 @@ __all__ = [
     "create_encoder",
     "create_model",
     "create_text_model",
+    "describe_model",
     "eval_transform",
     "model_id",
     "print_stats",
@@ -212,7 +213,8 @@ class Encoder:
         """Dataset label index of each class vector row."""
         return None if self.fitted_classifier is None else torch.from_numpy(self.fitted_classifier.classes_)
 
-    def _describe(self) -> dict[str, Any]:
+    def describe(self) -> dict[str, Any]:
+        """Model name, trainable parameters and embedding size: the head of every statistics record."""
         return {
             "model_name": model_id(self.model),
             "num_trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
@@ -285,7 +287,7 @@ class Encoder:
         fitted = sklearn.base.clone(self.classifier).fit(embeddings.numpy(), targets.numpy())
         self.set_classifier(classifier=fitted, labels=[dataset.get_label(int(index)) for index in fitted.classes_])
         stats = {
-            **self._describe(),
+            **self.describe(),
             "dataset_part": "train",
             "num_labels": len(fitted.classes_),
             "num_images": len(targets),
@@ -316,7 +318,7 @@ class Encoder:
         targets = torch.cat(all_targets) if all_targets else torch.empty(0, dtype=torch.long)
         topk = torch.cat(all_topk) if all_topk else torch.empty(0, self.topk, dtype=torch.long)
         stats = {
-            **self._describe(),
+            **self.describe(),
             "dataset_part": part,
             **score_predictions(targets=targets, topk_predictions=topk),
             "topk": self.topk,
@@ -458,12 +460,19 @@ def score_predictions(*, targets: torch.Tensor, topk_predictions: torch.Tensor) 
     }
 
 
-def _pass_summary(stats: dict[str, Any], *, dataset: Any) -> dict[str, Any]:
-    """The lines printed after one encoding or evaluation pass."""
-    summary = {
+def describe_model(stats: dict[str, Any]) -> dict[str, Any]:
+    """The printed lines of :meth:`Encoder.describe`'s fields, shared by every statistics block."""
+    return {
         "Model name": stats["model_name"],
         "Number of trainable model parameters": stats["num_trainable_params"],
         "Size of an embedding vector": stats["embedding_dim"],
+    }
+
+
+def _pass_summary(stats: dict[str, Any], *, dataset: Any) -> dict[str, Any]:
+    """The lines printed after one encoding or evaluation pass."""
+    summary = {
+        **describe_model(stats),
         "Dataset part": stats["dataset_part"],
         "Number of processed labels": f"{stats['num_labels']}/{dataset.get_num_act_labels()}",
         "Number of processed images": f"{stats['num_images']}/{len(dataset)}",

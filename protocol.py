@@ -449,9 +449,7 @@ def final_stats(
 ) -> dict[str, Any]:
     """The experiment's summary: model, data, intervals and where the time went (saved in ``results.json``)."""
     return {
-        "model_name": engine.model_id(encoder.model),
-        "num_trainable_params": sum(p.numel() for p in encoder.model.parameters() if p.requires_grad),
-        "embedding_dim": encoder.num_features,
+        **encoder.describe(),
         "dataset": str(maker.dataset_path),
         "modality": maker.modality,
         "num_labels": maker.get_num_labels(),
@@ -473,9 +471,7 @@ def describe_final_stats(stats: dict[str, Any]) -> dict[str, Any]:
     """The printed lines of :func:`final_stats`."""
     note = "; SHORT RUN: truncated encoding passes, not a result" if stats["short_run"] else ""
     return {
-        "Model name": stats["model_name"],
-        "Number of trainable model parameters": stats["num_trainable_params"],
-        "Size of an embedding vector": stats["embedding_dim"],
+        **engine.describe_model(stats),
         "Dataset": f"{stats['dataset']} ({stats['num_labels']} classes, {stats['modality']})",
         f"Validation {stats['modality']}s per partition": stats["num_valid_samples"],
         "Partitions": f"{stats['runs']} ({stats['protocol']} protocol{note})",
