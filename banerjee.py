@@ -30,6 +30,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+import utils
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "Animal90",
@@ -57,7 +59,7 @@ _WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _LISTED_PATHS = 20
 
 
-class DatasetError(ValueError):
+class DatasetError(utils.UserError):
     """The dataset folder, its structure or the requested split cannot be used as asked."""
 
 
@@ -302,6 +304,26 @@ def _parse_layout(
     return images, labels
 
 
+def _warn_about_linked_duplicates(paths: Sequence[pathlib.Path], *, dataset_path: pathlib.Path) -> None:
+    """Say when symbolic links make one file count as several samples (a class folder linked to the dataset root
+    holds every image again): the copies inflate the class sizes and land in training and validation alike."""
+    first_path: dict[str, pathlib.Path] = {}
+    duplicates = []
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in first_path:
+            duplicates.append((first_path[real], path))
+        else:
+            first_path[real] = path
+    if duplicates:
+        first, again = duplicates[0]
+        warnings.warn(
+            f"{len(duplicates)} sample(s) of {dataset_path} are files already listed under another path (symbolic "
+            f"links), e.g. {again} is {first}; each copy counts as a separate sample. Remove the links or copies.",
+            stacklevel=3,
+        )
+
+
 def _list_class_folders(root: pathlib.Path) -> list[str]:
     """Sorted names of the visible sub-folders (symlinked ones included)."""
     if not root.exists():
@@ -386,6 +408,7 @@ class DatasetMaker:
         if check_images:
             self._drop_unreadable(classes)
         self._install(classes, empty=f"class folder has no readable {', '.join(IMAGE_EXTENSIONS)} files")
+        _warn_about_linked_duplicates(self.get_image_paths(), dataset_path=self._dataset_path)
         if len(self._labels) == 1 and any("/" in name for name, _ in self._images):
             warnings.warn(
                 f"{self._dataset_path} holds a single class folder with nested folders; if those are the classes "

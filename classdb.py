@@ -66,7 +66,7 @@ PathLike = str | os.PathLike
 Vectors = torch.Tensor | np.ndarray
 
 
-class ClassDBError(ValueError):
+class ClassDBError(utils.UserError):
     """A class vector store operation or file was invalid: unknown class, duplicate label, bad vectors or file."""
 
 
@@ -116,7 +116,7 @@ class FaissBackend:
     def search(self, *, queries: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores, indexes)`` of query features, each ``[num_queries, min(top_k, num_classes)]``, on the CPU."""
         if top_k < 1:
-            raise ValueError(f"top_k must be at least 1, got {top_k}.")
+            raise ClassDBError(f"top_k must be at least 1, got {top_k}.")
         augmented = _float32_rows(torch.cat([queries, torch.ones(len(queries), 1, dtype=queries.dtype)], dim=1))
         scores, indexes = self.index.search(augmented, min(top_k, self.index.ntotal))
         return torch.from_numpy(scores), torch.from_numpy(indexes).long()
@@ -126,7 +126,7 @@ def _import_faiss() -> Any:
     try:
         import faiss
     except ImportError as error:
-        raise ImportError(
+        raise ClassDBError(
             "The 'faiss' search backend needs the faiss-cpu package: `pip install faiss-cpu`, "
             "or use the default backend 'torch'."
         ) from error
@@ -150,7 +150,7 @@ def make_backend(
         return TorchBackend(weights=weights, bias=bias, device=device)
     if name == "faiss":
         return FaissBackend(weights=weights, bias=bias)
-    raise ValueError(f"Unknown search backend '{name}'; use one of {', '.join(BACKENDS)}.")
+    raise ClassDBError(f"Unknown search backend '{name}'; use one of {', '.join(BACKENDS)}.")
 
 
 class ClassVectorStore:
@@ -173,12 +173,12 @@ class ClassVectorStore:
         modality: str = "image",
     ) -> None:
         if dim < 1:
-            raise ValueError(f"dim must be positive, got {dim}.")
+            raise ClassDBError(f"dim must be positive, got {dim}.")
         self.dim = int(dim)
         self.model_name = model_name
         self.model_id = model_id
         if modality not in ("image", "text"):
-            raise ValueError(f"modality must be 'image' or 'text', got {modality!r}.")
+            raise ClassDBError(f"modality must be 'image' or 'text', got {modality!r}.")
         self.modality = modality
         self.transform_config = _plain_json(transform_config or {})
         self.classifier = classifier if classifier is not None else prototypes.ClassMeanClassifier()
@@ -491,6 +491,7 @@ class ClassVectorStore:
     def _read_zip(cls, path: pathlib.Path) -> ClassVectorStore:
         targets, means = store.load_embeddings(filename=path, text_targets=True)
         with zipfile.ZipFile(path) as archive:
+            store.check_unpacked_sizes(archive, path=path)
             if METADATA_MEMBER not in archive.namelist():
                 raise ClassDBError(
                     f"{path} has no {METADATA_MEMBER}: it is a plain store.save_embeddings file that records no model "
@@ -518,9 +519,13 @@ class ClassVectorStore:
     @classmethod
     def _read_npz(cls, path: pathlib.Path) -> ClassVectorStore:
         try:
+            with zipfile.ZipFile(path) as archive:
+                store.check_unpacked_sizes(archive, path=path)
             with np.load(path, allow_pickle=False) as arrays:
                 metadata = json.loads(str(arrays["metadata"]))
                 statistics = {name: arrays[name] for name in arrays.files if name != "metadata"}
+        except store.StoreError:
+            raise
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
             raise ClassDBError(
                 f"Cannot read a class vector store from {path}: {error}. Is the file complete?"
@@ -709,7 +714,7 @@ def _cmd_add_or_update(args: argparse.Namespace) -> int:
     db.save(path=path)
     count = int(db.counts[db.index(args.label)])
     verb = "Added" if args.command == "add-class" else "Updated"
-    print(f"{verb} '{args.label}' ({count} {db.modality}s) in {path}: {_summary(db)}.")
+    print(f"{verb} '{utils.printable(args.label)}' ({count} {db.modality}s) in {path}: {_summary(db)}.")
     return 0
 
 
@@ -717,7 +722,7 @@ def _cmd_remove(args: argparse.Namespace) -> int:
     path, db = _open(args)
     db.remove_class(label=args.label)
     db.save(path=path)
-    print(f"Removed '{args.label}' from {path}: {_summary(db)}.")
+    print(f"Removed '{utils.printable(args.label)}' from {path}: {_summary(db)}.")
     return 0
 
 
@@ -725,7 +730,7 @@ def _cmd_rename(args: argparse.Namespace) -> int:
     path, db = _open(args)
     db.rename_class(label=args.label, new_label=args.new_label)
     db.save(path=path)
-    print(f"Renamed '{args.label}' to '{args.new_label}' in {path}.")
+    print(f"Renamed '{utils.printable(args.label)}' to '{utils.printable(args.new_label)}' in {path}.")
     return 0
 
 
@@ -734,7 +739,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"{path}: {_summary(db)}, dimension {db.dim}, classifier {db.classifier_name}")
     print(f"preprocessing: {db.transform_config}")
     for label, count in zip(db.labels, db.counts.tolist()):
-        print(f"{count:8d}  {label}")
+        print(f"{count:8d}  {utils.printable(label)}")
     return 0
 
 
@@ -762,8 +767,9 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         device=model.encoder.device,
     )
     for name, labels, scores in zip(names, result.labels, result.scores.tolist()):
-        alternatives = " | ".join(f"{label} {score:.4f}" for label, score in zip(labels[1:], scores[1:]))
-        print(f"{name}\t{labels[0]}\t{scores[0]:.4f}" + (f"\t[{alternatives}]" if alternatives else ""))
+        shown = [utils.printable(label) for label in labels]
+        alternatives = " | ".join(f"{label} {score:.4f}" for label, score in zip(shown[1:], scores[1:]))
+        print(f"{utils.printable(name)}\t{shown[0]}\t{scores[0]:.4f}" + (f"\t[{alternatives}]" if alternatives else ""))
     if args.csv is not None:
         _write_predictions(path=pathlib.Path(args.csv), names=names, result=result)
         print(f"Predictions written to {args.csv}.")
@@ -778,7 +784,8 @@ def _write_predictions(*, path: pathlib.Path, names: list[str], result: SearchRe
         writer = csv.writer(stream)
         writer.writerow(header)
         for name, labels, scores in zip(names, result.labels, result.scores.tolist()):
-            writer.writerow([name] + [value for pair in zip(labels, scores) for value in pair])
+            row = [name] + [value for pair in zip(labels, scores) for value in pair]
+            writer.writerow([utils.spreadsheet_safe(cell) for cell in row])
 
 
 WRITING_COMMANDS = ("build", "add-class", "update-class", "remove-class", "rename-class", "import")

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import importlib.metadata
 import json
+import os
 import pathlib
 import platform
 import subprocess
@@ -17,7 +18,10 @@ import sys
 from typing import Any
 
 __all__ = [
+    "check_output_folder",
     "class_store_main",
+    "install_error_boundary",
+    "is_user_error",
     "class_store_parser",
     "parse_script_args",
     "run_class_store",
@@ -30,6 +34,7 @@ __all__ = [
     "write_json",
 ]
 
+ANALYSIS_PARTS = ("confusion", "retrieval", "prototypes", "tsne", "coverage")  # analysis.ANALYSIS_PARTS, light
 CLASSIFIER_NAMES = ("mean", "decorrelated")  # prototypes.CLASSIFIERS, named here to keep --help light
 DOWNLOADS = ("animal90", "caltech101")
 SEARCH_BACKENDS = ("torch", "faiss")  # classdb.BACKENDS, named here to keep --help light
@@ -110,9 +115,10 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
     outputs.add_argument("--resume", action="store_true", help="continue the partitions saved in --out")
     outputs.add_argument("--save-embeddings", action="store_true", default=defaults["save_embeddings"],
                          help="also save the last partition's class vectors (store.save_embeddings ZIP)")
-    outputs.add_argument("--analysis", action="store_true",
-                         help="cached protocol only: confusions, per-class intervals, retrieval P@K, every "
-                              "classifier on the same partitions, t-SNE and a check of the intervals")
+    outputs.add_argument("--analysis", nargs="?", const="all", default=None, metavar="PARTS",
+                         help="cached protocol only; comma-separated parts, all when none are given: confusion "
+                              "(confusions, per-class intervals, CAF band), retrieval (P@K, mAP@K), prototypes "
+                              "(every classifier on the same partitions), tsne, coverage (a check of the intervals)")
     outputs.add_argument("--profile", action="store_true", default=defaults["profile"],
                          help="profile the partitions loop (cProfile) into --out/profile")
     args = parser.parse_args(argv)
@@ -122,6 +128,22 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
         parser.error(f"--short-run must be at least 1 batch, got {args.short_run}.")
     if not 0.0 < args.confidence < 1.0:
         parser.error(f"--confidence must lie strictly between 0 and 1, got {args.confidence}.")
+    if args.analysis is not None:
+        parts = ANALYSIS_PARTS if args.analysis == "all" else tuple(filter(None, args.analysis.split(",")))
+        unknown = sorted(set(parts) - set(ANALYSIS_PARTS))
+        if unknown or not parts:
+            parser.error(f"--analysis: unknown part(s) {', '.join(unknown) or '(none)'}; choose among "
+                         f"{', '.join(ANALYSIS_PARTS)} (comma-separated), or give no value for all.")
+        args.analysis = [part for part in ANALYSIS_PARTS if part in parts]
+    if not 0 <= args.seed < 2**32:
+        parser.error(f"--seed must lie in 0..{2**32 - 1} (NumPy's seed range), got {args.seed}.")
+    if args.weights is not None and not pathlib.Path(args.weights).expanduser().is_file():
+        parser.error(f"--weights {args.weights}: no such file. Pass the path of a local weights file.")
+    for option, folder in (("--out", args.out), ("--cache-dir", args.cache_dir)):
+        if folder is not None:
+            problem = check_output_folder(pathlib.Path(folder).expanduser())
+            if problem:
+                parser.error(f"{option} {folder}: {problem}")
     import banerjee  # heavy (torch): only once --help has had its chance to answer
 
     try:
@@ -140,6 +162,17 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
         print("Augmentation draws new images every pass, so it bypasses the embedding cache: --protocol original.")
         args.protocol = "original"
     return args
+
+
+def check_output_folder(folder: pathlib.Path) -> str | None:
+    """Why ``folder`` cannot receive output files (it is a file, or it or its nearest existing parent is not
+    writable), or None when it can; checked before any work so a long run does not fail at its end."""
+    if folder.exists() and not folder.is_dir():
+        return "is a file, not a folder. Pass a folder path."
+    existing = next(path for path in (folder, *folder.absolute().parents) if path.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable. Pass a folder you can write to."
+    return None
 
 
 def resolve_dataset(
@@ -248,10 +281,14 @@ def write_json(path: pathlib.Path, content: dict) -> pathlib.Path:
 
 
 def write_csv(path: pathlib.Path, frame: Any) -> pathlib.Path:
+    """A results table for people and spreadsheets: text cells that would run as formulas are neutralised."""
     import store
+    import utils
 
+    text_columns = frame.select_dtypes(include=["object", "string"]).columns
+    safe = frame.assign(**{column: frame[column].map(utils.spreadsheet_safe) for column in text_columns})
     with store.atomic_path(path) as temporary:
-        frame.to_csv(temporary, index=False)
+        safe.to_csv(temporary, index=False)
     return path
 
 
@@ -334,15 +371,53 @@ def class_store_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_user_error(error: BaseException) -> bool:
+    """True for errors a user can fix: the package's ``utils.UserError`` family and operating-system errors (a
+    missing, unreadable or read-only path, a full disk). Anything else is a bug and keeps its traceback."""
+    if isinstance(error, OSError):
+        return True
+    utils = sys.modules.get("utils")  # not loaded yet: no package code has run, so no package error either
+    return utils is not None and isinstance(error, utils.UserError)
+
+
+def report_user_error(error: BaseException) -> None:
+    """One line on stderr: the error's own message, which names the file or option and what to do."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    print(f"error: {message}", file=sys.stderr)
+
+
+def install_error_boundary() -> None:
+    """Make a user error that ends the script print one line and exit with status 1; bugs keep their traceback.
+
+    Left out inside an IPython kernel (Spyder, Jupyter), which shows errors in its own way and keeps running.
+    """
+    if "ipykernel" in sys.modules:
+        return
+    previous_hook = sys.excepthook
+
+    def boundary(kind: type[BaseException], error: BaseException, traceback: Any) -> None:
+        if is_user_error(error):
+            report_user_error(error)
+        else:
+            previous_hook(kind, error, traceback)
+
+    sys.excepthook = boundary
+
+
 def class_store_main(argv: list[str] | None = None) -> int:
     """Parse a class-store command, then load the heavy modules and run it; user errors become one line."""
-    args = class_store_parser().parse_args(argv)
+    parser = class_store_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "top_k", 1) < 1 or getattr(args, "batch_size", 1) < 1:
+        parser.error("--top-k and --batch-size must be at least 1.")
     import classdb
 
     try:
         return classdb.run_command(args)
-    except (ValueError, OSError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except Exception as error:
+        if not is_user_error(error):
+            raise
+        report_user_error(error)
         return 1
 
 

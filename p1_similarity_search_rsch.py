@@ -47,6 +47,7 @@ NUM_INTERVALS = 20
 
 import cli  # noqa: E402  (light: --help answers before torch is imported)
 
+cli.install_error_boundary()  # a user error ends the script with one line, not a traceback
 args = cli.parse_script_args(
     cli.script_argv(),
     defaults=dict(
@@ -87,26 +88,27 @@ if args.reproducible:
     randomness.set_determinism(seed=args.seed)
 generator = randomness.make_torch_generator(seed=args.seed)
 
-# %% The dataset maker (images or sentences).
-try:
-    dsm = banerjee.make_dataset_maker(
-        dataset_path=cli.resolve_dataset(
-            dataset=args.dataset, download=args.download, kaggle_dataset=KAGGLE_DATASET, download_dir=args.cache_dir
-        ),
-        modality=args.modality, text_column=args.text_column, label_column=args.label_column, strict=args.strict,
-    )
-except banerjee.DatasetError as error:
-    raise SystemExit(str(error)) from error
-labels = dsm.get_labels()
-text = dsm.modality == "text"
-if args.top_k > len(labels):
-    raise SystemExit(f"--top-k {args.top_k} exceeds the {len(labels)} classes of {dsm.dataset_path}.")
+# %% The dataset (images or sentences) and the model name, checked before the samples are listed.
+dataset_path = cli.resolve_dataset(
+    dataset=args.dataset, download=args.download, kaggle_dataset=KAGGLE_DATASET, download_dir=args.cache_dir
+)
+modality = banerjee.detect_modality(dataset_path) if args.modality == "auto" else args.modality
+text = modality == "text"
+model_name = args.model or (TEXT_MODEL_NAME if text else IMAGE_MODEL_NAME)
 if text and (args.augment_encode or args.augment_eval or args.weights):
     raise SystemExit("--augment-encode, --augment-eval and --weights apply to image models only; a local "
                      "sentence-transformers model is a folder: pass it as --model.")
+if not text:
+    engine.check_model_name(model_name)
+dsm = banerjee.make_dataset_maker(
+    dataset_path=dataset_path, modality=modality, text_column=args.text_column, label_column=args.label_column,
+    strict=args.strict,
+)
+labels = dsm.get_labels()
+if args.top_k > len(labels):
+    raise SystemExit(f"--top-k {args.top_k} exceeds the {len(labels)} classes of {dsm.dataset_path}.")
 
 # %% The model, its preprocessing, the classifier and the encoder.
-model_name = args.model or (TEXT_MODEL_NAME if text else IMAGE_MODEL_NAME)
 classifier = prototypes.make_classifier(args.classifier)
 encoder = engine.create_encoder(
     modality=dsm.modality, model_name=model_name, weights=args.weights, device=device, classifier=classifier,
@@ -122,10 +124,7 @@ print(f"Dataset: {dsm.dataset_path} ({len(labels)} classes, {dsm.get_num_images(
 # %% Encode and evaluate over random partitions.
 out_dir = pathlib.Path(args.out)
 run_log = out_dir / "runs.jsonl"
-try:  # held until the end: a second run into the same --out stops here instead of interleaving the logs
-    out_lock = store.acquire_writer_lock(run_log, timeout=0)
-except store.StoreError as error:
-    raise SystemExit(str(error)) from error
+out_lock = store.acquire_writer_lock(run_log, timeout=0)  # held to the end: a second run into --out stops here
 common = dict(
     encoder=encoder, maker=dsm, runs=args.runs, valid_share=args.valid_share, batch_size=args.batch_size,
     workers=args.workers, generator=generator, top_k=args.top_k, classifier=classifier, run_log=run_log,
@@ -202,7 +201,7 @@ if args.save_embeddings and encoder.embeddings is not None:
     ))
 print("\n".join(f"Written: {path}" for path in [*written, out_dir / "cumacc.png", run_log]))
 
-# %% Analysis (--analysis): confusion, per-class intervals, retrieval P@K, every classifier, t-SNE, CI check.
+# %% Analysis (--analysis [PARTS]): confusion, retrieval P@K, every classifier, t-SNE, CI check.
 if args.analysis and run_results.embeddings is None:
     print("--analysis needs the per-sample embeddings of the cached protocol; skipped.")
 if args.analysis and run_results.embeddings is not None:
@@ -210,33 +209,40 @@ if args.analysis and run_results.embeddings is not None:
 
     analysed = analysis.analyse_runs(
         runs=run_results, labels=labels, valid_share=args.valid_share, confidence=args.confidence, seed=args.seed,
-        num_intervals=NUM_INTERVALS, threshold=CLASS_ACCURACY_THRESHOLD,
+        num_intervals=NUM_INTERVALS, threshold=CLASS_ACCURACY_THRESHOLD, parts=args.analysis,
     )
     title = f"{model_name} on {dsm.dataset_path.name}, {len(run_results)} partitions"
-    for name, normalize in (("confusion.png", False), ("confusion_normalised.png", True)):
-        visual.draw_confusion_matrix(
-            confusion=analysed.confusion, labels=labels, filename=out_dir / name, normalize=normalize,
-            title=f"Confusions summed over partitions{' (share of the true class)' if normalize else ''}: {title}",
+    written = []
+    if analysed.confusion is not None:
+        for name, normalize in (("confusion.png", False), ("confusion_normalised.png", True)):
+            visual.draw_confusion_matrix(
+                confusion=analysed.confusion, labels=labels, filename=out_dir / name, normalize=normalize,
+                title=f"Confusions summed over partitions{' (share of the true class)' if normalize else ''}: {title}",
+            )
+        visual.draw_cumulative_accuracy(
+            shares=analysed.band["share"], cum_accs=analysed.band["mean"], band=(analysed.band["low"],
+            analysed.band["high"]), figsize=(5, 5), filename=out_dir / "cumacc_band.png",
+            title=f"Mean CAF over partitions, {args.confidence:.0%} band: {title}",
         )
-    visual.draw_cumulative_accuracy(
-        shares=analysed.band["share"], cum_accs=analysed.band["mean"], band=(analysed.band["low"],
-        analysed.band["high"]), figsize=(5, 5), filename=out_dir / "cumacc_band.png",
-        title=f"Mean CAF over partitions, {args.confidence:.0%} band: {title}",
-    )
-    visual.draw_embedding_map(
-        coords=analysed.tsne_coords, targets=analysed.tsne_targets, labels=labels, mean_coords=analysed.tsne_means,
-        filename=out_dir / "tsne.png", title=f"t-SNE of the last partition's validation {dsm.sample_kind}s: {title}",
-    )
-    print("\n".join(f"Written: {out_dir / name}" for name in (
-        "confusion.png", "confusion_normalised.png", "cumacc_band.png", "tsne.png")))
-    for name, table in analysed.tables().items():
-        print(f"Written: {cli.write_csv(out_dir / f'{name}.csv', table)}")
-    print(f"Written: {cli.write_json(out_dir / 'ci_coverage.json', analysed.coverage)}")
+        written += [out_dir / "confusion.png", out_dir / "confusion_normalised.png", out_dir / "cumacc_band.png"]
+    if analysed.tsne_coords is not None:
+        visual.draw_embedding_map(
+            coords=analysed.tsne_coords, targets=analysed.tsne_targets, labels=labels,
+            mean_coords=analysed.tsne_means, filename=out_dir / "tsne.png",
+            title=f"t-SNE of the last partition's validation {dsm.sample_kind}s: {title}",
+        )
+        written.append(out_dir / "tsne.png")
+    written += [cli.write_csv(out_dir / f"{name}.csv", table) for name, table in analysed.tables().items()]
+    if analysed.coverage is not None:
+        written.append(cli.write_json(out_dir / "ci_coverage.json", analysed.coverage))
+    print("\n".join(f"Written: {path}" for path in written))
     with pd.option_context("display.width", 160, "display.max_columns", 20):
-        print("-- Most confused pairs --", analysed.confused_pairs.head(10), sep="\n")
-        print("-- Retrieval over individual samples --", analysed.retrieval, sep="\n")
-        print("-- Every classifier on the same partitions --", analysed.prototypes, sep="\n")
-    print("-- Confidence interval coverage --", analysed.coverage, sep="\n")
+        for heading, table in (("Most confused pairs", analysed.confused_pairs),
+                               ("Retrieval over individual samples", analysed.retrieval),
+                               ("Every classifier on the same partitions", analysed.prototypes),
+                               ("Confidence interval coverage", analysed.coverage)):
+            if table is not None:
+                print(f"-- {heading} --", table.head(10) if heading.startswith("Most") else table, sep="\n")
 
 # %% Manual checking: one random validation sample of the last partition.
 valid_ds = dsm.datasets_from_indexes(indexes=torch.tensor(run_results[-1].valid_indexes), transform=eval_transform)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import time
@@ -32,9 +33,11 @@ import metrics
 import prototypes
 import randomness
 import store
+import utils
 
 __all__ = [
     "Run",
+    "RunLogError",
     "Runs",
     "describe_final_stats",
     "embed_all_images",
@@ -46,6 +49,10 @@ __all__ = [
     "run_original_protocol",
     "run_table",
 ]
+
+
+class RunLogError(utils.UserError):
+    """A run log (``runs.jsonl``) that cannot be resumed: not of this version, edited, or of another experiment."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +77,35 @@ class Run:
         names = [field.name for field in dataclasses.fields(cls)]
         missing = [name for name in names if name not in record]
         if missing:
-            raise ValueError(
+            raise RunLogError(
                 f"{source}: a run record lacks {', '.join(missing)}; the file is not a run log of this version."
             )
-        return cls(**{name: record[name] for name in names})
+        run = cls(**{name: record[name] for name in names})
+        run.check_scores(source=source)
+        return run
+
+    def check_scores(self, *, source: str) -> None:
+        """Refuse a record whose scores do not follow from its own targets and predictions (edited or damaged),
+        so a resumed experiment never reports numbers it did not measure."""
+        problem = "its scores do not follow from its targets and predictions"
+        try:
+            rescored = engine.score_predictions(
+                targets=torch.tensor(self.targets, dtype=torch.long),
+                topk_predictions=torch.tensor(self.topk_predictions, dtype=torch.long).reshape(len(self.targets), -1),
+            )
+            consistent = (
+                rescored["predictions"] == self.predictions
+                and rescored["num_images"] == self.num_images == len(self.valid_indexes)
+                and _same_score(rescored["accuracy"], self.accuracy)
+                and _same_score(rescored["topk_accuracy"], self.topk_accuracy)
+            )
+        except (TypeError, ValueError, RuntimeError) as error:
+            consistent, problem = False, f"its targets or predictions are malformed ({type(error).__name__})"
+        if not consistent:
+            raise RunLogError(
+                f"{source}: partition {self.run}: {problem}; the log was edited or damaged. Start again without "
+                "--resume, or with another --out directory."
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,6 +259,12 @@ def _score(
     )
 
 
+def _same_score(expected: float, recorded: Any) -> bool:
+    if not isinstance(recorded, (int, float)) or isinstance(recorded, bool):
+        return False
+    return math.isclose(expected, recorded, abs_tol=1e-9) or (math.isnan(expected) and math.isnan(recorded))
+
+
 def load_run_records(path: pathlib.Path) -> list[Run]:
     """Runs already written by an earlier, interrupted experiment; a half-written last line is dropped."""
     if not path.exists():
@@ -296,8 +334,9 @@ def _partitions(
             valid_share=valid_share, test_share=0.0, generator=generator
         )
         if run < len(completed):
-            if completed[run].valid_indexes != valid_indexes.tolist():
-                raise ValueError(
+            expected_targets = maker.get_image_labels()[valid_indexes].tolist()
+            if (completed[run].valid_indexes, completed[run].targets) != (valid_indexes.tolist(), expected_targets):
+                raise RunLogError(
                     f"Cannot resume: partition {run} differs from the one saved in {run_log}. The seed, shares or "
                     "dataset changed; start again without --resume or with another --out directory."
                 )

@@ -7,6 +7,7 @@ failed save never leaves a half-written file where a good one used to be.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import io
 import json
@@ -23,9 +24,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+import utils
+
 __all__ = [
+    "MAX_UNPACKED_BYTES",
     "EmbeddingCache",
     "acquire_writer_lock",
+    "check_unpacked_sizes",
     "StoreError",
     "atomic_path",
     "cache_key",
@@ -38,8 +43,22 @@ __all__ = [
 PathLike = str | os.PathLike
 
 
-class StoreError(ValueError):
+class StoreError(utils.UserError):
     """A file on disk is missing, damaged or belongs to something else."""
+
+
+MAX_UNPACKED_BYTES = 4 * 2**30  # a ZIP member unpacking to more is refused (a damaged file or a zip bomb)
+
+
+def check_unpacked_sizes(archive: zipfile.ZipFile, *, path: PathLike) -> None:
+    """Refuse an archive whose members would unpack to more than ``MAX_UNPACKED_BYTES`` each, before reading any:
+    a few kilobytes of compressed zeros can otherwise fill the memory."""
+    for member in archive.infolist():
+        if member.file_size > MAX_UNPACKED_BYTES:
+            raise StoreError(
+                f"{path}: member {member.filename} would unpack to {member.file_size:,} bytes, above the limit of "
+                f"{MAX_UNPACKED_BYTES:,} (store.MAX_UNPACKED_BYTES). Raise the limit only for a file you trust."
+            )
 
 
 @contextlib.contextmanager
@@ -120,6 +139,7 @@ def load_embeddings(
     path = pathlib.Path(filename)
     try:
         with zipfile.ZipFile(path) as archive:
+            check_unpacked_sizes(archive, path=path)
             members = [name for name in archive.namelist() if name.lower().endswith(".csv")]
             if not members:
                 raise StoreError(f"{path} holds no CSV file; expected one written by store.save_embeddings.")
@@ -257,6 +277,8 @@ def acquire_writer_lock(path: PathLike, *, timeout: float) -> Any:
             f"Another process is writing {path} (it holds {lock.lock_file}). Wait for it to finish, or write to "
             "another file or folder."
         ) from error
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # of a writer killed mid-write
+        leftover.unlink(missing_ok=True)
     return lock
 
 

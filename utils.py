@@ -8,11 +8,42 @@ import pathlib
 import pstats
 from collections.abc import Iterable
 from types import TracebackType
+from typing import Any
 
 import timm.utils
 import torch
 
-__all__ = ["NativeScalerV2", "Profile", "check_cuda_support", "get_device"]
+__all__ = [
+    "NativeScalerV2",
+    "Profile",
+    "UserError",
+    "check_cuda_support",
+    "get_device",
+    "printable",
+    "spreadsheet_safe",
+]
+
+
+class UserError(ValueError):
+    """Base of the package's errors a user can fix (a bad file, option, dataset or model name).
+
+    The error boundaries of the script and the class-store commands print these as one line and exit non-zero;
+    any other exception is a bug and keeps its traceback. A ``ValueError``, so existing handlers still catch it.
+    """
+
+
+def spreadsheet_safe(cell: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula (it starts with ``= + - @``, a tab or a carriage
+    return) gets a leading apostrophe, as OWASP advises for CSV files; numbers and other text pass unchanged."""
+    if isinstance(cell, str) and cell[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + cell
+    return cell
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (newlines, terminal escapes) spelt as escapes, so a label prints as one
+    harmless line; ordinary text, accents included, is unchanged."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in str(text))
 
 
 def check_cuda_support(*, inform: bool = False) -> tuple[bool, bool]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -252,6 +253,50 @@ def test_linear_probe_returns_original_label_indexes():
     ranked = prototypes.predict_topk(probe, embeddings[keep], 4)
     assert ranked.shape == (30, 2)
     assert ranked[:, 0].tolist() == targets[keep].tolist()
+
+
+def test_linear_probe_reaches_scikit_learns_logistic_regression_optimum():
+    from sklearn.linear_model import LogisticRegression
+
+    embeddings, targets = clusters(num_labels=4, per_class=25, spread=0.8, seed=2)
+    X, y = embeddings.numpy(), targets.numpy()
+    ours = analysis.LinearProbe(C=2.0).fit(X, y)
+    theirs = LogisticRegression(C=2.0, tol=1e-10, max_iter=10000).fit(prototypes.unit_rows(X), y)
+    np.testing.assert_allclose(ours.coef_ - ours.coef_.mean(axis=0), theirs.coef_ - theirs.coef_.mean(axis=0),
+                               atol=2e-3)  # softmax weights are defined up to a shift shared by all classes
+    assert (ours.predict(X) == theirs.predict(prototypes.unit_rows(X))).all()
+
+
+def test_warm_started_probe_refits_in_fewer_iterations_to_the_same_weights():
+    embeddings, targets = clusters(num_labels=5, per_class=30, spread=0.7, seed=4)
+    train, _ = partitions_of(targets, runs=1)[0]
+    cold = analysis.LinearProbe().fit(embeddings[train], targets[train])
+    warm = analysis.LinearProbe(warm_start=True).fit(embeddings, targets).fit(embeddings[train], targets[train])
+    assert warm.n_iter_ < cold.n_iter_
+    np.testing.assert_allclose(warm.coef_, cold.coef_, atol=2e-3)
+
+
+def test_analyse_runs_computes_only_the_parts_asked_for():
+    embeddings, targets = clusters(num_labels=4, per_class=20)
+    partitions = partitions_of(targets, runs=3)
+    runs = SimpleNamespace(
+        embeddings=embeddings, targets=targets, partitions=partitions, top_k=2,
+        targets_per_run=[targets[valid].tolist() for _, valid in partitions],
+        predictions_per_run=[targets[valid].tolist() for _, valid in partitions],
+    )
+    result = analysis.analyse_runs(runs=runs, labels=list("abcd"), valid_share=0.2, parts=["retrieval", "confusion"])
+    assert result.retrieval is not None and result.confusion.trace() == sum(len(v) for _, v in partitions)
+    assert result.prototypes is None and result.tsne_coords is None and result.coverage is None
+    assert set(result.tables()) == {"confused_pairs", "class_accuracy_intervals", "least_accurate_intervals",
+                                    "retrieval"}
+    with pytest.raises(ValueError, match="Unknown analysis part.*tnse; choose among confusion, retrieval"):
+        analysis.analyse_runs(runs=runs, labels=list("abcd"), valid_share=0.2, parts=["tnse"])
+
+
+def test_script_and_analysis_name_the_same_parts():
+    import cli
+
+    assert cli.ANALYSIS_PARTS == analysis.ANALYSIS_PARTS
 
 
 # --- Confidence interval calibration -------------------------------------------------------------------------------

@@ -556,7 +556,7 @@ def test_offline_download_failure_explains_the_way_out(monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(RuntimeError, match="--weights FILE"):
+    with pytest.raises(engine.ModelError, match="--weights FILE"):
         engine.create_model(model_name="tf_efficientnet_lite0")
 
 
@@ -990,7 +990,7 @@ def test_second_run_into_the_same_out_stops_and_an_earlier_log_is_kept(image_fol
         result = run_script("--dataset", image_folder, "--model", "tf_efficientnet_lite0", "--weights", lite0_weights,
                             "--runs", 2, "--top-k", 2, "--out", out, cwd=tmp_path)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith(f"Another process is writing {out / 'runs.jsonl'}")
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: Another process is writing {out / 'runs.jsonl'}")
     maker = banerjee.DatasetMaker(dataset_path=image_folder)
     _, transform = engine.eval_transform(lite0_model)
     encoder = engine.Encoder(model=lite0_model, device="cpu")
@@ -1026,3 +1026,243 @@ def test_class_store_zip_with_bad_counts_is_refused(tmp_path, key, value, messag
     edit_zip_member(path, classdb.METADATA_MEMBER, lambda text: json.dumps({**json.loads(text), key: value}))
     with pytest.raises(classdb.ClassDBError, match=message):
         classdb.ClassVectorStore.load(path=path)
+
+
+# ===============================================================================================================
+# The error boundary, checks before any work, and what is read back
+# ===============================================================================================================
+
+
+def boundary_call(statement: str) -> subprocess.CompletedProcess:
+    """A script that installs the error boundary, imports the package's leaves, then runs ``statement``."""
+    code = f"import cli, utils, store\ncli.install_error_boundary()\n{statement}\n"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=pathlib.Path(cli.__file__).parent)
+
+
+@pytest.mark.parametrize(("statement", "line"), [
+    ("raise OSError(28, 'No space left on device', 'out/cumacc.png')",
+     "error: [Errno 28] No space left on device: 'out/cumacc.png'"),
+    ("raise store.StoreError('runs.jsonl: damaged. Start again.')", "error: runs.jsonl: damaged. Start again."),
+])
+def test_error_boundary_turns_user_errors_into_one_line(statement, line):
+    result = boundary_call(statement)
+    assert result.returncode == 1
+    assert result.stderr.strip() == line
+
+
+def test_error_boundary_keeps_the_traceback_of_a_bug():
+    result = boundary_call("1 / 0")
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and result.stderr.strip().endswith("ZeroDivisionError: division by zero")
+
+
+def test_every_package_error_is_a_user_error():
+    import utils
+
+    for error in (banerjee.DatasetError, store.StoreError, classdb.ClassDBError, classdb.ModelMismatchError,
+                  engine.ModelError, protocol.RunLogError):
+        assert issubclass(error, utils.UserError) and issubclass(error, ValueError)
+        assert cli.is_user_error(error("x"))
+    assert cli.is_user_error(PermissionError(13, "Permission denied", "out"))
+    assert not cli.is_user_error(KeyError("bug")) and not cli.is_user_error(ValueError("bug"))
+
+
+def out_that_is_a_file(tmp_path: pathlib.Path) -> pathlib.Path:
+    (tmp_path / "taken").write_text("not a folder")
+    return tmp_path / "taken"
+
+
+def read_only_folder(tmp_path: pathlib.Path) -> pathlib.Path:
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o500)
+    return folder
+
+
+@pytest.mark.parametrize(("make_args", "message"), [
+    (lambda tmp: ("--seed", "-1"), "--seed must lie in 0..4294967295 (NumPy's seed range), got -1"),
+    (lambda tmp: ("--seed", str(2**32)), "--seed must lie in 0..4294967295"),
+    (lambda tmp: ("--weights", str(tmp / "absent.pth")), "absent.pth: no such file"),
+    (lambda tmp: ("--out", str(out_that_is_a_file(tmp))), "is a file, not a folder. Pass a folder path."),
+    (lambda tmp: ("--cache-dir", str(out_that_is_a_file(tmp) / "cache")), "is not writable"),
+    (lambda tmp: ("--out", str(read_only_folder(tmp) / "out")), "locked is not writable. Pass a folder you can"),
+])
+def test_bad_paths_and_seeds_are_rejected_before_any_work(tmp_path, make_args, message):
+    if os.geteuid() == 0 and "locked" in message:
+        pytest.skip("root writes into read-only folders")
+    result = run_script("--dataset", tmp_path / "absent", *make_args(tmp_path), cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr.strip().splitlines()[-1]
+
+
+def test_wrong_dataset_path_creates_no_out_folder(tmp_path):
+    result = run_script("--dataset", tmp_path / "absent", "--out", tmp_path / "out", cwd=tmp_path, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"No dataset at {tmp_path / 'absent'}" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_model_stops_the_script_before_listing_images_in_one_line(image_folder, tmp_path):
+    result = run_script("--dataset", image_folder, "--model", "tf_efficientnet_lite9", "--out", tmp_path / "out",
+                        cwd=tmp_path, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: Unknown timm model 'tf_efficientnet_lite9'. Close matches: ")
+    assert "tf_efficientnet_lite0" in last
+    assert "Checking images" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_weights_of_another_model_stop_the_script_in_one_line(image_folder, tmp_path):
+    weights = tmp_path / "other.pth"
+    torch.save({"conv.weight": torch.zeros(8, 3, 3, 3)}, weights)
+    result = run_script("--dataset", image_folder, "--model", "tf_efficientnet_lite0", "--weights", weights,
+                        "--out", tmp_path / "out", cwd=tmp_path, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: Weights file {weights} has 1 tensors") and "Does --weights belong" in last
+
+
+def test_tensorflow_weights_in_the_pytorch_variant_warn(lite0_weights):
+    with pytest.warns(UserWarning, match="TensorFlow-trained.*'efficientnet_lite0' pads and normalises differently. "
+                                         "Use --model tf_efficientnet_lite0"):
+        engine.create_model(model_name="efficientnet_lite0", weights=lite0_weights)
+
+
+@pytest.mark.filterwarnings("error::UserWarning")
+def test_tensorflow_weights_in_the_tensorflow_variant_do_not_warn(lite0_weights):
+    engine.create_model(model_name="tf_efficientnet_lite0", weights=lite0_weights)
+
+
+def test_class_folder_linked_to_the_dataset_root_warns_about_duplicates(tmp_path):
+    root = small_dataset(tmp_path / "data")
+    (root / "all").symlink_to(root, target_is_directory=True)
+    with pytest.warns(UserWarning, match=r"6 sample\(s\) of .* are files already listed under another path "
+                                         r"\(symbolic links\), e\.g\. .*img_000.jpg is .*img_000.jpg; each copy counts"):
+        maker = banerjee.DatasetMaker(dataset_path=root)
+    assert maker.get_num_images() == 12  # kept, as the folders say, but no longer silently
+
+
+def forged_log(tmp_path: pathlib.Path, edit: Callable[[dict], None]) -> pathlib.Path:
+    good = protocol.Run(run=0, accuracy=0.5, topk_accuracy=1.0, train_accuracy=1.0, num_images=2, targets=[0, 1],
+                        predictions=[0, 0], topk_predictions=[[0, 1], [0, 1]], train_indexes=[2, 3],
+                        valid_indexes=[0, 1], seconds=0.1)
+    record = dataclasses.asdict(good)
+    edit(record)
+    path = tmp_path / "runs.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(("edit", "problem"), [
+    (lambda record: record.update(accuracy=0.99), "its scores do not follow from its targets and predictions"),
+    (lambda record: record.update(topk_accuracy=0.5), "its scores do not follow"),
+    (lambda record: record.update(predictions=[0, 1]), "its scores do not follow"),
+    (lambda record: record.update(num_images=3), "its scores do not follow"),
+    (lambda record: record.update(accuracy="0.5"), "its scores do not follow"),
+    (lambda record: record.update(topk_predictions=[[0, 1], [0]]), "malformed"),
+    (lambda record: record.update(targets=["a", 1]), "malformed"),
+])
+def test_forged_run_log_is_refused_with_its_file_and_partition(tmp_path, edit, problem):
+    assert len(protocol.load_run_records(forged_log(tmp_path, lambda record: None))) == 1
+    path = forged_log(tmp_path, edit)
+    with pytest.raises(protocol.RunLogError, match=rf"{re.escape(str(path))}: partition 0: .*{problem}.*without "
+                                                   "--resume"):
+        protocol.load_run_records(path)
+
+
+def test_resumed_log_whose_targets_were_relabelled_is_refused(image_folder, lite0_model, tmp_path):
+    maker = banerjee.DatasetMaker(dataset_path=image_folder)
+    _, transform = engine.eval_transform(lite0_model)
+    encoder = engine.Encoder(model=lite0_model, device="cpu")
+    log = tmp_path / "runs.jsonl"
+
+    def cached_run(**kwargs):
+        return protocol.run_cached_protocol(
+            encoder=encoder, maker=maker, transform=transform, runs=2, valid_share=0.3, batch_size=16, workers=0,
+            generator=torch.Generator().manual_seed(1), top_k=2, run_log=log, **kwargs,
+        )
+
+    cached_run()
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    swapped = {0: 1, 1: 0}  # consistent scores, other classes: the log of another dataset's labelling
+    for record in records:
+        for key in ("targets", "predictions"):
+            record[key] = [swapped.get(value, value) for value in record[key]]
+        record["topk_predictions"] = [[swapped.get(value, value) for value in row] for row in record["topk_predictions"]]
+    log.write_text("".join(json.dumps(record) + "\n" for record in records))
+    with pytest.raises(protocol.RunLogError, match="Cannot resume: partition 0 differs"):
+        cached_run(completed=protocol.load_run_records(log))
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_are_neutralised(tmp_path):
+    import utils
+
+    frame = pd.DataFrame({"label": ["=HYPERLINK(\"x\")", "+1", "-sum", "@cmd", "\tx", "cat", "a=b"],
+                          "accuracy": [-0.5, 1.0, 0.5, 0.25, 0.0, 1.0, 0.5]})
+    cli.write_csv(tmp_path / "table.csv", frame)
+    read = pd.read_csv(tmp_path / "table.csv", keep_default_na=False)
+    assert read["label"].tolist() == ["'=HYPERLINK(\"x\")", "'+1", "'-sum", "'@cmd", "'\tx", "cat", "a=b"]
+    assert read["accuracy"].tolist() == frame["accuracy"].tolist()  # numbers stay numbers
+    assert utils.spreadsheet_safe(-3) == -3 and utils.spreadsheet_safe("") == ""
+
+
+def test_printable_spells_control_characters_and_keeps_other_text():
+    import utils
+
+    assert utils.printable("red\x1b[31m\nfox\r\x07") == "red\\x1b[31m\\nfox\\r\\x07"
+    assert utils.printable("café 日本 cat") == "café 日本 cat"
+
+
+def test_class_store_output_and_csv_cannot_inject_lines_escapes_or_formulas(tmp_path, capsys):
+    evil = "=cmd|' /C calc'!A0\x1b[2J\nfake line"
+    db = classdb.ClassVectorStore(dim=4, model_name="toy", model_id="toy+sha256:0", transform_config={})
+    db.add_classes(embeddings=torch.eye(4)[:2], labels=[evil, "cat"])
+    path = db.save(path=tmp_path / "classes.npz")
+    assert classdb.main(["info", "--store", str(path)]) == 0
+    shown = capsys.readouterr().out
+    assert "\x1b" not in shown and "\nfake line" not in shown
+    assert "=cmd|' /C calc'!A0\\x1b[2J\\nfake line" in shown
+    assert classdb.main(["rename-class", "--store", str(path), evil, "x\x1bq"]) == 0
+    assert "Renamed '=cmd|' /C calc'!A0\\x1b[2J\\nfake line' to 'x\\x1bq'" in capsys.readouterr().out
+
+
+def test_predictions_csv_neutralises_formula_labels(tmp_path):
+    db = classdb.ClassVectorStore(dim=4, model_name="toy", model_id="toy+sha256:0", transform_config={})
+    db.add_classes(embeddings=torch.eye(4)[:2], labels=["=1+1", "cat"])
+    result = db.search(queries=torch.eye(4)[:1], top_k=2, model_id="toy+sha256:0")
+    classdb._write_predictions(path=tmp_path / "p.csv", names=["@image.png"], result=result)
+    rows = (tmp_path / "p.csv").read_text(encoding="utf-8").splitlines()
+    assert rows[1].split(",")[:2] == ["'@image.png", "'=1+1"] and rows[1].split(",")[3] == "cat"
+
+
+def test_temporary_file_of_a_killed_store_write_is_removed_by_the_next_writer(tmp_path):
+    path = toy_class_store_zip(tmp_path)
+    leftover = tmp_path / f".{path.name}.k1ll3d.tmp"
+    leftover.write_bytes(b"half a store")
+    other = tmp_path / ".other.zip.k1ll3d.tmp"
+    other.write_bytes(b"someone else's")
+    assert classdb.main(["remove-class", "--store", str(path), "cat"]) == 0
+    assert not leftover.exists() and other.exists()
+    assert classdb.ClassVectorStore.load(path=path).labels == ["dog", "owl"]
+
+
+@pytest.mark.parametrize("suffix", [".zip", ".npz"])
+def test_store_member_above_the_unpacked_size_limit_is_refused_before_reading(tmp_path, monkeypatch, suffix):
+    db = classdb.ClassVectorStore(dim=4, model_name="toy", model_id="toy+sha256:0", transform_config={})
+    db.add_classes(embeddings=torch.eye(4), labels=["a", "b", "c", "d"])
+    path = db.save(path=tmp_path / f"classes{suffix}")
+    monkeypatch.setattr(store, "MAX_UNPACKED_BYTES", 64)
+    with pytest.raises(store.StoreError, match=rf"{re.escape(str(path))}: member .* would unpack to [\d,]+ bytes, "
+                                               r"above the limit of 64 \(store.MAX_UNPACKED_BYTES\)"):
+        classdb.ClassVectorStore.load(path=path)
+
+
+def test_zip_bomb_in_an_embeddings_file_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "MAX_UNPACKED_BYTES", 2**20)
+    path = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("e.csv", b"target,0\n" + b"0" * 2**22)
+    assert path.stat().st_size < 2**14  # a few kilobytes that would unpack to four megabytes
+    with pytest.raises(store.StoreError, match="member e.csv would unpack to 4,194,313 bytes"):
+        store.load_embeddings(filename=path)

@@ -161,7 +161,7 @@ def test_backends_agree_on_top1(num_classes):
 
 def test_faiss_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)
-    with pytest.raises(ImportError, match="pip install faiss-cpu"):
+    with pytest.raises(classdb.ClassDBError, match="pip install faiss-cpu"):
         filled_store().search(queries=random_vectors(1, seed=0), backend="faiss")
 
 

@@ -33,8 +33,12 @@ def analysed_run(six_classes, lite0_weights, tmp_path_factory):
 
 def test_decorrelated_classifier_run_equals_its_analysis_row(six_classes, lite0_weights, analysed_run, tmp_path):
     analysed_out, _ = analysed_run
-    result = six_class_run(six_classes, lite0_weights, tmp_path / "out", "--classifier", "decorrelated")
+    result = six_class_run(six_classes, lite0_weights, tmp_path / "out", "--classifier", "decorrelated",
+                           "--analysis", "retrieval")
     assert result.returncode == 0, result.stderr[-3000:]
+    written = {path.name for path in (tmp_path / "out").iterdir()}
+    assert "retrieval.csv" in written  # the one analysis part asked for, and none of the others
+    assert not written & {"prototypes.csv", "confusion.png", "tsne.png", "ci_coverage.json", "confused_pairs.csv"}
     assert re.search(r"^Classifier: DecorrelatedClassifier\(\)$", result.stdout, re.M)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     prototypes = pd.read_csv(analysed_out / "prototypes.csv").set_index("method")

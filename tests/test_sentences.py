@@ -106,7 +106,7 @@ def test_minilm_embeddings_are_the_sentence_transformers_ones(text_encoder):
 
 def test_text_model_that_cannot_be_fetched_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match="Without network access, pass a local model folder"):
+    with pytest.raises(engine.ModelError, match="Without network access, pass a local model folder"):
         engine.create_text_model(model_name="sentence-transformers/no-such-model-here")
 
 
