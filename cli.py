@@ -37,6 +37,7 @@ __all__ = [
 ANALYSIS_PARTS = ("confusion", "retrieval", "prototypes", "tsne", "coverage")  # analysis.ANALYSIS_PARTS, light
 CLASSIFIER_NAMES = ("mean", "decorrelated")  # prototypes.CLASSIFIERS, named here to keep --help light
 DOWNLOADS = ("animal90", "caltech101")
+PRECISIONS = ("fp32", "bf16", "fp16")  # engine.PRECISIONS, named here to keep --help light
 SEARCH_BACKENDS = ("torch", "faiss")  # classdb.BACKENDS, named here to keep --help light
 
 
@@ -77,6 +78,12 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
     model.add_argument("--device", default=defaults["device"],
                        help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps")
     model.add_argument("--cpu", action="store_true", help="same as --device cpu")
+    model.add_argument("--precision", choices=PRECISIONS, default=defaults["precision"],
+                       help="encoder arithmetic: fp32, bf16 (autocast; CPUs with AVX512-BF16/AMX, most CUDA GPUs) or "
+                            "fp16 (autocast, CUDA only); cached embeddings are kept per precision")
+    model.add_argument("--compile", action=argparse.BooleanOptionalAction, default=defaults["compile"],
+                       help="torch.compile the image model (the first batch compiles; falls back to eager with a "
+                            "warning where compilation fails)")
     model.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="samples per encoding batch")
     model.add_argument("--workers", type=int, default=defaults["workers"], help="DataLoader worker processes")
     experiment = parser.add_argument_group("experiment")

@@ -12,6 +12,7 @@ if __name__ == "__main__":  # ``python -m engine``: parse the store commands bef
 
     _sys.exit(_cli.class_store_main())
 
+import contextlib
 import dataclasses
 import datetime
 import difflib
@@ -183,6 +184,41 @@ class EncoderConfig:
     topk: int = 4
     short_run_batches: int | None = None
     channels_last: bool = True
+    precision: str = "fp32"  # "fp32", "bf16" (CPU or CUDA autocast) or "fp16" (CUDA autocast)
+    compile: bool = False  # torch.compile the image model (falls back to eager, with a warning, where it fails)
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(*, precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast type of ``precision`` on ``device`` (None: plain fp32); refuses what the device cannot run
+    and warns where it runs but slowly (bf16 on a CPU without AVX512-BF16 or AMX is emulated)."""
+    if precision not in PRECISIONS:
+        raise ModelError(f"Unknown precision {precision!r}; use {', '.join(PRECISIONS)}.")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return None
+    if device.type == "cuda":
+        if dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            raise ModelError(f"{device} does not support bf16; use --precision fp16 or fp32.")
+        return dtype
+    if device.type == "cpu" and dtype is torch.bfloat16:
+        if not _cpu_has_fast_bf16():
+            warnings.warn(
+                "This CPU has neither AVX512-BF16 nor AMX, so bf16 is emulated and usually slower than fp32; "
+                "--precision fp32 is the faster choice here.",
+                stacklevel=3,
+            )
+        return dtype
+    raise ModelError(f"--precision {precision} is not available on {device.type}; use fp32 (fp16 needs CUDA).")
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class Encoder:
@@ -210,6 +246,9 @@ class Encoder:
         self.config = config if config is not None else EncoderConfig()
         self.memory_format = torch.channels_last if self._setting("channels_last", True) else torch.contiguous_format
         self.model = model.to(self.device, memory_format=self.memory_format).eval()
+        self.precision = self._setting("precision", "fp32")
+        self.autocast_dtype = autocast_dtype(precision=self.precision, device=self.device)
+        self._compiled = self._compile() if self._setting("compile", False) else None
         self.train_dl = train_dl
         self.valid_dl = valid_dl
         self.test_dl = test_dl
@@ -219,6 +258,38 @@ class Encoder:
 
     def _setting(self, name: str, default: Any) -> Any:
         return getattr(self.config, name, default)
+
+    def _compile(self) -> Any:
+        """The model through ``torch.compile``; compilation itself happens at the first batch (see ``_run``)."""
+        try:
+            return torch.compile(self.model)
+        except Exception as error:  # a platform without a working compiler
+            warnings.warn(f"torch.compile is unavailable ({type(error).__name__}: {error}); running eager.",
+                          stacklevel=3)
+            return None
+
+    def _run(self, inputs: Any) -> torch.Tensor:
+        """The model's output for one batch, compiled when asked for and working, under the chosen precision."""
+        with self._autocast():
+            if self._compiled is not None:
+                try:
+                    return self._compiled(inputs)
+                except Exception as error:  # compilation fails at the first call, e.g. without a C++ compiler
+                    warnings.warn(f"torch.compile failed ({type(error).__name__}: {error}); running eager.",
+                                  stacklevel=4)
+                    self._compiled = None
+            return self.model(inputs)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    @property
+    def embedding_id(self) -> str:
+        """Names what produces the embeddings: model and weights, plus a precision other than fp32 (it rounds
+        differently), so cached embeddings of one setting never serve another."""
+        return model_id(self.model) + ("" if self.precision == "fp32" else f"+{self.precision}")
 
     @property
     def topk(self) -> int:
@@ -265,7 +336,7 @@ class Encoder:
 
     def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """Embeddings (float32, on the device) of one batch of model inputs."""
-        return self.model(inputs.to(self.device, non_blocking=True, memory_format=self.memory_format)).float()
+        return self._run(inputs.to(self.device, non_blocking=True, memory_format=self.memory_format)).float()
 
     def _queries(self, inputs: Any, transform: Callable | None) -> torch.Tensor:
         """Embeddings of what ``infer`` was given: image tensors, files or PIL images."""
@@ -393,6 +464,10 @@ class TextEncoder(Encoder):
     Loaders yield ``(list of texts, targets)`` (``banerjee.TextDataset``); ``infer`` takes a text or a list of texts.
     """
 
+    def _compile(self) -> None:
+        warnings.warn("compile applies to image models; the sentence encoder runs eager.", stacklevel=3)
+        return None
+
     @property
     def num_features(self) -> int:
         # sentence-transformers 5.x renamed get_sentence_embedding_dimension; older releases only have that name.
@@ -402,9 +477,10 @@ class TextEncoder(Encoder):
     def _forward(self, inputs: Sequence[str]) -> torch.Tensor:
         # sentence-transformers sorts a call's texts by length and pads per inner batch of 64: larger loader
         # batches (e.g. 512) waste less padding.
-        return self.model.encode(
-            list(inputs), batch_size=64, convert_to_tensor=True, device=str(self.device), show_progress_bar=False
-        ).float()
+        with self._autocast():
+            return self.model.encode(
+                list(inputs), batch_size=64, convert_to_tensor=True, device=str(self.device), show_progress_bar=False
+            ).float()
 
     def _queries(self, inputs: str | Sequence[str], transform: Callable | None) -> torch.Tensor:
         with torch.inference_mode():

@@ -23,6 +23,8 @@ IMAGE_MODEL_NAME = "tiny_vit_11m_224.dist_in22k_ft_in1k"
 TEXT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 WEIGHTS = None  # a local weights file for the timm model: runs offline, no hub download
 DEVICE = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
+PRECISION = "fp32"  # "fp32", "bf16" (fast only on CPUs with AVX512-BF16/AMX and on GPUs) or "fp16" (CUDA)
+COMPILE = False  # torch.compile the image model
 CLASSIFIER = "mean"  # "mean" (the article) or "decorrelated"
 RUNS = 20
 VALID_SHARE = 0.2
@@ -53,7 +55,7 @@ args = cli.parse_script_args(
     defaults=dict(
         dataset=DATASET_PATH, modality=MODALITY, text_column=TEXT_COLUMN, label_column=LABEL_COLUMN,
         model=MODEL_NAME, image_model=IMAGE_MODEL_NAME, text_model=TEXT_MODEL_NAME, weights=WEIGHTS,
-        device=DEVICE, batch_size=BATCH_SIZE, workers=NUM_WORKERS, classifier=CLASSIFIER, runs=RUNS,
+        device=DEVICE, precision=PRECISION, compile=COMPILE, batch_size=BATCH_SIZE, workers=NUM_WORKERS, classifier=CLASSIFIER, runs=RUNS,
         valid_share=VALID_SHARE, top_k=TOPK, confidence=CONFIDENCE, seed=RANDOM_SEED, reproducible=REPRODUCIBLE,
         caf_from=CAF_FROM, caf_rule=CAF_RULE, protocol=PROTOCOL,
         augment_encode=AUGMENT_ENCODE_DATA, augment_eval=AUGMENT_EVAL_DATA, short_run=SHORT_RUN_BATCHES,
@@ -112,7 +114,9 @@ if args.top_k > len(labels):
 classifier = prototypes.make_classifier(args.classifier)
 encoder = engine.create_encoder(
     modality=dsm.modality, model_name=model_name, weights=args.weights, device=device, classifier=classifier,
-    config=engine.EncoderConfig(topk=args.top_k, short_run_batches=args.short_run),
+    config=engine.EncoderConfig(
+        topk=args.top_k, short_run_batches=args.short_run, precision=args.precision, compile=args.compile
+    ),
 )
 data_config, eval_transform = engine.eval_transform(encoder.model) if not text else (None, None)
 augmenting_transform = banerjee.augment_data(data_config) if not text else None

@@ -194,7 +194,7 @@ def embed_all_images(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings and label indexes of every image in global order, from the cache when the key matches."""
     key = store.cache_key(
-        model_id=engine.model_id(encoder.model), transform=transform, fingerprint=maker.get_fingerprint()
+        model_id=encoder.embedding_id, transform=transform, fingerprint=maker.get_fingerprint()
     )
     cached = cache.load(key, targets=maker.get_image_labels()) if cache is not None else None
     if cached is not None:

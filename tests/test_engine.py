@@ -129,3 +129,57 @@ def test_encode_and_evaluate_durations_are_timedeltas_like_the_original(fitted_e
 def test_infer_before_encode_is_a_clear_error(lite0_model):
     with pytest.raises(RuntimeError, match="call encode"):
         engine.Encoder(model=lite0_model, device="cpu").infer(inputs=torch.zeros(1, 3, 224, 224))
+
+
+# --- Precision and torch.compile -------------------------------------------------------------------------------------
+
+
+def test_precisions_the_device_cannot_run_are_refused_by_name():
+    with pytest.raises(engine.ModelError, match="--precision fp16 is not available on cpu; use fp32 "
+                                                r"\(fp16 needs CUDA\)"):
+        engine.autocast_dtype(precision="fp16", device=torch.device("cpu"))
+    with pytest.raises(engine.ModelError, match="Unknown precision 'fp8'; use fp32, bf16, fp16"):
+        engine.autocast_dtype(precision="fp8", device=torch.device("cpu"))
+    assert engine.autocast_dtype(precision="fp32", device=torch.device("cpu")) is None
+
+
+def test_script_names_the_engines_precisions():
+    import cli
+
+    assert cli.PRECISIONS == tuple(engine.PRECISIONS)
+
+
+@pytest.mark.filterwarnings("ignore:This CPU has neither")
+def test_bf16_embeddings_stay_close_to_fp32_and_are_cached_apart(lite0_model):
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    fp32 = engine.Encoder(model=lite0_model, device="cpu")
+    bf16 = engine.Encoder(model=lite0_model, device="cpu", config=engine.EncoderConfig(precision="bf16"))
+    with torch.inference_mode():
+        reference, rounded = fp32._forward(images), bf16._forward(images)
+    assert rounded.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(reference, rounded).min() >= 0.999
+    assert not torch.equal(reference, rounded)
+    assert bf16.embedding_id == fp32.embedding_id + "+bf16" and "+" in fp32.embedding_id
+
+
+def test_bf16_on_a_cpu_without_fast_bf16_warns(lite0_model, monkeypatch):
+    monkeypatch.setattr(engine, "_cpu_has_fast_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="bf16 is emulated and usually slower than fp32"):
+        engine.Encoder(model=lite0_model, device="cpu", config=engine.EncoderConfig(precision="bf16"))
+
+
+def test_compile_that_fails_at_the_first_batch_falls_back_to_eager_with_a_warning(lite0_model, monkeypatch):
+    def broken_compile(model):
+        def compiled(_inputs):
+            raise RuntimeError("no working C++ compiler")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    encoder = engine.Encoder(model=lite0_model, device="cpu", config=engine.EncoderConfig(compile=True))
+    with torch.inference_mode(), pytest.warns(UserWarning, match="torch.compile failed .*no working C\\+\\+ "
+                                                                 "compiler.*running eager"):
+        embeddings = encoder._forward(images)
+    with torch.inference_mode():
+        torch.testing.assert_close(embeddings, engine.Encoder(model=lite0_model, device="cpu")._forward(images))
+    assert encoder._compiled is None  # later batches go straight to the eager model
