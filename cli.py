@@ -15,15 +15,19 @@ import pathlib
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 __all__ = [
     "check_output_folder",
     "class_store_main",
+    "grid_main",
+    "grid_parser",
     "install_error_boundary",
     "is_user_error",
     "class_store_parser",
     "parse_script_args",
+    "reporting_user_errors",
     "run_class_store",
     "run_research_script",
     "resolve_dataset",
@@ -393,6 +397,17 @@ def report_user_error(error: BaseException) -> None:
     print(f"error: {message}", file=sys.stderr)
 
 
+def reporting_user_errors(command: Callable[[], int]) -> int:
+    """Run a command-line command; a user error is printed as one line and gives exit status 1."""
+    try:
+        return command()
+    except Exception as error:
+        if not is_user_error(error):
+            raise
+        report_user_error(error)
+        return 1
+
+
 def install_error_boundary() -> None:
     """Make a user error that ends the script print one line and exit with status 1; bugs keep their traceback.
 
@@ -419,13 +434,77 @@ def class_store_main(argv: list[str] | None = None) -> int:
         parser.error("--top-k and --batch-size must be at least 1.")
     import classdb
 
-    try:
-        return classdb.run_command(args)
-    except Exception as error:
-        if not is_user_error(error):
-            raise
-        report_user_error(error)
-        return 1
+    return reporting_user_errors(lambda: classdb.run_command(args))
+
+
+def grid_parser() -> argparse.ArgumentParser:
+    """Options of the model x dataset x classifier grid (``python -m grid``, ``similarity-grid``)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m grid", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Several models, datasets and classifiers on identical partitions per dataset: one CSV and one "
+                    "Markdown table with accuracy, top-k, paired differences to a baseline, encoding rate and "
+                    "embedding size. Embeddings and finished cells are reused on a rerun.",
+    )
+    parser.add_argument("--datasets", nargs="+", required=True,
+                        help="class-folder datasets (images or .txt files) or CSV/TSV files of labelled sentences")
+    parser.add_argument("--models", nargs="*", default=[], metavar="NAME[=WEIGHTS]",
+                        help="timm image models, each with an optional local weights file")
+    parser.add_argument("--text-models", nargs="*", default=[], metavar="NAME_OR_FOLDER",
+                        help="sentence-transformers models for the text datasets")
+    parser.add_argument("--classifiers", nargs="+", choices=CLASSIFIER_NAMES, default=list(CLASSIFIER_NAMES),
+                        help="class-vector classifiers")
+    parser.add_argument("--baseline", default=None, metavar="MODEL:CLASSIFIER",
+                        help="the cell each dataset's differences are paired with (default: its first model with "
+                             "the first classifier)")
+    parser.add_argument("--runs", type=int, default=20, help="random partitions per dataset")
+    parser.add_argument("--valid-share", type=float, default=0.2, help="validation share of each class")
+    parser.add_argument("--top-k", type=int, default=4, help="k of the top-k accuracy")
+    parser.add_argument("--seed", type=int, default=17, help="seed of the partitions, the same for every cell")
+    parser.add_argument("--confidence", type=float, default=0.95, help="confidence of the Student-t intervals")
+    parser.add_argument("--batch-size", type=int, default=32, help="samples per encoding batch")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="encoder arithmetic")
+    parser.add_argument("--cache-dir", default=".cache", help="embedding cache, shared with the research script")
+    parser.add_argument("--out", default="grid-results", help="folder for grid.csv, grid.md and the finished cells")
+    return parser
+
+
+def grid_main(argv: list[str] | None = None) -> int:
+    """Parse and check the grid's options, then run it; user errors become one line."""
+    parser = grid_parser()
+    args = parser.parse_args(argv)
+    if not args.models and not args.text_models:
+        parser.error("give at least one model: --models for images, --text-models for sentences.")
+    if args.runs < 1 or args.top_k < 1 or args.batch_size < 1 or not 0.0 < args.valid_share < 1.0:
+        parser.error("--runs, --top-k and --batch-size must be at least 1, --valid-share strictly between 0 and 1.")
+    for option, folder in (("--out", args.out), ("--cache-dir", args.cache_dir)):
+        problem = check_output_folder(pathlib.Path(folder).expanduser())
+        if problem:
+            parser.error(f"{option} {folder}: {problem}")
+    baseline = tuple(args.baseline.rsplit(":", 1)) if args.baseline else None
+    if baseline is not None and (len(baseline) != 2 or baseline[1] not in CLASSIFIER_NAMES):
+        parser.error(f"--baseline {args.baseline}: give MODEL:CLASSIFIER, e.g. tf_efficientnet_lite0:mean.")
+    import grid
+
+    def run() -> int:
+        table = grid.run_grid(
+            datasets=args.datasets,
+            models=[grid.parse_model_spec(spec, modality="image") for spec in args.models]
+            + [grid.parse_model_spec(spec, modality="text") for spec in args.text_models],
+            classifiers=args.classifiers, out=args.out, cache_dir=args.cache_dir, baseline=baseline,
+            settings=grid.GridSettings(
+                runs=args.runs, valid_share=args.valid_share, top_k=args.top_k, seed=args.seed,
+                confidence=args.confidence, batch_size=args.batch_size, workers=args.workers,
+                device=str(resolve_device(args.device)), precision=args.precision,
+            ),
+        )
+        out = pathlib.Path(args.out)
+        print((out / "grid.md").read_text(encoding="utf-8"))
+        print(f"Written: {out / 'grid.csv'} ({len(table)} cells), {out / 'grid.md'}")
+        return 0
+
+    return reporting_user_errors(run)
 
 
 def run_research_script() -> None:
@@ -438,3 +517,8 @@ def run_research_script() -> None:
 def run_class_store() -> None:
     """Console entry point ``similarity-classdb``: the class-store commands (same as ``python -m engine``)."""
     sys.exit(class_store_main())
+
+
+def run_grid() -> None:
+    """Console entry point ``similarity-grid``: the model x dataset x classifier grid (same as ``python -m grid``)."""
+    sys.exit(grid_main())

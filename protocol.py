@@ -41,6 +41,7 @@ __all__ = [
     "Runs",
     "describe_final_stats",
     "embed_all_images",
+    "embedding_key",
     "evaluate_partition",
     "final_stats",
     "load_run_records",
@@ -182,6 +183,11 @@ def make_loader(
     )
 
 
+def embedding_key(*, encoder: engine.Encoder, maker: banerjee.DatasetMaker, transform: Callable) -> str:
+    """The cache key of a dataset's embeddings: model, weights and precision, preprocessing, and the sample files."""
+    return store.cache_key(model_id=encoder.embedding_id, transform=transform, fingerprint=maker.get_fingerprint())
+
+
 def embed_all_images(
     *,
     encoder: engine.Encoder,
@@ -193,9 +199,7 @@ def embed_all_images(
     inform: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings and label indexes of every image in global order, from the cache when the key matches."""
-    key = store.cache_key(
-        model_id=encoder.embedding_id, transform=transform, fingerprint=maker.get_fingerprint()
-    )
+    key = embedding_key(encoder=encoder, maker=maker, transform=transform)
     cached = cache.load(key, targets=maker.get_image_labels()) if cache is not None else None
     if cached is not None:
         if inform:

@@ -1,0 +1,238 @@
+"""Models x datasets x classifiers on identical partitions: one CSV and one Markdown table of the whole grid.
+
+Researchers compare encoders and datasets side by side (the retrieval write-up reports such a table); here each
+cell is a cached-protocol experiment. Per dataset every cell sees the same partitions (one seed), so differences
+between cells are paired: ``diff`` is the mean per-partition accuracy difference to the baseline cell of that
+dataset, with its own Student-t half width.
+
+Nothing is computed twice. Embeddings go through :class:`store.EmbeddingCache`; each finished cell is kept as a
+small JSON file in ``OUT/cells`` under a key of everything that determines it (embedding key, classifier,
+partitions, top-k), so a rerun of the same grid only lists the datasets and loads the models.
+
+    python -m grid --datasets DIR_A DIR_B --models tf_efficientnet_lite0=lite0.pth tf_efficientnet_lite1=lite1.pth \
+        --classifiers mean decorrelated --cache-dir .cache --out grid-results
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+import banerjee
+import engine
+import metrics
+import protocol
+import prototypes
+import randomness
+import store
+
+__all__ = ["GridSettings", "ModelSpec", "markdown_table", "parse_model_spec", "run_grid"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One encoder of the grid: a timm name (with an optional local weights file) or a sentence-transformers name
+    or folder; ``modality`` says which datasets it can encode."""
+
+    name: str
+    weights: str | None = None
+    modality: str = "image"
+
+    @property
+    def label(self) -> str:
+        return pathlib.Path(self.name).name if self.modality == "text" else self.name
+
+
+def parse_model_spec(text: str, *, modality: str) -> ModelSpec:
+    """``NAME`` or ``NAME=WEIGHTS_FILE`` (weights for timm image models only)."""
+    name, _, weights = text.partition("=")
+    if weights and modality == "text":
+        raise engine.ModelError(f"{text}: a text model takes no weights file; pass its folder as the name.")
+    return ModelSpec(name=name, weights=weights or None, modality=modality)
+
+
+@dataclasses.dataclass(frozen=True)
+class GridSettings:
+    """What every cell shares; part of each cell's key, so changing any of it computes new cells."""
+
+    runs: int = 20
+    valid_share: float = 0.2
+    top_k: int = 4
+    seed: int = 17
+    confidence: float = 0.95
+    batch_size: int = 32
+    workers: int = 0
+    device: str = "cpu"
+    precision: str = "fp32"
+
+
+def run_grid(
+    *,
+    datasets: Sequence[str | pathlib.Path],
+    models: Sequence[ModelSpec],
+    classifiers: Sequence[str],
+    out: str | pathlib.Path,
+    cache_dir: str | pathlib.Path,
+    settings: GridSettings = GridSettings(),
+    baseline: tuple[str, str] | None = None,
+) -> pd.DataFrame:
+    """Every (dataset, matching model, classifier) cell; writes ``grid.csv`` and ``grid.md`` into ``out``.
+
+    ``baseline`` is a ``(model label, classifier)`` pair; default: each dataset's first model with the first
+    classifier. Returns the table (one row per cell).
+    """
+    out = pathlib.Path(out)
+    cache = store.EmbeddingCache(cache_dir)
+    modalities = [banerjee.detect_modality(dataset) for dataset in datasets]
+    for dataset, modality in zip(datasets, modalities):  # before any slow work
+        if not any(model.modality == modality for model in models):
+            raise engine.ModelError(f"No {modality} model given for {dataset}.")
+    lock = store.acquire_writer_lock(out / "grid.csv", timeout=0)  # a second grid into the same folder stops here
+    try:
+        return _run_cells(datasets=datasets, modalities=modalities, models=models, classifiers=classifiers, out=out,
+                          cache=cache, settings=settings, baseline=baseline)
+    finally:
+        lock.release()
+
+
+def _run_cells(
+    *,
+    datasets: Sequence[str | pathlib.Path],
+    modalities: Sequence[str],
+    models: Sequence[ModelSpec],
+    classifiers: Sequence[str],
+    out: pathlib.Path,
+    cache: store.EmbeddingCache,
+    settings: GridSettings,
+    baseline: tuple[str, str] | None,
+) -> pd.DataFrame:
+    cells = []
+    for dataset, modality in zip(datasets, modalities):
+        maker = banerjee.make_dataset_maker(dataset_path=dataset, modality=modality)
+        for model in (model for model in models if model.modality == modality):
+            cells += _model_cells(
+                maker=maker, model=model, classifiers=classifiers, settings=settings, cache=cache, out=out
+            )
+    table = _with_differences(pd.DataFrame(cells), baseline=baseline, confidence=settings.confidence)
+    shown = table.drop(columns=["accuracies", "topk_accuracies"])
+    with store.atomic_path(out / "grid.csv") as temporary:
+        shown.to_csv(temporary, index=False)
+    with store.atomic_path(out / "grid.md") as temporary:
+        temporary.write_text(markdown_table(shown, settings=settings), encoding="utf-8")
+    return shown
+
+
+def _model_cells(
+    *,
+    maker: banerjee.DatasetMaker,
+    model: ModelSpec,
+    classifiers: Sequence[str],
+    settings: GridSettings,
+    cache: store.EmbeddingCache,
+    out: pathlib.Path,
+) -> list[dict[str, Any]]:
+    """The cells of one model on one dataset: read back when done before, else computed and saved."""
+    encoder = engine.create_encoder(
+        modality=maker.modality, model_name=model.name, weights=model.weights, device=settings.device,
+        config=engine.EncoderConfig(topk=settings.top_k, precision=settings.precision),
+    )
+    transform = engine.eval_transform(encoder.model)[1] if maker.modality == "image" else None
+    embedding_key = protocol.embedding_key(encoder=encoder, maker=maker, transform=transform)
+    encoding_record = out / "cells" / f"encoding-{embedding_key}.json"
+    cells = []
+    for name in tqdm(classifiers, desc=f"[Grid] {maker.dataset_path.name} x {model.label}", leave=False):
+        cell_path = out / "cells" / f"{_cell_key(embedding_key, name, settings)}.json"
+        if cell_path.exists():
+            cells.append(json.loads(cell_path.read_text(encoding="utf-8")))
+            continue
+        freshly_encoded = not cache.path(embedding_key).exists()
+        runs = protocol.run_cached_protocol(
+            encoder=encoder, maker=maker, transform=transform, runs=settings.runs, valid_share=settings.valid_share,
+            batch_size=settings.batch_size, workers=settings.workers,
+            generator=randomness.make_torch_generator(seed=settings.seed), top_k=settings.top_k,
+            classifier=prototypes.make_classifier(name), cache=cache,
+        )
+        if freshly_encoded:
+            _write_json(encoding_record, {"samples_per_second": len(runs.targets) / runs.encode_seconds})
+        rate = json.loads(encoding_record.read_text())["samples_per_second"] if encoding_record.exists() else None
+        cell = {
+            "dataset": maker.dataset_path.name, "modality": maker.modality, "model": model.label, "classifier": name,
+            "samples": len(runs.targets), "classes": maker.get_num_labels(),
+            "embedding_dim": int(runs.embeddings.shape[1]), "samples_per_second": rate,
+            "seconds_per_partition": float(np.mean([run.seconds for run in runs])),
+            "accuracies": [run.accuracy for run in runs], "topk_accuracies": [run.topk_accuracy for run in runs],
+        }
+        _write_json(cell_path, cell)
+        cells.append(cell)
+    return cells
+
+
+def _cell_key(embedding_key: str, classifier: str, settings: GridSettings) -> str:
+    fields = [embedding_key, classifier, settings.runs, settings.valid_share, settings.top_k, settings.seed]
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:24]
+
+
+def _write_json(path: pathlib.Path, content: dict[str, Any]) -> None:
+    with store.atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(content), encoding="utf-8")
+
+
+def _with_differences(cells: pd.DataFrame, *, baseline: tuple[str, str] | None, confidence: float) -> pd.DataFrame:
+    """Accuracy and top-k intervals per cell, and the paired difference to its dataset's baseline cell."""
+    rows = []
+    for _, group in cells.groupby("dataset", sort=False):
+        chosen = group if baseline is None else group[(group.model == baseline[0]) & (group.classifier == baseline[1])]
+        if chosen.empty:
+            raise engine.ModelError(
+                f"Baseline {baseline[0]} with {baseline[1]} is not a cell of dataset {group.dataset.iloc[0]}."
+            )
+        reference = np.asarray(chosen.iloc[0]["accuracies"])
+        baseline_name = f"{chosen.iloc[0]['model']} + {chosen.iloc[0]['classifier']}"
+        for _, cell in group.iterrows():
+            accuracy = metrics.mean_confidence_interval(cell["accuracies"], confidence=confidence)
+            topk = metrics.mean_confidence_interval(cell["topk_accuracies"], confidence=confidence)
+            difference = metrics.mean_confidence_interval(
+                np.asarray(cell["accuracies"]) - reference, confidence=confidence
+            )
+            rows.append({
+                **cell.to_dict(), "accuracy": accuracy.mean, "accuracy_ci": accuracy.half_width,
+                "topk_accuracy": topk.mean, "topk_ci": topk.half_width, "baseline": baseline_name,
+                "diff": difference.mean, "diff_ci": difference.half_width,
+            })
+    return pd.DataFrame(rows)
+
+
+def markdown_table(table: pd.DataFrame, *, settings: GridSettings) -> str:
+    """The grid as a Markdown table: one row per cell, intervals as ``mean ± half width``."""
+    header = ["dataset", "model", "classifier", "accuracy", f"top-{settings.top_k}", "diff vs baseline",
+              "samples/s", "dim"]
+    lines = [
+        f"{settings.runs} partitions per dataset (seed {settings.seed}, valid share {settings.valid_share}), "
+        f"{settings.confidence:.0%} Student-t intervals; diff: paired difference to the baseline cell.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for _, row in table.iterrows():
+        rate = "" if pd.isna(row["samples_per_second"]) else f"{row['samples_per_second']:.1f}"
+        lines.append("| " + " | ".join([
+            row["dataset"], row["model"], row["classifier"], f"{row['accuracy']:.4f} ± {row['accuracy_ci']:.4f}",
+            f"{row['topk_accuracy']:.4f} ± {row['topk_ci']:.4f}", f"{row['diff']:+.4f} ± {row['diff_ci']:.4f}",
+            rate, str(row["embedding_dim"]),
+        ]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import cli
+
+    sys.exit(cli.grid_main())

@@ -1,0 +1,127 @@
+"""The model x dataset x classifier grid: identical partitions, paired differences, reuse on a rerun."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import topic_sentences
+
+import banerjee
+import cli
+import engine
+import grid
+import protocol
+import prototypes
+import randomness
+import store
+
+SETTINGS = grid.GridSettings(runs=3, valid_share=0.3, top_k=2, seed=5)
+
+
+@pytest.fixture(scope="module")
+def sentences_csv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("texts") / "topics.csv"
+    pd.DataFrame(topic_sentences(per_class=12), columns=["label", "text"]).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def grid_run(image_folder, sentences_csv, lite0_weights, minilm_folder, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("grid")
+    models = [grid.ModelSpec(name="tf_efficientnet_lite0", weights=str(lite0_weights)),
+              grid.ModelSpec(name=str(minilm_folder), modality="text")]
+    table = grid.run_grid(datasets=[image_folder, sentences_csv], models=models,
+                          classifiers=["mean", "decorrelated"], out=folder / "out", cache_dir=folder / "cache",
+                          settings=SETTINGS)
+    return folder, models, table
+
+
+def test_grid_has_one_row_per_matching_cell_with_paired_differences(grid_run, image_folder):
+    folder, _, table = grid_run
+    assert table[["dataset", "model", "classifier"]].values.tolist() == [
+        [image_folder.name, "tf_efficientnet_lite0", "mean"],
+        [image_folder.name, "tf_efficientnet_lite0", "decorrelated"],
+        ["topics.csv", "all-MiniLM-L6-v2", "mean"],
+        ["topics.csv", "all-MiniLM-L6-v2", "decorrelated"],
+    ]
+    assert table["embedding_dim"].tolist() == [1280, 1280, 384, 384]
+    assert (table["samples_per_second"] > 0).all()
+    cells = [json.loads(path.read_text()) for path in (folder / "out" / "cells").glob("*.json")
+             if not path.name.startswith("encoding-")]
+    assert len(cells) == 4
+    by_cell = {(cell["dataset"], cell["classifier"]): np.asarray(cell["accuracies"]) for cell in cells}
+    for dataset in (image_folder.name, "topics.csv"):
+        rows = table[table.dataset == dataset].set_index("classifier")
+        assert rows.loc["mean", "diff"] == 0.0 and rows.loc["mean", "diff_ci"] == 0.0
+        difference = by_cell[(dataset, "decorrelated")] - by_cell[(dataset, "mean")]
+        assert rows.loc["decorrelated", "diff"] == pytest.approx(difference.mean())
+        assert rows.loc["decorrelated", "accuracy"] == pytest.approx(by_cell[(dataset, "decorrelated")].mean())
+    written = pd.read_csv(folder / "out" / "grid.csv")
+    assert written["accuracy"].tolist() == pytest.approx(table["accuracy"].tolist())
+    markdown = (folder / "out" / "grid.md").read_text()
+    assert "| dataset | model | classifier | accuracy | top-2 | diff vs baseline | samples/s | dim |" in markdown
+    assert markdown.count("\n| ") == 5
+
+
+def test_every_cell_of_a_dataset_sees_the_partitions_of_the_research_protocol(grid_run, image_folder, lite0_model):
+    folder, _, table = grid_run
+    maker = banerjee.DatasetMaker(dataset_path=image_folder)
+    encoder = engine.Encoder(model=lite0_model, device="cpu")
+    direct = protocol.run_cached_protocol(
+        encoder=encoder, maker=maker, transform=engine.eval_transform(lite0_model)[1], runs=SETTINGS.runs,
+        valid_share=SETTINGS.valid_share, batch_size=16, workers=0,
+        generator=randomness.make_torch_generator(seed=SETTINGS.seed), top_k=SETTINGS.top_k,
+        classifier=prototypes.DecorrelatedClassifier(), cache=store.EmbeddingCache(folder / "cache"),
+    )
+    row = table[(table.dataset == image_folder.name) & (table.classifier == "decorrelated")].iloc[0]
+    assert row["accuracy"] == pytest.approx(np.mean([run.accuracy for run in direct]))
+
+
+def test_rerun_reads_every_cell_back_without_computing(grid_run, image_folder, sentences_csv, monkeypatch):
+    folder, models, table = grid_run
+
+    def refuse(**_kwargs):
+        raise AssertionError("a finished cell was computed again")
+
+    monkeypatch.setattr(protocol, "run_cached_protocol", refuse)
+    again = grid.run_grid(datasets=[image_folder, sentences_csv], models=models, classifiers=["mean", "decorrelated"],
+                          out=folder / "out", cache_dir=folder / "cache", settings=SETTINGS)
+    pd.testing.assert_frame_equal(again, table)
+
+
+def test_a_chosen_baseline_pairs_the_differences_with_it(grid_run, image_folder):
+    folder, models, _ = grid_run
+    table = grid.run_grid(datasets=[image_folder], models=models[:1], classifiers=["mean", "decorrelated"],
+                          out=folder / "out", cache_dir=folder / "cache", settings=SETTINGS,
+                          baseline=("tf_efficientnet_lite0", "decorrelated")).set_index("classifier")
+    assert table.loc["decorrelated", "diff"] == 0.0
+    assert table.loc["mean", "diff"] == pytest.approx(table.loc["mean", "accuracy"] - table.loc["decorrelated",
+                                                                                                 "accuracy"])
+    assert (table["baseline"] == "tf_efficientnet_lite0 + decorrelated").all()
+    with pytest.raises(engine.ModelError, match="Baseline tf_efficientnet_lite0 with nope is not a cell"):
+        grid.run_grid(datasets=[image_folder], models=models[:1], classifiers=["mean"], out=folder / "out",
+                      cache_dir=folder / "cache", settings=SETTINGS, baseline=("tf_efficientnet_lite0", "nope"))
+
+
+def test_grid_errors_are_one_line(image_folder, tmp_path, capsys):
+    status = cli.grid_main(["--datasets", str(image_folder), "--text-models", "some/model", "--out",
+                            str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")])
+    assert status == 1
+    assert capsys.readouterr().err.strip() == f"error: No image model given for {image_folder}."
+    with pytest.raises(SystemExit):
+        cli.grid_main(["--datasets", str(image_folder)])
+    assert "give at least one model" in capsys.readouterr().err
+    with pytest.raises(engine.ModelError, match="a text model takes no weights file"):
+        grid.parse_model_spec("folder=weights.pth", modality="text")
+
+
+def test_grid_cell_key_changes_with_every_shared_setting():
+    keys = {grid._cell_key("k", "mean", SETTINGS)}
+    for change in ({"runs": 4}, {"valid_share": 0.2}, {"top_k": 3}, {"seed": 6}):
+        keys.add(grid._cell_key("k", "mean", grid.GridSettings(**{**SETTINGS.__dict__, **change})))
+    keys.add(grid._cell_key("k", "decorrelated", SETTINGS))
+    keys.add(grid._cell_key("other", "mean", SETTINGS))
+    assert len(keys) == 7
