@@ -312,7 +312,8 @@ class NearestNeighbourClassifier(ClassifierMixin, BaseEstimator):
     def decision_function(self, X) -> np.ndarray:
         """``votes + (1 + best cosine) / 3``: votes decide, the most similar image breaks ties."""
         X = validate_data(self, X, reset=False, dtype=FLOAT_TYPES)
-        similarity = torch.from_numpy(prototypes.unit_rows(X)).to(self.unit_train_.dtype) @ self.unit_train_.T
+        train = self.unit_train_.numpy()
+        similarity = torch.from_numpy(prototypes.unit_rows(X).astype(train.dtype) @ train.T)  # NumPy's product: faster
         best = _best_per_class(similarity, self.owners_, len(self.classes_))
         voters = self.owners_[similarity.topk(min(self.k, similarity.shape[1]), dim=1).indices]
         votes = torch.zeros_like(best).scatter_add_(1, voters, torch.ones_like(voters, dtype=best.dtype))
@@ -533,19 +534,20 @@ def _leave_out_accuracies(
     """Top-1 accuracy of the article's class mean for many validation sets, training on the rest.
 
     The classifier is fitted once on every image; each partition's class sums are those minus the sums of its
-    validation images (exact, the statistics are additive), scored in float32 torch: a thousand partitions of
-    Caltech-101 take seconds instead of minutes of per-partition estimator copies.
+    validation images (exact, the statistics are additive), scored with float32 matrix products: two thousand
+    partitions of Caltech-101 take seconds instead of minutes of per-partition estimator copies.
     """
-    everything = prototypes.ClassMeanClassifier().fit(embeddings.double().numpy(), targets.numpy())
+    features = embeddings.float().numpy()
+    everything = prototypes.ClassMeanClassifier().fit(features, targets.numpy())
     class_sums = torch.from_numpy(everything.class_sums_).float()
-    rows = torch.from_numpy(np.searchsorted(everything.classes_, targets.numpy()))
-    features = embeddings.float()
+    rows = np.searchsorted(everything.classes_, targets.numpy())
     accuracies = []
     for valid_indexes in valid_sets:
+        valid_indexes = np.asarray(valid_indexes)
         queries, query_rows = features[valid_indexes], rows[valid_indexes]
-        train_sums = class_sums.index_add(0, query_rows, queries, alpha=-1.0)  # a class's mean points along its sum
-        _, best = prototypes.cosine_top_k(queries=queries, corpus=train_sums, top_k=1)
-        accuracies.append(float((best[:, 0] == query_rows).double().mean()))
+        train_sums = class_sums.index_add(0, torch.from_numpy(query_rows), torch.from_numpy(queries), alpha=-1.0)
+        scores = queries @ prototypes.unit_rows(train_sums.numpy()).T  # a class's mean points along its sum
+        accuracies.append(float(np.mean(scores.argmax(axis=1) == query_rows)))
     return accuracies
 
 

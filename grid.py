@@ -20,6 +20,7 @@ import hashlib
 import json
 import pathlib
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -151,8 +152,9 @@ def _model_cells(
     cells = []
     for name in tqdm(classifiers, desc=f"[Grid] {maker.dataset_path.name} x {model.label}", leave=False):
         cell_path = out / "cells" / f"{_cell_key(embedding_key, name, settings)}.json"
-        if cell_path.exists():
-            cells.append(json.loads(cell_path.read_text(encoding="utf-8")))
+        cell = _read_cell(cell_path, runs=settings.runs)
+        if cell is not None:
+            cells.append(cell)
             continue
         freshly_encoded = not cache.path(embedding_key).exists()
         runs = protocol.run_cached_protocol(
@@ -165,7 +167,8 @@ def _model_cells(
             _write_json(encoding_record, {"samples_per_second": len(runs.targets) / runs.encode_seconds})
         rate = json.loads(encoding_record.read_text())["samples_per_second"] if encoding_record.exists() else None
         cell = {
-            "dataset": maker.dataset_path.name, "modality": maker.modality, "model": model.label, "classifier": name,
+            "dataset": maker.dataset_path.name, "dataset_path": str(maker.dataset_path), "modality": maker.modality,
+            "model": model.label, "classifier": name,
             "samples": len(runs.targets), "classes": maker.get_num_labels(),
             "embedding_dim": int(runs.embeddings.shape[1]), "samples_per_second": rate,
             "seconds_per_partition": float(np.mean([run.seconds for run in runs])),
@@ -174,6 +177,27 @@ def _model_cells(
         _write_json(cell_path, cell)
         cells.append(cell)
     return cells
+
+
+CELL_FIELDS = ("dataset", "dataset_path", "modality", "model", "classifier", "samples", "classes", "embedding_dim",
+               "samples_per_second", "seconds_per_partition", "accuracies", "topk_accuracies")
+
+
+def _read_cell(path: pathlib.Path, *, runs: int) -> dict[str, Any] | None:
+    """A finished cell, or None when there is none or (with a warning) when it is damaged: then it is computed
+    again rather than reported."""
+    if not path.exists():
+        return None
+    try:
+        cell = json.loads(path.read_text(encoding="utf-8"))
+        scores = np.asarray([cell["accuracies"], cell["topk_accuracies"]], dtype=np.float64)
+        valid = set(cell) == set(CELL_FIELDS) and scores.shape == (2, runs) and ((scores >= 0) & (scores <= 1)).all()
+    except (OSError, ValueError, TypeError, KeyError):
+        valid = False
+    if not valid:
+        warnings.warn(f"Grid cell {path} is damaged or of another version; computing it again.", stacklevel=3)
+        return None
+    return cell
 
 
 def _cell_key(embedding_key: str, classifier: str, settings: GridSettings) -> str:
@@ -189,7 +213,7 @@ def _write_json(path: pathlib.Path, content: dict[str, Any]) -> None:
 def _with_differences(cells: pd.DataFrame, *, baseline: tuple[str, str] | None, confidence: float) -> pd.DataFrame:
     """Accuracy and top-k intervals per cell, and the paired difference to its dataset's baseline cell."""
     rows = []
-    for _, group in cells.groupby("dataset", sort=False):
+    for _, group in cells.groupby("dataset_path", sort=False):  # two datasets may share a folder name
         chosen = group if baseline is None else group[(group.model == baseline[0]) & (group.classifier == baseline[1])]
         if chosen.empty:
             raise engine.ModelError(

@@ -125,3 +125,17 @@ def test_grid_cell_key_changes_with_every_shared_setting():
     keys.add(grid._cell_key("k", "decorrelated", SETTINGS))
     keys.add(grid._cell_key("other", "mean", SETTINGS))
     assert len(keys) == 7
+
+
+def test_damaged_cell_is_computed_again_with_a_warning(grid_run, image_folder):
+    folder, models, table = grid_run
+    cells = sorted(path for path in (folder / "out" / "cells").glob("*.json") if not path.name.startswith("enc"))
+    damaged = next(path for path in cells if json.loads(path.read_text())["dataset"] == image_folder.name)
+    forged = {**json.loads(damaged.read_text()), "accuracies": [1.5, 0.2, 0.1]}
+    damaged.write_text(json.dumps(forged))
+    with pytest.warns(UserWarning, match=f"Grid cell {damaged} is damaged"):
+        again = grid.run_grid(datasets=[image_folder], models=models[:1], classifiers=["mean", "decorrelated"],
+                              out=folder / "out", cache_dir=folder / "cache", settings=SETTINGS)
+    expected = table[table.dataset == image_folder.name].reset_index(drop=True)
+    assert again["accuracy"].tolist() == pytest.approx(expected["accuracy"].tolist())
+    assert json.loads(damaged.read_text())["accuracies"] != forged["accuracies"]
