@@ -15,11 +15,17 @@ partitions, top-k), so a rerun of the same grid only lists the datasets and load
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # ``python -m grid``: parse the options before torch and timm load
+    import sys as _sys
+
+    import cli as _cli
+
+    _sys.exit(_cli.grid_main())
+
 import dataclasses
 import hashlib
 import json
 import pathlib
-import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -254,9 +260,3 @@ def markdown_table(table: pd.DataFrame, *, settings: GridSettings) -> str:
             rate, str(row["embedding_dim"]),
         ]) + " |")
     return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
-    import cli
-
-    sys.exit(cli.grid_main())
