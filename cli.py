@@ -21,18 +21,20 @@ from typing import Any
 __all__ = [
     "check_output_folder",
     "class_store_main",
+    "class_store_parser",
     "grid_main",
     "grid_parser",
     "install_error_boundary",
     "is_user_error",
-    "class_store_parser",
     "parse_script_args",
+    "report_user_error",
     "reporting_user_errors",
-    "run_class_store",
-    "run_research_script",
     "resolve_dataset",
     "resolve_device",
+    "run_class_store",
     "run_environment",
+    "run_grid",
+    "run_research_script",
     "script_argv",
     "write_csv",
     "write_json",
@@ -478,6 +480,8 @@ def grid_main(argv: list[str] | None = None) -> int:
         parser.error("give at least one model: --models for images, --text-models for sentences.")
     if args.runs < 1 or args.top_k < 1 or args.batch_size < 1 or not 0.0 < args.valid_share < 1.0:
         parser.error("--runs, --top-k and --batch-size must be at least 1, --valid-share strictly between 0 and 1.")
+    if not 0 <= args.seed < 2**32 or not 0.0 < args.confidence < 1.0:
+        parser.error(f"--seed must lie in 0..{2**32 - 1} and --confidence strictly between 0 and 1.")
     for option, folder in (("--out", args.out), ("--cache-dir", args.cache_dir)):
         problem = check_output_folder(pathlib.Path(folder).expanduser())
         if problem:

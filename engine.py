@@ -41,7 +41,9 @@ __all__ = [
     "Encoder",
     "EncoderConfig",
     "ModelError",
+    "PRECISIONS",
     "TextEncoder",
+    "autocast_dtype",
     "check_model_name",
     "create_encoder",
     "create_model",
@@ -225,8 +227,9 @@ class Encoder:
     """A pretrained model plus, after :meth:`encode`, a fitted class-vector classifier of the training loader.
 
     ``config`` is an :class:`EncoderConfig` or any object with optional attributes ``topk`` (default 4),
-    ``short_run_batches`` (stop after this many batches, for quick checks; default None) and ``channels_last``
-    (default True: faster on CPU).
+    ``short_run_batches`` (stop after this many batches, for quick checks; default None), ``channels_last``
+    (default True: faster on CPU), ``precision`` (``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast; default fp32) and
+    ``compile`` (``torch.compile`` the image model; default False).
     ``classifier`` is an unfitted estimator of :mod:`prototypes` (default: the article's class mean); ``encode``
     fits a copy of it, so one encoder can be encoded again with other data.
     """
