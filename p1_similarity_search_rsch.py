@@ -55,7 +55,8 @@ args = cli.parse_script_args(
     defaults=dict(
         dataset=DATASET_PATH, modality=MODALITY, text_column=TEXT_COLUMN, label_column=LABEL_COLUMN,
         model=MODEL_NAME, image_model=IMAGE_MODEL_NAME, text_model=TEXT_MODEL_NAME, weights=WEIGHTS,
-        device=DEVICE, precision=PRECISION, compile=COMPILE, batch_size=BATCH_SIZE, workers=NUM_WORKERS, classifier=CLASSIFIER, runs=RUNS,
+        device=DEVICE, precision=PRECISION, compile=COMPILE, batch_size=BATCH_SIZE, workers=NUM_WORKERS,
+        classifier=CLASSIFIER, runs=RUNS,
         valid_share=VALID_SHARE, top_k=TOPK, confidence=CONFIDENCE, seed=RANDOM_SEED, reproducible=REPRODUCIBLE,
         caf_from=CAF_FROM, caf_rule=CAF_RULE, protocol=PROTOCOL,
         augment_encode=AUGMENT_ENCODE_DATA, augment_eval=AUGMENT_EVAL_DATA, short_run=SHORT_RUN_BATCHES,
@@ -215,27 +216,10 @@ if args.analysis and run_results.embeddings is not None:
         runs=run_results, labels=labels, valid_share=args.valid_share, confidence=args.confidence, seed=args.seed,
         num_intervals=NUM_INTERVALS, threshold=CLASS_ACCURACY_THRESHOLD, parts=args.analysis,
     )
-    title = f"{model_name} on {dsm.dataset_path.name}, {len(run_results)} partitions"
-    written = []
-    if analysed.confusion is not None:
-        for name, normalize in (("confusion.png", False), ("confusion_normalised.png", True)):
-            visual.draw_confusion_matrix(
-                confusion=analysed.confusion, labels=labels, filename=out_dir / name, normalize=normalize,
-                title=f"Confusions summed over partitions{' (share of the true class)' if normalize else ''}: {title}",
-            )
-        visual.draw_cumulative_accuracy(
-            shares=analysed.band["share"], cum_accs=analysed.band["mean"], band=(analysed.band["low"],
-            analysed.band["high"]), figsize=(5, 5), filename=out_dir / "cumacc_band.png",
-            title=f"Mean CAF over partitions, {args.confidence:.0%} band: {title}",
-        )
-        written += [out_dir / "confusion.png", out_dir / "confusion_normalised.png", out_dir / "cumacc_band.png"]
-    if analysed.tsne_coords is not None:
-        visual.draw_embedding_map(
-            coords=analysed.tsne_coords, targets=analysed.tsne_targets, labels=labels,
-            mean_coords=analysed.tsne_means, filename=out_dir / "tsne.png",
-            title=f"t-SNE of the last partition's validation {dsm.sample_kind}s: {title}",
-        )
-        written.append(out_dir / "tsne.png")
+    written = visual.draw_analysis(
+        analysed, labels=labels, out_dir=out_dir, confidence=args.confidence, sample_kind=dsm.sample_kind,
+        title=f"{model_name} on {dsm.dataset_path.name}, {len(run_results)} partitions",
+    )
     written += [cli.write_csv(out_dir / f"{name}.csv", table) for name, table in analysed.tables().items()]
     if analysed.coverage is not None:
         written.append(cli.write_json(out_dir / "ci_coverage.json", analysed.coverage))

@@ -25,7 +25,7 @@ from matplotlib.lines import Line2D
 
 import store
 
-__all__ = ["draw_confusion_matrix", "draw_cumulative_accuracy", "draw_embedding_map", "show_images"]
+__all__ = ["draw_analysis", "draw_confusion_matrix", "draw_cumulative_accuracy", "draw_embedding_map", "show_images"]
 
 PathLike = str | os.PathLike
 
@@ -255,3 +255,33 @@ def draw_embedding_map(
         ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
     ax.set_title(_plain_text(title + (" (crosses: class means)" if mean_coords is not None else "")), wrap=True)
     return _finish(fig, filename)
+
+
+def draw_analysis(
+    analysed: Any, *, labels: Sequence[str], out_dir: PathLike, title: str, confidence: float, sample_kind: str
+) -> list[pathlib.Path]:
+    """The figures of an ``analysis.RunAnalysis`` for the parts it holds (confusion matrices and CAF band; t-SNE
+    map), written into ``out_dir``; returns their paths."""
+    out_dir = pathlib.Path(out_dir)
+    written = []
+    if analysed.confusion is not None:
+        for name, normalize in (("confusion.png", False), ("confusion_normalised.png", True)):
+            draw_confusion_matrix(
+                confusion=analysed.confusion, labels=labels, filename=out_dir / name, normalize=normalize,
+                title=f"Confusions summed over partitions{' (share of the true class)' if normalize else ''}: {title}",
+            )
+            written.append(out_dir / name)
+        draw_cumulative_accuracy(
+            shares=analysed.band["share"], cum_accs=analysed.band["mean"],
+            band=(analysed.band["low"], analysed.band["high"]), figsize=(5, 5), filename=out_dir / "cumacc_band.png",
+            title=f"Mean CAF over partitions, {confidence:.0%} band: {title}",
+        )
+        written.append(out_dir / "cumacc_band.png")
+    if analysed.tsne_coords is not None:
+        draw_embedding_map(
+            coords=analysed.tsne_coords, targets=analysed.tsne_targets, labels=labels,
+            mean_coords=analysed.tsne_means, filename=out_dir / "tsne.png",
+            title=f"t-SNE of the last partition's validation {sample_kind}s: {title}",
+        )
+        written.append(out_dir / "tsne.png")
+    return written

@@ -1138,7 +1138,8 @@ def test_class_folder_linked_to_the_dataset_root_warns_about_duplicates(tmp_path
     root = small_dataset(tmp_path / "data")
     (root / "all").symlink_to(root, target_is_directory=True)
     with pytest.warns(UserWarning, match=r"6 sample\(s\) of .* are files already listed under another path "
-                                         r"\(symbolic links\), e\.g\. .*img_000.jpg is .*img_000.jpg; each copy counts"):
+                                         r"\(symbolic links\), e\.g\. .*img_000.jpg is .*img_000.jpg; each copy "
+                                         "counts"):
         maker = banerjee.DatasetMaker(dataset_path=root)
     assert maker.get_num_images() == 12  # kept, as the folders say, but no longer silently
 
@@ -1189,7 +1190,8 @@ def test_resumed_log_whose_targets_were_relabelled_is_refused(image_folder, lite
     for record in records:
         for key in ("targets", "predictions"):
             record[key] = [swapped.get(value, value) for value in record[key]]
-        record["topk_predictions"] = [[swapped.get(value, value) for value in row] for row in record["topk_predictions"]]
+        record["topk_predictions"] = [[swapped.get(value, value) for value in row]
+                                      for row in record["topk_predictions"]]
     log.write_text("".join(json.dumps(record) + "\n" for record in records))
     with pytest.raises(protocol.RunLogError, match="Cannot resume: partition 0 differs"):
         cached_run(completed=protocol.load_run_records(log))
