@@ -180,7 +180,7 @@ class ClassVectorStore:
         if modality not in ("image", "text"):
             raise ClassDBError(f"modality must be 'image' or 'text', got {modality!r}.")
         self.modality = modality
-        self.transform_config = _plain_json(transform_config or {})
+        self.transform_config = store.plain_json(transform_config or {})
         self.classifier = classifier if classifier is not None else prototypes.ClassMeanClassifier()
         self.classifier_name = _classifier_name(self.classifier)
         self._backends: dict[tuple[str, str], TorchBackend | FaissBackend] = {}
@@ -236,7 +236,7 @@ class ClassVectorStore:
             "model_id": self.model_id,
             "modality": self.modality,
             "transform_config": self.transform_config,
-            "classifier": {"name": self.classifier_name, "params": _plain_json(self.classifier.get_params())},
+            "classifier": {"name": self.classifier_name, "params": store.plain_json(self.classifier.get_params())},
         }
 
     def check_model(
@@ -260,10 +260,10 @@ class ClassVectorStore:
                 "Embeddings of different models cannot be compared: use the store's model "
                 f"(--model {self.model_name} with the same --weights file) or build a new store."
             )
-        if transform_config is not None and _plain_json(transform_config) != self.transform_config:
+        if transform_config is not None and store.plain_json(transform_config) != self.transform_config:
             raise ModelMismatchError(
                 f"{where} was built with preprocessing {self.transform_config}, not with "
-                f"{_plain_json(transform_config)} ({source}). Use the store's preprocessing or build a new store."
+                f"{store.plain_json(transform_config)} ({source}). Use the store's preprocessing or build a new store."
             )
 
     def index(self, label: str) -> int:
@@ -558,11 +558,6 @@ def _file_kind(path: pathlib.Path) -> str:
     return suffix[1:]
 
 
-def _plain_json(value: Any) -> Any:
-    """The JSON form of a config (tuples become lists), so a config compares equal to itself after a round trip."""
-    return json.loads(json.dumps(value, default=str))
-
-
 @dataclasses.dataclass
 class _Model:
     """An encoder with everything a store records about it."""
@@ -588,7 +583,7 @@ class _Model:
             modality=modality,
             name=model_name,
             id=engine.model_id(encoder.model),
-            transform_config=_plain_json(transform_config),
+            transform_config=store.plain_json(transform_config),
             transform=transform,
             encoder=encoder,
             batch_size=batch_size,

@@ -7,9 +7,7 @@ Kept free of heavy imports (torch, timm, sentence-transformers load only when a 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.metadata
-import json
 import os
 import pathlib
 import platform
@@ -36,8 +34,6 @@ __all__ = [
     "run_grid",
     "run_research_script",
     "script_argv",
-    "write_csv",
-    "write_json",
 ]
 
 ANALYSIS_PARTS = ("confusion", "retrieval", "prototypes", "tsne", "coverage")  # analysis.ANALYSIS_PARTS, light
@@ -139,8 +135,7 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
         parser.error("--runs, --batch-size and --top-k must be at least 1, and --workers at least 0.")
     if args.short_run is not None and args.short_run < 1:
         parser.error(f"--short-run must be at least 1 batch, got {args.short_run}.")
-    if not 0.0 < args.confidence < 1.0:
-        parser.error(f"--confidence must lie strictly between 0 and 1, got {args.confidence}.")
+    _check_shared_options(parser, args)
     if args.analysis is not None:
         parts = ANALYSIS_PARTS if args.analysis == "all" else tuple(filter(None, args.analysis.split(",")))
         unknown = sorted(set(parts) - set(ANALYSIS_PARTS))
@@ -148,15 +143,8 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
             parser.error(f"--analysis: unknown part(s) {', '.join(unknown) or '(none)'}; choose among "
                          f"{', '.join(ANALYSIS_PARTS)} (comma-separated), or give no value for all.")
         args.analysis = [part for part in ANALYSIS_PARTS if part in parts]
-    if not 0 <= args.seed < 2**32:
-        parser.error(f"--seed must lie in 0..{2**32 - 1} (NumPy's seed range), got {args.seed}.")
     if args.weights is not None and not pathlib.Path(args.weights).expanduser().is_file():
         parser.error(f"--weights {args.weights}: no such file. Pass the path of a local weights file.")
-    for option, folder in (("--out", args.out), ("--cache-dir", args.cache_dir)):
-        if folder is not None:
-            problem = check_output_folder(pathlib.Path(folder).expanduser())
-            if problem:
-                parser.error(f"{option} {folder}: {problem}")
     import banerjee  # heavy (torch): only once --help has had its chance to answer
 
     try:
@@ -175,6 +163,20 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
         print("Augmentation draws new images every pass, so it bypasses the embedding cache: --protocol original.")
         args.protocol = "original"
     return args
+
+
+def _check_shared_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The checks the script and the grid share: interval confidence, seed range, and the output and cache folders
+    (before any work, so a long run does not fail at its end)."""
+    if not 0.0 < args.confidence < 1.0:
+        parser.error(f"--confidence must lie strictly between 0 and 1, got {args.confidence}.")
+    if not 0 <= args.seed < 2**32:
+        parser.error(f"--seed must lie in 0..{2**32 - 1} (NumPy's seed range), got {args.seed}.")
+    for option, folder in (("--out", args.out), ("--cache-dir", args.cache_dir)):
+        if folder is not None:
+            problem = check_output_folder(pathlib.Path(folder).expanduser())
+            if problem:
+                parser.error(f"{option} {folder}: {problem}")
 
 
 def check_output_folder(folder: pathlib.Path) -> str | None:
@@ -269,40 +271,6 @@ def run_environment(*, repository: pathlib.Path) -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {"versions": versions, "git_commit": commit, "platform": platform.platform()}
-
-
-def write_json(path: pathlib.Path, content: dict) -> pathlib.Path:
-    """JSON with intervals as their fields (mean, half_width, ...), floats rounded to 10 digits, the rest as text."""
-    import store
-
-    def plain(value: Any) -> Any:
-        return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else str(value)
-
-    def rounded(value: Any) -> Any:
-        if isinstance(value, float):
-            return round(value, 10)
-        if isinstance(value, dict):
-            return {key: rounded(item) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [rounded(item) for item in value]
-        return value
-
-    text = json.dumps(rounded(json.loads(json.dumps(content, default=plain))), indent=2)
-    with store.atomic_path(path) as temporary:
-        temporary.write_text(text, encoding="utf-8")
-    return path
-
-
-def write_csv(path: pathlib.Path, frame: Any) -> pathlib.Path:
-    """A results table for people and spreadsheets: text cells that would run as formulas are neutralised."""
-    import store
-    import utils
-
-    text_columns = frame.select_dtypes(include=["object", "string"]).columns
-    safe = frame.assign(**{column: frame[column].map(utils.spreadsheet_safe) for column in text_columns})
-    with store.atomic_path(path) as temporary:
-        safe.to_csv(temporary, index=False)
-    return path
 
 
 def class_store_parser() -> argparse.ArgumentParser:
@@ -480,12 +448,7 @@ def grid_main(argv: list[str] | None = None) -> int:
         parser.error("give at least one model: --models for images, --text-models for sentences.")
     if args.runs < 1 or args.top_k < 1 or args.batch_size < 1 or not 0.0 < args.valid_share < 1.0:
         parser.error("--runs, --top-k and --batch-size must be at least 1, --valid-share strictly between 0 and 1.")
-    if not 0 <= args.seed < 2**32 or not 0.0 < args.confidence < 1.0:
-        parser.error(f"--seed must lie in 0..{2**32 - 1} and --confidence strictly between 0 and 1.")
-    for option, folder in (("--out", args.out), ("--cache-dir", args.cache_dir)):
-        problem = check_output_folder(pathlib.Path(folder).expanduser())
-        if problem:
-            parser.error(f"{option} {folder}: {problem}")
+    _check_shared_options(parser, args)
     baseline = tuple(args.baseline.rsplit(":", 1)) if args.baseline else None
     if baseline is not None and (len(baseline) != 2 or baseline[1] not in CLASSIFIER_NAMES):
         parser.error(f"--baseline {args.baseline}: give MODEL:CLASSIFIER, e.g. tf_efficientnet_lite0:mean.")

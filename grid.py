@@ -131,8 +131,7 @@ def _run_cells(
             )
     table = _with_differences(pd.DataFrame(cells), baseline=baseline, confidence=settings.confidence)
     shown = table.drop(columns=["accuracies", "topk_accuracies"])
-    with store.atomic_path(out / "grid.csv") as temporary:
-        shown.to_csv(temporary, index=False)
+    store.write_csv(out / "grid.csv", shown)
     with store.atomic_path(out / "grid.md") as temporary:
         temporary.write_text(markdown_table(shown, settings=settings), encoding="utf-8")
     return shown
@@ -170,7 +169,7 @@ def _model_cells(
             classifier=prototypes.make_classifier(name), cache=cache,
         )
         if freshly_encoded:
-            _write_json(encoding_record, {"samples_per_second": len(runs.targets) / runs.encode_seconds})
+            store.write_json(encoding_record, {"samples_per_second": len(runs.targets) / runs.encode_seconds})
         rate = json.loads(encoding_record.read_text())["samples_per_second"] if encoding_record.exists() else None
         cell = {
             "dataset": maker.dataset_path.name, "dataset_path": str(maker.dataset_path), "modality": maker.modality,
@@ -180,7 +179,7 @@ def _model_cells(
             "seconds_per_partition": float(np.mean([run.seconds for run in runs])),
             "accuracies": [run.accuracy for run in runs], "topk_accuracies": [run.topk_accuracy for run in runs],
         }
-        _write_json(cell_path, cell)
+        store.write_json(cell_path, cell)
         cells.append(cell)
     return cells
 
@@ -209,11 +208,6 @@ def _read_cell(path: pathlib.Path, *, runs: int) -> dict[str, Any] | None:
 def _cell_key(embedding_key: str, classifier: str, settings: GridSettings) -> str:
     fields = [embedding_key, classifier, settings.runs, settings.valid_share, settings.top_k, settings.seed]
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:24]
-
-
-def _write_json(path: pathlib.Path, content: dict[str, Any]) -> None:
-    with store.atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(content), encoding="utf-8")
 
 
 def _with_differences(cells: pd.DataFrame, *, baseline: tuple[str, str] | None, confidence: float) -> pd.DataFrame:

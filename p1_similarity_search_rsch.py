@@ -183,9 +183,9 @@ print("\n".join(f"  {item['label']!r}: {item['accuracy']:.3f}" for item in least
 
 # %% Save results (and, optionally, the class vectors of the last partition).
 written = [
-    cli.write_csv(out_dir / "runs.csv", pd.DataFrame(protocol.run_table(run_results))),
-    cli.write_csv(out_dir / "class_accuracy.csv", pd.DataFrame({"label": labels, "accuracy": class_accuracy})),
-    cli.write_json(out_dir / "results.json", {
+    store.write_csv(out_dir / "runs.csv", pd.DataFrame(protocol.run_table(run_results))),
+    store.write_csv(out_dir / "class_accuracy.csv", pd.DataFrame({"label": labels, "accuracy": class_accuracy})),
+    store.write_json(out_dir / "results.json", {
         "settings": vars(args),
         "environment": cli.run_environment(repository=pathlib.Path(__file__).resolve().parent),
         "final_stats": final_stats,
@@ -220,9 +220,9 @@ if args.analysis and run_results.embeddings is not None:
         analysed, labels=labels, out_dir=out_dir, confidence=args.confidence, sample_kind=dsm.sample_kind,
         title=f"{model_name} on {dsm.dataset_path.name}, {len(run_results)} partitions",
     )
-    written += [cli.write_csv(out_dir / f"{name}.csv", table) for name, table in analysed.tables().items()]
+    written += [store.write_csv(out_dir / f"{name}.csv", table) for name, table in analysed.tables().items()]
     if analysed.coverage is not None:
-        written.append(cli.write_json(out_dir / "ci_coverage.json", analysed.coverage))
+        written.append(store.write_json(out_dir / "ci_coverage.json", analysed.coverage))
     print("\n".join(f"Written: {path}" for path in written))
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         for heading, table in (("Most confused pairs", analysed.confused_pairs),

@@ -7,6 +7,7 @@ failed save never leaves a half-written file where a good one used to be.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import hashlib
 import io
@@ -27,17 +28,20 @@ import torch
 import utils
 
 __all__ = [
-    "MAX_UNPACKED_BYTES",
     "EmbeddingCache",
-    "acquire_writer_lock",
-    "check_unpacked_sizes",
+    "MAX_UNPACKED_BYTES",
     "StoreError",
+    "acquire_writer_lock",
     "atomic_path",
     "cache_key",
+    "check_unpacked_sizes",
     "load_checkpoint",
     "load_embeddings",
+    "plain_json",
     "save_checkpoint",
     "save_embeddings",
+    "write_csv",
+    "write_json",
 ]
 
 PathLike = str | os.PathLike
@@ -174,9 +178,9 @@ def save_checkpoint(
     pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
     state = {
         "model_name": pretrained_cfg.get("architecture", type(model).__name__),
-        "model_config": _plain(pretrained_cfg),
+        "model_config": plain_json(pretrained_cfg),
         "model": model.state_dict(),
-        "config": _plain(config or {}),
+        "config": plain_json(config or {}),
         "train_ds_state": train_ds.get_state() if train_ds is not None else None,
         "valid_ds_state": valid_ds.get_state() if valid_ds is not None else None,
         "test_ds_state": test_ds.get_state() if test_ds is not None else None,
@@ -239,15 +243,48 @@ def _head_size(*, model_name: str, weights: dict[str, torch.Tensor]) -> int:
     return 0 if classifier_weight is None else int(classifier_weight.shape[0])
 
 
-def _plain(value: Any) -> Any:
-    """Reduce a config to str/int/float/bool/None/list/dict so ``weights_only`` loading accepts it."""
+def plain_json(value: Any) -> Any:
+    """``value`` reduced to JSON types (dict with string keys, list, str, int, float, bool, None): dataclasses become
+    dicts of their fields, tuples lists, anything else its text. Configs stored this way load with ``weights_only``
+    and compare equal to themselves after a JSON round trip."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return plain_json(dataclasses.asdict(value))
     if isinstance(value, dict):
-        return {str(key): _plain(item) for key, item in value.items()}
+        return {str(key): plain_json(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
+        return [plain_json(item) for item in value]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)
+
+
+def write_json(path: PathLike, content: dict[str, Any]) -> pathlib.Path:
+    """``content`` as indented JSON (:func:`plain_json`, floats rounded to 10 digits), written atomically."""
+
+    def rounded(value: Any) -> Any:
+        if isinstance(value, float):
+            return round(value, 10)
+        if isinstance(value, dict):
+            return {key: rounded(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [rounded(item) for item in value]
+        return value
+
+    path = pathlib.Path(path)
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(rounded(plain_json(content)), indent=2), encoding="utf-8")
+    return path
+
+
+def write_csv(path: PathLike, frame: pd.DataFrame) -> pathlib.Path:
+    """A results table for people and spreadsheets, written atomically: text cells that a spreadsheet would run as
+    formulas are neutralised (``utils.spreadsheet_safe``)."""
+    path = pathlib.Path(path)
+    text_columns = frame.select_dtypes(include=["object", "string"]).columns
+    safe = frame.assign(**{column: frame[column].map(utils.spreadsheet_safe) for column in text_columns})
+    with atomic_path(path) as temporary:
+        safe.to_csv(temporary, index=False)
+    return path
 
 
 def cache_key(*, model_id: str, transform: Any, fingerprint: Sequence[Sequence[Any]]) -> str:

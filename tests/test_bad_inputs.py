@@ -1202,7 +1202,7 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_neutralised(tmp_path):
 
     frame = pd.DataFrame({"label": ["=HYPERLINK(\"x\")", "+1", "-sum", "@cmd", "\tx", "cat", "a=b"],
                           "accuracy": [-0.5, 1.0, 0.5, 0.25, 0.0, 1.0, 0.5]})
-    cli.write_csv(tmp_path / "table.csv", frame)
+    store.write_csv(tmp_path / "table.csv", frame)
     read = pd.read_csv(tmp_path / "table.csv", keep_default_na=False)
     assert read["label"].tolist() == ["'=HYPERLINK(\"x\")", "'+1", "'-sum", "'@cmd", "'\tx", "cat", "a=b"]
     assert read["accuracy"].tolist() == frame["accuracy"].tolist()  # numbers stay numbers
