@@ -476,6 +476,8 @@ def compare_prototypes(
     time per partition.
     """
     methods = default_prototype_methods() if methods is None else methods
+    if not methods:
+        raise ValueError("methods is empty: give at least one classifier to compare (or None for the defaults).")
     X, y = embeddings.float().numpy(), targets.numpy()
     rows, baseline = [], None
     for name, method in tqdm(methods.items(), desc="[Prototypes] Methods", leave=False):

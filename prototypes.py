@@ -157,7 +157,7 @@ class _ClassStatistics(ClassifierMixin, BaseEstimator):
             raise ValueError(f"New label {new_label!r} cannot be ordered with the other labels: {error}") from error
         self.classes_ = np.array([names[index] for index in order])
         self.class_sums_, self.class_counts_ = self.class_sums_[order], self.class_counts_[order]
-        self._refresh()
+        self.weights_, self.bias_ = self.weights_[order], self.bias_[order]  # a new name changes no statistic
         return self
 
     def get_statistics(self) -> dict[str, np.ndarray]:
@@ -324,10 +324,11 @@ class DecorrelatedClassifier(_ClassStatistics):
 
     ``alpha_`` holds the absolute value in use, ``relative_alpha_`` its multiple of the mean eigenvalue.
 
-    Memory: ``(C + F) x F`` float64 with ``F`` the feature size (d, or ``projection_dim``); every change costs
-    one ``F x F`` eigendecomposition. ``remove_class(label)`` without the images drops the class's sums and keeps
-    its images in ``G`` as unlabelled background (as if they had been fitted with a label of "none of these");
-    ``remove_class(label, X)`` with the class's images subtracts them too, which equals a fit without them.
+    Memory: ``(C + F) x F`` float64 with ``F`` the feature size (d, or ``projection_dim``); every change of
+    images or classes costs one ``F x F`` eigendecomposition (a rename costs none). ``remove_class(label)``
+    without the images drops the class's sums and keeps its images in ``G`` as unlabelled background (as if they
+    had been fitted with a label of "none of these"); ``remove_class(label, X)`` with the class's images
+    subtracts them too, which equals a fit without them.
     """
 
     def __init__(

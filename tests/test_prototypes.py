@@ -169,6 +169,18 @@ def test_rename_class_keeps_statistics_and_sorted_order():
         fitted.rename_class("cow", "bee")
 
 
+@pytest.mark.parametrize("alpha", ["loo", "gcv"])
+def test_renamed_decorrelated_classifier_scores_as_a_fit_under_the_new_names(alpha):
+    X, y = gaussian_classes(samples_per_class=10, seed=12)
+    names = np.array(["ant", "bee", "cow", "dog"], dtype="<U5")
+    renamed = DecorrelatedClassifier(alpha=alpha).fit(X, names[y]).rename_class("bee", "zebra")
+    names[1] = "zebra"
+    fresh = DecorrelatedClassifier(alpha=alpha).fit(X, names[y])
+    assert renamed.classes_.tolist() == fresh.classes_.tolist() == ["ant", "cow", "dog", "zebra"]
+    assert renamed.alpha_ == pytest.approx(fresh.alpha_, rel=1e-12)
+    np.testing.assert_allclose(renamed.class_scores(X), fresh.class_scores(X), rtol=1e-9, atol=1e-12)
+
+
 def test_fixed_alpha_and_bad_parameters():
     X, y = gaussian_classes(samples_per_class=10, seed=11)
     assert DecorrelatedClassifier(alpha=2.5).fit(X, y).alpha_ == 2.5
