@@ -2,7 +2,8 @@
 
 Baselines, timed on the same partitions: scikit-learn's ``LogisticRegression`` (the probe before), scikit-learn's
 ``KMeans`` per class (k-means prototypes before), and an estimator copy per partition for the interval-coverage
-check (extrapolated from ``--coverage-sample`` partitions to the check's 2,000). Then the whole
+check (extrapolated from ``--coverage-sample`` partitions to the check's 2,000). The probe's matrix products
+alone set a floor under its time on a given CPU, printed beside it. Then the whole
 ``analysis.analyse_runs`` as the script calls it, with its total (target: at most 60 s on Caltech-101, 20
 partitions)::
 
@@ -87,6 +88,25 @@ def old_coverage_seconds(X: torch.Tensor, y: torch.Tensor, valid_sets) -> float:
     return (time.perf_counter() - started) / len(valid_sets)
 
 
+def probe_product_floor(X: np.ndarray, y: np.ndarray, partitions, runs: int) -> None:
+    """Print the least time the probe's matrix products alone need: every L-BFGS iteration evaluates the
+    objective's gradient, which takes at least two ``n x d`` by ``d x C`` float32 products (torch, as the probe)."""
+    train = partitions[0][0]
+    fitted = analysis.linear_probe().fit(X[train], y[train])
+    features = torch.from_numpy(prototypes.unit_rows(X[train]))
+    weights = torch.zeros(len(fitted.classes_), X.shape[1])
+    gradient = torch.zeros(len(train), len(fitted.classes_))
+    started, repeats = time.perf_counter(), 10
+    for _ in range(repeats):
+        features @ weights.T
+        gradient.T @ features
+    products = (time.perf_counter() - started) / repeats
+    floor = fitted.n_iter_ * products
+    rate = 4 * features.shape[0] * features.shape[1] * weights.shape[0] / products / 1e9
+    print(f"{'probe product floor':22s} {fitted.n_iter_} L-BFGS iterations x {products * 1000:.0f} ms of products "
+          f"({rate:.0f} GFLOP/s) = {floor:.2f} s per partition, {floor * runs:.1f} s for {runs} partitions")
+
+
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     state = torch.load(args.embeddings, map_location="cpu", weights_only=True)
@@ -108,6 +128,7 @@ def main(argv: list[str]) -> None:
         new_seconds, new_accuracy = seconds_per_partition(now, Xn, yn, sample)
         print(f"{name:22s} before {old_seconds:6.2f} s (accuracy {old_accuracy:.4f})  now {new_seconds:6.2f} s "
               f"(accuracy {new_accuracy:.4f})  speed-up {old_seconds / new_seconds:5.1f}x")
+    probe_product_floor(Xn, yn, partitions, runs=len(partitions))
     valid_sets = [valid for _, valid in partitions] * (args.coverage_sample // len(partitions) + 1)
     valid_sets = valid_sets[: args.coverage_sample]
     old = old_coverage_seconds(X, y, valid_sets) * 2000
