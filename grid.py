@@ -22,6 +22,7 @@ if __name__ == "__main__":  # ``python -m grid``: parse the options before torch
 
     _sys.exit(_cli.grid_main())
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -41,6 +42,7 @@ import protocol
 import prototypes
 import randomness
 import store
+import utils
 
 __all__ = ["GridSettings", "ModelSpec", "markdown_table", "parse_model_spec", "run_grid"]
 
@@ -103,12 +105,35 @@ def run_grid(
     for dataset, modality in zip(datasets, modalities):  # before any slow work
         if not any(model.modality == modality for model in models):
             raise engine.ModelError(f"No {modality} model given for {dataset}.")
+    _check_distinct(datasets=datasets, models=models, classifiers=classifiers)
     lock = store.acquire_writer_lock(out / "grid.csv", timeout=0)  # a second grid into the same folder stops here
     try:
         return _run_cells(datasets=datasets, modalities=modalities, models=models, classifiers=classifiers, out=out,
                           cache=cache, settings=settings, baseline=baseline)
     finally:
         lock.release()
+
+
+def _check_distinct(
+    *, datasets: Sequence[str | pathlib.Path], models: Sequence[ModelSpec], classifiers: Sequence[str]
+) -> None:
+    """Refuse repeated entries: the table names a model by its label, and two models under one label would be
+    paired and reported as one (the same architecture with two weights files, two text-model folders of one
+    name)."""
+    labels = [(model.modality, model.label) for model in models]
+    for (modality, label), count in collections.Counter(labels).items():
+        if count > 1:
+            given = ", ".join(model.name + (f"={model.weights}" if model.weights else "") for model in models
+                              if (model.modality, model.label) == (modality, label))
+            raise engine.ModelError(
+                f"The {modality} models {given} would share the table label '{label}'; run one grid per model "
+                "(a text model folder takes its folder name as label: give the folders distinct names)."
+            )
+    for kind, entries in (("dataset", [pathlib.Path(dataset).resolve() for dataset in datasets]),
+                          ("classifier", list(classifiers))):
+        repeated = sorted(str(entry) for entry, count in collections.Counter(entries).items() if count > 1)
+        if repeated:
+            raise utils.UserError(f"The {kind} {', '.join(repeated)} is given more than once; give each once.")
 
 
 def _run_cells(

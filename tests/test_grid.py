@@ -17,6 +17,7 @@ import protocol
 import prototypes
 import randomness
 import store
+import utils
 
 SETTINGS = grid.GridSettings(runs=3, valid_share=0.3, top_k=2, seed=5)
 
@@ -116,6 +117,20 @@ def test_grid_errors_are_one_line(image_folder, tmp_path, capsys):
     assert "give at least one model" in capsys.readouterr().err
     with pytest.raises(engine.ModelError, match="a text model takes no weights file"):
         grid.parse_model_spec("folder=weights.pth", modality="text")
+    twins = [grid.ModelSpec(name="tf_efficientnet_lite0", weights="a.pth"),
+             grid.ModelSpec(name="tf_efficientnet_lite0", weights="b.pth")]
+    with pytest.raises(engine.ModelError, match="The image models tf_efficientnet_lite0=a.pth, "
+                                                "tf_efficientnet_lite0=b.pth would share the table label "
+                                                "'tf_efficientnet_lite0'; run one grid per model"):
+        grid.run_grid(datasets=[image_folder], models=twins, classifiers=["mean"], out=tmp_path / "out",
+                      cache_dir=tmp_path / "cache", settings=SETTINGS)
+    with pytest.raises(utils.UserError, match="The classifier mean is given more than once"):
+        grid.run_grid(datasets=[image_folder], models=twins[:1], classifiers=["mean", "mean"],
+                      out=tmp_path / "out", cache_dir=tmp_path / "cache", settings=SETTINGS)
+    with pytest.raises(utils.UserError, match="is given more than once"):
+        grid.run_grid(datasets=[image_folder, image_folder / ".." / image_folder.name], models=twins[:1],
+                      classifiers=["mean"], out=tmp_path / "out", cache_dir=tmp_path / "cache", settings=SETTINGS)
+    assert not (tmp_path / "out").exists()
 
 
 def test_grid_cell_key_changes_with_every_shared_setting():
