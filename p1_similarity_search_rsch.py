@@ -230,7 +230,7 @@ if args.analysis and run_results.embeddings is not None:
                                ("Every classifier on the same partitions", analysed.prototypes),
                                ("Confidence interval coverage", analysed.coverage)):
             if table is not None:
-                print(f"-- {heading} --", table.head(10) if heading.startswith("Most") else table, sep="\n")
+                print(f"-- {heading} --", table, sep="\n")  # confused pairs: the top 10 already
 
 # %% Manual checking: one random validation sample of the last partition.
 valid_ds = dsm.datasets_from_indexes(indexes=torch.tensor(run_results[-1].valid_indexes), transform=eval_transform)
