@@ -53,6 +53,7 @@ __all__ = [
     "per_class_accuracy",
     "random_partitions",
     "retrieval_precision",
+    "smallest_margins",
     "tsne_map",
 ]
 
@@ -240,6 +241,37 @@ def per_class_accuracy(
     table.insert(3, "low", table["mean"] - table["half_width"])
     table.insert(4, "high", table["mean"] + table["half_width"])
     return table
+
+
+def smallest_margins(
+    *,
+    runs: Iterable[Any],
+    labels: Sequence[str],
+    sample_names: Sequence[str] | None = None,
+    count: int = 10,
+) -> pd.DataFrame:
+    """The validation samples nearest a decision boundary: smallest best-minus-second-best class score.
+
+    These are the "hard samples" worth a look (a mislabelled image, a look-alike class, a second object in the
+    frame). Every partition's margins are pooled and each sample is listed once, at its smallest margin, with the
+    partition that gave it; ``sample_names`` (paths or texts, in global order) name them.
+    """
+    frame = pd.DataFrame(
+        [
+            {"index": index, "target": target, "predicted": predicted, "margin": margin, "partition": run.run}
+            for run in runs
+            for index, target, predicted, margin in zip(run.valid_indexes, run.targets, run.predictions, run.margins)
+        ],
+        columns=["index", "target", "predicted", "margin", "partition"],
+    ).dropna(subset=["margin"])
+    frame = frame.sort_values(["margin", "partition"], kind="stable").drop_duplicates("index").head(count)
+    return pd.DataFrame({
+        "sample": [sample_names[i] if sample_names is not None else str(i) for i in frame["index"]],
+        "target": [labels[i] for i in frame["target"]],
+        "predicted": [labels[i] for i in frame["predicted"]],
+        "margin": frame["margin"].to_numpy(dtype=np.float64),
+        "partition": frame["partition"].to_numpy(dtype=np.int64),
+    })
 
 
 def cumulative_accuracy_band(
@@ -450,6 +482,7 @@ def default_prototype_methods() -> dict[str, Any]:
         "class mean (raw, original)": prototypes.ClassMeanClassifier(),
         "class mean (L2-normalised)": prototypes.ClassMeanClassifier(normalize=True),
         "decorrelated prototypes": prototypes.DecorrelatedClassifier(),
+        "decorrelated, balanced prior": prototypes.make_classifier("balanced"),
         "1-NN images": NearestNeighbourClassifier(k=1),
         "5-NN images": NearestNeighbourClassifier(k=5),
         "k-means, 2 per class": KMeansPrototypeClassifier(prototypes_per_class=2),
@@ -467,7 +500,8 @@ def compare_prototypes(
     confidence: float = 0.95,
     methods: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
-    """Accuracy and top-k accuracy (mean and Student-t half width) of each classifier on the same partitions.
+    """Accuracy, balanced accuracy and top-k accuracy (mean and Student-t half width) of each classifier on the
+    same partitions.
 
     ``methods`` maps names to unfitted scikit-learn classifiers. Identical partitions pair the results: ``gain`` is
     the mean per-partition accuracy difference to the first method (the original class mean by default) with its
@@ -481,7 +515,7 @@ def compare_prototypes(
     X, y = embeddings.float().numpy(), targets.numpy()
     rows, baseline = [], None
     for name, method in tqdm(methods.items(), desc="[Prototypes] Methods", leave=False):
-        accuracies, topk_accuracies, seconds = [], [], []
+        accuracies, balanced_accuracies, topk_accuracies, seconds = [], [], [], []
         for train_indexes, valid_indexes in partitions:
             started = time.perf_counter()
             fitted = sklearn.base.clone(method).fit(X[train_indexes], y[train_indexes])
@@ -489,9 +523,11 @@ def compare_prototypes(
             seconds.append(time.perf_counter() - started)
             accuracy, topk_accuracy = metrics.topk_accuracies(topk_indices=ranked, targets=targets[valid_indexes])
             accuracies.append(accuracy)
+            balanced_accuracies.append(metrics.balanced_accuracy(targets=y[valid_indexes], predictions=ranked[:, 0]))
             topk_accuracies.append(topk_accuracy)
         baseline = accuracies if baseline is None else baseline
         accuracy = metrics.mean_confidence_interval(accuracies, confidence=confidence)
+        balanced = metrics.mean_confidence_interval(balanced_accuracies, confidence=confidence)
         topk = metrics.mean_confidence_interval(topk_accuracies, confidence=confidence)
         gain = metrics.mean_confidence_interval(np.subtract(accuracies, baseline), confidence=confidence)
         baseline_error = 1.0 - float(np.mean(baseline))
@@ -500,6 +536,8 @@ def compare_prototypes(
                 "method": name,
                 "accuracy": accuracy.mean,
                 "accuracy_ci": accuracy.half_width,
+                "balanced_accuracy": balanced.mean,
+                "balanced_ci": balanced.half_width,
                 "topk_accuracy": topk.mean,
                 "topk_ci": topk.half_width,
                 "gain": gain.mean,
@@ -612,7 +650,8 @@ class RunAnalysis:
     """The analyses of one experiment's partitions (``analyse_runs``); a part not asked for stays None.
 
     ``confusion`` brings the confusion matrix, the most confused pairs, the per-class intervals, the least
-    accurate classes and the CAF band (all from the stored predictions); the other parts hold one result each.
+    accurate classes, the CAF band and the samples with the smallest margins (all from the stored predictions);
+    the other parts hold one result each.
     ``tables`` names the CSV-ready ones.
     """
 
@@ -621,6 +660,7 @@ class RunAnalysis:
     per_class: pd.DataFrame | None = None
     weak_classes: pd.DataFrame | None = None
     band: pd.DataFrame | None = None
+    hard_samples: pd.DataFrame | None = None
     retrieval: pd.DataFrame | None = None
     prototypes: pd.DataFrame | None = None
     tsne_coords: np.ndarray | None = None
@@ -633,6 +673,7 @@ class RunAnalysis:
             "confused_pairs": self.confused_pairs,
             "class_accuracy_intervals": self.per_class,
             "least_accurate_intervals": self.weak_classes,
+            "smallest_margins": self.hard_samples,
             "retrieval": self.retrieval,
             "prototypes": self.prototypes,
         }
@@ -661,9 +702,11 @@ def analyse_runs(
     num_intervals: int = 20,
     threshold: float = 0.8,
     parts: Iterable[str] = ANALYSIS_PARTS,
+    sample_names: Sequence[str] | None = None,
 ) -> RunAnalysis:
     """The chosen analyses (``ANALYSIS_PARTS``) of a cached-protocol experiment (``protocol.Runs`` with
-    embeddings), on its own partitions, under one progress bar over the parts."""
+    embeddings), on its own partitions, under one progress bar over the parts; ``sample_names`` (paths or texts in
+    global order) name the samples with the smallest margins."""
     per_run = dict(targets_per_run=runs.targets_per_run, predictions_per_run=runs.predictions_per_run)
     embeddings, targets, partitions = runs.embeddings, runs.targets, runs.partitions
     last_valid = partitions[-1][1]
@@ -682,6 +725,7 @@ def analyse_runs(
                 band=cumulative_accuracy_band(
                     **per_run, num_labels=len(labels), num_intervals=num_intervals, confidence=confidence
                 ),
+                hard_samples=smallest_margins(runs=runs.runs, labels=labels, sample_names=sample_names),
             )
         elif part == "retrieval":
             results["retrieval"] = retrieval_precision(

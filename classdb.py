@@ -4,11 +4,13 @@ The store persists a :mod:`prototypes` estimator: each class is the running sum 
 embeddings, so its mean can be grown with new images later and comes out exactly as if all images had been
 averaged at once. Classes are independent rows: adding, updating, renaming or removing one never changes another,
 which is the point of replacing a fine-tuned classifier head with a table of class vectors when classes come and
-go between releases. A ``decorrelated`` store also keeps the shared Gram matrix of all images (``.npz`` only).
+go between releases. A ``balanced`` or ``decorrelated`` store also keeps the shared Gram matrix of all images
+(``.npz`` only); ``balanced``, the command line's default for a ``.npz`` store, finds a class added with a single
+image (see the README's *Adding a class with a few examples*).
 
 Command line (``python -m engine`` runs :func:`main`)::
 
-    python -m engine build --dataset DIR --model M [--weights FILE] --out store.zip [--classifier decorrelated]
+    python -m engine build --dataset DIR --model M [--weights FILE] --out store.npz [--classifier balanced]
     python -m engine add-class --store store.zip --images DIR --label NAME
     python -m engine update-class --store store.zip --images DIR --label NAME
     python -m engine remove-class --store store.zip NAME
@@ -539,13 +541,10 @@ class ClassVectorStore:
 
 def _classifier_name(classifier: Any) -> str:
     """The command-line name of a :mod:`prototypes` estimator, which a store file records to rebuild it."""
-    for name, kind in prototypes.CLASSIFIERS.items():
-        if type(classifier) is kind:
-            return name
-    raise ClassDBError(
-        f"A store needs a classifier of prototypes.CLASSIFIERS ({', '.join(prototypes.CLASSIFIERS)}), "
-        f"got {type(classifier).__name__}."
-    )
+    try:
+        return prototypes.classifier_name(classifier)
+    except ValueError as error:
+        raise ClassDBError(f"A store needs a classifier of prototypes.CLASSIFIERS: {error}") from error
 
 
 def _file_kind(path: pathlib.Path) -> str:
@@ -655,7 +654,7 @@ def _model_for(args: argparse.Namespace, *, modality: str, db: ClassVectorStore 
 
 
 def _summary(db: ClassVectorStore) -> str:
-    return f"{len(db)} classes, {int(db.counts.sum())} {db.modality}s, model {db.model_id}"
+    return f"{len(db)} classes, {int(db.counts.sum())} {db.modality}s, {db.classifier_name} classifier, model {db.model_id}"
 
 
 def _new_store_path(args: argparse.Namespace) -> pathlib.Path:
@@ -671,8 +670,9 @@ def _new_store_path(args: argparse.Namespace) -> pathlib.Path:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     path = _new_store_path(args)
-    if args.classifier != "mean" and _file_kind(path) == "zip":
-        raise ClassDBError(f"A '{args.classifier}' store needs the .npz format: use --out {path.with_suffix('.npz')}.")
+    classifier = args.classifier or ("mean" if _file_kind(path) == "zip" else "balanced")
+    if classifier != "mean" and _file_kind(path) == "zip":
+        raise ClassDBError(f"A '{classifier}' store needs the .npz format: use --out {path.with_suffix('.npz')}.")
     maker = banerjee.make_dataset_maker(
         dataset_path=args.dataset, modality=args.modality, text_column=args.text_column,
         label_column=args.label_column,
@@ -682,7 +682,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     labels = maker.get_labels()
     db = ClassVectorStore(
         dim=embeddings.shape[1], model_name=model.name, model_id=model.id, transform_config=model.transform_config,
-        classifier=prototypes.make_classifier(args.classifier), modality=maker.modality,
+        classifier=prototypes.make_classifier(classifier), modality=maker.modality,
     )
     db.add_classes(
         embeddings=embeddings, labels=[labels[index] for index in maker.get_image_labels().tolist()], model_id=model.id

@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 ANALYSIS_PARTS = ("confusion", "retrieval", "prototypes", "tsne", "coverage")  # analysis.ANALYSIS_PARTS, light
-CLASSIFIER_NAMES = ("mean", "decorrelated")  # prototypes.CLASSIFIERS, named here to keep --help light
+CLASSIFIER_NAMES = ("mean", "decorrelated", "balanced")  # prototypes.CLASSIFIERS, named here to keep --help light
 DOWNLOADS = ("animal90", "caltech101")
 PRECISIONS = ("fp32", "bf16", "fp16")  # engine.PRECISIONS, named here to keep --help light
 SEARCH_BACKENDS = ("torch", "faiss")  # classdb.BACKENDS, named here to keep --help light
@@ -90,7 +90,9 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
     model.add_argument("--workers", type=int, default=defaults["workers"], help="DataLoader worker processes")
     experiment = parser.add_argument_group("experiment")
     experiment.add_argument("--classifier", choices=CLASSIFIER_NAMES, default=defaults["classifier"],
-                            help="mean: the article's class mean (cosine); decorrelated: centred ridge prototypes")
+                            help="mean: the article's class mean (cosine); decorrelated: centred ridge prototypes, for a "
+                                 "representative dataset; balanced: decorrelated with every class weighing the same, "
+                                 "for imbalanced classes and classes with few samples")
     experiment.add_argument("--runs", type=int, default=defaults["runs"], help="number of random partitions")
     experiment.add_argument("--valid-share", type=float, default=defaults["valid_share"],
                             help="validation share of each class")
@@ -308,8 +310,10 @@ def class_store_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", "--store", dest="store", required=True, help="new store file (.zip or .npz)")
     build.add_argument("--force", action="store_true", help="replace an existing store file")
     build.add_argument(
-        "--classifier", choices=CLASSIFIER_NAMES, default="mean",
-        help="mean: the article's class means (default); decorrelated: centred ridge prototypes (needs a .npz store)",
+        "--classifier", choices=CLASSIFIER_NAMES, default=None,
+        help="balanced (default for a .npz store): decorrelated prototypes with every class weighing the same, which "
+             "finds a class added with one sample; mean: the article's class means (default for a .zip store, the "
+             "only kind a .zip holds); decorrelated: ridge prototypes carrying the class frequencies (.npz)",
     )
 
     for name, what in (("add-class", "add a new class"), ("update-class", "add more samples to an existing class")):

@@ -546,10 +546,15 @@ def create_encoder(
 
 
 def score_predictions(*, targets: torch.Tensor, topk_predictions: torch.Tensor) -> dict[str, Any]:
-    """Accuracy and top-k accuracy of label predictions ``[N, k]`` (best first) against targets ``[N]``."""
+    """Accuracy, balanced accuracy and top-k accuracy of label predictions ``[N, k]`` (best first) against
+    targets ``[N]``."""
     num_images = len(targets)
     accuracy, topk_accuracy = (
         metrics.topk_accuracies(topk_indices=topk_predictions, targets=targets) if num_images else (math.nan,) * 2
+    )
+    balanced = (
+        metrics.balanced_accuracy(targets=targets.numpy(), predictions=topk_predictions[:, 0].numpy())
+        if num_images else math.nan
     )
     return {
         "targets": targets.tolist(),
@@ -558,6 +563,7 @@ def score_predictions(*, targets: torch.Tensor, topk_predictions: torch.Tensor) 
         "num_labels": len(set(targets.tolist())),
         "num_images": num_images,
         "accuracy": accuracy,
+        "balanced_accuracy": balanced,
         "topk_accuracy": topk_accuracy,
     }
 

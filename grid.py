@@ -155,7 +155,7 @@ def _run_cells(
                 maker=maker, model=model, classifiers=classifiers, settings=settings, cache=cache, out=out
             )
     table = _with_differences(pd.DataFrame(cells), baseline=baseline, confidence=settings.confidence)
-    shown = table.drop(columns=["accuracies", "topk_accuracies"])
+    shown = table.drop(columns=["accuracies", "balanced_accuracies", "topk_accuracies"])
     store.write_csv(out / "grid.csv", shown)
     with store.atomic_path(out / "grid.md") as temporary:
         temporary.write_text(markdown_table(shown, settings=settings), encoding="utf-8")
@@ -202,7 +202,9 @@ def _model_cells(
             "samples": len(runs.targets), "classes": maker.get_num_labels(),
             "embedding_dim": int(runs.embeddings.shape[1]), "samples_per_second": rate,
             "seconds_per_partition": float(np.mean([run.seconds for run in runs])),
-            "accuracies": [run.accuracy for run in runs], "topk_accuracies": [run.topk_accuracy for run in runs],
+            "accuracies": [run.accuracy for run in runs],
+            "balanced_accuracies": [run.balanced_accuracy for run in runs],
+            "topk_accuracies": [run.topk_accuracy for run in runs],
         }
         store.write_json(cell_path, cell)
         cells.append(cell)
@@ -210,7 +212,7 @@ def _model_cells(
 
 
 CELL_FIELDS = ("dataset", "dataset_path", "modality", "model", "classifier", "samples", "classes", "embedding_dim",
-               "samples_per_second", "seconds_per_partition", "accuracies", "topk_accuracies")
+               "samples_per_second", "seconds_per_partition", "accuracies", "balanced_accuracies", "topk_accuracies")
 
 
 def _read_cell(path: pathlib.Path, *, runs: int) -> dict[str, Any] | None:
@@ -220,8 +222,10 @@ def _read_cell(path: pathlib.Path, *, runs: int) -> dict[str, Any] | None:
         return None
     try:
         cell = json.loads(path.read_text(encoding="utf-8"))
-        scores = np.asarray([cell["accuracies"], cell["topk_accuracies"]], dtype=np.float64)
-        valid = set(cell) == set(CELL_FIELDS) and scores.shape == (2, runs) and ((scores >= 0) & (scores <= 1)).all()
+        scores = np.asarray(
+            [cell["accuracies"], cell["balanced_accuracies"], cell["topk_accuracies"]], dtype=np.float64
+        )
+        valid = set(cell) == set(CELL_FIELDS) and scores.shape == (3, runs) and ((scores >= 0) & (scores <= 1)).all()
     except (OSError, ValueError, TypeError, KeyError):
         valid = False
     if not valid:
@@ -236,7 +240,8 @@ def _cell_key(embedding_key: str, classifier: str, settings: GridSettings) -> st
 
 
 def _with_differences(cells: pd.DataFrame, *, baseline: tuple[str, str] | None, confidence: float) -> pd.DataFrame:
-    """Accuracy and top-k intervals per cell, and the paired difference to its dataset's baseline cell."""
+    """Accuracy, balanced accuracy and top-k intervals per cell, and the paired accuracy difference to its
+    dataset's baseline cell."""
     rows = []
     for _, group in cells.groupby("dataset_path", sort=False):  # two datasets may share a folder name
         chosen = group if baseline is None else group[(group.model == baseline[0]) & (group.classifier == baseline[1])]
@@ -248,12 +253,14 @@ def _with_differences(cells: pd.DataFrame, *, baseline: tuple[str, str] | None, 
         baseline_name = f"{chosen.iloc[0]['model']} + {chosen.iloc[0]['classifier']}"
         for _, cell in group.iterrows():
             accuracy = metrics.mean_confidence_interval(cell["accuracies"], confidence=confidence)
+            balanced = metrics.mean_confidence_interval(cell["balanced_accuracies"], confidence=confidence)
             topk = metrics.mean_confidence_interval(cell["topk_accuracies"], confidence=confidence)
             difference = metrics.mean_confidence_interval(
                 np.asarray(cell["accuracies"]) - reference, confidence=confidence
             )
             rows.append({
                 **cell.to_dict(), "accuracy": accuracy.mean, "accuracy_ci": accuracy.half_width,
+                "balanced_accuracy": balanced.mean, "balanced_ci": balanced.half_width,
                 "topk_accuracy": topk.mean, "topk_ci": topk.half_width, "baseline": baseline_name,
                 "diff": difference.mean, "diff_ci": difference.half_width,
             })
@@ -262,7 +269,8 @@ def _with_differences(cells: pd.DataFrame, *, baseline: tuple[str, str] | None, 
 
 def markdown_table(table: pd.DataFrame, *, settings: GridSettings) -> str:
     """The grid as a Markdown table: one row per cell, intervals as ``mean ± half width``."""
-    header = ["dataset", "model", "classifier", "accuracy", f"top-{settings.top_k}", "diff vs baseline",
+    header = ["dataset", "model", "classifier", "accuracy", "balanced accuracy", f"top-{settings.top_k}",
+              "diff vs baseline",
               "samples/s", "dim"]
     lines = [
         f"{settings.runs} partitions per dataset (seed {settings.seed}, valid share {settings.valid_share}), "
@@ -275,6 +283,7 @@ def markdown_table(table: pd.DataFrame, *, settings: GridSettings) -> str:
         rate = "" if pd.isna(row["samples_per_second"]) else f"{row['samples_per_second']:.1f}"
         lines.append("| " + " | ".join([
             row["dataset"], row["model"], row["classifier"], f"{row['accuracy']:.4f} ± {row['accuracy_ci']:.4f}",
+            f"{row['balanced_accuracy']:.4f} ± {row['balanced_ci']:.4f}",
             f"{row['topk_accuracy']:.4f} ± {row['topk_ci']:.4f}", f"{row['diff']:+.4f} ± {row['diff_ci']:.4f}",
             rate, str(row["embedding_dim"]),
         ]) + " |")

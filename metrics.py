@@ -1,4 +1,5 @@
-"""Statistics shared by the script, the partition protocol and the analysis: t-intervals and top-k accuracy.
+"""Statistics shared by the script, the partition protocol and the analysis: t-intervals, top-k and balanced
+accuracy.
 
 Accuracies from repeated random partitions are summarised as a mean with a Student's t confidence interval, the
 approximation the article uses near the mean (accuracies are bounded, so the interval is only trustworthy when it
@@ -13,9 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.stats
+import sklearn.metrics
 import torch
 
-__all__ = ["MeanInterval", "mean_confidence_interval", "topk_accuracies"]
+__all__ = ["MeanInterval", "balanced_accuracy", "mean_confidence_interval", "topk_accuracies"]
 
 
 @dataclass(frozen=True)
@@ -69,3 +71,18 @@ def topk_accuracies(*, topk_indices: torch.Tensor, targets: torch.Tensor) -> tup
         raise ValueError("No predictions to score: targets is empty.")
     hits = topk_indices.to(targets.device) == targets.unsqueeze(1)
     return float(hits[:, 0].float().mean()), float(hits.any(dim=1).float().mean())
+
+
+def balanced_accuracy(*, targets: Sequence[int] | np.ndarray, predictions: Sequence[int] | np.ndarray) -> float:
+    """Mean over the classes present in ``targets`` of each one's share of correct predictions.
+
+    Plain accuracy weighs classes by their validation images, so a large class hides a small one that is never
+    found; this weighs every class the same (the per-class accuracies the CAF is built from). Predictions of a
+    class absent from ``targets`` count as errors of the true class, as they should.
+    """
+    targets, predictions = np.asarray(targets), np.asarray(predictions)
+    if targets.size == 0:
+        raise ValueError("No predictions to score: targets is empty.")
+    return float(
+        sklearn.metrics.recall_score(targets, predictions, labels=np.unique(targets), average="macro", zero_division=0)
+    )

@@ -190,6 +190,7 @@ written = [
         "environment": cli.run_environment(repository=pathlib.Path(__file__).resolve().parent),
         "final_stats": final_stats,
         "accuracies": [r.accuracy for r in run_results],
+        "balanced_accuracies": [r.balanced_accuracy for r in run_results],
         "topk_accuracies": [r.topk_accuracy for r in run_results],
         "least_accurate_classes": least_accurate_classes,
         "skipped_files": [{"path": str(path), "reason": reason} for path, reason in dsm.skipped],
@@ -215,6 +216,7 @@ if args.analysis and run_results.embeddings is not None:
     analysed = analysis.analyse_runs(
         runs=run_results, labels=labels, valid_share=args.valid_share, confidence=args.confidence, seed=args.seed,
         num_intervals=NUM_INTERVALS, threshold=CLASS_ACCURACY_THRESHOLD, parts=args.analysis,
+        sample_names=[str(name) for name in (dsm.get_texts() if text else dsm.get_image_paths())],
     )
     written = visual.draw_analysis(
         analysed, labels=labels, out_dir=out_dir, confidence=args.confidence, sample_kind=dsm.sample_kind,
@@ -226,6 +228,7 @@ if args.analysis and run_results.embeddings is not None:
     print("\n".join(f"Written: {path}" for path in written))
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         for heading, table in (("Most confused pairs", analysed.confused_pairs),
+                               ("Samples nearest a decision boundary (smallest margins)", analysed.hard_samples),
                                ("Retrieval over individual samples", analysed.retrieval),
                                ("Every classifier on the same partitions", analysed.prototypes),
                                ("Confidence interval coverage", analysed.coverage)):

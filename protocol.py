@@ -58,16 +58,23 @@ class RunLogError(utils.UserError):
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One partition's result: validation scores, the predictions behind them and the partition itself."""
+    """One partition's result: validation scores, the predictions behind them and the partition itself.
+
+    ``balanced_accuracy`` is the mean of the per-class accuracies (every class weighs the same); ``margins`` holds
+    each validation sample's best minus second-best class score, small near a decision boundary (NaN with one
+    class).
+    """
 
     run: int
     accuracy: float
+    balanced_accuracy: float
     topk_accuracy: float
     train_accuracy: float
     num_images: int
     targets: list[int]
     predictions: list[int]
     topk_predictions: list[list[int]]
+    margins: list[float]
     train_indexes: list[int]
     valid_indexes: list[int]
     seconds: float
@@ -98,6 +105,8 @@ class Run:
                 rescored["predictions"] == self.predictions
                 and rescored["num_images"] == self.num_images == len(self.valid_indexes)
                 and _same_score(rescored["accuracy"], self.accuracy)
+                and _same_score(rescored["balanced_accuracy"], self.balanced_accuracy)
+                and len(self.margins) == len(self.targets)
                 and _same_score(rescored["topk_accuracy"], self.topk_accuracy)
             )
         except (TypeError, ValueError, RuntimeError) as error:
@@ -140,6 +149,10 @@ class Runs:
     def accuracy(self, *, confidence: float = 0.95) -> metrics.MeanInterval:
         """Mean validation accuracy over partitions with its Student-t interval."""
         return metrics.mean_confidence_interval([run.accuracy for run in self.runs], confidence=confidence)
+
+    def balanced_accuracy(self, *, confidence: float = 0.95) -> metrics.MeanInterval:
+        """Mean balanced accuracy (mean of per-class accuracies) over partitions with its Student-t interval."""
+        return metrics.mean_confidence_interval([run.balanced_accuracy for run in self.runs], confidence=confidence)
 
     def topk_accuracy(self, *, confidence: float = 0.95) -> metrics.MeanInterval:
         """Mean top-k validation accuracy over partitions with its Student-t interval."""
@@ -244,19 +257,20 @@ def _score(
     top_k: int,
     started: float,
 ) -> Run:
-    train_predictions = torch.from_numpy(fitted.predict_topk(train[0].numpy(), 1))
-    valid_scores = engine.score_predictions(
-        targets=valid[1], topk_predictions=torch.from_numpy(fitted.predict_topk(valid[0].numpy(), top_k))
-    )
+    train_predictions = torch.from_numpy(prototypes.predict_topk(fitted, train[0].numpy(), 1))
+    scores, ranked = prototypes.ranked_scores(fitted, valid[0].numpy(), max(top_k, 2))  # two for the margin
+    valid_scores = engine.score_predictions(targets=valid[1], topk_predictions=torch.from_numpy(ranked[:, :top_k]))
     return Run(
         run=run,
         accuracy=valid_scores["accuracy"],
+        balanced_accuracy=valid_scores["balanced_accuracy"],
         topk_accuracy=valid_scores["topk_accuracy"],
         train_accuracy=metrics.topk_accuracies(topk_indices=train_predictions, targets=train[1])[0],
         num_images=valid_scores["num_images"],
         targets=valid_scores["targets"],
         predictions=valid_scores["predictions"],
         topk_predictions=valid_scores["topk_predictions"],
+        margins=prototypes.margins(scores).tolist(),
         train_indexes=indexes[0].tolist(),
         valid_indexes=indexes[1].tolist(),
         seconds=time.perf_counter() - started,
@@ -481,7 +495,8 @@ def _short_run(encoder: engine.Encoder) -> bool:
 def run_table(runs: Runs) -> list[dict[str, Any]]:
     """One row per partition with its scores and time, for ``runs.csv``."""
     return [
-        {"run": run.run, "accuracy": run.accuracy, "topk_accuracy": run.topk_accuracy,
+        {"run": run.run, "accuracy": run.accuracy, "balanced_accuracy": run.balanced_accuracy,
+         "topk_accuracy": run.topk_accuracy,
          "train_accuracy": run.train_accuracy, "seconds": run.seconds}
         for run in runs
     ]
@@ -502,6 +517,7 @@ def final_stats(
         "short_run": runs.short_run,
         "classifier": repr(runs.classifier),
         "accuracy": runs.accuracy(confidence=confidence),
+        "balanced_accuracy": runs.balanced_accuracy(confidence=confidence),
         "topk": runs.top_k,
         "topk_accuracy": runs.topk_accuracy(confidence=confidence),
         "encode_seconds": runs.encode_seconds,
@@ -520,6 +536,7 @@ def describe_final_stats(stats: dict[str, Any]) -> dict[str, Any]:
         "Partitions": f"{stats['runs']} ({stats['protocol']} protocol{note})",
         "Classifier": stats["classifier"],
         "Accuracy": stats["accuracy"],
+        "Balanced accuracy (mean of per-class accuracies)": stats["balanced_accuracy"],
         f"Top {stats['topk']} accuracy": stats["topk_accuracy"],
         "Encoding duration": f"{stats['encode_seconds']:.1f} s",
         "Partitions duration": f"{stats['partition_seconds']:.1f} s (classifier fits and searches included)",

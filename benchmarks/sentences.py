@@ -28,7 +28,7 @@ import banerjee  # noqa: E402
 import engine  # noqa: E402
 import protocol  # noqa: E402
 import prototypes  # noqa: E402
-from benchmarks.classifiers import print_table  # noqa: E402
+from benchmarks.classifiers import packaged_minilm, print_table  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -48,15 +48,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=512, help="sentences per encoding batch")
     parser.add_argument("--skip-probe", action="store_true", help="leave out the logistic-regression probe")
     return parser.parse_args(argv)
-
-
-def packaged_minilm(directory: str) -> pathlib.Path:
-    folder = pathlib.Path(directory) / "all-MiniLM-L6-v2"
-    if folder.is_dir():
-        return folder
-    import all_minilm_l6_v2
-
-    return pathlib.Path(all_minilm_l6_v2.extract_model(directory))
 
 
 def main(argv: list[str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 from types import SimpleNamespace
 
@@ -177,11 +178,12 @@ def test_all_prototype_methods_are_perfect_on_separated_clusters():
         embeddings=embeddings, targets=targets, partitions=partitions_of(targets, runs=3), top_k=2
     )
     assert list(table.columns) == [
-        "method", "accuracy", "accuracy_ci", "topk_accuracy", "topk_ci", "gain", "gain_ci", "error_reduction",
-        "seconds",
+        "method", "accuracy", "accuracy_ci", "balanced_accuracy", "balanced_ci", "topk_accuracy", "topk_ci", "gain",
+        "gain_ci", "error_reduction", "seconds",
     ]
     assert len(table) == len(analysis.default_prototype_methods())
     np.testing.assert_allclose(table["accuracy"], 1.0)
+    np.testing.assert_allclose(table["balanced_accuracy"], 1.0)
     np.testing.assert_allclose(table["topk_accuracy"], 1.0)
     assert (table["seconds"] > 0).all()
 
@@ -276,12 +278,22 @@ def test_analyse_runs_computes_only_the_parts_asked_for():
         embeddings=embeddings, targets=targets, partitions=partitions, top_k=2,
         targets_per_run=[targets[valid].tolist() for _, valid in partitions],
         predictions_per_run=[targets[valid].tolist() for _, valid in partitions],
+        runs=[
+            SimpleNamespace(run=number, valid_indexes=valid.tolist(), targets=targets[valid].tolist(),
+                            predictions=targets[valid].tolist(), margins=np.linspace(1, 2, len(valid)) + number)
+            for number, (_, valid) in enumerate(partitions)
+        ],
     )
-    result = analysis.analyse_runs(runs=runs, labels=list("abcd"), valid_share=0.2, parts=["retrieval", "confusion"])
+    result = analysis.analyse_runs(
+        runs=runs, labels=list("abcd"), valid_share=0.2, parts=["retrieval", "confusion"],
+        sample_names=[f"s{i}" for i in range(len(targets))],
+    )
     assert result.retrieval is not None and result.confusion.trace() == sum(len(v) for _, v in partitions)
     assert result.prototypes is None and result.tsne_coords is None and result.coverage is None
     assert set(result.tables()) == {"confused_pairs", "class_accuracy_intervals", "least_accurate_intervals",
-                                    "retrieval"}
+                                    "retrieval", "smallest_margins"}
+    assert result.hard_samples["sample"].iloc[0] == f"s{partitions[0][1][0]}"
+    assert result.hard_samples["margin"].iloc[0] == 1.0 and len(result.hard_samples) == 10
     with pytest.raises(ValueError, match="Unknown analysis part.*tnse; choose among confusion, retrieval"):
         analysis.analyse_runs(runs=runs, labels=list("abcd"), valid_share=0.2, parts=["tnse"])
 
@@ -335,3 +347,19 @@ def test_ci_coverage_is_near_nominal_on_synthetic_data():
     assert 0.8 <= result["coverage"] <= 1.0
     assert 0.3 < result["reference_mean"] < 0.98
     assert result["reference_half_width"] < result["mean_half_width"] / 3
+
+
+def test_smallest_margins_lists_each_sample_once_at_its_smallest_margin():
+    Run = collections.namedtuple("Run", "run valid_indexes targets predictions margins")
+    runs = [
+        Run(0, [3, 5, 7], [0, 1, 1], [0, 0, 1], [0.30, 0.01, float("nan")]),
+        Run(1, [5, 2, 3], [1, 0, 0], [1, 0, 1], [0.20, 0.50, 0.05]),
+    ]
+    table = analysis.smallest_margins(
+        runs=runs, labels=["cat", "dog"], sample_names=[f"img{i}.jpg" for i in range(8)], count=2
+    )
+    assert table.to_dict("list") == {
+        "sample": ["img5.jpg", "img3.jpg"], "target": ["dog", "cat"], "predicted": ["cat", "dog"],
+        "margin": [0.01, 0.05], "partition": [0, 1],
+    }
+    assert analysis.smallest_margins(runs=runs, labels=["cat", "dog"])["sample"].tolist()[:3] == ["5", "3", "2"]

@@ -1145,9 +1145,9 @@ def test_class_folder_linked_to_the_dataset_root_warns_about_duplicates(tmp_path
 
 
 def forged_log(tmp_path: pathlib.Path, edit: Callable[[dict], None]) -> pathlib.Path:
-    good = protocol.Run(run=0, accuracy=0.5, topk_accuracy=1.0, train_accuracy=1.0, num_images=2, targets=[0, 1],
-                        predictions=[0, 0], topk_predictions=[[0, 1], [0, 1]], train_indexes=[2, 3],
-                        valid_indexes=[0, 1], seconds=0.1)
+    good = protocol.Run(run=0, accuracy=0.5, balanced_accuracy=0.5, topk_accuracy=1.0, train_accuracy=1.0,
+                        num_images=2, targets=[0, 1], predictions=[0, 0], topk_predictions=[[0, 1], [0, 1]],
+                        margins=[0.1, 0.2], train_indexes=[2, 3], valid_indexes=[0, 1], seconds=0.1)
     record = dataclasses.asdict(good)
     edit(record)
     path = tmp_path / "runs.jsonl"
@@ -1158,6 +1158,8 @@ def forged_log(tmp_path: pathlib.Path, edit: Callable[[dict], None]) -> pathlib.
 @pytest.mark.parametrize(("edit", "problem"), [
     (lambda record: record.update(accuracy=0.99), "its scores do not follow from its targets and predictions"),
     (lambda record: record.update(topk_accuracy=0.5), "its scores do not follow"),
+    (lambda record: record.update(balanced_accuracy=0.75), "its scores do not follow"),
+    (lambda record: record.update(margins=[0.1]), "its scores do not follow"),
     (lambda record: record.update(predictions=[0, 1]), "its scores do not follow"),
     (lambda record: record.update(num_images=3), "its scores do not follow"),
     (lambda record: record.update(accuracy="0.5"), "its scores do not follow"),

@@ -339,6 +339,28 @@ def test_decorrelated_store_scores_are_the_classifiers_on_both_backends():
         np.testing.assert_allclose(result.scores[:, 0].numpy(), expected.max(axis=1), atol=1e-4)
 
 
+def test_a_class_added_to_a_balanced_store_with_one_image_is_found(tmp_path):
+    # Four classes of 60 images in correlated noise, then a fifth from one image: its queries must find it.
+    rng = np.random.default_rng(30)
+    mixing = rng.standard_normal((DIM, DIM)) * 0.3
+    centres = rng.standard_normal((5, DIM)) + 6.0
+
+    def draw(label: int, count: int) -> torch.Tensor:
+        return torch.from_numpy(centres[label] + rng.standard_normal((count, DIM)) @ mixing).float()
+    for name in ("balanced", "decorrelated"):
+        db = ClassVectorStore(dim=DIM, **TOY, classifier=prototypes.make_classifier(name))
+        db.add_classes(embeddings=torch.cat([draw(label, 60) for label in range(4)]),
+                       labels=[f"old {label}" for label in range(4) for _ in range(60)])
+        db.add_class(label="new", embeddings=draw(4, 1))
+        found = [row[0] for row in db.search(queries=draw(4, 20), top_k=1).labels]
+        if name == "balanced":
+            assert found.count("new") >= 19
+            loaded = ClassVectorStore.load(path=db.save(path=tmp_path / "balanced.npz"))
+            assert loaded.classifier_name == "balanced" and loaded.classifier.prior == "balanced"
+        else:
+            assert found.count("new") <= 2  # the empirical prior of one image in 241 buries it
+
+
 def test_decorrelated_store_edits_leave_other_classes_alone():
     db = decorrelated_store()
     before = db.sums[[0, 2, 3]].clone()
@@ -480,6 +502,9 @@ def test_cli_builds_a_decorrelated_store(cli_setup, tmp_path, capsys):
     db = ClassVectorStore.load(path=path)
     assert db.classifier_name == "decorrelated" and db.counts.tolist() == [3, 3, 3]
     assert torch.equal(db.counts, ClassVectorStore.load(path=built).counts)
+    assert classdb.main(["build", "--dataset", str(dataset), "--out", str(tmp_path / "default.npz"), *model_args]) == 0
+    assert "balanced classifier" in capsys.readouterr().out
+    assert ClassVectorStore.load(path=tmp_path / "default.npz").classifier_name == "balanced"
     assert classdb.main(["classify", "--store", str(path), str(dataset / "red circle"), *model_args]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("img_")]
     assert [line.split("\t")[1] for line in lines] == ["red circle"] * 3

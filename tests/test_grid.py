@@ -60,10 +60,15 @@ def test_grid_has_one_row_per_matching_cell_with_paired_differences(grid_run, im
         difference = by_cell[(dataset, "decorrelated")] - by_cell[(dataset, "mean")]
         assert rows.loc["decorrelated", "diff"] == pytest.approx(difference.mean())
         assert rows.loc["decorrelated", "accuracy"] == pytest.approx(by_cell[(dataset, "decorrelated")].mean())
+        for name in ("mean", "decorrelated"):
+            balanced = [cell["balanced_accuracies"] for cell in cells if (cell["dataset"], cell["classifier"]) ==
+                        (dataset, name)][0]
+            assert rows.loc[name, "balanced_accuracy"] == pytest.approx(np.mean(balanced))
     written = pd.read_csv(folder / "out" / "grid.csv")
     assert written["accuracy"].tolist() == pytest.approx(table["accuracy"].tolist())
     markdown = (folder / "out" / "grid.md").read_text()
-    assert "| dataset | model | classifier | accuracy | top-2 | diff vs baseline | samples/s | dim |" in markdown
+    header = "| dataset | model | classifier | accuracy | balanced accuracy | top-2 | diff vs baseline | samples/s | dim |"
+    assert header in markdown
     assert markdown.count("\n| ") == 5
 
 

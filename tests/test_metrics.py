@@ -102,3 +102,14 @@ def test_topk_accuracies_rejects_bad_shapes(topk_indices, targets):
 def test_topk_accuracies_rejects_empty_input():
     with pytest.raises(ValueError, match="empty"):
         metrics.topk_accuracies(topk_indices=torch.zeros(0, 3, dtype=torch.long), targets=torch.zeros(0))
+
+
+def test_balanced_accuracy_weighs_every_class_the_same():
+    # 9 of 10 images of a large class right, the one image of a small class wrong: accuracy 0.82, balanced 0.45.
+    targets = [0] * 10 + [1]
+    predictions = [0] * 9 + [1] + [0]
+    assert metrics.balanced_accuracy(targets=targets, predictions=predictions) == pytest.approx((0.9 + 0.0) / 2)
+    # A prediction of a class that has no validation image is an error of the true class, not a class of its own.
+    assert metrics.balanced_accuracy(targets=[0, 0, 1, 1], predictions=[0, 2, 1, 1]) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="targets is empty"):
+        metrics.balanced_accuracy(targets=[], predictions=[])

@@ -64,6 +64,22 @@ def test_protocols_take_the_classifier_and_leave_the_encoder_unchanged(setup):
     assert decorrelated.targets_per_run == [run.targets for run in decorrelated]
 
 
+def test_runs_record_balanced_accuracy_and_margins_that_follow_from_the_classifier(setup):
+    runs = cached_run(setup, runs=2)
+    last = runs[-1]
+    scores = runs.classifier.class_scores(runs.embeddings.numpy()[last.valid_indexes])
+    ordered = np.sort(scores, axis=1)
+    np.testing.assert_allclose(last.margins, ordered[:, -1] - ordered[:, -2], rtol=1e-6)
+    assert last.balanced_accuracy == 1.0 and runs.balanced_accuracy().mean == 1.0
+    forged = protocol.Run(**{**vars(last), "targets": [0] * len(last.targets)})
+    with pytest.raises(protocol.RunLogError, match="its scores do not follow"):
+        forged.check_scores(source="log")
+    unbalanced = protocol.Run(**{**vars(last), "balanced_accuracy": 0.5})
+    with pytest.raises(protocol.RunLogError, match="its scores do not follow"):
+        unbalanced.check_scores(source="log")
+    assert protocol.run_table(runs)[0]["balanced_accuracy"] == 1.0
+
+
 def test_partitions_differ_between_runs_and_follow_the_seed(setup):
     first = cached_run(setup, runs=3, seed=1)
     again = cached_run(setup, runs=3, seed=1)

@@ -17,6 +17,7 @@ ESTIMATORS = [
     DecorrelatedClassifier(),
     DecorrelatedClassifier(alpha="gcv"),
     DecorrelatedClassifier(projection_dim=24, random_state=3),
+    DecorrelatedClassifier(prior="balanced"),
 ]
 # Estimators whose ridge strength depends on the statistics alone, so batches and removals predict exactly as fit.
 EXACT = [
@@ -24,6 +25,7 @@ EXACT = [
     ClassMeanClassifier(normalize=True),
     DecorrelatedClassifier(alpha="gcv"),
     DecorrelatedClassifier(alpha=0.5, projection_dim=24, random_state=3),
+    DecorrelatedClassifier(alpha=0.5, prior="balanced"),
 ]
 
 
@@ -213,3 +215,126 @@ def test_predict_topk_ranks_any_scikit_learn_classifier():
     assert ranked.shape == (5, 3) and ranked[:, 0].tolist() == probe.predict(X[:5]).tolist()
     binary = LogisticRegression(max_iter=5000).fit(X[y < 2], y[y < 2])
     assert prototypes.predict_topk(binary, X[:3], 2)[:, 0].tolist() == binary.predict(X[:3]).tolist()
+
+
+def with_one_image_class(*, seed: int):
+    """Four classes of 100 images and a fifth of one image, on separable clusters; queries of the fifth class."""
+    X, y = gaussian_classes(samples_per_class=100, seed=seed)
+    rng = np.random.default_rng(seed)
+    centre = np.full(X.shape[1], 5.0)
+    centre[-1] += 3.0
+    queries = centre + 0.2 * rng.standard_normal((20, X.shape[1]))
+    return np.vstack([X, queries[:1]]), np.append(y, 4), queries[1:]
+
+
+def test_a_class_added_with_one_image_is_found_with_the_balanced_prior():
+    X, y, new_queries = with_one_image_class(seed=21)
+    balanced = DecorrelatedClassifier(prior="balanced").fit(X[:-1], y[:-1]).partial_fit(X[-1:], y[-1:])
+    empirical = DecorrelatedClassifier().fit(X[:-1], y[:-1]).partial_fit(X[-1:], y[-1:])
+    assert balanced.predict(new_queries).tolist() == [4] * len(new_queries)
+    assert np.mean(empirical.predict(new_queries) == 4) < 0.5  # the prior of one image in 401 buries it
+    X_test, y_test = gaussian_classes(samples_per_class=100, seed=22)
+    assert balanced.score(X_test, y_test) > 0.8 > ClassMeanClassifier().fit(X, y).score(X_test, y_test)
+
+
+def test_balanced_prior_is_the_cosine_of_ridge_whitened_query_and_class_mean():
+    X, y = gaussian_classes(samples_per_class=15, seed=23)
+    y[:5] = 9  # an imbalanced fifth class
+    fitted = DecorrelatedClassifier(alpha=0.7, prior="balanced").fit(X, y)
+    features = prototypes.unit_rows(X)
+    mu = features.mean(axis=0)
+    eigenvalues, eigenvectors = np.linalg.eigh((features - mu).T @ (features - mu))
+    whitening = eigenvectors / np.sqrt(eigenvalues.clip(min=0) + 0.7)
+    means = np.stack([features[y == label].mean(axis=0) for label in fitted.classes_])
+    queries = prototypes.unit_rows(gaussian_classes(samples_per_class=3, seed=24)[0])
+    query_white, mean_white = (queries - mu) @ whitening, (means - mu) @ whitening
+    cosines = prototypes.unit_rows(query_white) @ prototypes.unit_rows(mean_white).T
+    scores = fitted.class_scores(queries)
+    np.testing.assert_allclose(scores / np.linalg.norm(query_white, axis=1, keepdims=True), cosines, atol=1e-9)
+    assert fitted.predict(queries).tolist() == fitted.classes_[cosines.argmax(axis=1)].tolist()
+
+
+@pytest.mark.parametrize("prior", ["empirical", "balanced"])
+def test_selection_falls_back_to_the_class_mean_where_decorrelation_cannot_help(prior):
+    # Isotropic noise around class means that differ along one direction of large total variance: whitening by
+    # the total scatter shrinks exactly the direction that separates the classes.
+    rng = np.random.default_rng(25)
+    means = np.zeros((6, 8))
+    means[:, 0] = np.linspace(-3, 3, 6)
+    means[:, 1] = 10.0
+    y = np.repeat(np.arange(6), 12)
+    X = means[y] + 0.9 * rng.standard_normal((len(y), 8))
+    fitted = DecorrelatedClassifier(prior=prior).fit(X, y)
+    assert fitted.relative_alpha_ == np.inf and fitted.alpha_ == np.inf
+    X_test = means[y] + 0.9 * rng.standard_normal((len(y), 8))
+    mean = ClassMeanClassifier(normalize=True).fit(X, y)
+    np.testing.assert_allclose(fitted.class_scores(X_test), mean.class_scores(X_test), atol=1e-12)
+    restored = DecorrelatedClassifier(prior=prior).set_statistics(**fitted.get_statistics())
+    assert restored.relative_alpha_ == np.inf
+    assert restored.partial_fit(X_test[:3], y[:3]).alpha_ == np.inf  # a later change keeps the choice
+
+
+def test_leave_one_out_class_mean_cosines_equal_refits_without_each_image():
+    X, y = gaussian_classes(samples_per_class=6, seed=26)
+    y[0] = 7  # a class of one image: no mean is left without it
+    features = prototypes.unit_rows(X)
+    fitted = ClassMeanClassifier(normalize=True).fit(X, y)
+    rows = np.searchsorted(fitted.classes_, y)
+    counts = fitted.class_counts_[rows].astype(np.float32)
+    closed = prototypes._leave_one_out_cosines(features, rows, class_sums=fitted.class_sums_, counts=counts)
+    for i in range(1, len(y)):
+        refit = ClassMeanClassifier(normalize=True).fit(np.delete(X, i, 0), np.delete(y, i))
+        np.testing.assert_allclose(closed[i], refit.class_scores(X[i : i + 1])[0], atol=1e-5)
+    assert closed[0, rows[0]] == -np.inf
+
+
+def test_leave_one_out_balanced_scores_equal_class_means_without_each_image():
+    X, y = gaussian_classes(samples_per_class=8, seed=27)
+    y[0] = 7  # a class of one image: no mean is left without it
+    fitted = DecorrelatedClassifier(alpha=0.3, prior="balanced").fit(X, y)
+    features = prototypes.unit_rows(X)
+    rows = np.searchsorted(fitted.classes_, y)
+    mu = features.mean(axis=0)
+    gram = (features - mu).T @ (features - mu)
+    eigenvalues, eigenvectors = np.linalg.eigh(gram)
+    projected = (features - mu) @ eigenvectors
+    closed = prototypes._leave_one_out_whitened_cosines(
+        projected, projected**2, rows, rotated=eigenvectors.T @ (fitted.class_means_ - mu).T,
+        inverse=1 / (eigenvalues + 0.3), counts=fitted.class_counts_[rows].astype(np.float64),
+    )
+    inverse = np.linalg.inv(gram + 0.3 * np.eye(X.shape[1]))  # mu and G kept, as the closed form keeps them
+    for i in (1, 9, 30):
+        means = np.stack([features[(y == label) & (np.arange(len(y)) != i)].mean(axis=0) for label in fitted.classes_])
+        centred = means - mu
+        expected = (features[i] - mu) @ inverse @ centred.T / np.sqrt(np.einsum("cf,fg,cg->c", centred, inverse, centred))
+        np.testing.assert_allclose(closed[i], expected, rtol=1e-9)
+    assert closed[0, rows[0]] == -np.inf
+
+
+def test_classifier_names_round_trip_through_make_classifier():
+    for name in prototypes.CLASSIFIERS:
+        made = prototypes.make_classifier(name)
+        assert prototypes.classifier_name(made) == name
+        rebuilt = prototypes.make_classifier(name, **made.get_params())
+        assert rebuilt.get_params() == made.get_params()
+    assert prototypes.make_classifier("balanced").prior == "balanced"
+    with pytest.raises(ValueError, match="LogisticRegression is not a classifier of prototypes.CLASSIFIERS"):
+        prototypes.classifier_name(LogisticRegression())
+
+
+def test_prior_parameter_is_checked():
+    X, y = gaussian_classes(samples_per_class=10, seed=28)
+    with pytest.raises(ValueError, match="prior must be one of 'empirical', 'balanced', got 'uniform'"):
+        DecorrelatedClassifier(prior="uniform").fit(X, y)
+    with pytest.raises(ValueError, match="alpha='gcv' scores a ridge regression .* needs prior='empirical'"):
+        DecorrelatedClassifier(alpha="gcv", prior="balanced").fit(X, y)
+
+
+def test_ranked_scores_and_margins():
+    X, y = gaussian_classes(samples_per_class=10, seed=29)
+    fitted = ClassMeanClassifier().fit(X, y)
+    scores, labels = prototypes.ranked_scores(fitted, X[:4], 3)
+    full = fitted.class_scores(X[:4])
+    assert labels[:, 0].tolist() == fitted.predict(X[:4]).tolist()
+    np.testing.assert_allclose(prototypes.margins(scores), np.sort(full, axis=1)[:, -1] - np.sort(full, axis=1)[:, -2])
+    assert np.isnan(prototypes.margins(scores[:, :1])).all()

@@ -93,7 +93,7 @@ def test_help_lists_defaults_without_importing_torch(tmp_path):
 
     result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
-    assert "--classifier {mean,decorrelated}" in result.stdout and "(default: mean)" in result.stdout
+    assert "--classifier {mean,decorrelated,balanced}" in result.stdout and "(default: mean)" in result.stdout
     assert "--device DEVICE" in result.stdout and "(default: auto)" in result.stdout
     probe = subprocess.run([sys.executable, "-c", "import sys, cli; print('torch' in sys.modules)"],
                            capture_output=True, text=True, timeout=60, cwd=SCRIPT.parent)
