@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.manifold import TSNE
-from sklearn.metrics import confusion_matrix
+from sklearn.metrics import confusion_matrix, roc_auc_score
 from sklearn.utils.validation import validate_data
 from tqdm import tqdm
 
@@ -49,7 +50,10 @@ __all__ = [
     "default_prototype_methods",
     "least_accurate_with_interval",
     "linear_probe",
+    "hidden_class_draws",
     "most_confused_pairs",
+    "open_set",
+    "open_set_scores",
     "per_class_accuracy",
     "random_partitions",
     "retrieval_precision",
@@ -639,10 +643,95 @@ def ci_coverage(
     }
 
 
+# --- Queries of no known class ---------------------------------------------------------------------------------------
+
+
+def open_set_scores(
+    *, known: np.ndarray, unknown: np.ndarray, true_positive_rate: float = 0.95
+) -> dict[str, float]:
+    """How well a score (higher = known) separates known-class from unknown-class queries.
+
+    ``auroc``: the chance that a random known query outscores a random unknown one; ``fpr``: the share of unknown
+    queries kept at the threshold that keeps ``true_positive_rate`` of the known ones (OpenOOD's FPR@95), with that
+    ``threshold`` (the rule of :meth:`prototypes._ClassStatistics.calibrate`).
+    """
+    known, unknown = np.asarray(known, dtype=np.float64), np.asarray(unknown, dtype=np.float64)
+    if not len(known) or not len(unknown):
+        raise ValueError(f"Need known and unknown queries, got {len(known)} and {len(unknown)}.")
+    threshold = float(np.quantile(known, 1.0 - true_positive_rate, method="lower"))
+    truth = np.r_[np.ones(len(known)), np.zeros(len(unknown))]
+    return {
+        "auroc": float(roc_auc_score(truth, np.r_[known, unknown])),
+        "fpr": float(np.mean(unknown >= threshold)),
+        "threshold": threshold,
+    }
+
+
+def hidden_class_draws(
+    *, targets: np.ndarray, partitions: Sequence[Partition], hidden_share: float, seed: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per partition, hide ``hidden_share`` of the classes (at least one, seeded): yields ``(train, known_valid,
+    unknown, hidden_labels)`` global indexes, where ``unknown`` is every sample of the hidden classes."""
+    labels = np.unique(targets)
+    count = min(max(1, round(hidden_share * len(labels))), len(labels) - 2)
+    if count < 1:
+        raise ValueError(f"Hiding classes needs at least 3 classes, got {len(labels)}.")
+    for number, (train, valid) in enumerate(partitions):
+        hidden = np.random.default_rng(seed + number).choice(labels, size=count, replace=False)
+        train, valid = np.asarray(train), np.asarray(valid)
+        yield (train[~np.isin(targets[train], hidden)], valid[~np.isin(targets[valid], hidden)],
+               np.flatnonzero(np.isin(targets, hidden)), hidden)
+
+
+def open_set(
+    *,
+    embeddings: torch.Tensor,
+    targets: torch.Tensor,
+    partitions: Sequence[Partition],
+    classifier: Any,
+    hidden_share: float = 0.2,
+    true_positive_rate: float = 0.95,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[pd.DataFrame, dict[str, Any], tuple[np.ndarray, np.ndarray]]:
+    """Queries of no known class: per partition, ``hidden_share`` of the classes are hidden, ``classifier`` is fitted
+    on the other classes' training part, and its ``score_samples`` must tell their validation samples from every
+    sample of the hidden classes.
+
+    Returns the per-partition table (AUROC, FPR at ``true_positive_rate``, the known classes' accuracy, and their
+    accuracy among the samples kept at the threshold, which is set on those same known samples), its summary with
+    Student-t intervals, and the last partition's known and unknown scores (for a histogram).
+    """
+    X, y = embeddings.double().numpy(), targets.numpy()
+    rows, scores = [], (np.zeros(0), np.zeros(0))
+    draws = hidden_class_draws(targets=y, partitions=partitions, hidden_share=hidden_share, seed=seed)
+    for number, (train, known, unknown, hidden) in enumerate(tqdm(draws, total=len(partitions), leave=False,
+                                                                  desc="[Open set] Partitions")):
+        fitted = sklearn.base.clone(classifier).fit(X[train], y[train])
+        both = fitted.score_samples(X[np.r_[known, unknown]])
+        scores = both[: len(known)], both[len(known):]
+        separation = open_set_scores(known=scores[0], unknown=scores[1], true_positive_rate=true_positive_rate)
+        correct = fitted.predict(X[known]) == y[known]
+        kept = scores[0] >= separation["threshold"]
+        rows.append({
+            "partition": number, "hidden_classes": len(hidden), "known_samples": len(known),
+            "unknown_samples": len(unknown), "auroc": separation["auroc"], "fpr": separation["fpr"],
+            "known_accuracy": float(correct.mean()), "kept_accuracy": float(correct[kept].mean()),
+            "threshold": separation["threshold"],
+        })
+    table = pd.DataFrame(rows)
+    summary: dict[str, Any] = {"true_positive_rate": true_positive_rate, "hidden_share": hidden_share,
+                               "classifier": repr(classifier)}
+    for name in ("auroc", "fpr", "known_accuracy", "kept_accuracy"):
+        interval = metrics.mean_confidence_interval(table[name], confidence=confidence)
+        summary[name], summary[f"{name}_ci"] = interval.mean, interval.half_width
+    return table, summary, scores
+
+
 # --- Everything at once, for the research script ---------------------------------------------------------------------
 
 
-ANALYSIS_PARTS = ("confusion", "retrieval", "prototypes", "tsne", "coverage")
+ANALYSIS_PARTS = ("confusion", "retrieval", "prototypes", "tsne", "coverage", "openset")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -667,6 +756,9 @@ class RunAnalysis:
     tsne_targets: np.ndarray | None = None
     tsne_means: np.ndarray | None = None
     coverage: dict[str, float | int] | None = None
+    openset: pd.DataFrame | None = None
+    openset_summary: dict[str, Any] | None = None
+    openset_scores: tuple[np.ndarray, np.ndarray] | None = None
 
     def tables(self) -> dict[str, pd.DataFrame]:
         tables = {
@@ -676,6 +768,7 @@ class RunAnalysis:
             "smallest_margins": self.hard_samples,
             "retrieval": self.retrieval,
             "prototypes": self.prototypes,
+            "openset": self.openset,
         }
         return {name: table for name, table in tables.items() if table is not None}
 
@@ -740,8 +833,16 @@ def analyse_runs(
                 embeddings=embeddings[last_valid], targets=targets[last_valid], num_labels=len(labels), seed=seed
             )
             results.update(tsne_coords=coords, tsne_targets=targets[last_valid].numpy(), tsne_means=means)
-        else:
+        elif part == "coverage":
             results["coverage"] = ci_coverage(
                 embeddings=embeddings, targets=targets, valid_share=valid_share, confidence=confidence, seed=seed
             )
+        elif len(labels) < 3:
+            warnings.warn("--analysis openset hides some classes and needs at least 3; skipped.", stacklevel=2)
+        else:
+            table, summary, scores = open_set(
+                embeddings=embeddings, targets=targets, partitions=partitions, classifier=runs.classifier,
+                confidence=confidence, seed=seed,
+            )
+            results.update(openset=table, openset_summary=summary, openset_scores=scores)
     return RunAnalysis(**results)

@@ -31,6 +31,7 @@ import difflib
 import json
 import os
 import pathlib
+import sys
 import tempfile
 import warnings
 import zipfile
@@ -78,11 +79,17 @@ class ModelMismatchError(ClassDBError):
 
 @dataclasses.dataclass(frozen=True)
 class SearchResult:
-    """Top-k classes per query, best first: ``labels[i][j]`` scored ``scores[i, j]`` (cosine), row ``indexes[i, j]``."""
+    """Top-k classes per query, best first: ``labels[i][j]`` scored ``scores[i, j]`` (cosine), row ``indexes[i, j]``.
+
+    With ``reject=True``, ``known[i]`` says whether query ``i`` scored at or above the store's threshold on
+    ``unknown_scores[i]`` (the classifier's ``score_samples``); its classes are then still the nearest ones.
+    """
 
     labels: list[list[str]]
     scores: torch.Tensor
     indexes: torch.Tensor
+    known: list[bool] | None = None
+    unknown_scores: list[float] | None = None
 
 
 class TorchBackend:
@@ -317,10 +324,12 @@ class ClassVectorStore:
         backend: str = "torch",
         model_id: str | None = None,
         device: torch.device | str | None = None,
+        reject: bool = False,
     ) -> SearchResult:
         """The ``top_k`` best-scoring classes of each query ``[N, D]`` (the backend is built once, cached).
 
-        Scores are the classifier's: cosine similarity to the class mean by default.
+        Scores are the classifier's: cosine similarity to the class mean by default. ``reject=True`` also marks
+        the queries below the calibrated threshold (see :meth:`calibrate`) as of no known class.
         """
         self.check_model(model_id=model_id, source="the queries given")
         vectors = self._vectors(queries, what="queries")
@@ -335,8 +344,63 @@ class ClassVectorStore:
         features = torch.from_numpy(self.classifier.query_features(vectors.double().numpy()))
         scores, indexes = self._backends[key].search(queries=features, top_k=top_k)
         labels = self.labels
-        return SearchResult(labels=[[labels[index] for index in row] for row in indexes.tolist()], scores=scores,
-                            indexes=indexes)
+        ranked = [[labels[index] for index in row] for row in indexes.tolist()]
+        if not reject:
+            return SearchResult(labels=ranked, scores=scores, indexes=indexes)
+        if self.threshold is None:
+            raise ClassDBError("The store has no threshold for unknown queries: calibrate it with images of its "
+                               "classes that it does not hold (`calibrate`), or search without reject.")
+        unknown_scores = self.classifier.score_samples(vectors.double().numpy())
+        return SearchResult(labels=ranked, scores=scores, indexes=indexes,
+                            known=(unknown_scores >= self.threshold).tolist(), unknown_scores=unknown_scores.tolist())
+
+    @property
+    def threshold(self) -> float | None:
+        """The unknown-score threshold set by :meth:`calibrate`, or None."""
+        return getattr(self.classifier, "threshold_", None)
+
+    @property
+    def threshold_stale(self) -> bool:
+        """Whether the classes changed after the threshold was set (it then no longer keeps its stated share)."""
+        return bool(getattr(self.classifier, "threshold_stale_", False))
+
+    def calibrate(
+        self, *, embeddings: Vectors, true_positive_rate: float = 0.95, model_id: str | None = None
+    ) -> None:
+        """Set the threshold so ``true_positive_rate`` of ``embeddings`` (images of the store's classes that it does
+        not hold) count as known; any later change of the classes marks it stale."""
+        self.check_model(model_id=model_id, source="the calibration images")
+        if not len(self):
+            raise ClassDBError("The store has no classes yet: add classes before calibrating it.")
+        self.classifier.calibrate(self._vectors(embeddings, what="calibration images").double().numpy(),
+                                  true_positive_rate=true_positive_rate)
+
+    def add_calibration_samples(
+        self,
+        *,
+        embeddings: Vectors,
+        labels: Sequence[str],
+        true_positive_rate: float = 0.95,
+        model_id: str | None = None,
+    ) -> None:
+        """Calibrate on held-out samples of the store's classes, then add them to their classes.
+
+        The threshold stays marked current: adding a class's own samples only raises that class's known scores a
+        little, so the threshold keeps at least its stated share (slightly more).
+        """
+        self.calibrate(embeddings=embeddings, true_positive_rate=true_positive_rate, model_id=model_id)
+        vectors = self._vectors(embeddings, what="calibration images")
+        for label in set(labels):
+            self.index(label)
+        self._change(self.classifier.partial_fit, vectors, np.array(labels, dtype=str))
+        self.classifier.threshold_stale_ = False
+
+    def _calibration(self) -> dict[str, Any]:
+        """The calibration as plain values, for the ``.zip`` metadata (the ``.npz`` keeps it with the statistics)."""
+        if self.threshold is None:
+            return {}
+        return {"threshold": self.threshold, "true_positive_rate": self.classifier.true_positive_rate_,
+                "threshold_stale": self.threshold_stale}
 
     def save(self, *, path: PathLike) -> pathlib.Path:
         """Write the store atomically: ``.zip`` (CSV of float32 class means in store.py's format, plus metadata) or
@@ -431,7 +495,8 @@ class ClassVectorStore:
         return tensor
 
     def _save_zip(self, path: pathlib.Path) -> None:
-        metadata = {**self.metadata(), "labels": self.labels, "counts": self.counts.tolist()}
+        metadata = {**self.metadata(), "labels": self.labels, "counts": self.counts.tolist(),
+                    "calibration": self._calibration()}
         with (
             store.atomic_path(path) as temporary,
             tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as folder,
@@ -515,7 +580,11 @@ class ClassVectorStore:
             )
         counts = np.asarray(metadata.get("counts", []))
         sums = means.astype(np.float64) * counts[:, None] if counts.shape == (len(means),) else means
-        loaded._fill({"classes": np.array(labels), "class_sums": sums, "class_counts": counts}, path=path)
+        calibration = metadata.get("calibration") or {}
+        if not isinstance(calibration, dict):
+            raise ClassDBError(f"{path}: the calibration in {METADATA_MEMBER} is not a mapping; the file is damaged.")
+        loaded._fill({"classes": np.array(labels), "class_sums": sums, "class_counts": counts,
+                      **{name: np.asarray(value) for name, value in calibration.items()}}, path=path)
         return loaded
 
     @classmethod
@@ -654,7 +723,8 @@ def _model_for(args: argparse.Namespace, *, modality: str, db: ClassVectorStore 
 
 
 def _summary(db: ClassVectorStore) -> str:
-    return f"{len(db)} classes, {int(db.counts.sum())} {db.modality}s, {db.classifier_name} classifier, model {db.model_id}"
+    return (f"{len(db)} classes, {int(db.counts.sum())} {db.modality}s, {db.classifier_name} classifier, "
+            f"model {db.model_id}")
 
 
 def _new_store_path(args: argparse.Namespace) -> pathlib.Path:
@@ -677,19 +747,70 @@ def _cmd_build(args: argparse.Namespace) -> int:
         dataset_path=args.dataset, modality=args.modality, text_column=args.text_column,
         label_column=args.label_column,
     )
+    if not 0.0 <= args.calibrate_share < 1.0:
+        raise ClassDBError(f"--calibrate-share must lie in [0, 1), got {args.calibrate_share}.")
     model = _model_for(args, modality=maker.modality)
     embeddings = model.embed(maker.get_texts() if maker.modality == "text" else maker.get_image_paths())
-    labels = maker.get_labels()
+    labels = np.array(maker.get_labels(), dtype=str)[maker.get_image_labels().numpy()]
     db = ClassVectorStore(
         dim=embeddings.shape[1], model_name=model.name, model_id=model.id, transform_config=model.transform_config,
         classifier=prototypes.make_classifier(classifier), modality=maker.modality,
     )
-    db.add_classes(
-        embeddings=embeddings, labels=[labels[index] for index in maker.get_image_labels().tolist()], model_id=model.id
-    )
+    held_out = torch.zeros(0, dtype=torch.long)
+    if args.calibrate_share > 0:
+        _, held_out, _ = maker.split_indexes(
+            valid_share=args.calibrate_share, test_share=0.0, generator=torch.Generator().manual_seed(0)
+        )
+    kept = np.setdiff1d(np.arange(len(labels)), held_out.numpy())
+    db.add_classes(embeddings=embeddings[kept], labels=labels[kept].tolist(), model_id=model.id)
+    if len(held_out):
+        db.add_calibration_samples(embeddings=embeddings[held_out], labels=labels[held_out].tolist(),
+                                   true_positive_rate=args.true_positive_rate, model_id=model.id)
     db.save(path=path)
-    print(f"Built {path}: {_summary(db)}.")
+    print(f"Built {path}: {_summary(db)}; {_threshold_line(db)}.")
+    if 0 < len(held_out) < ROUGH_CALIBRATION:
+        print(f"The threshold rests on {len(held_out)} held-out {db.modality}s only, so the share it keeps is rough; "
+              "calibrate on more with `calibrate --dataset DIR`.")
+    if args.calibrate_share > 0 and not len(held_out):
+        print(f"No class has enough samples to hold out {args.calibrate_share:.0%} for the threshold; calibrate later "
+              "with `calibrate --dataset DIR`.")
     return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    path, db = _open(args)
+    maker = banerjee.make_dataset_maker(
+        dataset_path=args.dataset, text_column=args.text_column, label_column=args.label_column
+    )
+    strangers = sorted(set(maker.get_labels()) - set(db.labels))
+    if strangers:
+        shown = ", ".join(repr(label) for label in strangers[:5]) + (" ..." if len(strangers) > 5 else "")
+        raise ClassDBError(f"{args.dataset} holds classes the store does not know ({shown}): calibration needs "
+                           "samples of the store's own classes.")
+    model = _model_for(args, modality=db.modality, db=db)
+    model.check(db, path=path)
+    embeddings = model.embed(maker.get_texts() if maker.modality == "text" else maker.get_image_paths())
+    db.calibrate(embeddings=embeddings, true_positive_rate=args.true_positive_rate, model_id=model.id)
+    db.save(path=path)
+    print(f"Calibrated {path} on {len(embeddings)} {db.modality}s: {_threshold_line(db)}.")
+    return 0
+
+
+def _note_stale_threshold(db: ClassVectorStore, *, path: pathlib.Path) -> None:
+    """Say on stderr when the unknown-query threshold no longer fits the classes (the store holds no samples to
+    recalibrate on by itself)."""
+    if db.threshold is not None and db.threshold_stale:
+        print(f"note: the threshold for unknown queries of {path} was set before its classes last changed, so it may "
+              "keep fewer or more known samples than it says; run `python -m engine calibrate --store "
+              f"{path} --dataset DIR` with samples of its classes that it does not hold.", file=sys.stderr)
+
+
+def _threshold_line(db: ClassVectorStore) -> str:
+    if db.threshold is None:
+        return "no threshold for unknown queries (run `calibrate`)"
+    note = " (STALE: the classes changed since; run `calibrate`)" if db.threshold_stale else ""
+    return (f"unknown below {db.threshold:.4f}, keeping {db.classifier.true_positive_rate_:.0%} of known samples"
+            f"{note}")
 
 
 def _cmd_add_or_update(args: argparse.Namespace) -> int:
@@ -710,6 +831,7 @@ def _cmd_add_or_update(args: argparse.Namespace) -> int:
     count = int(db.counts[db.index(args.label)])
     verb = "Added" if args.command == "add-class" else "Updated"
     print(f"{verb} '{utils.printable(args.label)}' ({count} {db.modality}s) in {path}: {_summary(db)}.")
+    _note_stale_threshold(db, path=path)
     return 0
 
 
@@ -718,6 +840,7 @@ def _cmd_remove(args: argparse.Namespace) -> int:
     db.remove_class(label=args.label)
     db.save(path=path)
     print(f"Removed '{utils.printable(args.label)}' from {path}: {_summary(db)}.")
+    _note_stale_threshold(db, path=path)
     return 0
 
 
@@ -731,7 +854,8 @@ def _cmd_rename(args: argparse.Namespace) -> int:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     path, db = _open(args)
-    print(f"{path}: {_summary(db)}, dimension {db.dim}, classifier {db.classifier_name}")
+    print(f"{path}: {_summary(db)}, dimension {db.dim}")
+    print(f"threshold: {_threshold_line(db)}")
     print(f"preprocessing: {db.transform_config}")
     for label, count in zip(db.labels, db.counts.tolist()):
         print(f"{count:8d}  {utils.printable(label)}")
@@ -754,15 +878,24 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     names, samples = _samples(args.samples, modality=db.modality)
     model = _model_for(args, modality=db.modality, db=db)
     model.check(db, path=path)
+    reject = db.threshold is not None if args.reject is None else args.reject
+    if reject:
+        _note_stale_threshold(db, path=path)
     result = db.search(
         queries=model.embed(samples),
         top_k=args.top_k,
         backend=args.backend,
         model_id=model.id,
         device=model.encoder.device,
+        reject=reject,
     )
-    for name, labels, scores in zip(names, result.labels, result.scores.tolist()):
+    known = result.known or [True] * len(names)
+    for index, (name, labels, scores) in enumerate(zip(names, result.labels, result.scores.tolist())):
         shown = [utils.printable(label) for label in labels]
+        if not known[index]:
+            print(f"{utils.printable(name)}\tunknown\t{result.unknown_scores[index]:.4f} < {db.threshold:.4f}"
+                  f"\t[nearest: {shown[0]} {scores[0]:.4f}]")
+            continue
         alternatives = " | ".join(f"{label} {score:.4f}" for label, score in zip(shown[1:], scores[1:]))
         print(f"{utils.printable(name)}\t{shown[0]}\t{scores[0]:.4f}" + (f"\t[{alternatives}]" if alternatives else ""))
     if args.csv is not None:
@@ -772,18 +905,23 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
 
 def _write_predictions(*, path: pathlib.Path, names: list[str], result: SearchResult) -> None:
-    """One row per image: ``image, label_1, score_1, ..., label_k, score_k``."""
+    """One row per image: ``image, label_1, score_1, ..., label_k, score_k``; with rejection also ``known`` and
+    ``unknown_score`` (the labels are then the nearest classes)."""
     top_k = result.scores.shape[1]
     header = ["image"] + [f"{field}_{rank}" for rank in range(1, top_k + 1) for field in ("label", "score")]
+    rejecting = result.known is not None
+    header += ["known", "unknown_score"] if rejecting else []
     with store.atomic_path(path) as temporary, temporary.open("w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
         writer.writerow(header)
-        for name, labels, scores in zip(names, result.labels, result.scores.tolist()):
+        for index, (name, labels, scores) in enumerate(zip(names, result.labels, result.scores.tolist())):
             row = [name] + [value for pair in zip(labels, scores) for value in pair]
+            row += [result.known[index], result.unknown_scores[index]] if rejecting else []
             writer.writerow([utils.spreadsheet_safe(cell) for cell in row])
 
 
-WRITING_COMMANDS = ("build", "add-class", "update-class", "remove-class", "rename-class", "import")
+ROUGH_CALIBRATION = 100  # fewer held-out samples than this make a threshold whose kept share is rough
+WRITING_COMMANDS = ("build", "add-class", "update-class", "remove-class", "rename-class", "import", "calibrate")
 LOCK_TIMEOUT_S = 60.0  # how long a command waits for another writer of the same store
 
 
@@ -794,6 +932,7 @@ COMMANDS = {
     "remove-class": _cmd_remove,
     "rename-class": _cmd_rename,
     "classify": _cmd_classify,
+    "calibrate": _cmd_calibrate,
     "info": _cmd_info,
     "import": _cmd_import,
 }

@@ -36,7 +36,7 @@ __all__ = [
     "script_argv",
 ]
 
-ANALYSIS_PARTS = ("confusion", "retrieval", "prototypes", "tsne", "coverage")  # analysis.ANALYSIS_PARTS, light
+ANALYSIS_PARTS = ("confusion", "retrieval", "prototypes", "tsne", "coverage", "openset")  # analysis.ANALYSIS_PARTS, light
 CLASSIFIER_NAMES = ("mean", "decorrelated", "balanced")  # prototypes.CLASSIFIERS, named here to keep --help light
 DOWNLOADS = ("animal90", "caltech101")
 PRECISIONS = ("fp32", "bf16", "fp16")  # engine.PRECISIONS, named here to keep --help light
@@ -129,7 +129,8 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
     outputs.add_argument("--analysis", nargs="?", const="all", default=None, metavar="PARTS",
                          help="cached protocol only; comma-separated parts, all when none are given: confusion "
                               "(confusions, per-class intervals, CAF band), retrieval (P@K, mAP@K), prototypes "
-                              "(every classifier on the same partitions), tsne, coverage (a check of the intervals)")
+                              "(every classifier on the same partitions), tsne, coverage (a check of the intervals), openset "
+                              "(20 %% of the classes hidden: how well unknown samples are told apart)")
     outputs.add_argument("--profile", action="store_true", default=defaults["profile"],
                          help="profile the partitions loop (cProfile) into --out/profile")
     args = parser.parse_args(argv)
@@ -310,6 +311,13 @@ def class_store_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", "--store", dest="store", required=True, help="new store file (.zip or .npz)")
     build.add_argument("--force", action="store_true", help="replace an existing store file")
     build.add_argument(
+        "--calibrate-share", type=float, default=0.2,
+        help="share of each class held out to set the threshold for unknown queries, then added to the store "
+             "(0: no threshold; default 0.2)",
+    )
+    build.add_argument("--true-positive-rate", type=float, default=0.95,
+                       help="share of known-class samples the threshold keeps (default 0.95)")
+    build.add_argument(
         "--classifier", choices=CLASSIFIER_NAMES, default=None,
         help="balanced (default for a .npz store): decorrelated prototypes with every class weighing the same, which "
              "finds a class added with one sample; mean: the article's class means (default for a .zip store, the "
@@ -345,6 +353,23 @@ def class_store_parser() -> argparse.ArgumentParser:
         "--backend", choices=SEARCH_BACKENDS, default="torch", help="search backend (default torch)"
     )
     classify.add_argument("--csv", help="also write the predictions to this CSV file")
+    classify.add_argument(
+        "--reject", action=argparse.BooleanOptionalAction, default=None,
+        help="print 'unknown' for samples below the store's threshold (default: when the store has one)",
+    )
+
+    calibrate = commands.add_parser(
+        "calibrate", parents=[store_option, model_options],
+        help="set the threshold for unknown queries from samples of the store's classes that it does not hold",
+    )
+    calibrate.add_argument(
+        "--dataset", required=True,
+        help="class folders (or a CSV/TSV of labelled texts) of the store's classes, not added to it",
+    )
+    calibrate.add_argument("--text-column", default="text", help="CSV/TSV column of the texts (default text)")
+    calibrate.add_argument("--label-column", default="label", help="CSV/TSV label column (default label)")
+    calibrate.add_argument("--true-positive-rate", type=float, default=0.95,
+                           help="share of the samples the threshold keeps (default 0.95)")
 
     commands.add_parser("info", parents=[store_option], help="print the model and the classes of a store")
 

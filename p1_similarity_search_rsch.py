@@ -225,13 +225,17 @@ if args.analysis and run_results.embeddings is not None:
     written += [store.write_csv(out_dir / f"{name}.csv", table) for name, table in analysed.tables().items()]
     if analysed.coverage is not None:
         written.append(store.write_json(out_dir / "ci_coverage.json", analysed.coverage))
+    if analysed.openset_summary is not None:
+        written.append(store.write_json(out_dir / "openset.json", analysed.openset_summary))
     print("\n".join(f"Written: {path}" for path in written))
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         for heading, table in (("Most confused pairs", analysed.confused_pairs),
                                ("Samples nearest a decision boundary (smallest margins)", analysed.hard_samples),
                                ("Retrieval over individual samples", analysed.retrieval),
                                ("Every classifier on the same partitions", analysed.prototypes),
-                               ("Confidence interval coverage", analysed.coverage)):
+                               ("Confidence interval coverage", analysed.coverage),
+                               ("Samples of hidden classes (open set), per partition", analysed.openset),
+                               ("Open set summary", analysed.openset_summary)):
             if table is not None:
                 print(f"-- {heading} --", table, sep="\n")  # confused pairs: the top 10 already
 

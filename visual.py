@@ -25,7 +25,14 @@ from matplotlib.lines import Line2D
 
 import store
 
-__all__ = ["draw_analysis", "draw_confusion_matrix", "draw_cumulative_accuracy", "draw_embedding_map", "show_images"]
+__all__ = [
+    "draw_analysis",
+    "draw_confusion_matrix",
+    "draw_cumulative_accuracy",
+    "draw_embedding_map",
+    "draw_score_histogram",
+    "show_images",
+]
 
 PathLike = str | os.PathLike
 
@@ -257,6 +264,23 @@ def draw_embedding_map(
     return _finish(fig, filename)
 
 
+def draw_score_histogram(
+    *, known: np.ndarray, unknown: np.ndarray, threshold: float, filename: PathLike | None, title: str
+) -> Figure:
+    """Histograms of the unknown score for samples of known and of hidden classes, with the threshold: how much
+    the two overlap is what the AUROC summarises."""
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    bins = np.histogram_bin_edges(np.r_[known, unknown], bins=50)
+    ax.hist(known, bins=bins, alpha=0.6, density=True, label=f"known classes ({len(known)})")
+    ax.hist(unknown, bins=bins, alpha=0.6, density=True, label=f"hidden classes ({len(unknown)})")
+    ax.axvline(threshold, color="black", linestyle="--", label="threshold")
+    ax.set_xlabel("score_samples (higher = known)")
+    ax.set_ylabel("density")
+    ax.set_title(title, fontsize=9, wrap=True)
+    ax.legend()
+    return _finish(fig, filename)
+
+
 def draw_analysis(
     analysed: Any, *, labels: Sequence[str], out_dir: PathLike, title: str, confidence: float, sample_kind: str
 ) -> list[pathlib.Path]:
@@ -277,6 +301,14 @@ def draw_analysis(
             title=f"Mean CAF over partitions, {confidence:.0%} band: {title}",
         )
         written.append(out_dir / "cumacc_band.png")
+    if analysed.openset_scores is not None:
+        draw_score_histogram(
+            known=analysed.openset_scores[0], unknown=analysed.openset_scores[1],
+            threshold=float(analysed.openset.iloc[-1]["threshold"]), filename=out_dir / "openset_scores.png",
+            title=f"Unknown score, last partition ({analysed.openset_summary['hidden_share']:.0%} of classes hidden): "
+                  f"{title}",
+        )
+        written.append(out_dir / "openset_scores.png")
     if analysed.tsne_coords is not None:
         draw_embedding_map(
             coords=analysed.tsne_coords, targets=analysed.tsne_targets, labels=labels,

@@ -2,7 +2,8 @@
 
 Why: the article says the class-vector method "also works well for sentence classification problems" without
 showing it. This encodes the questions once (with a progress bar, reporting questions per second), then scores the
-article's class mean, the decorrelated classifier and a logistic-regression probe on the same random partitions::
+article's class mean, the decorrelated classifier (both priors) and a logistic-regression probe on the same random
+partitions::
 
     python benchmarks/sentences.py --dataset ../shared/data/trec/train.csv --runs 20
 
@@ -59,6 +60,7 @@ def main(argv: list[str]) -> None:
     methods = {
         "class mean (article)": prototypes.ClassMeanClassifier(),
         "decorrelated prototypes": prototypes.DecorrelatedClassifier(),
+        "decorrelated, balanced prior": prototypes.make_classifier("balanced"),
     }
     if not args.skip_probe:
         methods["linear probe (logistic regression)"] = analysis.linear_probe()

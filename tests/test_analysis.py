@@ -363,3 +363,32 @@ def test_smallest_margins_lists_each_sample_once_at_its_smallest_margin():
         "margin": [0.01, 0.05], "partition": [0, 1],
     }
     assert analysis.smallest_margins(runs=runs, labels=["cat", "dog"])["sample"].tolist()[:3] == ["5", "3", "2"]
+
+
+# --- Open set ---------------------------------------------------------------------------------------------------
+
+
+def test_open_set_scores_by_hand():
+    result = analysis.open_set_scores(known=[1.0, 2.0, 3.0, 4.0], unknown=[0.0, 2.5], true_positive_rate=0.75)
+    # 6 of the 8 (known, unknown) pairs are ordered right; the threshold (the lower 25 % quantile of the known
+    # scores, so at least 75 % stay) keeps one of the two unknown.
+    assert result == {"auroc": 0.75, "fpr": 0.5, "threshold": 1.0}
+    with pytest.raises(ValueError, match="Need known and unknown queries, got 4 and 0"):
+        analysis.open_set_scores(known=[1.0, 2.0, 3.0, 4.0], unknown=[])
+
+
+@pytest.mark.parametrize("classifier", [prototypes.ClassMeanClassifier(), prototypes.make_classifier("balanced")],
+                         ids=repr)
+def test_open_set_tells_far_hidden_classes_apart(classifier):
+    embeddings, targets = clusters(num_labels=10, per_class=30, spread=0.05)
+    partitions = partitions_of(targets, runs=3)
+    table, summary, (known, unknown) = analysis.open_set(
+        embeddings=embeddings, targets=targets, partitions=partitions, classifier=classifier, hidden_share=0.2
+    )
+    assert table["hidden_classes"].tolist() == [2, 2, 2] and table["unknown_samples"].tolist() == [60, 60, 60]
+    assert table["known_samples"].tolist() == [48, 48, 48]
+    assert summary["auroc"] == 1.0 and summary["fpr"] == 0.0 and summary["known_accuracy"] == 1.0
+    assert len(known) == 48 and len(unknown) == 60 and known.min() > unknown.max()
+    draws = list(analysis.hidden_class_draws(targets=targets.numpy(), partitions=partitions, hidden_share=0.2,
+                                             seed=0))
+    assert [sorted(hidden.tolist()) for *_, hidden in draws] != [sorted(draws[0][3].tolist())] * 3  # new per draw

@@ -550,3 +550,73 @@ def test_any_folder_name_label_round_trips(tmp_path, suffix):
     db.add_classes(embeddings=random_vectors(len(labels), seed=40), labels=labels)
     loaded = ClassVectorStore.load(path=db.save(path=tmp_path / f"labels{suffix}"))
     assert loaded.labels == sorted(labels) and torch.equal(loaded.means, db.means)
+
+
+# --- unknown queries ----------------------------------------------------------------------------------------------
+
+
+def separable_draws(seed: int):
+    rng = np.random.default_rng(seed)
+    mixing = rng.standard_normal((DIM, DIM)) * 0.3
+    centres = rng.standard_normal((4, DIM)) + 6.0
+
+    def draw(label: int, count: int) -> torch.Tensor:
+        return torch.from_numpy(centres[label] + rng.standard_normal((count, DIM)) @ mixing).float()
+
+    return draw
+
+
+@pytest.mark.parametrize(("name", "suffix"), [("balanced", "npz"), ("mean", "zip")])
+def test_calibrated_store_marks_unknown_queries_and_keeps_its_threshold(tmp_path, name, suffix):
+    draw = separable_draws(seed=40)
+    db = ClassVectorStore(dim=DIM, **TOY, classifier=prototypes.make_classifier(name))
+    db.add_classes(embeddings=torch.cat([draw(label, 40) for label in range(4)]),
+                   labels=[f"class {label}" for label in range(4) for _ in range(40)])
+    with pytest.raises(ClassDBError, match="no threshold for unknown queries: calibrate it"):
+        db.search(queries=draw(0, 1), reject=True)
+    db.calibrate(embeddings=torch.cat([draw(label, 20) for label in range(4)]))
+    known = db.search(queries=torch.cat([draw(label, 25) for label in range(4)]), reject=True)
+    assert np.mean(known.known) >= 0.85
+    far = -draw(0, 5)  # pointing away from every class
+    rejected = db.search(queries=far, reject=True)
+    assert rejected.known == [False] * 5 and len(rejected.labels) == 5  # the nearest classes are still given
+    loaded = ClassVectorStore.load(path=db.save(path=tmp_path / f"store.{suffix}"))
+    assert (loaded.threshold, loaded.threshold_stale) == (db.threshold, False)
+    assert loaded.search(queries=far, reject=True).known == [False] * 5
+    loaded.add_class(label="class 9", embeddings=draw(3, 2) + 2.0)
+    assert loaded.threshold_stale
+    reloaded = ClassVectorStore.load(path=loaded.save(path=tmp_path / f"stale.{suffix}"))
+    assert reloaded.threshold_stale and reloaded.threshold == db.threshold
+
+
+def test_cli_build_calibrates_and_classify_prints_unknown(cli_setup, tmp_path, capsys):
+    dataset, _, model_args = cli_setup
+    known_only = tmp_path / "known"
+    for label in ("red circle", "green square"):
+        shutil.copytree(dataset / label, known_only / label)
+    path = tmp_path / "shapes.npz"
+    assert classdb.main(["build", "--dataset", str(known_only), "--out", str(path), "--calibrate-share", "0.34",
+                         "--true-positive-rate", "0.5", *model_args]) == 0
+    db = ClassVectorStore.load(path=path)
+    assert db.threshold is not None and not db.threshold_stale and db.counts.tolist() == [3, 3]
+    capsys.readouterr()
+    assert classdb.main(["info", "--store", str(path)]) == 0
+    assert f"threshold: unknown below {db.threshold:.4f}, keeping 50% of known samples" in capsys.readouterr().out
+    csv_path = tmp_path / "predictions.csv"
+    assert classdb.main(["classify", "--store", str(path), str(dataset / "cyan ring"), "--csv", str(csv_path),
+                         *model_args]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("img_")]
+    unknown = [line for line in lines if line.split("\t")[1] == "unknown"]
+    assert unknown and all(re.fullmatch(r"img_\d+\.jpg\tunknown\t-?[\d.]+ < -?[\d.]+\t\[nearest: .+ [\d.-]+\]", line)
+                           for line in unknown)
+    rows = csv_path.read_text().splitlines()
+    assert rows[0].endswith(",known,unknown_score") and len(rows) == 4
+    assert classdb.main(["classify", "--store", str(path), str(dataset / "cyan ring"), "--no-reject",
+                         *model_args]) == 0
+    assert "unknown" not in capsys.readouterr().out
+    assert classdb.main(["add-class", "--store", str(path), "--images", str(dataset / "cyan ring"),
+                         "--label", "cyan ring", *model_args]) == 0
+    assert "was set before its classes last changed" in capsys.readouterr().err
+    assert classdb.main(["calibrate", "--store", str(path), "--dataset", str(dataset), *model_args]) == 0
+    assert "Calibrated" in capsys.readouterr().out and not ClassVectorStore.load(path=path).threshold_stale
+    assert classdb.main(["calibrate", "--store", str(path), "--dataset", str(tmp_path / "other"), *model_args]) == 1

@@ -288,27 +288,26 @@ def test_leave_one_out_class_mean_cosines_equal_refits_without_each_image():
     assert closed[0, rows[0]] == -np.inf
 
 
-def test_leave_one_out_balanced_scores_equal_class_means_without_each_image():
+def test_leave_one_out_balanced_scores_are_refits_without_each_image():
     X, y = gaussian_classes(samples_per_class=8, seed=27)
     y[0] = 7  # a class of one image: no mean is left without it
     fitted = DecorrelatedClassifier(alpha=0.3, prior="balanced").fit(X, y)
     features = prototypes.unit_rows(X)
     rows = np.searchsorted(fitted.classes_, y)
     mu = features.mean(axis=0)
-    gram = (features - mu).T @ (features - mu)
-    eigenvalues, eigenvectors = np.linalg.eigh(gram)
+    eigenvalues, eigenvectors = np.linalg.eigh((features - mu).T @ (features - mu))
     projected = (features - mu) @ eigenvectors
     closed = prototypes._leave_one_out_whitened_cosines(
         projected, projected**2, rows, rotated=eigenvectors.T @ (fitted.class_means_ - mu).T,
         inverse=1 / (eigenvalues + 0.3), counts=fitted.class_counts_[rows].astype(np.float64),
     )
-    inverse = np.linalg.inv(gram + 0.3 * np.eye(X.shape[1]))  # mu and G kept, as the closed form keeps them
-    for i in (1, 9, 30):
-        means = np.stack([features[(y == label) & (np.arange(len(y)) != i)].mean(axis=0) for label in fitted.classes_])
-        centred = means - mu
-        expected = (features[i] - mu) @ inverse @ centred.T / np.sqrt(np.einsum("cf,fg,cg->c", centred, inverse, centred))
-        np.testing.assert_allclose(closed[i], expected, rtol=1e-9)
     assert closed[0, rows[0]] == -np.inf
+    for i in (1, 9, 30):
+        refit = DecorrelatedClassifier(alpha=0.3, prior="balanced").fit(np.delete(X, i, 0), np.delete(y, i))
+        expected = refit.class_scores(X[i : i + 1])[0]
+        factor = closed[i] @ expected / (expected @ expected)  # a positive factor per image, common to classes
+        assert factor > 0
+        np.testing.assert_allclose(closed[i], factor * expected, rtol=1e-6, atol=1e-9)
 
 
 def test_classifier_names_round_trip_through_make_classifier():
@@ -338,3 +337,38 @@ def test_ranked_scores_and_margins():
     assert labels[:, 0].tolist() == fitted.predict(X[:4]).tolist()
     np.testing.assert_allclose(prototypes.margins(scores), np.sort(full, axis=1)[:, -1] - np.sort(full, axis=1)[:, -2])
     assert np.isnan(prototypes.margins(scores[:, :1])).all()
+
+
+@pytest.mark.parametrize("estimator", [ClassMeanClassifier(), DecorrelatedClassifier(prior="balanced")], ids=repr)
+def test_calibrated_estimator_rejects_a_far_query_and_keeps_known_ones(estimator):
+    X, y = gaussian_classes(samples_per_class=50, seed=31)
+    X_valid, y_valid = gaussian_classes(samples_per_class=25, seed=32)
+    labels = np.array(["ant", "bee", "cow", "dog"])
+    fitted = type(estimator)(**estimator.get_params()).fit(X, labels[y]).calibrate(X_valid, true_positive_rate=0.95)
+    kept = fitted.score_samples(X_valid) >= fitted.threshold_
+    assert kept.mean() >= 0.95 and kept.sum() <= np.ceil(0.95 * len(kept)) + 1  # the quantile, not a looser one
+    far = np.full((3, X.shape[1]), -5.0) + np.eye(3, X.shape[1]) * 4  # opposite every class mean
+    assert fitted.predict(far, reject=True).tolist() == ["unknown"] * 3
+    assert fitted.predict(far).tolist() != ["unknown"] * 3  # without reject, the nearest class as before
+    near = fitted.predict(X_valid, reject=True)
+    assert np.mean(near == labels[y_valid]) >= 0.9 * fitted.score(X_valid, labels[y_valid])
+    restored = type(estimator)(**estimator.get_params()).set_statistics(**fitted.get_statistics())
+    assert (restored.threshold_, restored.true_positive_rate_, restored.threshold_stale_) == (
+        fitted.threshold_, 0.95, False)
+    assert restored.predict(far, reject=True).tolist() == ["unknown"] * 3
+    fitted.rename_class("ant", "emu")
+    assert not fitted.threshold_stale_
+    fitted.partial_fit(X_valid[:2], ["emu", "emu"])
+    assert fitted.threshold_stale_  # the scores it was set on have changed
+
+
+def test_reject_needs_a_calibration_and_a_free_unknown_label():
+    X, y = gaussian_classes(samples_per_class=10, seed=33)
+    with pytest.raises(ValueError, match=r"predict\(reject=True\) needs a threshold: call calibrate"):
+        ClassMeanClassifier().fit(X, y).predict(X, reject=True)
+    assert ClassMeanClassifier().fit(X, y).calibrate(X).predict(-X[:1] * 9, reject=True).tolist() == [-1]
+    named = ClassMeanClassifier().fit(X, np.array(["unknown", "a", "b", "c"])[y]).calibrate(X)
+    with pytest.raises(ValueError, match="A class is named 'unknown', the label reserved"):
+        named.predict(X, reject=True)
+    with pytest.raises(ValueError, match="true_positive_rate must lie strictly between 0 and 1"):
+        named.calibrate(X, true_positive_rate=1.0)

@@ -119,7 +119,7 @@ def test_store_command_help_answers_before_torch_loads():
              "try:\n    runpy.run_module('engine', run_name='__main__')\n"
              "except SystemExit:\n    print('torch loaded:', 'torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
-    assert "{build,add-class,update-class,remove-class,rename-class,classify,info,import}" in result.stdout
+    assert "{build,add-class,update-class,remove-class,rename-class,classify,calibrate,info,import}" in result.stdout
     assert result.stdout.strip().endswith("torch loaded: False")
 
 

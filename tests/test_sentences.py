@@ -156,7 +156,8 @@ def test_text_store_build_add_classify_and_refuse_images(topics_csv, minilm_fold
     store_path = tmp_path / "topics.npz"
     model = ["--model", str(minilm_folder)]
     assert classdb.main(["build", "--dataset", str(topics_csv), "--text-column", "sentence", "--label-column", "topic",
-                         "--out", str(store_path), "--classifier", "decorrelated", *model]) == 0
+                         "--out", str(store_path), "--classifier", "decorrelated", "--calibrate-share", "0",
+                         *model]) == 0
     (tmp_path / "music.txt").write_text("The band played a loud guitar solo.\nThe orchestra tuned the violins.\n"
                                         "The singer hit a high note.\n", encoding="utf-8")
     assert classdb.main(["add-class", "--store", str(store_path), "--texts", str(tmp_path / "music.txt"),
