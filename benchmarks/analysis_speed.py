@@ -137,11 +137,17 @@ def main(argv: list[str]) -> None:
     new = (time.perf_counter() - started) / len(valid_sets) * 2000
     print(f"{'coverage, 2000 parts':22s} before {old:6.1f} s  now {new:6.1f} s  speed-up {old / new:5.1f}x "
           "(extrapolated)")
+    records = []
+    for number, (train, valid) in enumerate(partitions):
+        scores, ranked = prototypes.ranked_scores(prototypes.ClassMeanClassifier().fit(Xn[train], yn[train]),
+                                                  Xn[valid], 2)
+        records.append(SimpleNamespace(run=number, valid_indexes=valid.tolist(), targets=y[valid].tolist(),
+                                       predictions=ranked[:, 0].tolist(), margins=prototypes.margins(scores)))
     runs = SimpleNamespace(
-        embeddings=X, targets=y, partitions=partitions, top_k=4,
-        targets_per_run=[y[valid].tolist() for _, valid in partitions],
-        predictions_per_run=[prototypes.ClassMeanClassifier().fit(Xn[train], yn[train]).predict(Xn[valid]).tolist()
-                             for train, valid in partitions],
+        embeddings=X, targets=y, partitions=partitions, top_k=4, runs=records,
+        classifier=prototypes.ClassMeanClassifier(),
+        targets_per_run=[record.targets for record in records],
+        predictions_per_run=[record.predictions for record in records],
     )
     labels = [str(label) for label in range(int(y.max()) + 1)]
     total = 0.0
