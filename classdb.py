@@ -28,6 +28,7 @@ import argparse
 import csv
 import dataclasses
 import difflib
+import hashlib
 import json
 import os
 import pathlib
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import warnings
 import zipfile
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -507,14 +509,17 @@ class ClassVectorStore:
                 filename=pathlib.Path(folder) / path.name,
             )
             with zipfile.ZipFile(written, "a", compression=zipfile.ZIP_DEFLATED) as archive:
+                (table,) = archive.namelist()
+                metadata["checksum"] = _zip_checksum(archive.read(table), metadata["counts"])
                 archive.writestr(METADATA_MEMBER, json.dumps(metadata, indent=1))
             os.replace(written, temporary)
 
     def _save_npz(self, path: pathlib.Path) -> None:
         statistics = self.classifier.get_statistics() if self._fitted else {}
         statistics["classes"] = np.array(self.labels, dtype=str)
+        metadata = {**self.metadata(), "checksum": _checksum(statistics)}
         with store.atomic_path(path) as temporary, temporary.open("wb") as stream:
-            np.savez_compressed(stream, metadata=np.array(json.dumps(self.metadata())), **statistics)
+            np.savez_compressed(stream, metadata=np.array(json.dumps(metadata)), **statistics)
 
     @classmethod
     def _from_metadata(cls, metadata: Any, *, path: pathlib.Path) -> ClassVectorStore:
@@ -571,6 +576,10 @@ class ClassVectorStore:
                 raise ClassDBError(
                     f"{path}: {METADATA_MEMBER} is not valid JSON ({error}); the file is damaged."
                 ) from error
+            tables = [name for name in archive.namelist() if name != METADATA_MEMBER]
+            if isinstance(metadata, dict) and "checksum" in metadata:
+                expected = _zip_checksum(archive.read(tables[0]), metadata.get("counts")) if len(tables) == 1 else ""
+                _verify_checksum(metadata, expected=expected, path=path)
         loaded = cls._from_metadata(metadata, path=path)
         labels = [str(label) for label in metadata.get("labels", [])]
         if labels != targets.tolist():
@@ -597,15 +606,46 @@ class ClassVectorStore:
                 statistics = {name: arrays[name] for name in arrays.files if name != "metadata"}
         except store.StoreError:
             raise
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, zlib.error) as error:
             raise ClassDBError(
-                f"Cannot read a class vector store from {path}: {error}. Is the file complete?"
+                f"Cannot read a class vector store from {path}: {error}. Is the file complete? It may be damaged; "
+                "rebuild it or restore a copy."
             ) from error
+        _verify_checksum(metadata, expected=_checksum(statistics), path=path)
         renamed = {"labels": "classes", "sums": "class_sums", "counts": "class_counts"}  # version 1 names
         statistics = {renamed.get(name, name): value for name, value in statistics.items()}
         loaded = cls._from_metadata(metadata, path=path)
         loaded._fill(statistics, path=path)
         return loaded
+
+
+def _checksum(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 of named arrays (names, types, shapes and bytes), so an edited or damaged store is refused."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        value = np.ascontiguousarray(arrays[name])
+        digest.update(json.dumps([name, value.dtype.str, list(value.shape)]).encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def _zip_checksum(table: bytes, counts: Any) -> str:
+    """The checksum of a ``.zip`` store: its CSV of class means and the image counts of its metadata."""
+    try:
+        counts = np.asarray(counts, dtype=np.int64)
+    except (TypeError, ValueError):
+        return ""  # counts that are not whole numbers match no checksum
+    return _checksum({"table": np.frombuffer(table, dtype=np.uint8), "counts": counts})
+
+
+def _verify_checksum(metadata: Any, *, expected: str, path: pathlib.Path) -> None:
+    """Refuse a store whose content does not match the checksum written with it (files without one predate it)."""
+    recorded = metadata.get("checksum") if isinstance(metadata, dict) else None
+    if recorded is not None and recorded != expected:
+        raise ClassDBError(
+            f"{path}: its content does not match the checksum written with it; the file was edited or damaged. "
+            "Rebuild the store or restore a copy."
+        )
 
 
 def _classifier_name(classifier: Any) -> str:

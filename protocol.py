@@ -39,6 +39,7 @@ __all__ = [
     "Run",
     "RunLogError",
     "Runs",
+    "check_validation_samples",
     "describe_final_stats",
     "embed_all_images",
     "embedding_key",
@@ -362,6 +363,18 @@ def _partitions(
         yield run, train_indexes, valid_indexes, log.append
 
 
+def check_validation_samples(*, maker: banerjee.DatasetMaker, valid_share: float) -> None:
+    """Refuse, before any encoding, a split that gives no class a validation sample: nothing could be measured."""
+    largest = int(torch.bincount(maker.get_image_labels()).max()) if maker.get_num_images() else 0
+    if int(largest * valid_share) == 0:
+        needed = math.ceil(100 / max(largest, 1)) / 100
+        raise banerjee.DatasetError(
+            f"No class of {maker.dataset_path} is large enough to get a validation sample at --valid-share "
+            f"{valid_share} (the largest has {largest} samples), so there is nothing to measure. Raise --valid-share "
+            f"to at least {needed:g}, or add samples."
+        )
+
+
 def _warn_about_uninformative_classes(*, maker: banerjee.DatasetMaker, valid_share: float) -> None:
     """Say when the accuracy cannot mean what it seems: one class only, or classes that are never validated."""
     if maker.get_num_labels() == 1:
@@ -402,6 +415,7 @@ def run_cached_protocol(
 
     Each partition costs one fit and two matrix products; the encoder is only used to embed, never changed.
     """
+    check_validation_samples(maker=maker, valid_share=valid_share)
     classifier = classifier if classifier is not None else prototypes.ClassMeanClassifier()
     short_run = _short_run(encoder)
     started = time.perf_counter()
@@ -456,6 +470,7 @@ def run_original_protocol(
 
     ``augment_seed`` seeds random augmentation per image and partition, so results do not depend on ``workers``.
     """
+    check_validation_samples(maker=maker, valid_share=valid_share)
     classifier = classifier if classifier is not None else prototypes.ClassMeanClassifier()
     records = list(completed or [])[:runs]
     fitted = None

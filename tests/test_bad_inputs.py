@@ -808,14 +808,22 @@ def test_class_store_zip_of_another_model_is_refused(tmp_path):
     ("key", "value", "message"),
     [
         ("dim", 1280, r"class sums \[3, 8\] do not fit a store of dimension 1280; the file is damaged"),
-        ("counts", [2, 0, 2],
+        ("counts", [2, 0, 2], "its content does not match the checksum written with it; the file was edited"),
+        ("counts-without-checksum", [2, 0, 2],
          r"every class needs an image count of at least 1 \(a whole number\); the file is damaged"),
         ("format", "something else", "is not a class vector store"),
     ],
 )
 def test_tampered_class_store_zip_is_refused(tmp_path, key, value, message):
     path = toy_class_store_zip(tmp_path)
-    edit_zip_member(path, classdb.METADATA_MEMBER, lambda text: json.dumps({**json.loads(text), key: value}))
+
+    def edit(text: str) -> str:
+        metadata = json.loads(text)
+        if key.endswith("-without-checksum"):  # as in a store written before checksums: the deeper checks remain
+            del metadata["checksum"]
+        return json.dumps({**metadata, key.removesuffix("-without-checksum"): value})
+
+    edit_zip_member(path, classdb.METADATA_MEMBER, edit)
     with pytest.raises(classdb.ClassDBError, match=message) as info:
         classdb.ClassVectorStore.load(path=path)
     assert str(path) in str(info.value)
@@ -1023,7 +1031,13 @@ def test_class_store_zip_with_relabelled_rows_is_refused(tmp_path):
 ])
 def test_class_store_zip_with_bad_counts_is_refused(tmp_path, key, value, message):
     path = toy_class_store_zip(tmp_path)
-    edit_zip_member(path, classdb.METADATA_MEMBER, lambda text: json.dumps({**json.loads(text), key: value}))
+
+    def edit(text: str) -> str:  # without its checksum, as a store written before them: the deeper checks remain
+        metadata = json.loads(text)
+        del metadata["checksum"]
+        return json.dumps({**metadata, key: value})
+
+    edit_zip_member(path, classdb.METADATA_MEMBER, edit)
     with pytest.raises(classdb.ClassDBError, match=message):
         classdb.ClassVectorStore.load(path=path)
 

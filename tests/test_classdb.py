@@ -238,6 +238,38 @@ def test_damaged_files_are_reported(tmp_path):
         ClassVectorStore.load(path=tmp_path / "missing.zip")
 
 
+def test_edited_stores_are_refused_by_their_checksum(tmp_path):
+    path = filled_store().save(path=tmp_path / "classes.npz")
+    with np.load(path) as arrays:
+        edited = {name: arrays[name] for name in arrays.files}
+    edited["class_counts"] = edited["class_counts"] * 1000  # consistent, plausible, and wrong
+    np.savez_compressed(path, **edited)
+    with pytest.raises(ClassDBError, match="does not match the checksum written with it; the file was edited"):
+        ClassVectorStore.load(path=path)
+    zipped = filled_store().save(path=tmp_path / "classes.zip")
+    with zipfile.ZipFile(zipped) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    metadata = json.loads(members[classdb.METADATA_MEMBER])
+    metadata["counts"][0] = 8000
+    members[classdb.METADATA_MEMBER] = json.dumps(metadata).encode()
+    with zipfile.ZipFile(zipped, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    with pytest.raises(ClassDBError, match="does not match the checksum"):
+        ClassVectorStore.load(path=zipped)
+
+
+def test_npz_store_with_a_few_corrupted_bytes_is_one_clear_error(tmp_path):
+    path = filled_store().save(path=tmp_path / "classes.npz")
+    original = path.read_bytes()
+    for offset in range(60, len(original) - 200, max(1, (len(original) - 260) // 12)):
+        damaged = bytearray(original)
+        damaged[offset : offset + 4] = bytes(255 - value for value in damaged[offset : offset + 4])
+        path.write_bytes(bytes(damaged))
+        with pytest.raises(ClassDBError, match=f"{re.escape(str(path))}"):
+            ClassVectorStore.load(path=path)
+
+
 # --- real images (EfficientNet-Lite0) -------------------------------------------------------------------------------
 
 

@@ -169,3 +169,18 @@ def test_single_class_and_never_validated_classes_are_warned_about(tmp_path, set
             valid_share=0.3, batch_size=16, workers=0, generator=torch.Generator().manual_seed(0), top_k=1,
         )
     assert runs[0].accuracy == 1.0
+
+
+def test_a_split_that_validates_no_class_is_refused_before_any_encoding(tmp_path):
+    from conftest import make_class_folders
+
+    folders = make_class_folders(tmp_path / "tiny", classes=["red circle", "green square"], images_per_class=4)
+    maker = banerjee.DatasetMaker(dataset_path=folders)
+    with pytest.raises(banerjee.DatasetError, match=r"No class of .*tiny is large enough to get a validation sample "
+                                                    r"at --valid-share 0.2 \(the largest has 4 samples\).*at least "
+                                                    r"0.25, or add samples"):
+        protocol.run_cached_protocol(
+            encoder=None, maker=maker, transform=None, runs=2, valid_share=0.2, batch_size=4, workers=0,
+            generator=torch.Generator().manual_seed(0), top_k=1,
+        )
+    protocol.check_validation_samples(maker=maker, valid_share=0.25)  # one validation image per class: fine
