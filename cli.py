@@ -36,7 +36,8 @@ __all__ = [
     "script_argv",
 ]
 
-ANALYSIS_PARTS = ("confusion", "retrieval", "prototypes", "tsne", "coverage", "openset")  # analysis.ANALYSIS_PARTS, light
+# analysis.ANALYSIS_PARTS, named here to keep --help light
+ANALYSIS_PARTS = ("confusion", "retrieval", "prototypes", "tsne", "coverage", "openset")
 CLASSIFIER_NAMES = ("mean", "decorrelated", "balanced")  # prototypes.CLASSIFIERS, named here to keep --help light
 DOWNLOADS = ("animal90", "caltech101")
 PRECISIONS = ("fp32", "bf16", "fp16")  # engine.PRECISIONS, named here to keep --help light
@@ -90,9 +91,9 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
     model.add_argument("--workers", type=int, default=defaults["workers"], help="DataLoader worker processes")
     experiment = parser.add_argument_group("experiment")
     experiment.add_argument("--classifier", choices=CLASSIFIER_NAMES, default=defaults["classifier"],
-                            help="mean: the article's class mean (cosine); decorrelated: centred ridge prototypes, for a "
-                                 "representative dataset; balanced: decorrelated with every class weighing the same, "
-                                 "for imbalanced classes and classes with few samples")
+                            help="mean: the article's class mean (cosine); decorrelated: centred ridge prototypes, "
+                                 "for a representative dataset; balanced: decorrelated with every class weighing the "
+                                 "same, for imbalanced classes and classes with few samples")
     experiment.add_argument("--runs", type=int, default=defaults["runs"], help="number of random partitions")
     experiment.add_argument("--valid-share", type=float, default=defaults["valid_share"],
                             help="validation share of each class")
@@ -129,8 +130,8 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
     outputs.add_argument("--analysis", nargs="?", const="all", default=None, metavar="PARTS",
                          help="cached protocol only; comma-separated parts, all when none are given: confusion "
                               "(confusions, per-class intervals, CAF band), retrieval (P@K, mAP@K), prototypes "
-                              "(every classifier on the same partitions), tsne, coverage (a check of the intervals), openset "
-                              "(20 %% of the classes hidden: how well unknown samples are told apart)")
+                              "(every classifier on the same partitions), tsne, coverage (a check of the intervals), "
+                              "openset (20 %% of the classes hidden: how well unknown samples are told apart)")
     outputs.add_argument("--profile", action="store_true", default=defaults["profile"],
                          help="profile the partitions loop (cProfile) into --out/profile")
     args = parser.parse_args(argv)

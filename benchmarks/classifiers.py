@@ -194,7 +194,8 @@ def subset_check(
             gains[method].append(table.loc[method, "gain"])
         print_subset_row(f"draw {draw}", table)
     for method, values in gains.items():
-        print(f"\nMean paired gain of {method} over the {len(values)} draws: {metrics.mean_confidence_interval(values)}")
+        overall = metrics.mean_confidence_interval(values)
+        print(f"\nMean paired gain of {method} over the {len(values)} draws: {overall}")
 
 
 def class_group_check(*, embeddings: torch.Tensor, targets: torch.Tensor, args: argparse.Namespace) -> None:

@@ -67,7 +67,8 @@ def test_grid_has_one_row_per_matching_cell_with_paired_differences(grid_run, im
     written = pd.read_csv(folder / "out" / "grid.csv")
     assert written["accuracy"].tolist() == pytest.approx(table["accuracy"].tolist())
     markdown = (folder / "out" / "grid.md").read_text()
-    header = "| dataset | model | classifier | accuracy | balanced accuracy | top-2 | diff vs baseline | samples/s | dim |"
+    header = ("| dataset | model | classifier | accuracy | balanced accuracy | top-2 | diff vs baseline | samples/s | "
+              "dim |")
     assert header in markdown
     assert markdown.count("\n| ") == 5
 
