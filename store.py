@@ -7,6 +7,7 @@ failed save never leaves a half-written file where a good one used to be.
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import glob
 import hashlib
@@ -278,12 +279,13 @@ def write_json(path: PathLike, content: dict[str, Any]) -> pathlib.Path:
 
 def write_csv(path: PathLike, frame: pd.DataFrame) -> pathlib.Path:
     """A results table for people and spreadsheets, written atomically: text cells that a spreadsheet would run as
-    formulas are neutralised (``utils.spreadsheet_safe``)."""
+    formulas are neutralised (``utils.spreadsheet_safe``), and every text cell is quoted, so one holding a carriage
+    return or another control character reads back as the one cell it is."""
     path = pathlib.Path(path)
     text_columns = frame.select_dtypes(include=["object", "string"]).columns
     safe = frame.assign(**{column: frame[column].map(utils.spreadsheet_safe) for column in text_columns})
     with atomic_path(path) as temporary:
-        safe.to_csv(temporary, index=False)
+        safe.to_csv(temporary, index=False, quoting=csv.QUOTE_NONNUMERIC)
     return path
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import zipfile
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -93,3 +95,13 @@ def test_embedding_cache_refuses_edited_mismatched_or_misfiled_contents(tmp_path
     torch.save(state, cache.path("k2"))
     with pytest.warns(UserWarning, match="written for another key"):
         assert cache.load("k2") is None
+
+
+def test_result_csv_cells_with_control_characters_read_back_as_one_cell(tmp_path):
+    frame = pd.DataFrame({"label": ["a\rb", "c\x1bd", "e\nf"], "accuracy": [0.5, float("nan"), 1.0], "n": [1, 2, 3]})
+    path = store.write_csv(tmp_path / "classes.csv", frame)
+    back = pd.read_csv(path)
+    assert back["label"].tolist() == ["a\rb", "c\x1bd", "e\nf"] and back["n"].tolist() == [1, 2, 3]
+    assert back["accuracy"].isna().tolist() == [False, True, False]
+    with path.open(newline="", encoding="utf-8") as stream:
+        assert [row[0] for row in csv.reader(stream)] == ["label", "a\rb", "c\x1bd", "e\nf"]
