@@ -29,7 +29,9 @@ import numpy as np
 import PIL.Image
 import sklearn.base
 import timm
+import timm.data
 import torch
+import torchvision
 from sentence_transformers.util import semantic_search
 from tqdm import tqdm
 
@@ -53,6 +55,7 @@ __all__ = [
     "model_id",
     "print_stats",
     "score_predictions",
+    "split_normalization",
 ]
 
 ImageInput = str | os.PathLike | PIL.Image.Image
@@ -161,6 +164,36 @@ def eval_transform(model: torch.nn.Module) -> tuple[dict[str, Any], Callable]:
     return data_config, timm.data.create_transform(**data_config, is_training=False)
 
 
+def split_normalization(transform: Callable) -> tuple[Callable, Callable | None]:
+    """``transform`` as a per-image part that ends in 8-bit pixels and a batch part that scales and normalises.
+
+    On a CPU the encode pass decodes in the process that runs the model, so per-image float work is paid in full;
+    normalising a whole batch at once (vectorised, multi-threaded) does the same arithmetic in the same order
+    (``/255``, then ``(x - mean) / std``) for less. A transform that does not end in timm's or torchvision's
+    to-tensor and normalise steps comes back whole, with no batch part.
+    """
+    steps = list(getattr(transform, "transforms", []))
+    if (len(steps) < 2 or type(steps[-2]) not in (torchvision.transforms.ToTensor, timm.data.MaybeToTensor)
+            or type(steps[-1]) is not torchvision.transforms.Normalize):
+        return transform, None
+    normalize = steps[-1]
+    mean = torch.as_tensor(normalize.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.as_tensor(normalize.std, dtype=torch.float32).view(1, -1, 1, 1)
+    return torchvision.transforms.Compose([*steps[:-2], torchvision.transforms.PILToTensor()]), _BatchNormalize(
+        mean=mean, std=std)
+
+
+@dataclasses.dataclass(frozen=True)
+class _BatchNormalize:
+    """The batch part of :func:`split_normalization`: 8-bit pixels ``[N, C, H, W]`` to the model's input."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch.float().div_(255).sub_(self.mean).div_(self.std)
+
+
 class _ImageList(torch.utils.data.Dataset):
     """Arbitrary image files or PIL images as a dataset, for inference outside a class-folder dataset."""
 
@@ -188,6 +221,7 @@ class EncoderConfig:
     channels_last: bool = True
     precision: str = "fp32"  # "fp32", "bf16" (CPU or CUDA autocast) or "fp16" (CUDA autocast)
     compile: bool = False  # torch.compile the image model (falls back to eager, with a warning, where it fails)
+    tune_allocator: bool = True  # keep activation buffers in glibc's heap between batches (utils.tune_allocator)
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -206,7 +240,7 @@ def autocast_dtype(*, precision: str, device: torch.device) -> torch.dtype | Non
             raise ModelError(f"{device} does not support bf16; use --precision fp16 or fp32.")
         return dtype
     if device.type == "cpu" and dtype is torch.bfloat16:
-        if not _cpu_has_fast_bf16():
+        if not utils.cpu_has_fast_bf16():
             warnings.warn(
                 "This CPU has neither AVX512-BF16 nor AMX, so bf16 is emulated and usually slower than fp32; "
                 "--precision fp32 is the faster choice here.",
@@ -216,20 +250,14 @@ def autocast_dtype(*, precision: str, device: torch.device) -> torch.dtype | Non
     raise ModelError(f"--precision {precision} is not available on {device.type}; use fp32 (fp16 needs CUDA).")
 
 
-def _cpu_has_fast_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 class Encoder:
     """A pretrained model plus, after :meth:`encode`, a fitted class-vector classifier of the training loader.
 
     ``config`` is an :class:`EncoderConfig` or any object with optional attributes ``topk`` (default 4),
     ``short_run_batches`` (stop after this many batches, for quick checks; default None), ``channels_last``
     (default True: faster on CPU), ``precision`` (``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast; default fp32) and
-    ``compile`` (``torch.compile`` the image model; default False).
+    ``compile`` (``torch.compile`` the image model; default False) and ``tune_allocator`` (default True: see
+    :func:`utils.tune_allocator`; the process-wide setting is made once and not undone).
     ``classifier`` is an unfitted estimator of :mod:`prototypes` (default: the article's class mean); ``encode``
     fits a copy of it, so one encoder can be encoded again with other data.
     """
@@ -247,6 +275,7 @@ class Encoder:
     ) -> None:
         self.device = torch.device(device)
         self.config = config if config is not None else EncoderConfig()
+        utils.tune_allocator(enabled=self._setting("tune_allocator", True))
         self.memory_format = torch.channels_last if self._setting("channels_last", True) else torch.contiguous_format
         self.model = model.to(self.device, memory_format=self.memory_format).eval()
         self.precision = self._setting("precision", "fp32")
@@ -319,9 +348,11 @@ class Encoder:
         }
 
     def _batches(
-        self, *, dataloader: torch.utils.data.DataLoader, desc: str, inform: bool
+        self, *, dataloader: torch.utils.data.DataLoader, desc: str, inform: bool,
+        batch_transform: Callable | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, tqdm]]:
-        """Yield ``(embeddings, targets, progress_bar)`` per batch, honouring ``short_run_batches``."""
+        """Yield ``(embeddings, targets, progress_bar)`` per batch, honouring ``short_run_batches``;
+        ``batch_transform`` (see :func:`split_normalization`) finishes each batch's preprocessing."""
         limit = self._setting("short_run_batches", None)
         progress = tqdm(dataloader, desc=desc, disable=not inform, leave=True)
         with torch.inference_mode():
@@ -329,6 +360,7 @@ class Encoder:
                 if limit is not None and batch_index >= limit:
                     progress.write(f"{desc} Short run: stopped after {limit} batches.")
                     break
+                inputs = inputs if batch_transform is None else batch_transform(inputs)
                 yield self._forward(inputs), targets, progress
         progress.close()
 
@@ -351,11 +383,14 @@ class Encoder:
         return self.embed_images(images=images, transform=transform).to(self.device)
 
     def embed(
-        self, *, dataloader: torch.utils.data.DataLoader, desc: str = "[Embed]", inform: bool = False
+        self, *, dataloader: torch.utils.data.DataLoader, desc: str = "[Embed]", inform: bool = False,
+        batch_transform: Callable | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings ``[N, D]`` (float32, CPU) and targets ``[N]`` of every image the loader yields, in order."""
+        """Embeddings ``[N, D]`` (float32, CPU) and targets ``[N]`` of every image the loader yields, in order;
+        ``batch_transform`` finishes each batch's preprocessing (the batch part of :func:`split_normalization`)."""
         outputs, targets = [], []
-        for embeddings, batch_targets, _ in self._batches(dataloader=dataloader, desc=desc, inform=inform):
+        for embeddings, batch_targets, _ in self._batches(dataloader=dataloader, desc=desc, inform=inform,
+                                                          batch_transform=batch_transform):
             outputs.append(embeddings.cpu())
             targets.append(batch_targets.cpu())
         if not outputs:
@@ -366,8 +401,9 @@ class Encoder:
         self, *, images: Sequence[ImageInput], transform: Callable, batch_size: int = 32, inform: bool = False
     ) -> torch.Tensor:
         """Embeddings of image files or PIL images (converted to RGB), in input order."""
-        loader = torch.utils.data.DataLoader(_ImageList(images, transform), batch_size=batch_size)
-        return self.embed(dataloader=loader, desc="[Embed/Images]", inform=inform)[0]
+        image_transform, batch_transform = split_normalization(transform)
+        loader = torch.utils.data.DataLoader(_ImageList(images, image_transform), batch_size=batch_size)
+        return self.embed(dataloader=loader, desc="[Embed/Images]", inform=inform, batch_transform=batch_transform)[0]
 
     def set_classifier(self, *, classifier: Any, labels: Sequence[str]) -> None:
         """Install a fitted classifier whose class ``classifier.classes_[i]`` is named ``labels[i]``."""

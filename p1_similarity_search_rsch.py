@@ -25,6 +25,7 @@ WEIGHTS = None  # a local weights file for the timm model: runs offline, no hub 
 DEVICE = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
 PRECISION = "fp32"  # "fp32", "bf16" (fast only on CPUs with AVX512-BF16/AMX and on GPUs) or "fp16" (CUDA)
 COMPILE = False  # torch.compile the image model
+TUNE_ALLOCATOR = True  # keep activation buffers in glibc's heap between batches (utils.tune_allocator)
 CLASSIFIER = "mean"  # "mean" (the article) or "decorrelated"
 RUNS = 20
 VALID_SHARE = 0.2
@@ -55,7 +56,8 @@ args = cli.parse_script_args(
     defaults=dict(
         dataset=DATASET_PATH, modality=MODALITY, text_column=TEXT_COLUMN, label_column=LABEL_COLUMN,
         model=MODEL_NAME, image_model=IMAGE_MODEL_NAME, text_model=TEXT_MODEL_NAME, weights=WEIGHTS,
-        device=DEVICE, precision=PRECISION, compile=COMPILE, batch_size=BATCH_SIZE, workers=NUM_WORKERS,
+        device=DEVICE, precision=PRECISION, compile=COMPILE, tune_allocator=TUNE_ALLOCATOR,
+        batch_size=BATCH_SIZE, workers=NUM_WORKERS,
         classifier=CLASSIFIER, runs=RUNS,
         valid_share=VALID_SHARE, top_k=TOPK, confidence=CONFIDENCE, seed=RANDOM_SEED, reproducible=REPRODUCIBLE,
         caf_from=CAF_FROM, caf_rule=CAF_RULE, protocol=PROTOCOL,
@@ -86,6 +88,7 @@ import visual  # noqa: E402
 
 started = time.perf_counter()
 device = cli.resolve_device(args.device)
+allocator = utils.tune_allocator(enabled=args.tune_allocator)
 utils.check_cuda_support(inform=True)
 if args.reproducible:
     randomness.set_determinism(seed=args.seed)
@@ -116,7 +119,8 @@ classifier = prototypes.make_classifier(args.classifier)
 encoder = engine.create_encoder(
     modality=dsm.modality, model_name=model_name, weights=args.weights, device=device, classifier=classifier,
     config=engine.EncoderConfig(
-        topk=args.top_k, short_run_batches=args.short_run, precision=args.precision, compile=args.compile
+        topk=args.top_k, short_run_batches=args.short_run, precision=args.precision, compile=args.compile,
+        tune_allocator=args.tune_allocator,
     ),
 )
 data_config, eval_transform = engine.eval_transform(encoder.model) if not text else (None, None)
@@ -187,7 +191,8 @@ written = [
     store.write_csv(out_dir / "class_accuracy.csv", pd.DataFrame({"label": labels, "accuracy": class_accuracy})),
     store.write_json(out_dir / "results.json", {
         "settings": vars(args),
-        "environment": cli.run_environment(repository=pathlib.Path(__file__).resolve().parent),
+        "environment": {**cli.run_environment(repository=pathlib.Path(__file__).resolve().parent),
+                        "allocator": allocator["allocator"]},
         "final_stats": final_stats,
         "accuracies": [r.accuracy for r in run_results],
         "balanced_accuracies": [r.balanced_accuracy for r in run_results],

@@ -219,10 +219,12 @@ def embed_all_images(
         if inform:
             print(f"[Embed/All] Using cached embeddings: {cache.path(key)}")
         return cached
+    image_transform, batch_transform = engine.split_normalization(transform)
     loader = make_loader(
-        maker.full_dataset(transform=transform), batch_size=batch_size, workers=workers, device=encoder.device
+        maker.full_dataset(transform=image_transform), batch_size=batch_size, workers=workers, device=encoder.device
     )
-    embeddings, targets = encoder.embed(dataloader=loader, desc="[Embed/All]", inform=inform)
+    embeddings, targets = encoder.embed(dataloader=loader, desc="[Embed/All]", inform=inform,
+                                        batch_transform=batch_transform)
     if cache is not None:
         cache.save(key, embeddings=embeddings, targets=targets)
     return embeddings, targets

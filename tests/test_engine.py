@@ -14,6 +14,7 @@ import banerjee
 import engine
 import protocol
 import prototypes
+import utils
 
 
 def test_offline_lite0_weights_are_the_genuine_imagenet_ones(lite0_model, lite0_weights):
@@ -163,7 +164,7 @@ def test_bf16_embeddings_stay_close_to_fp32_and_are_cached_apart(lite0_model):
 
 
 def test_bf16_on_a_cpu_without_fast_bf16_warns(lite0_model, monkeypatch):
-    monkeypatch.setattr(engine, "_cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(utils, "cpu_has_fast_bf16", lambda: False)
     with pytest.warns(UserWarning, match="bf16 is emulated and usually slower than fp32"):
         engine.Encoder(model=lite0_model, device="cpu", config=engine.EncoderConfig(precision="bf16"))
 

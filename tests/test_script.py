@@ -60,6 +60,9 @@ def test_end_to_end_run_prints_intervals_and_writes_outputs(analysed_run):
     interval = results["final_stats"]["accuracy"]
     assert interval["n"] == 5 and interval["mean"] == pytest.approx(sum(results["accuracies"]) / 5)
     assert results["skipped_files"] == []
+    assert results["settings"]["tune_allocator"] is True
+    assert results["environment"]["allocator"].startswith("glibc malloc, mmap and trim thresholds 1024 MiB")
+    assert re.search(r"^Memory allocator: glibc malloc, mmap and trim thresholds 1024 MiB", result.stdout, re.M)
     runs = pd.read_csv(out / "runs.csv")
     assert list(runs["run"]) == [0, 1, 2, 3, 4]
     assert runs["accuracy"].tolist() == pytest.approx(results["accuracies"])

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import os
+import pathlib
 import pstats
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -22,16 +26,49 @@ def test_get_device_follows_cuda_availability(monkeypatch):
 
 def test_check_cuda_support_prints_only_when_asked(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(utils, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setitem(utils._allocator_state, "allocator", "system default")
     assert utils.check_cuda_support() == (False, False)
     assert capsys.readouterr().out == ""
     assert utils.check_cuda_support(inform=True) == (False, False)
-    assert capsys.readouterr().out == "CUDA support: False\nBF16 support: False\n"
+    assert capsys.readouterr().out == "CUDA support: False\nBF16 support: none\nMemory allocator: system default\n"
 
 
 def test_check_cuda_support_reports_bf16(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert utils.check_cuda_support() == (True, True)
+    assert utils.bf16_support() == "CUDA"
+
+
+def test_the_banner_names_cpu_bf16_where_cuda_has_none(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(utils, "cpu_has_fast_bf16", lambda: True)
+    assert utils.check_cuda_support(inform=True) == (False, False)  # the original's return: bf16 on CUDA
+    assert "BF16 support: CPU (AVX512-BF16/AMX)\n" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(utils._glibc() is None, reason="mallopt's parameters are glibc's")
+def test_the_tuned_allocator_keeps_freed_buffers_instead_of_faulting_them_in_again():
+    """A child process frees and reallocates 64 MiB buffers: with the default allocator each one is a new mmap
+    (a page fault per 4 KiB page); tuned, the heap keeps them."""
+    probe = (
+        "import resource, sys, torch, utils\n"
+        "state = utils.tune_allocator(enabled=sys.argv[1] == 'on')\n"
+        "torch.empty(1 << 24).fill_(1)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(20): torch.empty(1 << 24).fill_(1)\n"
+        "print(state['tuned'], resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+    )
+    results = {}
+    for switch in ("on", "off"):
+        completed = subprocess.run([sys.executable, "-c", probe, switch], capture_output=True, text=True, check=True,
+                                   cwd=pathlib.Path(utils.__file__).parent, env={**os.environ, "PYTHONPATH": "."})
+        tuned, faults = completed.stdout.split()
+        results[switch] = (tuned == "True", int(faults))
+    assert results["on"][0] and not results["off"][0]
+    assert results["off"][1] > 20 * (1 << 26) // 4096 // 2  # about one fault per page of every buffer
+    assert results["on"][1] < results["off"][1] // 5  # at most a buffer or two faulted in, against twenty
 
 
 def _busy_function() -> int:
