@@ -30,6 +30,9 @@ __all__ = [
     "resolve_dataset",
     "resolve_device",
     "run_class_store",
+    "distributed_main",
+    "distributed_parser",
+    "run_distributed",
     "run_environment",
     "run_grid",
     "run_research_script",
@@ -505,6 +508,81 @@ def grid_main(argv: list[str] | None = None) -> int:
         return 0
 
     return reporting_user_errors(run)
+
+
+def distributed_parser() -> argparse.ArgumentParser:
+    """Options of the distributed encode (``python -m distributed``, ``similarity-distributed``)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m distributed", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Encode a class-folder image dataset or a CSV/TSV of labelled texts on a Ray cluster (or a local "
+                    "Ray) into a Parquet embedding set with a manifest; --embeddings DIR of the research script, the "
+                    "grid and the class store read it without the encoder.",
+    )
+    parser.add_argument("dataset", help="class folders of images (or .txt files), or a CSV/TSV of labelled texts")
+    parser.add_argument("--out", required=True, help="folder of the embedding set (shards/ and manifest.json)")
+    parser.add_argument("--modality", choices=("auto", "image", "text"), default="auto")
+    parser.add_argument("--text-column", default="text", help="CSV/TSV column of the texts")
+    parser.add_argument("--label-column", default="label", help="CSV/TSV column of the labels")
+    parser.add_argument("--strict", action="store_true", help="stop at the first unusable file instead of skipping")
+    parser.add_argument("--model", default=None,
+                        help="timm model (images; default tf_efficientnet_lite0) or sentence-transformers name or "
+                             "folder (texts; default sentence-transformers/all-MiniLM-L6-v2)")
+    parser.add_argument("--weights", default=None, help="local weights file for a timm model (every node reads it)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="encoder arithmetic")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="torch.compile the image model in every actor")
+    parser.add_argument("--tune-allocator", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep activation buffers in glibc's heap between batches")
+    parser.add_argument("--batch-size", type=int, default=32, help="samples per actor call")
+    parser.add_argument("--actors", type=int, default=1, help="encoder actors (one model copy each)")
+    parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (1 on a GPU cluster)")
+    parser.add_argument("--rows-per-shard", type=int, default=100_000, help="at most this many samples per shard")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to join (e.g. auto, or ray://head:10001; default: RAY_ADDRESS, else a "
+                             "local Ray)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
+    return parser
+
+
+def distributed_main(argv: list[str] | None = None) -> int:
+    """Parse the distributed encode's options, then start or join Ray and encode; user errors become one line."""
+    parser = distributed_parser()
+    args = parser.parse_args(argv)
+    if min(args.batch_size, args.actors, args.rows_per_shard) < 1 or args.gpus_per_actor < 0:
+        parser.error("--batch-size, --actors and --rows-per-shard must be at least 1, --gpus-per-actor 0 or more.")
+
+    def run() -> int:
+        import banerjee
+        import distributed
+
+        maker = banerjee.make_dataset_maker(
+            dataset_path=args.dataset, modality=args.modality, text_column=args.text_column,
+            label_column=args.label_column, strict=args.strict,
+        )
+        text = maker.modality == "text"
+        if text and args.weights:
+            raise SystemExit("--weights applies to timm image models; a local sentence-transformers model is a "
+                             "folder: pass it as --model.")
+        default_model = "sentence-transformers/all-MiniLM-L6-v2" if text else "tf_efficientnet_lite0"
+        spec = distributed.EncoderSpec(
+            modality=maker.modality, model_name=args.model or default_model, weights=args.weights,
+            precision=args.precision, compile=args.compile, tune_allocator=args.tune_allocator,
+        )
+        distributed.init_ray(address=args.address, num_cpus=args.num_cpus)
+        manifest = distributed.encode_dataset(
+            maker=maker, spec=spec, out=args.out, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+            batch_size=args.batch_size, rows_per_shard=args.rows_per_shard,
+        )
+        rate = manifest["num_samples"] / max(manifest["encode_seconds"], 1e-9)
+        print(f"Wrote {args.out}: {distributed.describe(manifest)}; {rate:.1f} samples/s with {args.actors} actor(s)")
+        return 0
+
+    return reporting_user_errors(run)
+
+
+def run_distributed() -> None:
+    """Console entry point ``similarity-distributed``: the distributed encode (same as ``python -m distributed``)."""
+    sys.exit(distributed_main())
 
 
 def run_research_script() -> None:

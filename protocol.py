@@ -398,9 +398,9 @@ def _warn_about_uninformative_classes(*, maker: banerjee.DatasetMaker, valid_sha
 
 def run_cached_protocol(
     *,
-    encoder: engine.Encoder,
+    encoder: engine.Encoder | None,
     maker: banerjee.DatasetMaker,
-    transform: Callable,
+    transform: Callable | None,
     runs: int,
     valid_share: float,
     batch_size: int,
@@ -412,19 +412,26 @@ def run_cached_protocol(
     completed: list[Run] | None = None,
     run_log: pathlib.Path | None = None,
     inform: bool = False,
+    embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Runs:
     """Encode every image once, then fit ``classifier`` (default: the class mean) and score ``runs`` partitions.
 
     Each partition costs one fit and two matrix products; the encoder is only used to embed, never changed.
+    ``embeddings`` (every sample's embedding and label index in the maker's global order, e.g. an embedding set of
+    :mod:`distributed`) replace the encode pass; ``encoder`` and ``transform`` may then be None.
     """
     check_validation_samples(maker=maker, valid_share=valid_share)
     classifier = classifier if classifier is not None else prototypes.ClassMeanClassifier()
-    short_run = _short_run(encoder)
+    short_run = embeddings is None and _short_run(encoder)
     started = time.perf_counter()
-    embeddings, targets = embed_all_images(
-        encoder=encoder, maker=maker, transform=transform, batch_size=batch_size, workers=workers,
-        cache=None if short_run else cache, inform=inform,
-    )
+    if embeddings is None:
+        embeddings = embed_all_images(
+            encoder=encoder, maker=maker, transform=transform, batch_size=batch_size, workers=workers,
+            cache=None if short_run else cache, inform=inform,
+        )
+    elif not torch.equal(embeddings[1], maker.get_image_labels()):
+        raise ValueError("The given embeddings' labels are not the dataset's, in its global order.")
+    embeddings, targets = embeddings
     encode_seconds = time.perf_counter() - started
     records = list(completed or [])[:runs]
     fitted = None

@@ -30,6 +30,7 @@ from collections.abc import Hashable, Sequence
 from typing import Any
 
 import numpy as np
+import sklearn.base
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils import check_random_state
@@ -44,6 +45,7 @@ __all__ = [
     "classifier_name",
     "make_classifier",
     "margins",
+    "merge_statistics",
     "predict_topk",
     "ranked_scores",
     "top_scores",
@@ -514,7 +516,9 @@ class DecorrelatedClassifier(_ClassStatistics):
         self.feature_sum_ = self.feature_sum_ + sign * features.sum(axis=0)
         self.n_samples_seen_ = self.n_samples_seen_ + sign * len(features)
 
-    def _solve(self, selection: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+    def _decomposition(self) -> dict[str, Any]:
+        """The centred statistics in the eigenbasis of the centred Gram matrix: what every ridge strength and the
+        leave-one-out selection are computed from (one ``F x F`` eigendecomposition)."""
         n = self.n_samples_seen_
         mean = self.feature_sum_ / n
         centred_gram = self.gram_ - n * np.outer(mean, mean)
@@ -522,8 +526,14 @@ class DecorrelatedClassifier(_ClassStatistics):
         targets = centred_sums if self.prior == "empirical" else centred_sums / self.class_counts_[:, None]
         eigenvalues, eigenvectors = np.linalg.eigh(centred_gram)
         eigenvalues = eigenvalues.clip(min=0.0)
-        rotated = eigenvectors.T @ targets.T
         scale = eigenvalues.mean() if eigenvalues.mean() > 0 else 1.0
+        return dict(mean=mean, eigenvalues=eigenvalues, eigenvectors=eigenvectors,
+                    rotated=eigenvectors.T @ targets.T, scale=scale)
+
+    def _solve(self, selection: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+        decomposition = self._decomposition()
+        mean, eigenvalues, eigenvectors, rotated, scale = (
+            decomposition[name] for name in ("mean", "eigenvalues", "eigenvectors", "rotated", "scale"))
         relative = np.asarray(self.relative_alphas, dtype=np.float64)
         if not isinstance(self.alpha, str):
             self.relative_alpha_ = float(self.alpha) / scale
@@ -531,10 +541,7 @@ class DecorrelatedClassifier(_ClassStatistics):
             errors = [self._gcv(value * scale, eigenvalues, rotated) for value in relative]
             self.relative_alpha_ = float(relative[int(np.argmin(errors))])
         elif selection is not None:
-            hits = self._leave_one_out_hits(
-                *selection, mean=mean, eigenvalues=eigenvalues, eigenvectors=eigenvectors, rotated=rotated,
-                alphas=np.append(relative, np.inf) * scale,
-            )
+            hits = self._leave_one_out_hits(*selection, decomposition=decomposition)
             self.relative_alpha_ = _one_standard_error_choice(
                 relative, hits=hits, weights=self._selection_weights(selection[1])
             )
@@ -546,6 +553,39 @@ class DecorrelatedClassifier(_ClassStatistics):
             directions = directions / _safe_sqrt((rotated * directions).sum(axis=0))
         weights = eigenvectors @ directions
         return weights.T, -(mean @ weights)
+
+    def leave_one_out_hits(self, X: Any, y: Any) -> np.ndarray:
+        """``[candidates + 1, n]``: whether each image of ``X`` (labels ``y``) is classified right with itself left
+        out of the *current* statistics, for every relative ridge strength and, last, the plain class mean.
+
+        The images must be among those fitted. Computed image by image against the whole statistics, so the
+        shards of a dataset fitted apart and merged (:func:`merge_statistics`) give, stacked, the hits of a single
+        fit; :meth:`select_alpha` then chooses from them as ``fit`` does.
+        """
+        check_is_fitted(self)
+        X, y = validate_data(self, X, y, reset=False, dtype=np.float64)
+        rows = np.searchsorted(self.classes_, y).clip(max=len(self.classes_) - 1)
+        if not np.array_equal(self.classes_[rows], y):
+            raise ValueError(f"Labels {sorted(set(np.setdiff1d(y, self.classes_).tolist()))} were never fitted.")
+        return self._leave_one_out_hits(self._sample_features(X), rows, decomposition=self._decomposition())
+
+    def select_alpha(self, hits: np.ndarray, y: Any) -> DecorrelatedClassifier:
+        """Choose the ridge strength from :meth:`leave_one_out_hits` of every fitted image (labels ``y``, in the
+        same order), by the rule ``fit`` applies with ``alpha="loo"``, and refresh the weights."""
+        check_is_fitted(self)
+        rows = np.searchsorted(self.classes_, np.asarray(y)).clip(max=len(self.classes_) - 1)
+        hits = np.asarray(hits, dtype=bool)
+        if hits.shape != (len(self.relative_alphas) + 1, len(rows)):
+            raise ValueError(f"hits of shape {list(hits.shape)} do not fit {len(self.relative_alphas) + 1} "
+                             f"candidates and {len(rows)} labels.")
+        if int(self.class_counts_.sum()) != len(rows):
+            raise ValueError(f"the selection needs the hits of all {int(self.class_counts_.sum())} fitted images, "
+                             f"got {len(rows)}.")
+        self.relative_alpha_ = _one_standard_error_choice(
+            np.asarray(self.relative_alphas, dtype=np.float64), hits=hits, weights=self._selection_weights(rows)
+        )
+        self._refresh()
+        return self
 
     def _gcv(self, alpha: float, eigenvalues: np.ndarray, rotated: np.ndarray) -> float:
         """Generalised cross-validation error of the ridge fit, from the statistics alone (no images needed)."""
@@ -565,18 +605,13 @@ class DecorrelatedClassifier(_ClassStatistics):
         return 1.0 / (np.count_nonzero(counts) * counts[rows])
 
     def _leave_one_out_hits(
-        self,
-        features: np.ndarray,
-        rows: np.ndarray,
-        *,
-        mean: np.ndarray,
-        eigenvalues: np.ndarray,
-        eigenvectors: np.ndarray,
-        rotated: np.ndarray,
-        alphas: np.ndarray,
+        self, features: np.ndarray, rows: np.ndarray, *, decomposition: dict[str, Any]
     ) -> np.ndarray:
         """``[candidates, images]``: whether each training image is classified right with itself left out, for each
-        candidate ridge strength (``inf``: the plain class mean). Exact; float32 products suffice to rank."""
+        candidate ridge strength (last: ``inf``, the plain class mean). Exact; float32 products suffice to rank."""
+        mean, eigenvalues, eigenvectors, rotated = (
+            decomposition[name] for name in ("mean", "eigenvalues", "eigenvectors", "rotated"))
+        alphas = np.append(np.asarray(self.relative_alphas, dtype=np.float64), np.inf) * decomposition["scale"]
         projected = (features - mean).astype(np.float32) @ eigenvectors.astype(np.float32)
         squared = projected**2
         rotated32 = rotated.astype(np.float32)
@@ -711,6 +746,45 @@ def make_classifier(name: str, **params: Any) -> _ClassStatistics:
         raise ValueError(f"Unknown classifier '{name}'; use one of {', '.join(CLASSIFIERS)}.")
     kind, preset = CLASSIFIERS[name]
     return kind(**{**preset, **params})
+
+
+# Shared statistics that add up over disjoint sets of images; the others must agree between the parts.
+ADDITIVE_SHARED = ("gram", "feature_sum", "n_samples_seen")
+
+
+def merge_statistics(parts: Sequence[_ClassStatistics]) -> _ClassStatistics:
+    """One estimator holding the sum of the fitted ``parts``' statistics (same class and parameters, fitted on
+    disjoint images, e.g. the shards of a dataset on several machines): equal to one fit on all their images up to
+    float64 rounding, for any set of classes per part.
+
+    With ``alpha="loo"`` the statistics are exact but the ridge strength is the first part's until
+    :meth:`DecorrelatedClassifier.select_alpha` chooses it from the hits of every image
+    (:meth:`~DecorrelatedClassifier.leave_one_out_hits` against the merged statistics, shard by shard).
+    A calibration threshold is not kept: it was set on scores the merge changes.
+    """
+    if not parts:
+        raise ValueError("merge_statistics needs at least one fitted estimator.")
+    first = parts[0]
+    for part in parts[1:]:
+        if type(part) is not type(first) or part.get_params() != first.get_params():
+            raise ValueError(f"Cannot merge {part!r} into {first!r}: the estimators differ in class or parameters.")
+    states = [part.get_statistics() for part in parts]
+    classes = np.unique(np.concatenate([state["classes"] for state in states]))
+    sums = np.zeros((len(classes), states[0]["class_sums"].shape[1]))
+    counts = np.zeros(len(classes), dtype=np.int64)
+    for state in states:
+        positions = np.searchsorted(classes, state["classes"])
+        sums[positions] += state["class_sums"]
+        counts[positions] += state["class_counts"]
+    merged = {"classes": classes, "class_sums": sums, "class_counts": counts}
+    for name in set(states[0]) - set(merged) - {name.rstrip("_") for name in CALIBRATION_NAMES}:
+        if name in ADDITIVE_SHARED:
+            merged[name] = sum(state[name] for state in states)
+        elif name != "relative_alpha" and any(not np.array_equal(state[name], states[0][name]) for state in states):
+            raise ValueError(f"Cannot merge estimators whose '{name}' differs (e.g. another random_state).")
+        else:
+            merged[name] = states[0][name]
+    return sklearn.base.clone(first).set_statistics(**merged)
 
 
 def classifier_name(estimator: Any) -> str:

@@ -1,0 +1,377 @@
+"""Beyond one machine: Ray Data encodes a dataset into a Parquet embedding set; estimators fit shard by shard and merge.
+
+An *embedding set* is a folder of Parquet shards (columns ``index``, ``label``, ``name``, ``embedding``) and a
+``manifest.json`` written last and atomically: the model with its weights digest, the preprocessing, precision,
+classes, counts, skipped files and the shard list. A folder without a manifest is an unfinished run and is never
+read. Every estimator of :mod:`prototypes` is built from additive statistics, so each shard is fitted where it lies
+and the parts merge exactly (:func:`prototypes.merge_statistics`); the leave-one-out ridge selection runs shard by
+shard against the merged statistics.
+
+Ray (``pip install -e .[distributed]``) is imported only by the functions that need it::
+
+    python -m distributed DATASET --out embeddings/caltech --weights lite0.pth --actors 2
+    RAY_ADDRESS=auto python -m distributed DATASET --out s3-or-shared-folder/ --actors 8 --gpus-per-actor 1
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__":  # ``python -m distributed``: parse the command line before Ray, torch and timm load
+    import sys as _sys
+
+    import cli as _cli
+
+    _sys.exit(_cli.distributed_main())
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import sklearn.base
+import torch
+
+import banerjee
+import engine
+import prototypes
+import store
+import utils
+
+__all__ = [
+    "EmbeddingSet",
+    "EmbeddingSetError",
+    "EmbeddingSetMaker",
+    "EncoderSpec",
+    "MANIFEST",
+    "encode_dataset",
+    "fit_shards",
+    "init_ray",
+    "read_embedding_set",
+    "require_ray",
+    "shard_statistics",
+]
+
+MANIFEST = "manifest.json"
+SHARDS = "shards"
+FORMAT = 1
+TASK_RETRIES = 3  # a batch whose actor died is run again on a fresh actor this many times
+
+
+class EmbeddingSetError(utils.UserError):
+    """An embedding set that is missing, unfinished, damaged or made by another model."""
+
+
+def require_ray() -> Any:
+    """The ``ray`` module with Ray Data, or one line saying which extra installs it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as error:
+        raise utils.UserError(
+            f"Distributed encoding needs Ray Data ({error}); install the extra: pip install -e '.[distributed]' "
+            "(ray[data] and pyarrow)."
+        ) from error
+    return ray
+
+
+def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> Any:
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), or start a local Ray of ``num_cpus`` CPUs, offline and
+    without usage statistics; a second call reuses the running one."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray = require_ray()
+    if ray.is_initialized():
+        return ray
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    repository = str(pathlib.Path(__file__).resolve().parent)
+    ray.init(
+        address=address, num_cpus=None if address else num_cpus, include_dashboard=False, log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": repository, "RAY_USAGE_STATS_ENABLED": "0",
+                                  "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}},
+    )
+    return ray
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSpec:
+    """Everything an actor needs to build the same encoder as the research script, resolved once on the driver."""
+
+    modality: str
+    model_name: str
+    weights: str | None = None
+    precision: str = "fp32"
+    compile: bool = False
+    tune_allocator: bool = True
+
+    def build(self, *, device: str) -> tuple[engine.Encoder, Any, Any]:
+        """``(encoder, per-sample transform, batch transform)``; texts have no transforms."""
+        config = engine.EncoderConfig(precision=self.precision, compile=self.compile,
+                                      tune_allocator=self.tune_allocator)
+        encoder = engine.create_encoder(modality=self.modality, model_name=self.model_name, weights=self.weights,
+                                        device=device, config=config)
+        if self.modality == "text":
+            return encoder, None, None
+        return encoder, *engine.split_normalization(engine.eval_transform(encoder.model)[1])
+
+    def preprocessing(self, encoder: engine.Encoder) -> str:
+        """The preprocessing as text, as the embedding cache keys it."""
+        return "" if self.modality == "text" else repr(engine.eval_transform(encoder.model)[1])
+
+
+class _EmbedBatch:
+    """The Ray Data actor: one encoder per actor, a batch of ``{index, label, name}`` rows in, embeddings out."""
+
+    def __init__(self, spec: EncoderSpec) -> None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.modality = spec.modality
+        self.encoder, self.sample_transform, self.batch_transform = spec.build(device=device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = [str(name) for name in batch["name"]]
+        with torch.inference_mode():
+            if self.modality == "text":
+                embeddings = self.encoder._forward(names)
+            else:
+                images = torch.stack([self.sample_transform(banerjee.load_rgb_image(name)) for name in names])
+                embeddings = self.encoder._forward(self.batch_transform(images))
+        return {"index": batch["index"], "label": batch["label"], "name": batch["name"],
+                "embedding": embeddings.cpu().numpy().astype(np.float32)}
+
+
+def _samples(maker: banerjee.DatasetMaker) -> list[dict[str, Any]]:
+    """One row per sample in the maker's global order: file path (images) or text, and label index."""
+    names = maker.get_texts() if maker.modality == "text" else [str(path) for path in maker.get_image_paths()]
+    labels = maker.get_image_labels().tolist()
+    return [{"index": index, "label": label, "name": name} for index, (name, label) in enumerate(zip(names, labels))]
+
+
+def _fingerprint_digest(maker: banerjee.DatasetMaker) -> str:
+    return hashlib.sha256(json.dumps(maker.get_fingerprint()).encode()).hexdigest()
+
+
+def encode_dataset(
+    *,
+    maker: banerjee.DatasetMaker,
+    spec: EncoderSpec,
+    out: str | os.PathLike,
+    actors: int = 1,
+    gpus_per_actor: float = 0.0,
+    batch_size: int = 32,
+    rows_per_shard: int = 100_000,
+) -> dict[str, Any]:
+    """Embed every sample of ``maker`` on the running Ray cluster (see :func:`init_ray`) into an embedding set at
+    ``out``, and return its manifest.
+
+    A folder holding the complete set of the same model, preprocessing and samples is returned as it is (a rerun
+    resumes by doing nothing); a complete set of anything else is refused; shards without a manifest (a run that
+    died) are removed first, so two runs never mix.
+    """
+    ray = require_ray()
+    out = pathlib.Path(out)
+    encoder, _, _ = spec.build(device="cpu")  # the driver's copy names the model and weights, as the cache does
+    expected = {"model_id": encoder.embedding_id, "preprocessing": spec.preprocessing(encoder),
+                "fingerprint": _fingerprint_digest(maker)}
+    if (out / MANIFEST).is_file():
+        manifest = _read_manifest(out)
+        differing = [name for name, value in expected.items() if manifest.get(name) != value]
+        if not differing:
+            print(f"{out} already holds this embedding set ({manifest['num_samples']} samples); nothing to do.")
+            return manifest
+        raise EmbeddingSetError(
+            f"{out} holds a complete embedding set whose {', '.join(differing)} differ from this run's "
+            f"({manifest.get('model_id')} on {manifest.get('dataset')}); choose another --out or remove that folder."
+        )
+    if (out / SHARDS).exists():
+        print(f"Removing the shards of an unfinished earlier run in {out / SHARDS} (it wrote no manifest).")
+        shutil.rmtree(out / SHARDS)
+    out.mkdir(parents=True, exist_ok=True)
+    samples = _samples(maker)
+    started = time.perf_counter()
+    dataset = ray.data.from_items(samples, override_num_blocks=max(actors * 4, -(-len(samples) // batch_size) // 8, 1))
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates passing actor options as keywords, yet names no parameter for these two; its own
+        # default retries a failing batch forever.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        embedded = dataset.map_batches(
+            _EmbedBatch, fn_constructor_kwargs={"spec": spec}, batch_size=batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus_per_actor or None,
+            max_restarts=TASK_RETRIES, max_task_retries=TASK_RETRIES,
+        )
+    embedded.write_parquet(str(out / SHARDS), max_rows_per_file=rows_per_shard)
+    seconds = time.perf_counter() - started
+    shards = sorted(path.name for path in (out / SHARDS).glob("*.parquet"))
+    manifest = {
+        "format": FORMAT,
+        "modality": maker.modality,
+        **expected,
+        "precision": spec.precision,
+        "model_name": spec.model_name,
+        "dataset": str(maker.dataset_path),
+        "classes": maker.get_labels(),
+        "counts": torch.bincount(maker.get_image_labels(), minlength=maker.get_num_labels()).tolist(),
+        "num_samples": len(samples),
+        "embedding_dim": encoder.num_features,
+        "skipped": [{"path": str(path), "reason": reason} for path, reason in maker.skipped],
+        "shards": shards,
+        "encode_seconds": seconds,
+        "actors": actors,
+    }
+    rows = sum(_shard_rows(out / SHARDS / name) for name in shards)
+    if rows != len(samples):
+        raise EmbeddingSetError(f"The shards in {out / SHARDS} hold {rows} rows for {len(samples)} samples; "
+                                "the run is incomplete, so no manifest was written. Run it again.")
+    store.write_json(out / MANIFEST, manifest)
+    return _read_manifest(out)
+
+
+def _shard_rows(path: pathlib.Path) -> int:
+    import pyarrow.parquet
+
+    return pyarrow.parquet.ParquetFile(path).metadata.num_rows
+
+
+def _read_manifest(folder: pathlib.Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    if not path.is_file():
+        hint = " (its shards are from a run that did not finish)" if (folder / SHARDS).exists() else ""
+        raise EmbeddingSetError(f"{folder} is not an embedding set: it has no {MANIFEST}{hint}. Encode it with "
+                                "python -m distributed.")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise EmbeddingSetError(f"Cannot read {path}: {error}. Encode the set again.") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise EmbeddingSetError(f"{path} is not an embedding set manifest of format {FORMAT}.")
+    return manifest
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingSet:
+    """A read embedding set, samples in the dataset's global order."""
+
+    embeddings: torch.Tensor  # [N, D] float32
+    targets: torch.Tensor  # [N] label indexes into manifest["classes"]
+    names: list[str]  # file paths or texts
+    manifest: dict[str, Any]
+
+
+def _read_shard(path: pathlib.Path) -> dict[str, np.ndarray]:
+    import pyarrow.parquet
+
+    table = pyarrow.parquet.read_table(path, columns=["index", "label", "name", "embedding"])
+    column = table.column("embedding").combine_chunks()
+    embeddings = _tensor_column(column)
+    return {"index": table.column("index").to_numpy(), "label": table.column("label").to_numpy(),
+            "name": np.asarray(table.column("name").to_pylist(), dtype=object), "embedding": embeddings}
+
+
+def _tensor_column(column: Any) -> np.ndarray:
+    """The ``[rows, D]`` array of an embedding column, whether Ray wrote it as its tensor type or as lists."""
+    if hasattr(column.type, "to_pandas_dtype") and hasattr(column, "to_numpy_ndarray"):
+        return np.asarray(column.to_numpy_ndarray(), dtype=np.float32)
+    if hasattr(column, "to_numpy") and hasattr(column.type, "shape"):  # ray's ArrowTensorArray
+        return np.asarray(column.to_numpy(), dtype=np.float32)
+    return np.stack(column.to_numpy(zero_copy_only=False)).astype(np.float32)
+
+
+def read_embedding_set(folder: str | os.PathLike, *, model_id: str | None = None) -> EmbeddingSet:
+    """The embedding set at ``folder`` (Ray not needed); refuses an unfinished or damaged set, and one written by
+    another model than ``model_id`` when given."""
+    folder = pathlib.Path(folder)
+    manifest = _read_manifest(folder)
+    if model_id is not None and manifest["model_id"] != model_id:
+        raise EmbeddingSetError(f"{folder} was encoded by {manifest['model_id']}, not by {model_id}; encode the "
+                                "dataset with this model (python -m distributed) or pick the matching model.")
+    missing = [name for name in manifest["shards"] if not (folder / SHARDS / name).is_file()]
+    if missing:
+        raise EmbeddingSetError(f"{folder} lacks {len(missing)} of its {len(manifest['shards'])} shards "
+                                f"({missing[0]} ...); encode the set again.")
+    parts = [_read_shard(folder / SHARDS / name) for name in manifest["shards"]]
+    index = np.concatenate([part["index"] for part in parts])
+    order = np.argsort(index, kind="stable")
+    if not np.array_equal(index[order], np.arange(manifest["num_samples"])):
+        raise EmbeddingSetError(f"The shards of {folder} do not hold samples 0..{manifest['num_samples'] - 1} once "
+                                "each; encode the set again.")
+    targets = torch.from_numpy(np.concatenate([part["label"] for part in parts])[order].astype(np.int64))
+    if torch.bincount(targets, minlength=len(manifest["classes"])).tolist() != manifest["counts"]:
+        raise EmbeddingSetError(f"The labels in the shards of {folder} do not match its manifest's class counts.")
+    embeddings = torch.from_numpy(np.concatenate([part["embedding"] for part in parts])[order])
+    names = np.concatenate([part["name"] for part in parts])[order].tolist()
+    return EmbeddingSet(embeddings=embeddings, targets=targets, names=[str(name) for name in names],
+                        manifest=manifest)
+
+
+class EmbeddingSetMaker(banerjee.DatasetMaker):
+    """A dataset maker over an embedding set's listing, so the protocol draws the same partitions as on the
+    dataset itself (classes and samples in the same global order) without reading a sample."""
+
+    def __init__(self, embedding_set: EmbeddingSet, *, folder: str | os.PathLike) -> None:
+        manifest = embedding_set.manifest
+        self.modality = manifest["modality"]
+        self.sample_kind = "text" if self.modality == "text" else "image"
+        self._dataset_path = pathlib.Path(manifest["dataset"])
+        self._folder = pathlib.Path(folder)
+        self._strict = False
+        starts = np.concatenate([[0], np.cumsum(manifest["counts"])]).tolist()
+        self._labels = [(label, starts[row], starts[row + 1]) for row, label in enumerate(manifest["classes"])]
+        self._images = list(zip(embedding_set.names, embedding_set.targets.tolist()))
+        self._image_labels = embedding_set.targets.clone()
+        self.skipped = [(pathlib.Path(item["path"]), item["reason"]) for item in manifest["skipped"]]
+        self._fingerprint = manifest["fingerprint"]
+
+    def get_image_paths(self) -> list[pathlib.Path]:
+        return [pathlib.Path(name) for name, _ in self._images]
+
+    def get_texts(self) -> list[str]:
+        return [name for name, _ in self._images]
+
+    def get_fingerprint(self) -> list[tuple[str, int, int]]:
+        return [(f"embedding-set:{self._fingerprint}", len(self._images), 0)]
+
+
+def shard_statistics(path: str | os.PathLike, estimator: Any) -> dict[str, np.ndarray]:
+    """A fresh copy of ``estimator`` fitted on one shard, as plain arrays (what crosses the network)."""
+    part = _read_shard(pathlib.Path(path))
+    fitted = prototypes.make_classifier(prototypes.classifier_name(estimator), **estimator.get_params())
+    return fitted.fit(part["embedding"], part["label"]).get_statistics()
+
+
+def _shard_hits(path: str | os.PathLike, merged: Any) -> tuple[np.ndarray, np.ndarray]:
+    part = _read_shard(pathlib.Path(path))
+    return merged.leave_one_out_hits(part["embedding"], part["label"]), part["label"]
+
+
+def fit_shards(folder: str | os.PathLike, estimator: Any, *, use_ray: bool = True) -> Any:
+    """``estimator`` fitted on every sample of the embedding set at ``folder`` without gathering the embeddings:
+    each shard is fitted by a Ray task where it lies (``use_ray=False``: one after another here), the statistics
+    merge exactly, and a leave-one-out ridge selection runs shard by shard against the merged statistics.
+    Classes are the label indexes of the manifest's ``classes``."""
+    folder = pathlib.Path(folder)
+    paths = [str(folder / SHARDS / name) for name in _read_manifest(folder)["shards"]]
+    if use_ray:
+        ray = require_ray()
+        statistics_task, hits_task = ray.remote(shard_statistics), ray.remote(_shard_hits)
+        states = ray.get([statistics_task.remote(path, estimator) for path in paths])
+    else:
+        states = [shard_statistics(path, estimator) for path in paths]
+    parts = [sklearn.base.clone(estimator).set_statistics(**state) for state in states]
+    merged = prototypes.merge_statistics(parts)
+    if getattr(merged, "alpha", None) == "loo":
+        if use_ray:
+            shared = ray.put(merged)
+            results = ray.get([hits_task.remote(path, shared) for path in paths])
+        else:
+            results = [_shard_hits(path, merged) for path in paths]
+        merged.select_alpha(np.concatenate([hits for hits, _ in results], axis=1),
+                            np.concatenate([labels for _, labels in results]))
+    return merged
+
+
+def describe(manifest: dict[str, Any]) -> str:
+    """One line about an embedding set."""
+    return (f"{manifest['num_samples']} {manifest['modality']} embeddings of {len(manifest['classes'])} classes by "
+            f"{manifest['model_id']} in {len(manifest['shards'])} shards")

@@ -1,0 +1,150 @@
+"""The distributed encode on a local Ray of 2 CPUs: Parquet embedding sets equal the single-process encode, shard
+statistics merge into a single fit, the protocol gives the same results on a set, and bad sets are refused."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import banerjee
+import engine
+import protocol
+import prototypes
+
+ray = __import__("ray") if os.environ.get("CI") else pytest.importorskip("ray")  # CI installs the extra
+import distributed  # noqa: E402
+
+REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_the_package_imports_without_ray_and_names_the_extra_to_install():
+    blocked = ("import sys; sys.modules['ray'] = None\n"
+               "import cli, distributed, engine, prototypes\n"
+               "try:\n    distributed.require_ray()\nexcept Exception as error:\n    print(type(error).__name__, error)\n")
+    completed = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, cwd=REPOSITORY,
+                               check=True)
+    assert completed.stdout.startswith("UserError Distributed encoding needs Ray Data")
+    assert "pip install -e '.[distributed]'" in completed.stdout
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    distributed.init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def spec(lite0_weights) -> distributed.EncoderSpec:
+    return distributed.EncoderSpec(modality="image", model_name="tf_efficientnet_lite0", weights=str(lite0_weights))
+
+
+@pytest.fixture(scope="module")
+def embedding_set(local_ray, image_folder, spec, tmp_path_factory):
+    """The 40 images of four classes, encoded by 2 actors into shards of at most 16 rows."""
+    out = tmp_path_factory.mktemp("set") / "shapes"
+    maker = banerjee.make_dataset_maker(dataset_path=image_folder)
+    manifest = distributed.encode_dataset(maker=maker, spec=spec, out=out, actors=2, batch_size=8, rows_per_shard=16)
+    return out, manifest, maker
+
+
+@pytest.fixture(scope="module")
+def single_process(embedding_set, lite0_model):
+    _, _, maker = embedding_set
+    encoder = engine.Encoder(model=lite0_model, device="cpu")
+    return protocol.embed_all_images(encoder=encoder, maker=maker, transform=engine.eval_transform(lite0_model)[1],
+                                     batch_size=8, workers=0)
+
+
+def test_the_set_equals_the_single_process_encode_in_the_same_order(embedding_set, single_process):
+    out, manifest, maker = embedding_set
+    read = distributed.read_embedding_set(out, model_id=manifest["model_id"])
+    embeddings, targets = single_process
+    assert len(manifest["shards"]) >= 3 and manifest["num_samples"] == 40  # Ray may split blocks further and manifest["counts"] == [10] * 4
+    assert manifest["classes"] == maker.get_labels() and manifest["embedding_dim"] == 1280
+    assert read.names == [str(path) for path in maker.get_image_paths()]
+    assert torch.equal(read.targets, targets)
+    assert (read.embeddings - embeddings).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["mean", "decorrelated", "balanced"])
+def test_shard_statistics_merge_into_a_single_fit(embedding_set, name):
+    out, _, _ = embedding_set
+    read = distributed.read_embedding_set(out)
+    single = prototypes.make_classifier(name).fit(read.embeddings.numpy(), read.targets.numpy())
+    for use_ray in (True, False):
+        merged = distributed.fit_shards(out, prototypes.make_classifier(name), use_ray=use_ray)
+        expected, got = single.get_statistics(), merged.get_statistics()
+        assert set(got) == set(expected)
+        for key, value in expected.items():
+            np.testing.assert_allclose(got[key], value, rtol=0, atol=1e-10, err_msg=key)
+        np.testing.assert_allclose(merged.decision_function(read.embeddings.numpy()),
+                                   single.decision_function(read.embeddings.numpy()), atol=1e-10)
+
+
+def test_merge_refuses_estimators_with_other_parameters():
+    X, y = np.random.default_rng(0).normal(size=(20, 4)), np.repeat([0, 1], 10)
+    with pytest.raises(ValueError, match="differ in class or parameters"):
+        prototypes.merge_statistics([prototypes.make_classifier("decorrelated").fit(X, y),
+                                     prototypes.make_classifier("balanced").fit(X, y)])
+
+
+def test_the_protocol_on_the_set_gives_the_cached_protocols_results(embedding_set, single_process, lite0_model):
+    out, _, maker = embedding_set
+    read = distributed.read_embedding_set(out)
+    common = dict(runs=4, valid_share=0.3, batch_size=8, workers=0, top_k=2,
+                  classifier=prototypes.make_classifier("balanced"))
+    encoded = protocol.run_cached_protocol(
+        encoder=engine.Encoder(model=lite0_model, device="cpu"), maker=maker,
+        transform=engine.eval_transform(lite0_model)[1], generator=torch.Generator().manual_seed(5), **common)
+    from_set = protocol.run_cached_protocol(
+        encoder=None, maker=distributed.EmbeddingSetMaker(read, folder=out), transform=None,
+        embeddings=(read.embeddings, read.targets), generator=torch.Generator().manual_seed(5), **common)
+    assert [run.valid_indexes for run in from_set] == [run.valid_indexes for run in encoded]
+    assert [run.accuracy for run in from_set] == pytest.approx([run.accuracy for run in encoded], abs=1e-12)
+    assert [run.predictions for run in from_set] == [run.predictions for run in encoded]
+
+
+def test_a_rerun_resumes_by_doing_nothing_and_another_model_is_refused(embedding_set, spec):
+    out, manifest, maker = embedding_set
+    shards = sorted((out / distributed.SHARDS).iterdir())
+    stamps = [path.stat().st_mtime_ns for path in shards]
+    assert distributed.encode_dataset(maker=maker, spec=spec, out=out, actors=2) == manifest
+    assert [path.stat().st_mtime_ns for path in shards] == stamps
+    other = distributed.EncoderSpec(modality="image", model_name=spec.model_name, weights=spec.weights,
+                                    precision="bf16")
+    with pytest.raises(distributed.EmbeddingSetError, match="holds a complete embedding set whose model_id differ"):
+        distributed.encode_dataset(maker=maker, spec=other, out=out)
+    with pytest.raises(distributed.EmbeddingSetError, match=r"was encoded by tf_efficientnet_lite0\+sha256:[0-9a-f]+, "
+                                                            r"not by tf_efficientnet_lite1"):
+        distributed.read_embedding_set(out, model_id="tf_efficientnet_lite1")
+
+
+def test_an_unfinished_set_is_never_read_and_a_new_run_clears_it(embedding_set, spec, tmp_path):
+    out, _, maker = embedding_set
+    partial = tmp_path / "partial"
+    shutil.copytree(out / distributed.SHARDS, partial / distributed.SHARDS)
+    with pytest.raises(distributed.EmbeddingSetError, match="has no manifest.json .its shards are from a run that "
+                                                            "did not finish"):
+        distributed.read_embedding_set(partial)
+    (partial / distributed.SHARDS / "stale-from-another-run.parquet").write_bytes(b"not parquet")
+    manifest = distributed.encode_dataset(maker=maker, spec=spec, out=partial, actors=1, rows_per_shard=40)
+    assert len(manifest["shards"]) == 1
+    assert sorted(path.name for path in (partial / distributed.SHARDS).iterdir()) == manifest["shards"]
+    assert distributed.read_embedding_set(partial).targets.tolist() == maker.get_image_labels().tolist()
+
+
+def test_a_set_with_a_missing_shard_is_refused(embedding_set, tmp_path):
+    out, manifest, _ = embedding_set
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    (damaged / distributed.SHARDS / manifest["shards"][1]).unlink()
+    with pytest.raises(distributed.EmbeddingSetError, match=f"lacks 1 of its {len(manifest['shards'])} shards"):
+        distributed.read_embedding_set(damaged)
