@@ -76,6 +76,9 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
     data.add_argument("--label-column", default=defaults["label_column"],
                       help="CSV/TSV label column (several, comma-separated, are joined with ':')")
     data.add_argument("--strict", action="store_true", help="stop on unreadable samples instead of skipping them")
+    data.add_argument("--embeddings", default=None, metavar="DIR",
+                      help="an embedding set of `python -m distributed` instead of --dataset: the protocol, statistics "
+                           "and analyses run on it without the encoder")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default=defaults["model"],
                        help=f"timm model for images (None: {defaults['image_model']}); sentence-transformers name or "
@@ -154,7 +157,12 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
                          f"{', '.join(ANALYSIS_PARTS)} (comma-separated), or give no value for all.")
         args.analysis = [part for part in ANALYSIS_PARTS if part in parts]
     if args.weights is not None and not pathlib.Path(args.weights).expanduser().is_file():
-        parser.error(f"--weights {args.weights}: no such file. Pass the path of a local weights file.")
+        kind = "a folder, not a file" if pathlib.Path(args.weights).expanduser().is_dir() else "no such file"
+        parser.error(f"--weights {args.weights}: {kind}. Pass the path of a local weights file (.pth, .bin, "
+                     ".safetensors).")
+    if args.embeddings is not None and (args.protocol == "original" or args.augment_encode or args.augment_eval):
+        parser.error("--embeddings holds one embedding per sample: it runs the cached protocol, without "
+                     "augmentation; drop --protocol original, --augment-encode and --augment-eval.")
     import banerjee  # heavy (torch): only once --help has had its chance to answer
 
     try:

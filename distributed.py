@@ -258,6 +258,11 @@ class EmbeddingSet:
     names: list[str]  # file paths or texts
     manifest: dict[str, Any]
 
+    def describe(self) -> dict[str, Any]:
+        """The model fields of :meth:`engine.Encoder.describe`, as far as the set knows them."""
+        return {"model_name": self.manifest["model_id"], "num_trainable_params": "unknown (embedding set)",
+                "embedding_dim": self.manifest["embedding_dim"]}
+
 
 def _read_shard(path: pathlib.Path) -> dict[str, np.ndarray]:
     import pyarrow.parquet

@@ -95,40 +95,49 @@ if args.reproducible:
 generator = randomness.make_torch_generator(seed=args.seed)
 
 # %% The dataset (images or sentences) and the model name, checked before the samples are listed.
-dataset_path = cli.resolve_dataset(
-    dataset=args.dataset, download=args.download, kaggle_dataset=KAGGLE_DATASET, download_dir=args.cache_dir
-)
-modality = banerjee.detect_modality(dataset_path) if args.modality == "auto" else args.modality
-text = modality == "text"
-model_name = args.model or (TEXT_MODEL_NAME if text else IMAGE_MODEL_NAME)
-if text and (args.augment_encode or args.augment_eval or args.weights):
-    raise SystemExit("--augment-encode, --augment-eval and --weights apply to image models only; a local "
-                     "sentence-transformers model is a folder: pass it as --model.")
-if not text:
-    engine.check_model_name(model_name)
-dsm = banerjee.make_dataset_maker(
-    dataset_path=dataset_path, modality=modality, text_column=args.text_column, label_column=args.label_column,
-    strict=args.strict,
-)
+embedding_set = None
+if args.embeddings:  # an embedding set of `python -m distributed`: the samples' embeddings, no encoder needed
+    import distributed
+
+    embedding_set = distributed.read_embedding_set(args.embeddings)
+    dsm = distributed.EmbeddingSetMaker(embedding_set, folder=args.embeddings)
+    model_name = embedding_set.manifest["model_name"]
+else:
+    dataset_path = cli.resolve_dataset(
+        dataset=args.dataset, download=args.download, kaggle_dataset=KAGGLE_DATASET, download_dir=args.cache_dir
+    )
+    modality = banerjee.detect_modality(dataset_path) if args.modality == "auto" else args.modality
+    model_name = args.model or (TEXT_MODEL_NAME if modality == "text" else IMAGE_MODEL_NAME)
+    if modality == "text" and (args.augment_encode or args.augment_eval or args.weights):
+        raise SystemExit("--augment-encode, --augment-eval and --weights apply to image models only; a local "
+                         "sentence-transformers model is a folder: pass it as --model.")
+    if modality == "image":
+        engine.check_model_name(model_name)
+    dsm = banerjee.make_dataset_maker(
+        dataset_path=dataset_path, modality=modality, text_column=args.text_column, label_column=args.label_column,
+        strict=args.strict,
+    )
+text = dsm.modality == "text"
 labels = dsm.get_labels()
 if args.top_k > len(labels):
     raise SystemExit(f"--top-k {args.top_k} exceeds the {len(labels)} classes of {dsm.dataset_path}.")
 
-# %% The model, its preprocessing, the classifier and the encoder.
+# %% The model, its preprocessing, the classifier and the encoder (none for an embedding set).
 classifier = prototypes.make_classifier(args.classifier)
-encoder = engine.create_encoder(
+encoder = None if embedding_set else engine.create_encoder(
     modality=dsm.modality, model_name=model_name, weights=args.weights, device=device, classifier=classifier,
     config=engine.EncoderConfig(
         topk=args.top_k, short_run_batches=args.short_run, precision=args.precision, compile=args.compile,
         tune_allocator=args.tune_allocator,
     ),
 )
-data_config, eval_transform = engine.eval_transform(encoder.model) if not text else (None, None)
-augmenting_transform = banerjee.augment_data(data_config) if not text else None
+data_config, eval_transform = engine.eval_transform(encoder.model) if encoder and not text else (None, None)
+augmenting_transform = banerjee.augment_data(data_config) if data_config else None
 encode_transform = augmenting_transform if args.augment_encode else eval_transform
 query_transform = augmenting_transform if args.augment_eval else eval_transform
+model_description = encoder.describe() if encoder else embedding_set.describe()
 print(f"Dataset: {dsm.dataset_path} ({len(labels)} classes, {dsm.get_num_images()} {dsm.sample_kind}s, "
-      f"{len(dsm.skipped)} skipped); model: {engine.model_id(encoder.model)}; device: {device}")
+      f"{len(dsm.skipped)} skipped); model: {model_description['model_name']}; device: {device}")
 
 # %% Encode and evaluate over random partitions.
 out_dir = pathlib.Path(args.out)
@@ -144,7 +153,7 @@ try:
         if args.protocol == "cached":
             run_results = protocol.run_cached_protocol(
                 transform=eval_transform, cache=store.EmbeddingCache(args.cache_dir) if args.cache_dir else None,
-                **common,
+                embeddings=(embedding_set.embeddings, embedding_set.targets) if embedding_set else None, **common,
             )
         else:
             run_results = protocol.run_original_protocol(
@@ -158,7 +167,7 @@ if args.profile:
 
 # %% Final stats over the partitions.
 final_stats = protocol.final_stats(
-    runs=run_results, encoder=encoder, maker=dsm, confidence=args.confidence,
+    runs=run_results, model=model_description, maker=dsm, confidence=args.confidence,
     total_seconds=time.perf_counter() - started,
 )
 engine.print_stats(protocol.describe_final_stats(final_stats), title="Final stats")
@@ -201,13 +210,14 @@ written = [
         "skipped_files": [{"path": str(path), "reason": reason} for path, reason in dsm.skipped],
     }),
 ]
-if run_results.classifier is not None:
+if encoder is not None and run_results.classifier is not None:
     encoder.set_classifier(
         classifier=run_results.classifier, labels=[labels[i] for i in run_results.classifier.classes_]
     )
-if args.save_embeddings and encoder.embeddings is not None:
+if args.save_embeddings and run_results.classifier is not None:
     written.append(store.save_embeddings(
-        embeddings=encoder.embeddings.cpu().numpy(), targets=encoder.labels,
+        embeddings=run_results.classifier.class_means_.astype(np.float32),
+        targets=np.array([labels[i] for i in run_results.classifier.classes_]),
         filename=out_dir / f"embeddings-{pathlib.Path(model_name).name}",
     ))
 print("\n".join(f"Written: {path}" for path in [*written, out_dir / "cumacc.png", run_log]))
@@ -246,7 +256,9 @@ if args.analysis and run_results.embeddings is not None:
 
 # %% Manual checking: one random validation sample of the last partition.
 valid_ds = dsm.datasets_from_indexes(indexes=torch.tensor(run_results[-1].valid_indexes), transform=eval_transform)
-if encoder.embeddings is not None and len(valid_ds) > 0:
+if encoder is None:
+    print("Manual and visual checking encode new samples: skipped for an embedding set (no encoder).")
+if encoder is not None and encoder.embeddings is not None and len(valid_ds) > 0:
     image_idx = random.randrange(len(valid_ds))
     image, target_label_idx = valid_ds[image_idx]
     hits = encoder.infer(inputs=image)[0]
@@ -262,7 +274,7 @@ if encoder.embeddings is not None and len(valid_ds) > 0:
     }, title="Manual checking")
 
 # %% Visual checking: six random validation images with target and predicted labels (images only).
-if encoder.embeddings is not None and len(valid_ds) > 0 and not text:
+if encoder is not None and encoder.embeddings is not None and len(valid_ds) > 0 and not text:
     samples = [valid_ds[int(index)] for index in np.random.permutation(len(valid_ds))[:6]]
     inputs = torch.stack([image for image, _ in samples])
     visual.show_images(

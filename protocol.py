@@ -527,11 +527,12 @@ def run_table(runs: Runs) -> list[dict[str, Any]]:
 
 
 def final_stats(
-    *, runs: Runs, encoder: engine.Encoder, maker: banerjee.DatasetMaker, confidence: float, total_seconds: float
+    *, runs: Runs, model: dict[str, Any], maker: banerjee.DatasetMaker, confidence: float, total_seconds: float
 ) -> dict[str, Any]:
-    """The experiment's summary: model, data, intervals and where the time went (saved in ``results.json``)."""
+    """The experiment's summary: model (:meth:`engine.Encoder.describe`, or an embedding set's), data, intervals
+    and where the time went (saved in ``results.json``)."""
     return {
-        **encoder.describe(),
+        **model,
         "dataset": str(maker.dataset_path),
         "modality": maker.modality,
         "num_labels": maker.get_num_labels(),

@@ -148,3 +148,27 @@ def test_a_set_with_a_missing_shard_is_refused(embedding_set, tmp_path):
     (damaged / distributed.SHARDS / manifest["shards"][1]).unlink()
     with pytest.raises(distributed.EmbeddingSetError, match=f"lacks 1 of its {len(manifest['shards'])} shards"):
         distributed.read_embedding_set(damaged)
+
+
+def test_the_script_runs_on_an_embedding_set_as_on_the_dataset(embedding_set, image_folder, lite0_weights,
+                                                               tmp_path):
+    """Same seed, same partitions: the script on the set reports the accuracies of the script on the images."""
+    import json
+
+    from conftest import run_script
+
+    out, _, _ = embedding_set
+    common = ("--runs", "3", "--valid-share", "0.3", "--top-k", "2", "--classifier", "balanced")
+    on_set = run_script("--embeddings", out, "--out", tmp_path / "set", *common, "--analysis", "confusion",
+                        cwd=tmp_path)
+    assert on_set.returncode == 0, on_set.stderr[-3000:]
+    on_images = run_script("--dataset", image_folder, "--model", "tf_efficientnet_lite0", "--weights", lite0_weights,
+                           "--out", tmp_path / "images", *common, cwd=tmp_path)
+    assert on_images.returncode == 0, on_images.stderr[-3000:]
+    from_set = json.loads((tmp_path / "set" / "results.json").read_text())
+    from_images = json.loads((tmp_path / "images" / "results.json").read_text())
+    assert from_set["accuracies"] == pytest.approx(from_images["accuracies"], abs=1e-9)
+    assert from_set["final_stats"]["model_name"] == from_images["final_stats"]["model_name"]
+    assert from_set["final_stats"]["encode_seconds"] < from_images["final_stats"]["encode_seconds"]
+    assert "skipped for an embedding set (no encoder)" in on_set.stdout
+    assert (tmp_path / "set" / "confusion.png").stat().st_size > 1000
