@@ -683,15 +683,12 @@ class _Model:
         encoder = engine.create_encoder(
             modality=modality, model_name=model_name, weights=weights, device=utils.get_device(force_cpu=cpu)
         )
-        if modality == "text":
-            transform, transform_config = None, {"max_seq_length": encoder.model.max_seq_length}
-        else:
-            transform_config, transform = engine.eval_transform(encoder.model)
+        transform = None if modality == "text" else engine.eval_transform(encoder.model)[1]
         return cls(
             modality=modality,
             name=model_name,
             id=engine.model_id(encoder.model),
-            transform_config=store.plain_json(transform_config),
+            transform_config=store.plain_json(engine.preprocessing_config(encoder)),
             transform=transform,
             encoder=encoder,
             batch_size=batch_size,
@@ -783,14 +780,17 @@ def _cmd_build(args: argparse.Namespace) -> int:
     classifier = args.classifier or ("mean" if _file_kind(path) == "zip" else "balanced")
     if classifier != "mean" and _file_kind(path) == "zip":
         raise ClassDBError(f"A '{classifier}' store needs the .npz format: use --out {path.with_suffix('.npz')}.")
-    maker = banerjee.make_dataset_maker(
-        dataset_path=args.dataset, modality=args.modality, text_column=args.text_column,
-        label_column=args.label_column,
-    )
     if not 0.0 <= args.calibrate_share < 1.0:
         raise ClassDBError(f"--calibrate-share must lie in [0, 1), got {args.calibrate_share}.")
-    model = _model_for(args, modality=maker.modality)
-    embeddings = model.embed(maker.get_texts() if maker.modality == "text" else maker.get_image_paths())
+    if args.embeddings is not None:
+        maker, model, embeddings = _from_embedding_set(args)
+    else:
+        maker = banerjee.make_dataset_maker(
+            dataset_path=args.dataset, modality=args.modality, text_column=args.text_column,
+            label_column=args.label_column,
+        )
+        model = _model_for(args, modality=maker.modality)
+        embeddings = model.embed(maker.get_texts() if maker.modality == "text" else maker.get_image_paths())
     labels = np.array(maker.get_labels(), dtype=str)[maker.get_image_labels().numpy()]
     db = ClassVectorStore(
         dim=embeddings.shape[1], model_name=model.name, model_id=model.id, transform_config=model.transform_config,
@@ -815,6 +815,24 @@ def _cmd_build(args: argparse.Namespace) -> int:
         print(f"No class has enough samples to hold out {args.calibrate_share:.0%} for the threshold; calibrate later "
               "with `calibrate --dataset DIR`.")
     return 0
+
+
+def _from_embedding_set(args: argparse.Namespace) -> tuple[banerjee.DatasetMaker, _Model, torch.Tensor]:
+    """The listing, model identity and embeddings of a ``python -m distributed`` embedding set: a store built from
+    it equals one built from the dataset, without encoding."""
+    import distributed
+
+    embedding_set = distributed.read_embedding_set(args.embeddings)
+    manifest = embedding_set.manifest
+    if manifest["precision"] != "fp32":
+        raise ClassDBError(f"{args.embeddings} was encoded in {manifest['precision']}; the store's commands encode "
+                           "queries in fp32, so build it from an fp32 embedding set.")
+    if args.model is not None and args.model != manifest["model_name"]:
+        raise ClassDBError(f"{args.embeddings} was encoded by {manifest['model_id']}, not by --model {args.model}.")
+    model = _Model(modality=manifest["modality"], name=manifest["model_name"], id=manifest["model_id"],
+                   transform_config=manifest["transform_config"], transform=None, encoder=None,
+                   batch_size=args.batch_size)
+    return distributed.EmbeddingSetMaker(embedding_set, folder=args.embeddings), model, embedding_set.embeddings
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:

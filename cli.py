@@ -314,10 +314,13 @@ def class_store_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     build = commands.add_parser("build", parents=[model_options], help="encode a dataset into a new store")
-    build.add_argument(
-        "--dataset", required=True,
+    source = build.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--dataset",
         help="folder with one sub-folder of images (or .txt files) per class, or a CSV/TSV file of labelled texts",
     )
+    source.add_argument("--embeddings", metavar="DIR",
+                        help="an fp32 embedding set of `python -m distributed` instead of --dataset (no encoding)")
     build.add_argument("--modality", choices=("auto", "image", "text"), default="auto",
                        help="auto: text for a CSV/TSV file or folders of .txt files (default)")
     build.add_argument("--text-column", default="text", help="CSV/TSV column of the texts (default text)")
@@ -459,8 +462,11 @@ def grid_parser() -> argparse.ArgumentParser:
                     "Markdown table with accuracy, top-k, paired differences to a baseline, encoding rate and "
                     "embedding size. Embeddings and finished cells are reused on a rerun.",
     )
-    parser.add_argument("--datasets", nargs="+", required=True,
+    parser.add_argument("--datasets", nargs="+", default=[],
                         help="class-folder datasets (images or .txt files) or CSV/TSV files of labelled sentences")
+    parser.add_argument("--embeddings", nargs="+", default=[], metavar="DIR",
+                        help="embedding sets of `python -m distributed` (a model on a dataset each), run without the "
+                             "encoder")
     parser.add_argument("--models", nargs="*", default=[], metavar="NAME[=WEIGHTS]",
                         help="timm image models, each with an optional local weights file")
     parser.add_argument("--text-models", nargs="*", default=[], metavar="NAME_OR_FOLDER",
@@ -488,7 +494,9 @@ def grid_main(argv: list[str] | None = None) -> int:
     """Parse and check the grid's options, then run it; user errors become one line."""
     parser = grid_parser()
     args = parser.parse_args(argv)
-    if not args.models and not args.text_models:
+    if not args.datasets and not args.embeddings:
+        parser.error("give --datasets (with --models or --text-models) or --embeddings.")
+    if args.datasets and not args.models and not args.text_models:
         parser.error("give at least one model: --models for images, --text-models for sentences.")
     if args.runs < 1 or args.top_k < 1 or args.batch_size < 1 or not 0.0 < args.valid_share < 1.0:
         parser.error("--runs, --top-k and --batch-size must be at least 1, --valid-share strictly between 0 and 1.")
@@ -504,6 +512,7 @@ def grid_main(argv: list[str] | None = None) -> int:
             models=[grid.parse_model_spec(spec, modality="image") for spec in args.models]
             + [grid.parse_model_spec(spec, modality="text") for spec in args.text_models],
             classifiers=args.classifiers, out=args.out, cache_dir=args.cache_dir, baseline=baseline,
+            embedding_sets=args.embeddings,
             settings=grid.GridSettings(
                 runs=args.runs, valid_share=args.valid_share, top_k=args.top_k, seed=args.seed,
                 confidence=args.confidence, batch_size=args.batch_size, workers=args.workers,

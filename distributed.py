@@ -174,6 +174,7 @@ def encode_dataset(
     out = pathlib.Path(out)
     encoder, _, _ = spec.build(device="cpu")  # the driver's copy names the model and weights, as the cache does
     expected = {"model_id": encoder.embedding_id, "preprocessing": spec.preprocessing(encoder),
+                "transform_config": store.plain_json(engine.preprocessing_config(encoder)),
                 "fingerprint": _fingerprint_digest(maker)}
     if (out / MANIFEST).is_file():
         manifest = _read_manifest(out)

@@ -53,6 +53,7 @@ __all__ = [
     "describe_model",
     "eval_transform",
     "model_id",
+    "preprocessing_config",
     "print_stats",
     "score_predictions",
     "split_normalization",
@@ -579,6 +580,14 @@ def create_encoder(
         return TextEncoder(model=model, device=device, config=config, classifier=classifier)
     model = create_model(model_name=model_name, weights=weights)
     return Encoder(model=model, device=device, config=config, classifier=classifier)
+
+
+def preprocessing_config(encoder: Encoder) -> dict[str, Any]:
+    """What a class store or an embedding set records of the preprocessing, to refuse samples prepared otherwise:
+    timm's data config for an image model, the maximum sequence length for a sentence model."""
+    if isinstance(encoder, TextEncoder):
+        return {"max_seq_length": encoder.model.max_seq_length}
+    return eval_transform(encoder.model)[0]
 
 
 def score_predictions(*, targets: torch.Tensor, topk_predictions: torch.Tensor) -> dict[str, Any]:

@@ -28,7 +28,7 @@ import hashlib
 import json
 import pathlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -93,8 +93,10 @@ def run_grid(
     cache_dir: str | pathlib.Path,
     settings: GridSettings = GridSettings(),
     baseline: tuple[str, str] | None = None,
+    embedding_sets: Sequence[str | pathlib.Path] = (),
 ) -> pd.DataFrame:
-    """Every (dataset, matching model, classifier) cell; writes ``grid.csv`` and ``grid.md`` into ``out``.
+    """Every (dataset, matching model, classifier) cell, and every classifier on each embedding set of
+    :mod:`distributed` (a model on a dataset, no encoder); writes ``grid.csv`` and ``grid.md`` into ``out``.
 
     ``baseline`` is a ``(model label, classifier)`` pair; default: each dataset's first model with the first
     classifier. Returns the table (one row per cell).
@@ -109,7 +111,7 @@ def run_grid(
     lock = store.acquire_writer_lock(out / "grid.csv", timeout=0)  # a second grid into the same folder stops here
     try:
         return _run_cells(datasets=datasets, modalities=modalities, models=models, classifiers=classifiers, out=out,
-                          cache=cache, settings=settings, baseline=baseline)
+                          cache=cache, settings=settings, baseline=baseline, embedding_sets=embedding_sets)
     finally:
         lock.release()
 
@@ -146,8 +148,11 @@ def _run_cells(
     cache: store.EmbeddingCache,
     settings: GridSettings,
     baseline: tuple[str, str] | None,
+    embedding_sets: Sequence[str | pathlib.Path],
 ) -> pd.DataFrame:
     cells = []
+    for folder in embedding_sets:
+        cells += _embedding_set_cells(folder=folder, classifiers=classifiers, settings=settings, out=out)
     for dataset, modality in zip(datasets, modalities):
         maker = banerjee.make_dataset_maker(dataset_path=dataset, modality=modality)
         for model in (model for model in models if model.modality == modality):
@@ -179,28 +184,79 @@ def _model_cells(
     transform = engine.eval_transform(encoder.model)[1] if maker.modality == "image" else None
     embedding_key = protocol.embedding_key(encoder=encoder, maker=maker, transform=transform)
     encoding_record = out / "cells" / f"encoding-{embedding_key}.json"
+
+    def runs_of(classifier: str) -> protocol.Runs:
+        freshly_encoded = not cache.path(embedding_key).exists()
+        runs = protocol.run_cached_protocol(
+            encoder=encoder, maker=maker, transform=transform, batch_size=settings.batch_size,
+            workers=settings.workers, cache=cache, **_protocol_settings(settings, classifier),
+        )
+        if freshly_encoded:
+            store.write_json(encoding_record, {"samples_per_second": len(runs.targets) / runs.encode_seconds})
+        return runs
+
+    def rate() -> float | None:
+        return json.loads(encoding_record.read_text())["samples_per_second"] if encoding_record.exists() else None
+
+    return _classifier_cells(maker=maker, label=model.label, embedding_key=embedding_key, classifiers=classifiers,
+                             settings=settings, out=out, runs_of=runs_of, rate=rate)
+
+
+def _embedding_set_cells(
+    *, folder: str | pathlib.Path, classifiers: Sequence[str], settings: GridSettings, out: pathlib.Path
+) -> list[dict[str, Any]]:
+    """The cells of an embedding set of :mod:`distributed` (one model on one dataset), without the encoder."""
+    import distributed
+
+    embedding_set = distributed.read_embedding_set(folder)
+    manifest = embedding_set.manifest
+    maker = distributed.EmbeddingSetMaker(embedding_set, folder=folder)
+    embedding_key = store.cache_key(model_id=manifest["model_id"], transform=manifest["preprocessing"],
+                                    fingerprint=maker.get_fingerprint())
+
+    def runs_of(classifier: str) -> protocol.Runs:
+        return protocol.run_cached_protocol(
+            encoder=None, maker=maker, transform=None, batch_size=settings.batch_size, workers=settings.workers,
+            embeddings=(embedding_set.embeddings, embedding_set.targets), **_protocol_settings(settings, classifier),
+        )
+
+    label = pathlib.Path(manifest["model_name"]).name if manifest["modality"] == "text" else manifest["model_name"]
+    return _classifier_cells(maker=maker, label=label, embedding_key=embedding_key, classifiers=classifiers,
+                             settings=settings, out=out, runs_of=runs_of,
+                             rate=lambda: manifest["num_samples"] / max(manifest["encode_seconds"], 1e-9))
+
+
+def _protocol_settings(settings: GridSettings, classifier: str) -> dict[str, Any]:
+    return dict(runs=settings.runs, valid_share=settings.valid_share, top_k=settings.top_k,
+                generator=randomness.make_torch_generator(seed=settings.seed),
+                classifier=prototypes.make_classifier(classifier))
+
+
+def _classifier_cells(
+    *,
+    maker: banerjee.DatasetMaker,
+    label: str,
+    embedding_key: str,
+    classifiers: Sequence[str],
+    settings: GridSettings,
+    out: pathlib.Path,
+    runs_of: Callable[[str], protocol.Runs],
+    rate: Callable[[], float | None],
+) -> list[dict[str, Any]]:
+    """One cell per classifier on one (model, dataset): read back when done before, else ``runs_of`` it, saved."""
     cells = []
-    for name in tqdm(classifiers, desc=f"[Grid] {maker.dataset_path.name} x {model.label}", leave=False):
+    for name in tqdm(classifiers, desc=f"[Grid] {maker.dataset_path.name} x {label}", leave=False):
         cell_path = out / "cells" / f"{_cell_key(embedding_key, name, settings)}.json"
         cell = _read_cell(cell_path, runs=settings.runs)
         if cell is not None:
             cells.append(cell)
             continue
-        freshly_encoded = not cache.path(embedding_key).exists()
-        runs = protocol.run_cached_protocol(
-            encoder=encoder, maker=maker, transform=transform, runs=settings.runs, valid_share=settings.valid_share,
-            batch_size=settings.batch_size, workers=settings.workers,
-            generator=randomness.make_torch_generator(seed=settings.seed), top_k=settings.top_k,
-            classifier=prototypes.make_classifier(name), cache=cache,
-        )
-        if freshly_encoded:
-            store.write_json(encoding_record, {"samples_per_second": len(runs.targets) / runs.encode_seconds})
-        rate = json.loads(encoding_record.read_text())["samples_per_second"] if encoding_record.exists() else None
+        runs = runs_of(name)
         cell = {
             "dataset": maker.dataset_path.name, "dataset_path": str(maker.dataset_path), "modality": maker.modality,
-            "model": model.label, "classifier": name,
+            "model": label, "classifier": name,
             "samples": len(runs.targets), "classes": maker.get_num_labels(),
-            "embedding_dim": int(runs.embeddings.shape[1]), "samples_per_second": rate,
+            "embedding_dim": int(runs.embeddings.shape[1]), "samples_per_second": rate(),
             "seconds_per_partition": float(np.mean([run.seconds for run in runs])),
             "accuracies": [run.accuracy for run in runs],
             "balanced_accuracies": [run.balanced_accuracy for run in runs],

@@ -172,3 +172,35 @@ def test_the_script_runs_on_an_embedding_set_as_on_the_dataset(embedding_set, im
     assert from_set["final_stats"]["encode_seconds"] < from_images["final_stats"]["encode_seconds"]
     assert "skipped for an embedding set (no encoder)" in on_set.stdout
     assert (tmp_path / "set" / "confusion.png").stat().st_size > 1000
+
+
+def test_a_class_store_built_from_the_set_equals_one_built_from_the_images(embedding_set, image_folder,
+                                                                           lite0_weights, tmp_path, capsys):
+    import classdb
+    import cli
+
+    out, _, _ = embedding_set
+    assert cli.class_store_main(["build", "--embeddings", str(out), "--out", str(tmp_path / "set.npz")]) == 0
+    assert cli.class_store_main(["build", "--dataset", str(image_folder), "--model", "tf_efficientnet_lite0",
+                                 "--weights", str(lite0_weights), "--out", str(tmp_path / "images.npz")]) == 0
+    from_set = classdb.ClassVectorStore.load(path=tmp_path / "set.npz")
+    from_images = classdb.ClassVectorStore.load(path=tmp_path / "images.npz")
+    assert from_set.labels == from_images.labels and from_set.model_id == from_images.model_id
+    assert from_set.transform_config == from_images.transform_config
+    np.testing.assert_allclose(from_set.classifier.class_sums_, from_images.classifier.class_sums_, atol=1e-4)
+    assert from_set.threshold == pytest.approx(from_images.threshold, rel=1e-5)  # batches of 8 vs 32: float32
+    assert "Built" in capsys.readouterr().out
+
+
+def test_the_grid_scores_an_embedding_set_as_it_scores_the_dataset(embedding_set, image_folder, lite0_weights,
+                                                                   tmp_path):
+    import grid
+
+    out, _, _ = embedding_set
+    settings = grid.GridSettings(runs=3, valid_share=0.3, top_k=2)
+    common = dict(classifiers=["mean", "balanced"], cache_dir=tmp_path / "cache", settings=settings)
+    from_set = grid.run_grid(datasets=[], models=[], embedding_sets=[out], out=tmp_path / "set", **common)
+    from_images = grid.run_grid(datasets=[image_folder], out=tmp_path / "images", **common,
+                                models=[grid.ModelSpec(name="tf_efficientnet_lite0", weights=str(lite0_weights))])
+    columns = ["dataset", "model", "classifier", "samples", "classes", "accuracy", "balanced_accuracy"]
+    assert from_set[columns].to_dict("records") == from_images[columns].to_dict("records")
