@@ -162,11 +162,13 @@ def encode_dataset(
     gpus_per_actor: float = 0.0,
     batch_size: int = 32,
     rows_per_shard: int = 100_000,
+    cpus_per_actor: float | None = None,
 ) -> dict[str, Any]:
     """Embed every sample of ``maker`` on the running Ray cluster (see :func:`init_ray`) into an embedding set at
     ``out``, and return its manifest.
 
-    A folder holding the complete set of the same model, preprocessing and samples is returned as it is (a rerun
+    ``cpus_per_actor`` (default: the cluster's CPUs shared out among the actors, one with GPUs) is also the torch
+    thread count of each actor. A folder holding the complete set of the same model, preprocessing and samples is returned as it is (a rerun
     resumes by doing nothing); a complete set of anything else is refused; shards without a manifest (a run that
     died) are removed first, so two runs never mix.
     """
@@ -191,6 +193,8 @@ def encode_dataset(
         shutil.rmtree(out / SHARDS)
     out.mkdir(parents=True, exist_ok=True)
     samples = _samples(maker)
+    if cpus_per_actor is None:
+        cpus_per_actor = 1.0 if gpus_per_actor else max(1.0, ray.cluster_resources().get("CPU", 1) // actors)
     started = time.perf_counter()
     dataset = ray.data.from_items(samples, override_num_blocks=max(actors * 4, -(-len(samples) // batch_size) // 8, 1))
     with warnings.catch_warnings():
@@ -200,6 +204,7 @@ def encode_dataset(
         embedded = dataset.map_batches(
             _EmbedBatch, fn_constructor_kwargs={"spec": spec}, batch_size=batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus_per_actor or None,
+            num_cpus=cpus_per_actor,
             max_restarts=TASK_RETRIES, max_task_retries=TASK_RETRIES,
         )
     embedded.write_parquet(str(out / SHARDS), max_rows_per_file=rows_per_shard)
@@ -220,6 +225,7 @@ def encode_dataset(
         "shards": shards,
         "encode_seconds": seconds,
         "actors": actors,
+        "cpus_per_actor": cpus_per_actor,
     }
     rows = sum(_shard_rows(out / SHARDS / name) for name in shards)
     if rows != len(samples):
