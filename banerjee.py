@@ -462,7 +462,7 @@ class DatasetMaker:
         if self._strict:
             raise DatasetError(
                 f"{len(self.skipped)} problem(s) in {self._dataset_path}:\n{_describe(self.skipped)}\n"
-                "Fix or remove these files, or pass strict=False to skip them."
+                "Fix or remove these files, or drop --strict (strict=False in Python) to skip them."
             )
         warnings.warn(
             f"Skipped {len(self.skipped)} path(s) in {self._dataset_path}:\n{_describe(self.skipped)}",

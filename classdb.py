@@ -58,7 +58,6 @@ __all__ = [
     "SearchResult",
     "TorchBackend",
     "make_backend",
-    "main",
 ]
 
 FORMAT = "classdb"
@@ -1005,10 +1004,3 @@ def run_command(args: argparse.Namespace) -> int:
         return COMMANDS[args.command](args)
     finally:
         lock.release()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line (``python -m engine``); return the exit status, errors printed as one line."""
-    import cli
-
-    return cli.class_store_main(argv)

@@ -163,14 +163,9 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
     if args.embeddings is not None and (args.protocol == "original" or args.augment_encode or args.augment_eval):
         parser.error("--embeddings holds one embedding per sample: it runs the cached protocol, without "
                      "augmentation; drop --protocol original, --augment-encode and --augment-eval.")
-    import banerjee  # heavy (torch): only once --help has had its chance to answer
-
-    try:
-        banerjee.check_shares(valid_share=args.valid_share, test_share=0.0)
-    except banerjee.DatasetError as error:
-        parser.error(f"--valid-share: {error}")
-    if args.valid_share == 0.0:
-        parser.error("--valid-share: valid_share must be above 0, or no partition has a validation image.")
+    if not 0.0 < args.valid_share < 1.0:
+        parser.error(f"--valid-share must lie strictly between 0 and 1 (a share of each class validates, the rest "
+                     f"trains), got {args.valid_share}.")
     if args.cpu:
         args.device = "cpu"
     if not args.reproducible:
@@ -203,6 +198,8 @@ def check_output_folder(folder: pathlib.Path) -> str | None:
     if folder.exists() and not folder.is_dir():
         return "is a file, not a folder. Pass a folder path."
     existing = next(path for path in (folder, *folder.absolute().parents) if path.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, so no folder can be made under it. Pass a folder path."
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is not writable. Pass a folder you can write to."
     return None
@@ -617,3 +614,21 @@ def run_class_store() -> None:
 def run_grid() -> None:
     """Console entry point ``similarity-grid``: the model x dataset x classifier grid (same as ``python -m grid``)."""
     sys.exit(grid_main())
+
+
+COMMAND_FAMILIES = {"store": "class_store_main", "grid": "grid_main", "distributed": "distributed_main"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cli store|grid|distributed ...``: the command families of the store (``python -m engine``), the
+    grid (``python -m grid``) and the distributed encode (``python -m distributed``)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in COMMAND_FAMILIES:
+        print(f"usage: python -m cli {{{','.join(COMMAND_FAMILIES)}}} ... (the research script: python "
+              "p1_similarity_search_rsch.py)", file=sys.stderr)
+        return 2
+    return globals()[COMMAND_FAMILIES[argv[0]]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,12 +15,13 @@ Ray (``pip install -e .[distributed]``) is imported only by the functions that n
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # ``python -m distributed``: parse the command line before Ray, torch and timm load
+if __name__ == "__main__":  # ``python -m distributed``: the distributed encode's options live on the command-line
+    # floor; it is launched by name (``python -m cli distributed``), as a console script is, before Ray and torch load
+    import runpy as _runpy
     import sys as _sys
 
-    import cli as _cli
-
-    _sys.exit(_cli.distributed_main())
+    _sys.argv[1:1] = ["distributed"]
+    _runpy.run_module("cli", run_name="__main__", alter_sys=True)
 
 import dataclasses
 import hashlib
@@ -168,9 +169,9 @@ def encode_dataset(
     ``out``, and return its manifest.
 
     ``cpus_per_actor`` (default: the cluster's CPUs shared out among the actors, one with GPUs) is also the torch
-    thread count of each actor. A folder holding the complete set of the same model, preprocessing and samples is returned as it is (a rerun
-    resumes by doing nothing); a complete set of anything else is refused; shards without a manifest (a run that
-    died) are removed first, so two runs never mix.
+    thread count of each actor. A folder holding the complete set of the same model, preprocessing and samples is
+    returned as it is (a rerun resumes by doing nothing); a complete set of anything else is refused; shards without
+    a manifest (a run that died) are removed first, so two runs never mix.
     """
     ray = require_ray()
     out = pathlib.Path(out)
@@ -196,7 +197,8 @@ def encode_dataset(
     if cpus_per_actor is None:
         cpus_per_actor = 1.0 if gpus_per_actor else max(1.0, ray.cluster_resources().get("CPU", 1) // actors)
     started = time.perf_counter()
-    dataset = ray.data.from_items(samples, override_num_blocks=max(actors * 4, -(-len(samples) // batch_size) // 8, 1))
+    # A few blocks per actor keep them all busy; each block becomes a shard (split further at rows_per_shard).
+    dataset = ray.data.from_items(samples, override_num_blocks=max(actors * 2, -(-len(samples) // rows_per_shard)))
     with warnings.catch_warnings():
         # Ray 2.60 deprecates passing actor options as keywords, yet names no parameter for these two; its own
         # default retries a failing batch forever.
@@ -346,22 +348,28 @@ class EmbeddingSetMaker(banerjee.DatasetMaker):
 
 
 def shard_statistics(path: str | os.PathLike, estimator: Any) -> dict[str, np.ndarray]:
-    """A fresh copy of ``estimator`` fitted on one shard, as plain arrays (what crosses the network)."""
+    """The statistics of ``estimator``'s class fitted on one shard, as plain arrays (what crosses the network). A
+    leave-one-out ridge choice is left to :func:`fit_shards` (it needs the merged statistics), so the shard is fitted
+    with a fixed ridge: the statistics do not depend on it."""
     part = _read_shard(pathlib.Path(path))
-    fitted = prototypes.make_classifier(prototypes.classifier_name(estimator), **estimator.get_params())
+    fitted = sklearn.base.clone(estimator)
+    if getattr(fitted, "alpha", None) == "loo":
+        fitted.set_params(alpha=1.0)
     return fitted.fit(part["embedding"], part["label"]).get_statistics()
 
 
-def _shard_hits(path: str | os.PathLike, merged: Any) -> tuple[np.ndarray, np.ndarray]:
+def _shard_hits(
+    path: str | os.PathLike, merged: Any, decomposition: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray]:
     part = _read_shard(pathlib.Path(path))
-    return merged.leave_one_out_hits(part["embedding"], part["label"]), part["label"]
+    return merged.leave_one_out_hits(part["embedding"], part["label"], decomposition=decomposition), part["label"]
 
 
 def fit_shards(folder: str | os.PathLike, estimator: Any, *, use_ray: bool = True) -> Any:
     """``estimator`` fitted on every sample of the embedding set at ``folder`` without gathering the embeddings:
     each shard is fitted by a Ray task where it lies (``use_ray=False``: one after another here), the statistics
-    merge exactly, and a leave-one-out ridge selection runs shard by shard against the merged statistics.
-    Classes are the label indexes of the manifest's ``classes``."""
+    merge exactly, and a leave-one-out ridge selection runs shard by shard against the merged statistics (one
+    eigendecomposition, shared). Classes are the label indexes of the manifest's ``classes``."""
     folder = pathlib.Path(folder)
     paths = [str(folder / SHARDS / name) for name in _read_manifest(folder)["shards"]]
     if use_ray:
@@ -370,14 +378,14 @@ def fit_shards(folder: str | os.PathLike, estimator: Any, *, use_ray: bool = Tru
         states = ray.get([statistics_task.remote(path, estimator) for path in paths])
     else:
         states = [shard_statistics(path, estimator) for path in paths]
-    parts = [sklearn.base.clone(estimator).set_statistics(**state) for state in states]
-    merged = prototypes.merge_statistics(parts)
+    merged = prototypes.merge_statistics(states, into=estimator)
     if getattr(merged, "alpha", None) == "loo":
+        decomposition = merged.decomposition()
         if use_ray:
-            shared = ray.put(merged)
-            results = ray.get([hits_task.remote(path, shared) for path in paths])
+            shared, shared_decomposition = ray.put(merged), ray.put(decomposition)
+            results = ray.get([hits_task.remote(path, shared, shared_decomposition) for path in paths])
         else:
-            results = [_shard_hits(path, merged) for path in paths]
+            results = [_shard_hits(path, merged, decomposition) for path in paths]
         merged.select_alpha(np.concatenate([hits for hits, _ in results], axis=1),
                             np.concatenate([labels for _, labels in results]))
     return merged

@@ -15,12 +15,13 @@ partitions, top-k), so a rerun of the same grid only lists the datasets and load
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # ``python -m grid``: parse the options before torch and timm load
+if __name__ == "__main__":  # ``python -m grid``: the grid's options live on the command-line floor; it is
+    # launched by name (``python -m cli grid``), as a console script is, before torch loads
+    import runpy as _runpy
     import sys as _sys
 
-    import cli as _cli
-
-    _sys.exit(_cli.grid_main())
+    _sys.argv[1:1] = ["grid"]
+    _runpy.run_module("cli", run_name="__main__", alter_sys=True)
 
 import collections
 import dataclasses

@@ -516,7 +516,7 @@ class DecorrelatedClassifier(_ClassStatistics):
         self.feature_sum_ = self.feature_sum_ + sign * features.sum(axis=0)
         self.n_samples_seen_ = self.n_samples_seen_ + sign * len(features)
 
-    def _decomposition(self) -> dict[str, Any]:
+    def decomposition(self) -> dict[str, Any]:
         """The centred statistics in the eigenbasis of the centred Gram matrix: what every ridge strength and the
         leave-one-out selection are computed from (one ``F x F`` eigendecomposition)."""
         n = self.n_samples_seen_
@@ -531,7 +531,7 @@ class DecorrelatedClassifier(_ClassStatistics):
                     rotated=eigenvectors.T @ targets.T, scale=scale)
 
     def _solve(self, selection: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
-        decomposition = self._decomposition()
+        decomposition = self.decomposition()
         mean, eigenvalues, eigenvectors, rotated, scale = (
             decomposition[name] for name in ("mean", "eigenvalues", "eigenvectors", "rotated", "scale"))
         relative = np.asarray(self.relative_alphas, dtype=np.float64)
@@ -554,20 +554,22 @@ class DecorrelatedClassifier(_ClassStatistics):
         weights = eigenvectors @ directions
         return weights.T, -(mean @ weights)
 
-    def leave_one_out_hits(self, X: Any, y: Any) -> np.ndarray:
+    def leave_one_out_hits(self, X: Any, y: Any, *, decomposition: dict[str, Any] | None = None) -> np.ndarray:
         """``[candidates + 1, n]``: whether each image of ``X`` (labels ``y``) is classified right with itself left
         out of the *current* statistics, for every relative ridge strength and, last, the plain class mean.
 
         The images must be among those fitted. Computed image by image against the whole statistics, so the
         shards of a dataset fitted apart and merged (:func:`merge_statistics`) give, stacked, the hits of a single
-        fit; :meth:`select_alpha` then chooses from them as ``fit`` does.
+        fit; :meth:`select_alpha` then chooses from them as ``fit`` does. ``decomposition`` (:meth:`decomposition`,
+        computed once for all shards) saves an eigendecomposition per call.
         """
         check_is_fitted(self)
         X, y = validate_data(self, X, y, reset=False, dtype=np.float64)
         rows = np.searchsorted(self.classes_, y).clip(max=len(self.classes_) - 1)
         if not np.array_equal(self.classes_[rows], y):
             raise ValueError(f"Labels {sorted(set(np.setdiff1d(y, self.classes_).tolist()))} were never fitted.")
-        return self._leave_one_out_hits(self._sample_features(X), rows, decomposition=self._decomposition())
+        return self._leave_one_out_hits(self._sample_features(X), rows,
+                                        decomposition=decomposition or self.decomposition())
 
     def select_alpha(self, hits: np.ndarray, y: Any) -> DecorrelatedClassifier:
         """Choose the ridge strength from :meth:`leave_one_out_hits` of every fitted image (labels ``y``, in the
@@ -752,23 +754,30 @@ def make_classifier(name: str, **params: Any) -> _ClassStatistics:
 ADDITIVE_SHARED = ("gram", "feature_sum", "n_samples_seen")
 
 
-def merge_statistics(parts: Sequence[_ClassStatistics]) -> _ClassStatistics:
+def merge_statistics(
+    parts: Sequence[_ClassStatistics | dict[str, np.ndarray]], *, into: _ClassStatistics | None = None
+) -> _ClassStatistics:
     """One estimator holding the sum of the fitted ``parts``' statistics (same class and parameters, fitted on
     disjoint images, e.g. the shards of a dataset on several machines): equal to one fit on all their images up to
     float64 rounding, for any set of classes per part.
 
-    With ``alpha="loo"`` the statistics are exact but the ridge strength is the first part's until
-    :meth:`DecorrelatedClassifier.select_alpha` chooses it from the hits of every image
-    (:meth:`~DecorrelatedClassifier.leave_one_out_hits` against the merged statistics, shard by shard).
-    A calibration threshold is not kept: it was set on scores the merge changes.
+    A part is a fitted estimator or its :meth:`~_ClassStatistics.get_statistics` (what crosses a network); ``into``
+    is the unfitted estimator to fill (default: a copy of the first part). With ``alpha="loo"`` the statistics are
+    exact but the ridge strength is the first part's until :meth:`DecorrelatedClassifier.select_alpha` chooses it
+    from the hits of every image (:meth:`~DecorrelatedClassifier.leave_one_out_hits` against the merged statistics,
+    shard by shard). A calibration threshold is not kept: it was set on scores the merge changes.
     """
     if not parts:
-        raise ValueError("merge_statistics needs at least one fitted estimator.")
-    first = parts[0]
-    for part in parts[1:]:
-        if type(part) is not type(first) or part.get_params() != first.get_params():
-            raise ValueError(f"Cannot merge {part!r} into {first!r}: the estimators differ in class or parameters.")
-    states = [part.get_statistics() for part in parts]
+        raise ValueError("merge_statistics needs at least one fitted estimator or its statistics.")
+    estimators = [part for part in parts if isinstance(part, _ClassStatistics)]
+    template = into if into is not None else (estimators[0] if estimators else None)
+    if template is None:
+        raise ValueError("merge_statistics needs `into` (the estimator to fill) when the parts are statistics.")
+    for part in estimators:
+        if type(part) is not type(template) or part.get_params() != template.get_params():
+            raise ValueError(f"Cannot merge {part!r} into {template!r}: the estimators differ in class or "
+                             "parameters.")
+    states = [part.get_statistics() if isinstance(part, _ClassStatistics) else part for part in parts]
     classes = np.unique(np.concatenate([state["classes"] for state in states]))
     sums = np.zeros((len(classes), states[0]["class_sums"].shape[1]))
     counts = np.zeros(len(classes), dtype=np.int64)
@@ -784,7 +793,7 @@ def merge_statistics(parts: Sequence[_ClassStatistics]) -> _ClassStatistics:
             raise ValueError(f"Cannot merge estimators whose '{name}' differs (e.g. another random_state).")
         else:
             merged[name] = states[0][name]
-    return sklearn.base.clone(first).set_statistics(**merged)
+    return sklearn.base.clone(template).set_statistics(**merged)
 
 
 def classifier_name(estimator: Any) -> str:

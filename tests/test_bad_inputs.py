@@ -525,9 +525,10 @@ def test_state_with_bad_active_labels(maker_and_state):
         (("--top-k", "0"), "--runs, --batch-size and --top-k must be at least 1"),
         (("--workers", "-1"), "and --workers at least 0"),
         (("--confidence", "1.5"), "--confidence must lie strictly between 0 and 1"),
-        (("--valid-share", "1.2"), "--valid-share: valid_share must be a number in [0, 1], got 1.2"),
-        (("--valid-share", "1.0"), "--valid-share: valid_share + test_share must be below 1"),
-        (("--valid-share", "0"), "--valid-share: valid_share must be above 0"),
+        (("--valid-share", "1.2"), "--valid-share must lie strictly between 0 and 1 (a share of each class "
+                                   "validates, the rest trains), got 1.2"),
+        (("--valid-share", "1.0"), "--valid-share must lie strictly between 0 and 1"),
+        (("--valid-share", "0"), "--valid-share must lie strictly between 0 and 1"),
         (("--short-run", "0"), "--short-run must be at least 1 batch"),
     ],
 )
@@ -565,6 +566,28 @@ def test_weights_of_another_model_are_refused(tmp_path):
     torch.save({"conv.weight": torch.zeros(8, 3, 3, 3), "fc.weight": torch.zeros(10, 8)}, path)
     with pytest.raises(ValueError, match="Does --weights belong to --model"):
         engine.create_model(model_name="tf_efficientnet_lite0", weights=path)
+
+
+def test_the_weights_of_a_larger_variant_are_refused_not_partly_loaded(tmp_path):
+    """A Lite1 state dict holds every Lite0 tensor by name (same widths, more blocks): loading it by name would drop
+    92 tensors and give confident nonsense."""
+    import timm
+
+    path = tmp_path / "lite1.pth"
+    torch.save(timm.create_model("tf_efficientnet_lite1", pretrained=False).state_dict(), path)
+    with pytest.raises(engine.ModelError, match=r"holds 92 tensors that model 'tf_efficientnet_lite0' does not have "
+                                                r"\(e.g. 'blocks.1.2.conv_pw.weight'\): it belongs to a larger"):
+        engine.create_model(model_name="tf_efficientnet_lite0", weights=path)
+
+
+def test_a_weights_file_of_random_bytes_is_not_met_with_advice_to_unpickle_it(tmp_path):
+    path = tmp_path / "random.pth"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    with pytest.raises(engine.ModelError) as info:
+        engine.create_model(model_name="tf_efficientnet_lite0", weights=path)
+    message = str(info.value)
+    assert message.startswith(f"Cannot read weights file {path}: it is not a plain PyTorch state dict of tensors")
+    assert "weights_only=False" not in message and "\n" not in message
 
 
 def test_missing_weights_file_is_named(tmp_path):
@@ -984,11 +1007,11 @@ def test_second_writer_of_a_class_store_stops_with_a_clear_message(tmp_path, mon
     before = path.read_bytes()
     monkeypatch.setattr(classdb, "LOCK_TIMEOUT_S", 0.3)
     with lock_held_elsewhere(path):
-        assert classdb.main(["remove-class", "--store", str(path), "cat"]) == 1
+        assert cli.class_store_main(["remove-class", "--store", str(path), "cat"]) == 1
     error = capsys.readouterr().err
     assert f"Another process is writing {path}" in error and "Wait for it to finish" in error
     assert path.read_bytes() == before
-    assert classdb.main(["remove-class", "--store", str(path), "cat"]) == 0
+    assert cli.class_store_main(["remove-class", "--store", str(path), "cat"]) == 0
 
 
 def test_second_run_into_the_same_out_stops_and_an_earlier_log_is_kept(image_folder, lite0_weights, lite0_model,
@@ -1099,7 +1122,8 @@ def read_only_folder(tmp_path: pathlib.Path) -> pathlib.Path:
     (lambda tmp: ("--seed", str(2**32)), "--seed must lie in 0..4294967295"),
     (lambda tmp: ("--weights", str(tmp / "absent.pth")), "absent.pth: no such file"),
     (lambda tmp: ("--out", str(out_that_is_a_file(tmp))), "is a file, not a folder. Pass a folder path."),
-    (lambda tmp: ("--cache-dir", str(out_that_is_a_file(tmp) / "cache")), "is not writable"),
+    (lambda tmp: ("--cache-dir", str(out_that_is_a_file(tmp) / "cache")),
+     "is a file, so no folder can be made under it"),
     (lambda tmp: ("--out", str(read_only_folder(tmp) / "out")), "locked is not writable. Pass a folder you can"),
 ])
 def test_bad_paths_and_seeds_are_rejected_before_any_work(tmp_path, make_args, message):
@@ -1237,11 +1261,11 @@ def test_class_store_output_and_csv_cannot_inject_lines_escapes_or_formulas(tmp_
     db = classdb.ClassVectorStore(dim=4, model_name="toy", model_id="toy+sha256:0", transform_config={})
     db.add_classes(embeddings=torch.eye(4)[:2], labels=[evil, "cat"])
     path = db.save(path=tmp_path / "classes.npz")
-    assert classdb.main(["info", "--store", str(path)]) == 0
+    assert cli.class_store_main(["info", "--store", str(path)]) == 0
     shown = capsys.readouterr().out
     assert "\x1b" not in shown and "\nfake line" not in shown
     assert "=cmd|' /C calc'!A0\\x1b[2J\\nfake line" in shown
-    assert classdb.main(["rename-class", "--store", str(path), evil, "x\x1bq"]) == 0
+    assert cli.class_store_main(["rename-class", "--store", str(path), evil, "x\x1bq"]) == 0
     assert "Renamed '=cmd|' /C calc'!A0\\x1b[2J\\nfake line' to 'x\\x1bq'" in capsys.readouterr().out
 
 
@@ -1260,7 +1284,7 @@ def test_temporary_file_of_a_killed_store_write_is_removed_by_the_next_writer(tm
     leftover.write_bytes(b"half a store")
     other = tmp_path / ".other.zip.k1ll3d.tmp"
     other.write_bytes(b"someone else's")
-    assert classdb.main(["remove-class", "--store", str(path), "cat"]) == 0
+    assert cli.class_store_main(["remove-class", "--store", str(path), "cat"]) == 0
     assert not leftover.exists() and other.exists()
     assert classdb.ClassVectorStore.load(path=path).labels == ["dog", "owl"]
 

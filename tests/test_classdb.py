@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import classdb
+import cli
 import prototypes
 import store
 from classdb import ClassDBError, ClassVectorStore, ModelMismatchError
@@ -431,7 +432,7 @@ def cli_setup(tmp_path_factory, lite0_weights):
     )
     model_args = ["--model", "tf_efficientnet_lite0", "--weights", str(lite0_weights), "--batch-size", "3", "--cpu"]
     built = root / "built.zip"
-    assert classdb.main(["build", "--dataset", str(dataset), "--out", str(built), *model_args]) == 0
+    assert cli.class_store_main(["build", "--dataset", str(dataset), "--out", str(built), *model_args]) == 0
     return dataset, built, model_args
 
 
@@ -441,7 +442,7 @@ def test_cli_build_writes_a_store_of_the_dataset(cli_setup, capsys):
     assert db.labels == ["cyan ring", "green square", "red circle"]
     assert db.counts.tolist() == [3, 3, 3] and db.model_name == "tf_efficientnet_lite0"
     assert db.model_id.startswith("tf_efficientnet_lite0+sha256:")
-    assert classdb.main(["info", "--store", str(built)]) == 0
+    assert cli.class_store_main(["info", "--store", str(built)]) == 0
     assert "3 classes, 9 images" in capsys.readouterr().out
 
 
@@ -449,15 +450,15 @@ def test_cli_remove_then_readd_restores_the_identical_file(cli_setup, tmp_path, 
     dataset, built, model_args = cli_setup
     path = tmp_path / "edited.zip"
     shutil.copy(built, path)
-    assert classdb.main(["remove-class", "--store", str(path), "red circle"]) == 0
+    assert cli.class_store_main(["remove-class", "--store", str(path), "red circle"]) == 0
     assert ClassVectorStore.load(path=path).labels == ["cyan ring", "green square"]
     add_red_circle = [
         "add-class", "--store", str(path), "--images", str(dataset / "red circle"), "--label", "red circle",
         *model_args,
     ]
-    assert classdb.main(add_red_circle) == 0
+    assert cli.class_store_main(add_red_circle) == 0
     assert zip_members(path) == zip_members(built)
-    assert classdb.main(add_red_circle) == 1
+    assert cli.class_store_main(add_red_circle) == 1
     assert "update-class" in capsys.readouterr().err
 
 
@@ -466,9 +467,9 @@ def test_cli_update_in_two_batches_equals_build(cli_setup, tmp_path):
     path = tmp_path / "edited.npz"
     ClassVectorStore.load(path=built).save(path=path)
     images = sorted((dataset / "green square").iterdir())
-    assert classdb.main(["remove-class", "--store", str(path), "green square"]) == 0
+    assert cli.class_store_main(["remove-class", "--store", str(path), "green square"]) == 0
     assert (
-        classdb.main(
+        cli.class_store_main(
             ["add-class", "--store", str(path), "--images", str(images[0]), "--label", "green square", *model_args]
         )
         == 0
@@ -477,7 +478,7 @@ def test_cli_update_in_two_batches_equals_build(cli_setup, tmp_path):
     for image in images[1:]:
         shutil.copy(image, tmp_path / "more" / image.name)
     assert (
-        classdb.main(
+        cli.class_store_main(
             [
                 "update-class",
                 "--store",
@@ -500,7 +501,7 @@ def test_cli_update_in_two_batches_equals_build(cli_setup, tmp_path):
 def test_cli_classify_prints_and_writes_csv(cli_setup, tmp_path, capsys):
     dataset, built, model_args = cli_setup
     csv_path = tmp_path / "predictions.csv"
-    status = classdb.main(
+    status = cli.class_store_main(
         [
             "classify",
             "--store",
@@ -525,19 +526,20 @@ def test_cli_classify_prints_and_writes_csv(cli_setup, tmp_path, capsys):
 
 def test_cli_builds_a_decorrelated_store(cli_setup, tmp_path, capsys):
     dataset, built, model_args = cli_setup
-    assert classdb.main(["build", "--dataset", str(dataset), "--out", str(tmp_path / "d.zip"),
-                         "--classifier", "decorrelated", *model_args]) == 1
+    assert cli.class_store_main(["build", "--dataset", str(dataset), "--out", str(tmp_path / "d.zip"),
+                                 "--classifier", "decorrelated", *model_args]) == 1
     assert "needs the .npz format: use --out" in capsys.readouterr().err
     path = tmp_path / "d.npz"
-    assert classdb.main(["build", "--dataset", str(dataset), "--out", str(path), "--classifier", "decorrelated",
-                         *model_args]) == 0
+    assert cli.class_store_main(["build", "--dataset", str(dataset), "--out", str(path), "--classifier", "decorrelated",
+                                 *model_args]) == 0
     db = ClassVectorStore.load(path=path)
     assert db.classifier_name == "decorrelated" and db.counts.tolist() == [3, 3, 3]
     assert torch.equal(db.counts, ClassVectorStore.load(path=built).counts)
-    assert classdb.main(["build", "--dataset", str(dataset), "--out", str(tmp_path / "default.npz"), *model_args]) == 0
+    assert cli.class_store_main(
+        ["build", "--dataset", str(dataset), "--out", str(tmp_path / "default.npz"), *model_args]) == 0
     assert "balanced classifier" in capsys.readouterr().out
     assert ClassVectorStore.load(path=tmp_path / "default.npz").classifier_name == "balanced"
-    assert classdb.main(["classify", "--store", str(path), str(dataset / "red circle"), *model_args]) == 0
+    assert cli.class_store_main(["classify", "--store", str(path), str(dataset / "red circle"), *model_args]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("img_")]
     assert [line.split("\t")[1] for line in lines] == ["red circle"] * 3
 
@@ -547,7 +549,7 @@ def test_cli_refuses_a_store_of_another_model(cli_setup, tmp_path, capsys):
     other = ClassVectorStore(dim=1280, model_name="tf_efficientnet_lite0", model_id="timm/tf_efficientnet_lite0.in1k")
     other.add_class(label="x", embeddings=torch.ones(1, 1280))
     path = other.save(path=tmp_path / "other.zip")
-    assert classdb.main(["classify", "--store", str(path), str(dataset), *model_args]) == 1
+    assert cli.class_store_main(["classify", "--store", str(path), str(dataset), *model_args]) == 1
     error = capsys.readouterr().err
     assert "timm/tf_efficientnet_lite0.in1k" in error and "tf_efficientnet_lite0+sha256:" in error
     assert "[Embed" not in error
@@ -559,18 +561,18 @@ def test_cli_imports_a_plain_embeddings_file(cli_setup, tmp_path, capsys):
     plain = store.save_embeddings(embeddings=means, targets=targets, filename=tmp_path / "plain")
     path = tmp_path / "imported.npz"
     with pytest.warns(UserWarning, match="no image counts"):
-        assert classdb.main(["import", "--embeddings", str(plain), "--store", str(path), *model_args]) == 0
+        assert cli.class_store_main(["import", "--embeddings", str(plain), "--store", str(path), *model_args]) == 0
     imported = ClassVectorStore.load(path=path, model_id=ClassVectorStore.load(path=built).model_id)
     assert imported.counts.tolist() == [1, 1, 1] and torch.equal(imported.means, torch.from_numpy(means))
-    assert classdb.main(["import", "--embeddings", str(plain), "--store", str(path), *model_args]) == 1
+    assert cli.class_store_main(["import", "--embeddings", str(plain), "--store", str(path), *model_args]) == 1
     assert "already exists: pass --force" in capsys.readouterr().err
-    assert classdb.main(["remove-class", "--store", str(path), "no such class"]) == 1
+    assert cli.class_store_main(["remove-class", "--store", str(path), "no such class"]) == 1
     assert "No class 'no such class'" in capsys.readouterr().err
 
 
 def test_cli_asks_for_the_local_weights_file_a_store_was_built_with(cli_setup, capsys):
     dataset, built, _ = cli_setup
-    assert classdb.main(["classify", "--store", str(built), str(dataset)]) == 1
+    assert cli.class_store_main(["classify", "--store", str(built), str(dataset)]) == 1
     error = capsys.readouterr().err
     assert "built from a local weights file (tf_efficientnet_lite0+sha256:" in error and "--weights" in error
 
@@ -627,28 +629,29 @@ def test_cli_build_calibrates_and_classify_prints_unknown(cli_setup, tmp_path, c
     for label in ("red circle", "green square"):
         shutil.copytree(dataset / label, known_only / label)
     path = tmp_path / "shapes.npz"
-    assert classdb.main(["build", "--dataset", str(known_only), "--out", str(path), "--calibrate-share", "0.34",
-                         "--true-positive-rate", "0.5", *model_args]) == 0
+    assert cli.class_store_main(["build", "--dataset", str(known_only), "--out", str(path), "--calibrate-share", "0.34",
+                                 "--true-positive-rate", "0.5", *model_args]) == 0
     db = ClassVectorStore.load(path=path)
     assert db.threshold is not None and not db.threshold_stale and db.counts.tolist() == [3, 3]
     capsys.readouterr()
-    assert classdb.main(["info", "--store", str(path)]) == 0
+    assert cli.class_store_main(["info", "--store", str(path)]) == 0
     assert f"threshold: unknown below {db.threshold:.4f}, keeping 50% of known samples" in capsys.readouterr().out
     csv_path = tmp_path / "predictions.csv"
-    assert classdb.main(["classify", "--store", str(path), str(dataset / "cyan ring"), "--csv", str(csv_path),
-                         *model_args]) == 0
+    assert cli.class_store_main(["classify", "--store", str(path), str(dataset / "cyan ring"), "--csv", str(csv_path),
+                                 *model_args]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("img_")]
     unknown = [line for line in lines if line.split("\t")[1] == "unknown"]
     assert unknown and all(re.fullmatch(r"img_\d+\.jpg\tunknown\t-?[\d.]+ < -?[\d.]+\t\[nearest: .+ [\d.-]+\]", line)
                            for line in unknown)
     rows = csv_path.read_text().splitlines()
     assert rows[0].endswith(",known,unknown_score") and len(rows) == 4
-    assert classdb.main(["classify", "--store", str(path), str(dataset / "cyan ring"), "--no-reject",
-                         *model_args]) == 0
+    assert cli.class_store_main(["classify", "--store", str(path), str(dataset / "cyan ring"), "--no-reject",
+                                 *model_args]) == 0
     assert "unknown" not in capsys.readouterr().out
-    assert classdb.main(["add-class", "--store", str(path), "--images", str(dataset / "cyan ring"),
-                         "--label", "cyan ring", *model_args]) == 0
+    assert cli.class_store_main(["add-class", "--store", str(path), "--images", str(dataset / "cyan ring"),
+                                 "--label", "cyan ring", *model_args]) == 0
     assert "was set before its classes last changed" in capsys.readouterr().err
-    assert classdb.main(["calibrate", "--store", str(path), "--dataset", str(dataset), *model_args]) == 0
+    assert cli.class_store_main(["calibrate", "--store", str(path), "--dataset", str(dataset), *model_args]) == 0
     assert "Calibrated" in capsys.readouterr().out and not ClassVectorStore.load(path=path).threshold_stale
-    assert classdb.main(["calibrate", "--store", str(path), "--dataset", str(tmp_path / "other"), *model_args]) == 1
+    assert cli.class_store_main(
+        ["calibrate", "--store", str(path), "--dataset", str(tmp_path / "other"), *model_args]) == 1

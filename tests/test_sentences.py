@@ -12,6 +12,7 @@ import torch
 
 import banerjee
 import classdb
+import cli
 import engine
 import protocol
 import prototypes
@@ -104,6 +105,17 @@ def test_minilm_embeddings_are_the_sentence_transformers_ones(text_encoder):
     assert engine.model_id(text_encoder.model).startswith("all-MiniLM-L6-v2+sha256:")
 
 
+def test_bf16_text_embeddings_come_from_a_cast_copy_close_to_fp32(text_encoder):
+    sentences = [sentence for _, sentence in topic_sentences(per_class=4)]
+    bf16 = engine.TextEncoder(model=text_encoder.model, device="cpu", config=engine.EncoderConfig(precision="bf16"))
+    with torch.inference_mode():
+        reference, rounded = text_encoder._forward(sentences), bf16._forward(sentences)
+    assert rounded.dtype == torch.float32 and not torch.equal(reference, rounded)
+    assert torch.nn.functional.cosine_similarity(reference, rounded).min() >= 0.999
+    assert next(text_encoder.model.parameters()).dtype == torch.float32  # the shared model is left as it was
+    assert bf16.embedding_id == text_encoder.embedding_id + "+bf16-weights"
+
+
 def test_text_model_that_cannot_be_fetched_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(engine.ModelError, match="Without network access, pass a local model folder"):
@@ -155,24 +167,24 @@ def test_script_refuses_image_options_for_text(topics_csv, minilm_folder, tmp_pa
 def test_text_store_build_add_classify_and_refuse_images(topics_csv, minilm_folder, tmp_path, image_folder, capsys):
     store_path = tmp_path / "topics.npz"
     model = ["--model", str(minilm_folder)]
-    assert classdb.main(["build", "--dataset", str(topics_csv), "--text-column", "sentence", "--label-column", "topic",
-                         "--out", str(store_path), "--classifier", "decorrelated", "--calibrate-share", "0",
-                         *model]) == 0
+    assert cli.class_store_main(["build", "--dataset", str(topics_csv), "--text-column", "sentence", "--label-column",
+                                 "topic", "--out", str(store_path), "--classifier", "decorrelated",
+                                 "--calibrate-share", "0", *model]) == 0
     (tmp_path / "music.txt").write_text("The band played a loud guitar solo.\nThe orchestra tuned the violins.\n"
                                         "The singer hit a high note.\n", encoding="utf-8")
-    assert classdb.main(["add-class", "--store", str(store_path), "--texts", str(tmp_path / "music.txt"),
-                         "--label", "music", *model]) == 0
+    assert cli.class_store_main(["add-class", "--store", str(store_path), "--texts", str(tmp_path / "music.txt"),
+                                 "--label", "music", *model]) == 0
     db = classdb.ClassVectorStore.load(path=store_path)
     assert db.modality == "text" and db.labels == ["cooking", "music", "sports", "weather"]
     assert db.counts.tolist() == [15, 3, 15, 15]
     (tmp_path / "queries.txt").write_text("Simmer the beans until soft.\n\nA drummer joined the band on stage.\n",
                                           encoding="utf-8")
     capsys.readouterr()
-    assert classdb.main(["classify", "--store", str(store_path), str(tmp_path / "queries.txt"), *model]) == 0
+    assert cli.class_store_main(["classify", "--store", str(store_path), str(tmp_path / "queries.txt"), *model]) == 0
     lines = [line.split("\t")[:2] for line in capsys.readouterr().out.splitlines() if line.startswith("queries")]
     assert lines == [["queries.txt:1", "cooking"], ["queries.txt:3", "music"]]
     image_model = ["--model", "tf_efficientnet_lite0"]
-    assert classdb.main(["classify", "--store", str(store_path), str(image_folder), *image_model]) == 1
+    assert cli.class_store_main(["classify", "--store", str(store_path), str(image_folder), *image_model]) == 1
     assert "No texts found in" in capsys.readouterr().err
     with pytest.raises(classdb.ModelMismatchError, match="holds text classes, not image ones"):
         db.check_model(modality="image")
