@@ -10,12 +10,14 @@ not the one with ``name of the animals.txt`` beside it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import numbers
 import os
 import pathlib
 import random
+import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,16 +39,19 @@ __all__ = [
     "Animal90",
     "DatasetError",
     "DatasetMaker",
+    "DOWNLOADS",
     "TextDataset",
     "TextDatasetMaker",
     "UnreadableImageError",
     "augment_data",
     "check_shares",
     "detect_modality",
+    "download_dataset",
     "list_image_files",
     "load_rgb_image",
     "make_dataset_maker",
     "split_class_members",
+    "write_digits",
 ]
 
 PathLike = str | os.PathLike
@@ -828,3 +833,75 @@ def detect_modality(dataset_path: PathLike) -> str:
         if file.is_file()
     }
     return "text" if ".txt" in suffixes and not suffixes & set(IMAGE_EXTENSIONS) else "image"
+
+
+DOWNLOADS = ("animal90", "caltech101", "digits")
+
+
+def download_dataset(name: str, *, root: PathLike, kaggle_dataset: str, per_class: int | None = None) -> pathlib.Path:
+    """The class-folder root of a dataset fetched into ``root``: ``animal90`` (the article's, with kagglehub and
+    Kaggle credentials), ``caltech101`` (torchvision, about 130 MB) or ``digits`` (scikit-learn's bundled
+    handwritten digits, no network: see :func:`write_digits`); offline, a download is one clear error."""
+    root = pathlib.Path(root)
+    if name == "digits":
+        return write_digits(root / ("digits" if per_class is None else f"digits-{per_class}-per-class"),
+                            per_class=per_class)
+    if per_class is not None:
+        raise DatasetError(f"--download-per-class applies to --download digits, not to {name}.")
+    if name == "caltech101":
+        return _download_caltech101(root)
+    if name != "animal90":
+        raise DatasetError(f"Unknown download {name!r}; choose among {', '.join(DOWNLOADS)}.")
+    import kagglehub
+
+    try:
+        folder = pathlib.Path(kagglehub.dataset_download(kaggle_dataset))
+    except Exception as error:
+        raise DatasetError(
+            f"Could not download {kaggle_dataset} with kagglehub ({type(error).__name__}: {error}). It needs "
+            "network access and Kaggle credentials; otherwise download it by hand and pass --dataset DIR."
+        ) from error
+    return next(path for path in (folder / "animals" / "animals", folder / "animals", folder) if path.is_dir())
+
+
+def _download_caltech101(root: pathlib.Path) -> pathlib.Path:
+    """Caltech-101 through torchvision (about 130 MB); its class folders, ``BACKGROUND_Google`` included."""
+    import torchvision
+
+    folder = root / "caltech101" / "101_ObjectCategories"
+    if not folder.is_dir():
+        try:
+            torchvision.datasets.Caltech101(root=str(root), download=True)
+        except Exception as error:
+            raise DatasetError(
+                f"Could not download Caltech-101 with torchvision into {root} ({type(error).__name__}: {error}). "
+                "It needs network access; otherwise pass a class-folder dataset with --dataset DIR."
+            ) from error
+    return folder
+
+
+def write_digits(folder: PathLike, *, per_class: int | None = None) -> pathlib.Path:
+    """scikit-learn's bundled 1,797 handwritten digits (8 x 8 pixels, 16 grey levels) as ``folder/<digit>/*.png``,
+    so a fresh machine has a small real dataset with no network; written once, into a temporary folder renamed at
+    the end, so an interrupted write is never taken for the dataset. ``per_class`` keeps the first images of each
+    digit."""
+    from sklearn.datasets import load_digits
+
+    folder = pathlib.Path(folder)
+    if folder.is_dir():
+        return folder
+    if per_class is not None and per_class < 1:
+        raise DatasetError(f"--download-per-class must be at least 1, got {per_class}.")
+    digits = load_digits()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    temporary = pathlib.Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    written = collections.Counter()
+    for index, (image, target) in enumerate(zip(digits.images, digits.target)):
+        if per_class is not None and written[target] >= per_class:
+            continue
+        (temporary / str(target)).mkdir(exist_ok=True)
+        pixels = (image * (255 / 16)).round().astype(np.uint8)  # 0..16 grey levels to 8 bits
+        Image.fromarray(pixels, mode="L").save(temporary / str(target) / f"{index:04d}.png")
+        written[target] += 1
+    os.replace(temporary, folder)
+    return folder

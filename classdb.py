@@ -25,7 +25,6 @@ Command line (``python -m engine`` runs :func:`main`)::
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import difflib
 import hashlib
@@ -968,13 +967,11 @@ def _write_predictions(*, path: pathlib.Path, names: list[str], result: SearchRe
     header = ["image"] + [f"{field}_{rank}" for rank in range(1, top_k + 1) for field in ("label", "score")]
     rejecting = result.known is not None
     header += ["known", "unknown_score"] if rejecting else []
-    with store.atomic_path(path) as temporary, temporary.open("w", newline="", encoding="utf-8") as stream:
-        writer = csv.writer(stream)
-        writer.writerow(header)
-        for index, (name, labels, scores) in enumerate(zip(names, result.labels, result.scores.tolist())):
-            row = [name] + [value for pair in zip(labels, scores) for value in pair]
-            row += [result.known[index], result.unknown_scores[index]] if rejecting else []
-            writer.writerow([utils.spreadsheet_safe(cell) for cell in row])
+    rows = []
+    for index, (name, labels, scores) in enumerate(zip(names, result.labels, result.scores.tolist())):
+        row = [name] + [value for pair in zip(labels, scores) for value in pair]
+        rows.append(row + ([bool(result.known[index]), float(result.unknown_scores[index])] if rejecting else []))
+    store.write_csv(path, {name: [row[column] for row in rows] for column, name in enumerate(header)})
 
 
 ROUGH_CALIBRATION = 100  # fewer held-out samples than this make a threshold whose kept share is rough

@@ -42,7 +42,7 @@ __all__ = [
 # analysis.ANALYSIS_PARTS, named here to keep --help light
 ANALYSIS_PARTS = ("confusion", "retrieval", "prototypes", "tsne", "coverage", "openset")
 CLASSIFIER_NAMES = ("mean", "decorrelated", "balanced")  # prototypes.CLASSIFIERS, named here to keep --help light
-DOWNLOADS = ("animal90", "caltech101")
+DOWNLOADS = ("animal90", "caltech101", "digits")  # banerjee.DOWNLOADS, named here to keep --help light
 PRECISIONS = ("fp32", "bf16", "fp16")  # engine.PRECISIONS, named here to keep --help light
 SEARCH_BACKENDS = ("torch", "faiss")  # classdb.BACKENDS, named here to keep --help light
 
@@ -69,7 +69,10 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
                            "file of labelled sentences")
     data.add_argument("--download", nargs="?", const="animal90", choices=DOWNLOADS, default=None,
                       help="fetch a dataset instead of --dataset: animal90 (the article's, kagglehub, Kaggle "
-                           "credentials) or caltech101 (torchvision, into --cache-dir or ~/.cache)")
+                           "credentials), caltech101 (torchvision, into --cache-dir or ~/.cache) or digits "
+                           "(scikit-learn's bundled 1,797 handwritten digits as class folders: no network)")
+    data.add_argument("--download-per-class", type=int, default=None, metavar="N",
+                      help="with --download digits: write only the first N images of each class (a quick check)")
     data.add_argument("--modality", choices=("auto", "image", "text"), default=defaults["modality"],
                       help="auto: text for a CSV/TSV file or folders of .txt files, images otherwise")
     data.add_argument("--text-column", default=defaults["text_column"], help="CSV/TSV column of the sentences")
@@ -206,46 +209,25 @@ def check_output_folder(folder: pathlib.Path) -> str | None:
 
 
 def resolve_dataset(
-    *, dataset: str, download: str | None, kaggle_dataset: str, download_dir: str | None = None
+    *, dataset: str, download: str | None, kaggle_dataset: str, download_dir: str | None = None,
+    download_per_class: int | None = None,
 ) -> pathlib.Path:
-    """The dataset (class-folder root or sentence file): the given path, or the folder a download leaves."""
-    if download == "caltech101":
-        return _download_caltech101(pathlib.Path(download_dir or pathlib.Path.home() / ".cache" / "similarity-search"))
+    """The dataset (class-folder root or sentence file): the given path, or the folder a download leaves
+    (:func:`banerjee.download_dataset`)."""
     if download:
-        import kagglehub
+        import banerjee
 
-        try:
-            root = pathlib.Path(kagglehub.dataset_download(kaggle_dataset))
-        except Exception as error:
-            raise SystemExit(
-                f"Could not download {kaggle_dataset} with kagglehub ({type(error).__name__}: {error}). It needs "
-                "network access and Kaggle credentials; otherwise download it by hand and pass --dataset DIR."
-            ) from error
-        return next(path for path in (root / "animals" / "animals", root / "animals", root) if path.is_dir())
+        root = pathlib.Path(download_dir or pathlib.Path.home() / ".cache" / "similarity-search")
+        return banerjee.download_dataset(download, root=root, kaggle_dataset=kaggle_dataset,
+                                         per_class=download_per_class)
     path = pathlib.Path(dataset).expanduser()
     if not path.exists():
         raise SystemExit(
             f"No dataset at {path.resolve()}. Pass --dataset DIR (one sub-folder of images or .txt files per class) "
-            f"or a CSV/TSV file of sentences, or --download to fetch Banerjee's Animal-90 ({kaggle_dataset}) with "
-            "kagglehub."
+            f"or a CSV/TSV file of sentences, or --download digits (bundled with scikit-learn, no network), "
+            f"caltech101 or animal90 ({kaggle_dataset}, kagglehub)."
         )
     return path
-
-
-def _download_caltech101(root: pathlib.Path) -> pathlib.Path:
-    """Caltech-101 through torchvision (about 130 MB); its class folders, ``BACKGROUND_Google`` included."""
-    import torchvision
-
-    folder = root / "caltech101" / "101_ObjectCategories"
-    if not folder.is_dir():
-        try:
-            torchvision.datasets.Caltech101(root=str(root), download=True)
-        except Exception as error:
-            raise SystemExit(
-                f"Could not download Caltech-101 with torchvision into {root} ({type(error).__name__}: {error}). "
-                "It needs network access; otherwise pass a class-folder dataset with --dataset DIR."
-            ) from error
-    return folder
 
 
 def resolve_device(name: str) -> Any:

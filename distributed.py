@@ -197,8 +197,9 @@ def encode_dataset(
     if cpus_per_actor is None:
         cpus_per_actor = 1.0 if gpus_per_actor else max(1.0, ray.cluster_resources().get("CPU", 1) // actors)
     started = time.perf_counter()
-    # A few blocks per actor keep them all busy; each block becomes a shard (split further at rows_per_shard).
-    dataset = ray.data.from_items(samples, override_num_blocks=max(actors * 2, -(-len(samples) // rows_per_shard)))
+    # Blocks of about 8 batches keep every actor busy and stream (two huge blocks per actor ran at 0.6 x the rate
+    # on Caltech-101); each block becomes a shard, split further at rows_per_shard.
+    dataset = ray.data.from_items(samples, override_num_blocks=max(actors * 4, -(-len(samples) // (batch_size * 8))))
     with warnings.catch_warnings():
         # Ray 2.60 deprecates passing actor options as keywords, yet names no parameter for these two; its own
         # default retries a failing batch forever.

@@ -104,7 +104,8 @@ if args.embeddings:  # an embedding set of `python -m distributed`: the samples'
     model_name = embedding_set.manifest["model_name"]
 else:
     dataset_path = cli.resolve_dataset(
-        dataset=args.dataset, download=args.download, kaggle_dataset=KAGGLE_DATASET, download_dir=args.cache_dir
+        dataset=args.dataset, download=args.download, kaggle_dataset=KAGGLE_DATASET, download_dir=args.cache_dir,
+        download_per_class=args.download_per_class,
     )
     modality = banerjee.detect_modality(dataset_path) if args.modality == "auto" else args.modality
     model_name = args.model or (TEXT_MODEL_NAME if modality == "text" else IMAGE_MODEL_NAME)
@@ -197,7 +198,7 @@ print("\n".join(f"  {item['label']!r}: {item['accuracy']:.3f}" for item in least
 # %% Save results (and, optionally, the class vectors of the last partition).
 written = [
     store.write_csv(out_dir / "runs.csv", pd.DataFrame(protocol.run_table(run_results))),
-    store.write_csv(out_dir / "class_accuracy.csv", pd.DataFrame({"label": labels, "accuracy": class_accuracy})),
+    store.write_csv(out_dir / "class_accuracy.csv", {"label": labels, "accuracy": class_accuracy}),
     store.write_json(out_dir / "results.json", {
         "settings": vars(args),
         "environment": {**cli.run_environment(repository=pathlib.Path(__file__).resolve().parent),

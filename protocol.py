@@ -321,13 +321,20 @@ class _RunLog:
 
 
 def _keep_replaced_log(path: pathlib.Path, *, completed: list[Run]) -> None:
-    """Move aside (and say so) a log holding more than ``completed``: a new experiment never empties an old one."""
+    """Move aside (and say so) an earlier experiment whose log holds more than ``completed``: the log and every
+    other file beside it (results, tables, figures) go together into ``replaced-<time>/``, so a new experiment
+    never empties an old one and the folder never mixes two, even if the new one then crashes. Folders (an
+    embedding cache, say) and hidden files (the writer's lock) stay."""
     lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
     if len(lines) <= len(completed):
         return
-    kept = path.with_name(f"{path.stem}-replaced-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
-    os.replace(path, kept)
-    print(f"{path} held {len(lines)} partitions of an earlier experiment; moved to {kept}.")
+    folder = path.parent / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder.mkdir()
+    files = [item for item in path.parent.iterdir() if item.is_file() and not item.name.startswith(".")]
+    for item in files:
+        os.replace(item, folder / item.name)
+    print(f"{path.parent} held an earlier experiment ({len(lines)} partitions in {path.name}); its {len(files)} "
+          f"files were moved to {folder}.")
 
 
 def _json_line(run: Run) -> str:

@@ -122,12 +122,15 @@ def save_embeddings(
         )
     path = _zip_name(filename)
     frame = pd.DataFrame(embeddings)
-    frame.insert(loc=0, column="target", value=targets)
+    # text labels stay Python strings: pandas' Arrow-backed strings refuse a folder name that is not valid UTF-8
+    frame.insert(loc=0, column="target",
+                 value=pd.Series(targets.tolist(), dtype=object) if targets.dtype.kind in "UO" else targets)
     digits = "%.9g" if embeddings.dtype == np.float32 else "%.17g"
     with atomic_path(path) as temporary, zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         # CRLF line ends make the CSV writer quote any field holding a carriage return (a label may), which an
         # unquoted CSV would read back as a line break.
-        archive.writestr(path.stem + ".csv", frame.to_csv(index=False, float_format=digits, lineterminator="\r\n"))
+        text = frame.to_csv(index=False, float_format=digits, lineterminator="\r\n")
+        archive.writestr(path.stem + ".csv", text.encode("utf-8", errors="surrogateescape"))  # see write_csv
     if inform:
         print("Embeddings have been saved:", path, sep="\n  ")
     return path
@@ -148,8 +151,9 @@ def load_embeddings(
             members = [name for name in archive.namelist() if name.lower().endswith(".csv")]
             if not members:
                 raise StoreError(f"{path} holds no CSV file; expected one written by store.save_embeddings.")
-            options = {"dtype": {"target": str}, "keep_default_na": False} if text_targets else {}
-            frame = pd.read_csv(io.BytesIO(archive.read(members[0])), **options)
+            # object, not str: pandas' Arrow-backed strings refuse labels that are not valid UTF-8
+            options = {"dtype": {"target": object}, "keep_default_na": False} if text_targets else {}
+            frame = pd.read_csv(io.BytesIO(archive.read(members[0])), encoding_errors="surrogateescape", **options)
     except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as error:
         raise StoreError(f"Cannot read embeddings from {path}: {error}. Is the file complete and a ZIP?") from error
     if frame.shape[1] < 2 or frame.columns[0] != "target":
@@ -277,15 +281,23 @@ def write_json(path: PathLike, content: dict[str, Any]) -> pathlib.Path:
     return path
 
 
-def write_csv(path: PathLike, frame: pd.DataFrame) -> pathlib.Path:
+def write_csv(path: PathLike, frame: pd.DataFrame | dict[str, Sequence[Any]]) -> pathlib.Path:
     """A results table for people and spreadsheets, written atomically: text cells that a spreadsheet would run as
     formulas are neutralised (``utils.spreadsheet_safe``), and every text cell is quoted, so one holding a carriage
-    return or another control character reads back as the one cell it is."""
+    return or another control character reads back as the one cell it is.
+
+    A mapping of column names to values is made into the table here with every cell kept as the Python object it
+    is: pandas' Arrow-backed strings refuse a file name that is not valid UTF-8, which this writes as its bytes."""
     path = pathlib.Path(path)
+    if not isinstance(frame, pd.DataFrame):
+        frame = pd.DataFrame({name: pd.Series(list(values), dtype=object) for name, values in frame.items()})
     text_columns = frame.select_dtypes(include=["object", "string"]).columns
-    safe = frame.assign(**{column: frame[column].map(utils.spreadsheet_safe) for column in text_columns})
+    safe = frame.assign(**{column: pd.Series([utils.spreadsheet_safe(cell) for cell in frame[column]], dtype=object,
+                                             index=frame.index) for column in text_columns})
     with atomic_path(path) as temporary:
-        safe.to_csv(temporary, index=False, quoting=csv.QUOTE_NONNUMERIC)
+        # a file name that is not valid UTF-8 (a label or a path decoded with surrogates) is written back as its own
+        # bytes, and reads back equal with encoding_errors="surrogateescape"
+        safe.to_csv(temporary, index=False, quoting=csv.QUOTE_NONNUMERIC, errors="surrogateescape")
     return path
 
 
@@ -315,6 +327,12 @@ def acquire_writer_lock(path: PathLike, *, timeout: float) -> Any:
         raise StoreError(
             f"Another process is writing {path} (it holds {lock.lock_file}). Wait for it to finish, or write to "
             "another file or folder."
+        ) from error
+    except OSError as error:  # the folder does not let this user create the lock file
+        raise StoreError(
+            f"Cannot write {path}: its folder {path.parent} does not let this user create files "
+            f"({error.strerror or error}), and every writer first creates a lock file there. Give yourself write "
+            "access to the folder, or copy the file to a folder you can write to and work on the copy."
         ) from error
     for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # of a writer killed mid-write
         leftover.unlink(missing_ok=True)

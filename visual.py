@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 import store
+import utils
 
 __all__ = [
     "draw_analysis",
@@ -134,8 +135,10 @@ def show_images(
 
 
 def _plain_text(text: str) -> str:
-    """Text shown as written: a ``$`` would otherwise start matplotlib's math mode (and can fail to render)."""
-    return text.replace("$", r"\$")
+    """Text shown as written: a ``$`` would otherwise start matplotlib's math mode (and can fail to render), and a
+    control character or an undecodable byte of a label is spelt as an escape (``utils.printable``), so no
+    "Glyph missing" warning carries it raw to the terminal."""
+    return "\n".join(utils.printable(line) for line in str(text).split("\n")).replace("$", r"\$")
 
 
 def draw_cumulative_accuracy(
@@ -202,8 +205,8 @@ def draw_confusion_matrix(
     step = math.ceil(num_classes / MAX_TICK_LABELS)
     ticks = np.arange(0, num_classes, step)
     font_size = float(np.clip(600.0 / max(num_classes, 1), 6.0, 10.0))
-    ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=font_size)
-    ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=font_size)
+    ax.set_xticks(ticks, [_plain_text(labels[i]) for i in ticks], rotation=90, fontsize=font_size)
+    ax.set_yticks(ticks, [_plain_text(labels[i]) for i in ticks], fontsize=font_size)
     ax.set_xlabel("predicted label")
     ax.set_ylabel("true label")
     ax.set_title(_plain_text(title), wrap=True)
@@ -276,7 +279,7 @@ def draw_score_histogram(
     ax.axvline(threshold, color="black", linestyle="--", label="threshold")
     ax.set_xlabel("score_samples (higher = known)")
     ax.set_ylabel("density")
-    ax.set_title(title, fontsize=9, wrap=True)
+    ax.set_title(_plain_text(title), fontsize=9, wrap=True)
     ax.legend()
     return _finish(fig, filename)
 

@@ -9,6 +9,7 @@ groups as further sections at the end.
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import json
 import math
@@ -570,13 +571,13 @@ def test_weights_of_another_model_are_refused(tmp_path):
 
 def test_the_weights_of_a_larger_variant_are_refused_not_partly_loaded(tmp_path):
     """A Lite1 state dict holds every Lite0 tensor by name (same widths, more blocks): loading it by name would drop
-    92 tensors and give confident nonsense."""
+    90 tensors (its classifier aside) and give confident nonsense."""
     import timm
 
     path = tmp_path / "lite1.pth"
     torch.save(timm.create_model("tf_efficientnet_lite1", pretrained=False).state_dict(), path)
-    with pytest.raises(engine.ModelError, match=r"holds 92 tensors that model 'tf_efficientnet_lite0' does not have "
-                                                r"\(e.g. 'blocks.1.2.conv_pw.weight'\): it belongs to a larger"):
+    with pytest.raises(engine.ModelError, match=r"holds 90 tensors that model '[^']*tf_efficientnet_lite0[^']*' does "
+                                                r"not have \(e.g. 'blocks.1.2.conv_pw.weight'\): it belongs to a"):
         engine.create_model(model_name="tf_efficientnet_lite0", weights=path)
 
 
@@ -975,10 +976,27 @@ def test_caltech101_download_offline_is_one_clear_line(tmp_path, monkeypatch):
         raise OSError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(torchvision.datasets, "Caltech101", offline)
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(banerjee.DatasetError) as info:
         cli.resolve_dataset(dataset="unused", download="caltech101", kaggle_dataset="x/y", download_dir=str(tmp_path))
-    assert str(info.value.code).startswith(f"Could not download Caltech-101 with torchvision into {tmp_path} (OSError")
-    assert "pass a class-folder dataset with --dataset DIR" in str(info.value.code)
+    assert str(info.value).startswith(f"Could not download Caltech-101 with torchvision into {tmp_path} (OSError")
+    assert "pass a class-folder dataset with --dataset DIR" in str(info.value)
+
+
+def test_digits_are_written_once_as_class_folders_with_no_network(tmp_path):
+    from sklearn.datasets import load_digits
+
+    folder = banerjee.download_dataset("digits", root=tmp_path, kaggle_dataset="unused", per_class=3)
+    assert folder == tmp_path / "digits-3-per-class"
+    assert sorted(path.name for path in folder.iterdir()) == [str(digit) for digit in range(10)]
+    maker = banerjee.DatasetMaker(dataset_path=folder)
+    assert maker.get_num_images() == 30 and not maker.skipped
+    first = load_digits().images[0]  # a zero, written as 0000.png
+    pixels = np.asarray(Image.open(folder / "0" / "0000.png"))
+    np.testing.assert_array_equal(pixels, (first * 255 / 16).round().astype(np.uint8))
+    assert banerjee.download_dataset("digits", root=tmp_path, kaggle_dataset="unused", per_class=3) == folder
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]  # no temporary folder left
+    with pytest.raises(banerjee.DatasetError, match="applies to --download digits, not to caltech101"):
+        banerjee.download_dataset("caltech101", root=tmp_path, kaggle_dataset="unused", per_class=3)
 
 
 # ===============================================================================================================
@@ -1034,9 +1052,13 @@ def test_second_run_into_the_same_out_stops_and_an_earlier_log_is_kept(image_fol
 
     experiment(3)
     earlier = (out / "runs.jsonl").read_text()
+    (out / "results.json").write_text("{}")  # what a finished run leaves beside its log
+    (out / "cache").mkdir()
     experiment(2)
-    kept = list(out.glob("runs-replaced-*.jsonl"))
-    assert len(kept) == 1 and kept[0].read_text() == earlier
+    kept = list(out.glob("replaced-*"))
+    assert len(kept) == 1 and (kept[0] / "runs.jsonl").read_text() == earlier
+    assert sorted(path.name for path in kept[0].iterdir()) == ["results.json", "runs.jsonl"]
+    assert not (out / "results.json").exists() and (out / "cache").is_dir()  # nothing of the old run is left
     assert len((out / "runs.jsonl").read_text().splitlines()) == 2
 
 
@@ -1274,8 +1296,8 @@ def test_predictions_csv_neutralises_formula_labels(tmp_path):
     db.add_classes(embeddings=torch.eye(4)[:2], labels=["=1+1", "cat"])
     result = db.search(queries=torch.eye(4)[:1], top_k=2, model_id="toy+sha256:0")
     classdb._write_predictions(path=tmp_path / "p.csv", names=["@image.png"], result=result)
-    rows = (tmp_path / "p.csv").read_text(encoding="utf-8").splitlines()
-    assert rows[1].split(",")[:2] == ["'@image.png", "'=1+1"] and rows[1].split(",")[3] == "cat"
+    rows = list(csv.reader((tmp_path / "p.csv").read_text(encoding="utf-8").splitlines()))
+    assert rows[1][:2] == ["'@image.png", "'=1+1"] and rows[1][3] == "cat"
 
 
 def test_temporary_file_of_a_killed_store_write_is_removed_by_the_next_writer(tmp_path):
@@ -1308,3 +1330,60 @@ def test_zip_bomb_in_an_embeddings_file_is_refused(tmp_path, monkeypatch):
     assert path.stat().st_size < 2**14  # a few kilobytes that would unpack to four megabytes
     with pytest.raises(store.StoreError, match="member e.csv would unpack to 4,194,313 bytes"):
         store.load_embeddings(filename=path)
+
+
+# ===============================================================================================================
+# File names that are not valid UTF-8: kept as their own bytes, never a crash after the work is done
+# ===============================================================================================================
+
+
+def _non_utf8_dataset(root: pathlib.Path) -> tuple[pathlib.Path, str]:
+    """Two classes, one whose folder name is Latin-1 bytes (``caf\\xe9``), as an old camera or a Windows share
+    leaves them; Python names it with a surrogate escape."""
+    make_class_folders(root, classes=["red circle", "green square"], images_per_class=6)
+    os.rename(os.fsencode(root / "red circle"), os.path.join(os.fsencode(root), b"caf\xe9"))
+    return root, os.fsdecode(b"caf\xe9")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows file names are UTF-16, never undecodable bytes")
+def test_a_class_folder_name_that_is_not_utf8_round_trips_through_the_results(lite0_weights, tmp_path):
+    root, label = _non_utf8_dataset(tmp_path / "data")
+    assert label == "caf\udce9"
+    out = tmp_path / "out"
+    result = run_script("--dataset", root, "--model", "tf_efficientnet_lite0", "--weights", lite0_weights,
+                        "--runs", 2, "--top-k", 1, "--save-embeddings", "--out", out, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["final_stats"]["num_labels"] == 2
+    accuracy = pd.read_csv(out / "class_accuracy.csv", encoding_errors="surrogateescape", dtype={"label": object})
+    assert sorted(accuracy["label"]) == sorted([label, "green square"])
+    assert b"caf\xe9" in (out / "class_accuracy.csv").read_bytes()  # the folder's own bytes
+    targets, _ = store.load_embeddings(filename=out / "embeddings-tf_efficientnet_lite0.zip", text_targets=True)
+    assert sorted(targets.tolist()) == sorted([label, "green square"])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows file names are UTF-16, never undecodable bytes")
+def test_classify_writes_image_names_that_are_not_utf8(lite0_weights, tmp_path, capsys):
+    root, label = _non_utf8_dataset(tmp_path / "data")
+    model = ["--model", "tf_efficientnet_lite0", "--weights", str(lite0_weights)]
+    assert cli.class_store_main(["build", "--dataset", str(root), "--out", str(tmp_path / "s.npz"), *model]) == 0
+    predictions = tmp_path / "predictions.csv"
+    assert cli.class_store_main(["classify", "--store", str(tmp_path / "s.npz"), os.fsdecode(
+        os.path.join(os.fsencode(root), b"caf\xe9")), "--csv", str(predictions), *model]) == 0
+    table = pd.read_csv(predictions, encoding_errors="surrogateescape", dtype=object)
+    assert len(table) == 6 and set(table["label_1"]) == {label}
+    assert "caf\\udce9" in capsys.readouterr().out  # printed escaped, never raw bytes on the terminal
+
+
+def test_a_folder_that_cannot_hold_the_lock_file_says_what_to_do(tmp_path, monkeypatch):
+    import filelock
+
+    def refused(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", refused)
+    with pytest.raises(store.StoreError) as info:
+        store.acquire_writer_lock(tmp_path / "shared" / "classes.npz", timeout=0)
+    message = str(info.value)
+    assert message.startswith(f"Cannot write {tmp_path / 'shared' / 'classes.npz'}: its folder")
+    assert "(Permission denied)" in message and "copy the file to a folder you can write to" in message
+    assert ".classes.npz.lock" not in message

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import pathlib
 import re
@@ -517,11 +518,9 @@ def test_cli_classify_prints_and_writes_csv(cli_setup, tmp_path, capsys):
     assert status == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("img_")]
     assert [line.split("\t")[:2] for line in lines] == [[f"img_00{i}.jpg", "cyan ring"] for i in range(3)]
-    rows = csv_path.read_text().splitlines()
-    assert rows[0] == "image,label_1,score_1,label_2,score_2"
-    assert len(rows) == 4 and all(
-        row.split(",")[1] == "cyan ring" and float(row.split(",")[2]) > float(row.split(",")[4]) for row in rows[1:]
-    )
+    rows = list(csv.reader(csv_path.read_text().splitlines()))
+    assert rows[0] == ["image", "label_1", "score_1", "label_2", "score_2"]
+    assert len(rows) == 4 and all(row[1] == "cyan ring" and float(row[2]) > float(row[4]) for row in rows[1:])
 
 
 def test_cli_builds_a_decorrelated_store(cli_setup, tmp_path, capsys):
@@ -643,8 +642,8 @@ def test_cli_build_calibrates_and_classify_prints_unknown(cli_setup, tmp_path, c
     unknown = [line for line in lines if line.split("\t")[1] == "unknown"]
     assert unknown and all(re.fullmatch(r"img_\d+\.jpg\tunknown\t-?[\d.]+ < -?[\d.]+\t\[nearest: .+ [\d.-]+\]", line)
                            for line in unknown)
-    rows = csv_path.read_text().splitlines()
-    assert rows[0].endswith(",known,unknown_score") and len(rows) == 4
+    rows = list(csv.reader(csv_path.read_text().splitlines()))
+    assert rows[0][-2:] == ["known", "unknown_score"] and len(rows) == 4
     assert cli.class_store_main(["classify", "--store", str(path), str(dataset / "cyan ring"), "--no-reject",
                                  *model_args]) == 0
     assert "unknown" not in capsys.readouterr().out

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import pathlib
 import re
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -131,3 +135,28 @@ def test_unknown_device_is_one_clear_line(six_classes, lite0_weights, tmp_path):
     assert result.returncode == 1
     assert re.fullmatch(r"--device cuda:7: this machine has \d+ CUDA device\(s\)\. Use --device cpu or auto\.",
                         result.stderr.strip())
+
+
+REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(pathlib.Path(sys.prefix).resolve() != (REPOSITORY / ".venv").resolve(),
+                    reason="start.sh installs into the repository's .venv; run inside it (bash .ci/run does)")
+def test_the_quick_start_sets_up_and_runs_the_main_job_on_the_bundled_digits(tmp_path):
+    """The README's first command on a small share of the digits: inside ``bash .ci/run`` its installs find
+    everything present, then the main job runs with the offline Lite0 weights."""
+    out = tmp_path / "out"
+    completed = subprocess.run(
+        ["bash", str(REPOSITORY / "start.sh"), "--download-per-class", "8", "--runs", "3", "--top-k", "2",
+         "--cache-dir", str(tmp_path / "cache"), "--out", str(out)],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "MPLBACKEND": "Agg"},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert re.search(r"^Accuracy: [0-9.]+ ± [0-9.]+ \(95% confidence, n=3\)$", completed.stdout, re.M)
+    results = json.loads((out / "results.json").read_text())
+    assert results["final_stats"]["num_labels"] == 10
+    assert results["final_stats"]["dataset"] == str(tmp_path / "cache" / "digits-8-per-class")
+    assert results["final_stats"]["accuracy"]["mean"] > 0.5  # ten digits from an ImageNet encoder, 6 per class
+    written = {path.name for path in out.iterdir()}
+    assert {"results.json", "runs.csv", "runs.jsonl", "class_accuracy.csv", "cumacc.png", "examples.png"} <= written
+

@@ -231,3 +231,17 @@ def test_embedding_map_rejects_bad_input():
         visual.draw_embedding_map(coords=np.zeros((2, 2)), targets=[0, 1], labels=["a"])
     with pytest.raises(ValueError, match="mean_coords"):
         visual.draw_embedding_map(coords=np.zeros((2, 2)), targets=[0, 0], labels=["a"], mean_coords=np.zeros((2, 2)))
+
+
+def test_labels_with_control_characters_reach_neither_the_figure_nor_the_terminal_raw(tmp_path):
+    import warnings
+
+    labels = ["evil\x1b[31m", "two\rlines", "caf\udce9"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        figure = visual.draw_confusion_matrix(confusion=np.eye(3), labels=labels, filename=tmp_path / "c.png",
+                                              title="title \x1b[0m")
+    ticks = [tick.get_text() for tick in figure.axes[0].get_yticklabels()]
+    assert ticks == ["evil\\x1b[31m", "two\\rlines", "caf\\udce9"]
+    assert not any(char in str(warning.message) for warning in caught for char in "\x1b\r")
+    assert (tmp_path / "c.png").stat().st_size > 1000
