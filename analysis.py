@@ -23,22 +23,18 @@ import pandas as pd
 import sklearn.base
 import torch
 import torch.nn.functional as F
-from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.manifold import TSNE
 from sklearn.metrics import confusion_matrix, roc_auc_score
-from sklearn.utils.validation import validate_data
 from tqdm import tqdm
 
 import banerjee
+import baselines
 import cumacc
 import metrics
 import prototypes
 
 __all__ = [
     "ANALYSIS_PARTS",
-    "KMeansPrototypeClassifier",
-    "LinearProbe",
-    "NearestNeighbourClassifier",
     "RunAnalysis",
     "analyse_runs",
     "check_analysis_parts",
@@ -49,7 +45,6 @@ __all__ = [
     "cumulative_accuracy_band",
     "default_prototype_methods",
     "least_accurate_with_interval",
-    "linear_probe",
     "hidden_class_draws",
     "most_confused_pairs",
     "open_set",
@@ -62,7 +57,6 @@ __all__ = [
 ]
 
 Partition = tuple[torch.Tensor, torch.Tensor]
-FLOAT_TYPES = (np.float32, np.float64)  # analysis estimators keep float32 embeddings as they are: half the traffic
 
 
 # --- Confusions ----------------------------------------------------------------------------------------------------
@@ -326,160 +320,6 @@ def least_accurate_with_interval(*, per_class: pd.DataFrame, threshold: float = 
 # --- Prototype variants --------------------------------------------------------------------------------------------
 
 
-class NearestNeighbourClassifier(ClassifierMixin, BaseEstimator):
-    """k nearest training images by cosine similarity, majority vote.
-
-    Classes are ranked by votes among the ``k`` nearest images, ties (and classes without votes, for the rest of
-    the top-k list) by their single most similar training image, so top-k accuracy stays defined for ``k = 1``.
-    """
-
-    def __init__(self, *, k: int = 1) -> None:
-        self.k = k
-
-    def fit(self, X, y) -> NearestNeighbourClassifier:
-        if self.k < 1:
-            raise ValueError(f"k must be at least 1, got {self.k}.")
-        X, y = validate_data(self, X, y, dtype=FLOAT_TYPES)
-        self.classes_, owners = np.unique(y, return_inverse=True)
-        self.unit_train_ = torch.from_numpy(prototypes.unit_rows(X))
-        self.owners_ = torch.from_numpy(owners)
-        return self
-
-    def decision_function(self, X) -> np.ndarray:
-        """``votes + (1 + best cosine) / 3``: votes decide, the most similar image breaks ties."""
-        X = validate_data(self, X, reset=False, dtype=FLOAT_TYPES)
-        train = self.unit_train_.numpy()
-        similarity = torch.from_numpy(prototypes.unit_rows(X).astype(train.dtype) @ train.T)  # NumPy's product: faster
-        best = _best_per_class(similarity, self.owners_, len(self.classes_))
-        voters = self.owners_[similarity.topk(min(self.k, similarity.shape[1]), dim=1).indices]
-        votes = torch.zeros_like(best).scatter_add_(1, voters, torch.ones_like(voters, dtype=best.dtype))
-        return (votes + (1 + best) / 3).numpy()
-
-    def predict(self, X) -> np.ndarray:
-        return prototypes.predict_topk(self, X, 1)[:, 0]
-
-
-def _best_per_class(similarity: torch.Tensor, owners: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``[Q, num_classes]``: each class's highest similarity among its vectors (every class has one)."""
-    best = torch.full((similarity.shape[0], num_classes), -torch.inf, dtype=similarity.dtype)
-    return best.scatter_reduce(1, owners.expand_as(similarity), similarity, reduce="amax")
-
-
-class KMeansPrototypeClassifier(ClassifierMixin, BaseEstimator):
-    """Several vectors per class: k-means centres of its L2-normalised training embeddings.
-
-    A class made of distinct looks (e.g. photos and drawings) has a mean that resembles neither; a class scores
-    its best-matching centre. Classes with at most ``prototypes_per_class`` images keep every image instead.
-    The clustering is Lloyd's algorithm with k-means++ seeding in torch: scikit-learn's ``KMeans`` costs about
-    ten milliseconds of set-up per call, which a hundred classes times twenty partitions turn into minutes.
-    """
-
-    def __init__(self, *, prototypes_per_class: int = 2, random_state: int = 0, max_iter: int = 100) -> None:
-        self.prototypes_per_class = prototypes_per_class
-        self.random_state = random_state
-        self.max_iter = max_iter
-
-    def fit(self, X, y) -> KMeansPrototypeClassifier:
-        if self.prototypes_per_class < 1:
-            raise ValueError(f"prototypes_per_class must be at least 1, got {self.prototypes_per_class}.")
-        X, y = validate_data(self, X, y, dtype=FLOAT_TYPES)
-        unit = torch.from_numpy(prototypes.unit_rows(X))
-        self.classes_, rows = np.unique(y, return_inverse=True)
-        generator = torch.Generator().manual_seed(self.random_state)
-        centres, owners = [], []
-        for row in range(len(self.classes_)):
-            members = unit[torch.from_numpy(rows == row)]
-            if len(members) > self.prototypes_per_class:
-                members = _kmeans(members, k=self.prototypes_per_class, generator=generator, max_iter=self.max_iter)
-            centres.append(members)
-            owners += [row] * len(members)
-        self.prototypes_ = F.normalize(torch.cat(centres), dim=1)
-        self.owners_ = torch.tensor(owners, dtype=torch.long)
-        return self
-
-    def decision_function(self, X) -> np.ndarray:
-        """Each class's best cosine similarity among its centres."""
-        X = validate_data(self, X, reset=False, dtype=FLOAT_TYPES)
-        similarity = torch.from_numpy(prototypes.unit_rows(X)).to(self.prototypes_.dtype) @ self.prototypes_.T
-        return _best_per_class(similarity, self.owners_, len(self.classes_)).numpy()
-
-    def predict(self, X) -> np.ndarray:
-        return prototypes.predict_topk(self, X, 1)[:, 0]
-
-
-def _kmeans(points: torch.Tensor, *, k: int, generator: torch.Generator, max_iter: int) -> torch.Tensor:
-    """``k`` centres of ``points`` (more than ``k`` rows): k-means++ seeding, then Lloyd steps until no point moves."""
-    centres = points[torch.randint(len(points), (1,), generator=generator)]
-    for _ in range(1, k):
-        distance = torch.cdist(points, centres).min(dim=1).values ** 2
-        weights = distance if distance.sum() > 0 else torch.ones_like(distance)
-        centres = torch.cat([centres, points[torch.multinomial(weights, 1, generator=generator)]])
-    assignment = None
-    for _ in range(max_iter):
-        nearest = torch.cdist(points, centres).argmin(dim=1)
-        if assignment is not None and torch.equal(nearest, assignment):
-            break
-        assignment = nearest
-        sums = torch.zeros_like(centres).index_add_(0, nearest, points)
-        sizes = torch.bincount(nearest, minlength=k).unsqueeze(1)
-        centres = torch.where(sizes > 0, sums / sizes.clamp(min=1), centres)  # an emptied centre stays put
-    return centres
-
-
-class LinearProbe(ClassifierMixin, BaseEstimator):
-    """Multinomial logistic regression on L2-normalised embeddings: the trained-head baseline.
-
-    It tells how much accuracy a fitted linear head would add over training-free class vectors (the vector-search
-    fine-tuning write-up's linear layer), at the cost of refitting whenever a class changes. The objective is
-    scikit-learn's ``LogisticRegression(C=C)`` (cross-entropy plus ``||W||^2 / 2C``, bias not penalised), solved
-    by L-BFGS in float32 torch, 1.6 to 2 times faster than scikit-learn's float64 solver on Caltech-101. Every
-    fit starts from zero: starting from another partition's weights would carry its validation images over
-    wherever the solver stops short of the optimum.
-    """
-
-    def __init__(self, *, C: float = 1.0, max_iter: int = 500, tol: float = 1e-5) -> None:
-        self.C = C
-        self.max_iter = max_iter
-        self.tol = tol
-
-    def fit(self, X, y) -> LinearProbe:
-        X, y = validate_data(self, X, y, dtype=FLOAT_TYPES)
-        self.classes_, codes = np.unique(y, return_inverse=True)
-        features = torch.from_numpy(prototypes.unit_rows(X)).float()
-        targets = torch.from_numpy(codes)
-        weights = torch.zeros(len(self.classes_), X.shape[1], requires_grad=True)
-        bias = torch.zeros(len(self.classes_), requires_grad=True)
-        penalty = 1.0 / (2.0 * self.C * len(codes))  # the objective divided by n: gradients of order one
-        optimizer = torch.optim.LBFGS(
-            [weights, bias], max_iter=self.max_iter, tolerance_grad=self.tol, tolerance_change=1e-10,
-            history_size=20, line_search_fn="strong_wolfe",
-        )
-
-        def objective() -> torch.Tensor:
-            optimizer.zero_grad()
-            loss = F.cross_entropy(features @ weights.T + bias, targets) + penalty * (weights * weights).sum()
-            loss.backward()
-            return loss
-
-        optimizer.step(objective)
-        self.coef_ = weights.detach().numpy()
-        self.intercept_ = bias.detach().numpy()
-        self.n_iter_ = int(optimizer.state[weights]["n_iter"])
-        return self
-
-    def decision_function(self, X) -> np.ndarray:
-        X = validate_data(self, X, reset=False, dtype=FLOAT_TYPES)
-        return prototypes.unit_rows(X).astype(np.float32) @ self.coef_.T + self.intercept_
-
-    def predict(self, X) -> np.ndarray:
-        return prototypes.predict_topk(self, X, 1)[:, 0]
-
-
-def linear_probe(*, C: float = 1.0, max_iter: int = 500) -> LinearProbe:
-    """The linear-probe baseline of :func:`default_prototype_methods` (see :class:`LinearProbe`)."""
-    return LinearProbe(C=C, max_iter=max_iter)
-
-
 def default_prototype_methods() -> dict[str, Any]:
     """The classifiers compared by default (unfitted; each partition fits a fresh copy), the article's first."""
     return {
@@ -487,11 +327,11 @@ def default_prototype_methods() -> dict[str, Any]:
         "class mean (L2-normalised)": prototypes.ClassMeanClassifier(normalize=True),
         "decorrelated prototypes": prototypes.DecorrelatedClassifier(),
         "decorrelated, balanced prior": prototypes.make_classifier("balanced"),
-        "1-NN images": NearestNeighbourClassifier(k=1),
-        "5-NN images": NearestNeighbourClassifier(k=5),
-        "k-means, 2 per class": KMeansPrototypeClassifier(prototypes_per_class=2),
-        "k-means, 3 per class": KMeansPrototypeClassifier(prototypes_per_class=3),
-        "linear probe": linear_probe(),
+        "1-NN images": baselines.NearestNeighbourClassifier(k=1),
+        "5-NN images": baselines.NearestNeighbourClassifier(k=5),
+        "k-means, 2 per class": baselines.KMeansPrototypeClassifier(prototypes_per_class=2),
+        "k-means, 3 per class": baselines.KMeansPrototypeClassifier(prototypes_per_class=3),
+        "linear probe": baselines.linear_probe(),
     }
 
 
@@ -668,19 +508,57 @@ def open_set_scores(
 
 
 def hidden_class_draws(
-    *, targets: np.ndarray, partitions: Sequence[Partition], hidden_share: float, seed: int
+    *,
+    targets: np.ndarray,
+    partitions: Sequence[Partition],
+    hidden_share: float,
+    seed: int,
+    together: Sequence[Sequence[Any]] = (),
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """Per partition, hide ``hidden_share`` of the classes (at least one, seeded): yields ``(train, known_valid,
-    unknown, hidden_labels)`` global indexes, where ``unknown`` is every sample of the hidden classes."""
+    unknown, hidden_labels)`` global indexes, where ``unknown`` is every sample of the hidden classes.
+
+    ``together`` lists groups of labels that name one concept (Caltech-101's ``Faces`` and ``Faces_easy`` show the
+    same people): a group is hidden whole or not at all, since a sample of a known concept is no unknown query.
+    Groups are drawn as units until ``hidden_share`` of the classes is reached, so a draw may hide a class more.
+    """
     labels = np.unique(targets)
     count = min(max(1, round(hidden_share * len(labels))), len(labels) - 2)
     if count < 1:
         raise ValueError(f"Hiding classes needs at least 3 classes, got {len(labels)}.")
+    units = _hiding_units(labels, together=together)
     for number, (train, valid) in enumerate(partitions):
-        hidden = np.random.default_rng(seed + number).choice(labels, size=count, replace=False)
+        rng = np.random.default_rng(seed + number)
+        if together:
+            hidden = np.concatenate(list(_first_units(units, order=rng.permutation(len(units)), count=count)))
+        else:
+            hidden = rng.choice(labels, size=count, replace=False)
         train, valid = np.asarray(train), np.asarray(valid)
         yield (train[~np.isin(targets[train], hidden)], valid[~np.isin(targets[valid], hidden)],
                np.flatnonzero(np.isin(targets, hidden)), hidden)
+
+
+def _hiding_units(labels: np.ndarray, *, together: Sequence[Sequence[Any]]) -> list[np.ndarray]:
+    """The classes as units to hide: each group of ``together`` one unit, every other class its own."""
+    grouped = [np.asarray(group) for group in together]
+    members = np.concatenate(grouped) if grouped else np.zeros(0, labels.dtype)
+    strangers = np.setdiff1d(members, labels)
+    if len(strangers):
+        raise ValueError(f"Classes {strangers.tolist()} to hide together are not among the labels.")
+    if len(np.unique(members)) != len(members):
+        raise ValueError("A class appears in two groups to hide together; merge those groups.")
+    return grouped + [np.asarray([label]) for label in np.setdiff1d(labels, members)]
+
+
+def _first_units(units: Sequence[np.ndarray], *, order: np.ndarray, count: int) -> Iterator[np.ndarray]:
+    """Units in ``order`` until ``count`` classes are reached, leaving at least two classes known."""
+    hidden, total = 0, sum(len(unit) for unit in units)
+    for index in order:
+        if hidden >= count:
+            return
+        if total - hidden - len(units[index]) >= 2:
+            hidden += len(units[index])
+            yield units[index]
 
 
 def open_set(
@@ -693,6 +571,7 @@ def open_set(
     true_positive_rate: float = 0.95,
     confidence: float = 0.95,
     seed: int = 0,
+    together: Sequence[Sequence[Any]] = (),
 ) -> tuple[pd.DataFrame, dict[str, Any], tuple[np.ndarray, np.ndarray]]:
     """Queries of no known class: per partition, ``hidden_share`` of the classes are hidden, ``classifier`` is fitted
     on the other classes' training part, and its ``score_samples`` must tell their validation samples from every
@@ -700,11 +579,13 @@ def open_set(
 
     Returns the per-partition table (AUROC, FPR at ``true_positive_rate``, the known classes' accuracy, and their
     accuracy among the samples kept at the threshold, which is set on those same known samples), its summary with
-    Student-t intervals, and the last partition's known and unknown scores (for a histogram).
+    Student-t intervals, and the last partition's known and unknown scores (for a histogram). ``together``: groups
+    of labels hidden as one (see :func:`hidden_class_draws`).
     """
     X, y = embeddings.double().numpy(), targets.numpy()
     rows, scores = [], (np.zeros(0), np.zeros(0))
-    draws = hidden_class_draws(targets=y, partitions=partitions, hidden_share=hidden_share, seed=seed)
+    draws = hidden_class_draws(targets=y, partitions=partitions, hidden_share=hidden_share, seed=seed,
+                               together=together)
     for number, (train, known, unknown, hidden) in enumerate(tqdm(draws, total=len(partitions), leave=False,
                                                                   desc="[Open set] Partitions")):
         fitted = sklearn.base.clone(classifier).fit(X[train], y[train])

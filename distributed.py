@@ -366,30 +366,40 @@ def _shard_hits(
     return merged.leave_one_out_hits(part["embedding"], part["label"], decomposition=decomposition), part["label"]
 
 
+def _shard_moments(path: str | os.PathLike, merged: Any, decomposition: dict[str, Any]) -> np.ndarray:
+    return merged.unknown_moments(_read_shard(pathlib.Path(path))["embedding"], decomposition=decomposition)
+
+
 def fit_shards(folder: str | os.PathLike, estimator: Any, *, use_ray: bool = True) -> Any:
     """``estimator`` fitted on every sample of the embedding set at ``folder`` without gathering the embeddings:
     each shard is fitted by a Ray task where it lies (``use_ray=False``: one after another here), the statistics
     merge exactly, and a leave-one-out ridge selection runs shard by shard against the merged statistics (one
-    eigendecomposition, shared). Classes are the label indexes of the manifest's ``classes``."""
+    eigendecomposition, shared), then the unknown score's moments. Classes are the label indexes of the manifest's
+    ``classes``."""
     folder = pathlib.Path(folder)
     paths = [str(folder / SHARDS / name) for name in _read_manifest(folder)["shards"]]
     if use_ray:
         ray = require_ray()
-        statistics_task, hits_task = ray.remote(shard_statistics), ray.remote(_shard_hits)
-        states = ray.get([statistics_task.remote(path, estimator) for path in paths])
+        states = ray.get([ray.remote(shard_statistics).remote(path, estimator) for path in paths])
     else:
         states = [shard_statistics(path, estimator) for path in paths]
     merged = prototypes.merge_statistics(states, into=estimator)
-    if getattr(merged, "alpha", None) == "loo":
-        decomposition = merged.decomposition()
-        if use_ray:
-            shared, shared_decomposition = ray.put(merged), ray.put(decomposition)
-            results = ray.get([hits_task.remote(path, shared, shared_decomposition) for path in paths])
-        else:
-            results = [_shard_hits(path, merged, decomposition) for path in paths]
+    if not isinstance(merged, prototypes.DecorrelatedClassifier):
+        return merged
+    decomposition = merged.decomposition()
+
+    def over_shards(task: Any) -> list[Any]:
+        """``task(path, merged, decomposition)`` for every shard, as Ray tasks or here."""
+        if not use_ray:
+            return [task(path, merged, decomposition) for path in paths]
+        shared, shared_decomposition = ray.put(merged), ray.put(decomposition)
+        return ray.get([ray.remote(task).remote(path, shared, shared_decomposition) for path in paths])
+
+    if merged.alpha == "loo":
+        results = over_shards(_shard_hits)
         merged.select_alpha(np.concatenate([hits for hits, _ in results], axis=1),
                             np.concatenate([labels for _, labels in results]))
-    return merged
+    return merged.set_unknown_moments(np.sum(over_shards(_shard_moments), axis=0))
 
 
 def describe(manifest: dict[str, Any]) -> str:

@@ -16,7 +16,8 @@ touching the other classes, and fitting in batches equals fitting at once up to 
   leave-one-out, with the plain class mean among the candidates, or generalised cross-validation).
 
 Every estimator also says how much a query looks like a known class (:meth:`score_samples`, higher = known: the
-best cosine for the class mean, a shared-covariance Mahalanobis distance for the decorrelated ones), and
+best cosine for the class mean; for the decorrelated ones a Mahalanobis distance plus the best ridge-regression
+score, each standardised on the fitting images), and
 :meth:`calibrate` sets the threshold below which ``predict(X, reject=True)`` answers "none of these".
 
 Both score queries linearly in their L2-normalised (optionally randomly projected) features:
@@ -58,9 +59,13 @@ __all__ = [
 RELATIVE_ALPHAS = tuple(float(value) for value in np.logspace(-4, 2, 25))
 
 
-# Shrinkage of the within-class covariance behind the decorrelated classifiers' unknown score, as a multiple of its
-# mean eigenvalue: measured on Caltech-101 with 20 hidden classes (benchmarks/open_set.py), 0.3 to 10 score alike.
+# Shrinkage of the covariance behind the decorrelated classifiers' Mahalanobis distances, as a multiple of its mean
+# eigenvalue: measured on Caltech-101 with 20 hidden classes (benchmarks/open_set.py), 0.3 to 10 score alike.
 UNKNOWN_SHRINKAGE = 1.0
+
+# The decorrelated classifiers' unknown scores (``unknown_score``): "combined" (default) standardises and adds two
+# that fail on different data, "mahalanobis" is the shared within-class Mahalanobis distance alone.
+UNKNOWN_SCORES = ("combined", "mahalanobis")
 
 # Fitted attributes of :meth:`_ClassStatistics.calibrate`, saved with the statistics when present.
 CALIBRATION_NAMES = ("threshold_", "true_positive_rate_", "threshold_stale_")
@@ -415,6 +420,10 @@ class DecorrelatedClassifier(_ClassStatistics):
 
     ``alpha_`` holds the absolute value in use, ``relative_alpha_`` its multiple of the mean eigenvalue.
 
+    ``unknown_score`` is what :meth:`score_samples` computes: ``"combined"`` (default; a Mahalanobis distance plus the
+    best ridge score, standardised by ``unknown_moments_``, set on the images that start the estimator and kept
+    through later changes, like the ridge strength) or ``"mahalanobis"`` (the shared within-class one alone).
+
     Memory: ``(C + F) x F`` float64 with ``F`` the feature size (d, or ``projection_dim``); every change of
     images or classes costs one ``F x F`` eigendecomposition (a rename costs none). ``remove_class(label)``
     without the images drops the class's sums and keeps its images in ``G`` as unlabelled background (as if they
@@ -430,12 +439,14 @@ class DecorrelatedClassifier(_ClassStatistics):
         relative_alphas: Sequence[float] = RELATIVE_ALPHAS,
         projection_dim: int | None = None,
         random_state: int | None = 0,
+        unknown_score: str = "combined",
     ) -> None:
         self.alpha = alpha
         self.prior = prior
         self.relative_alphas = relative_alphas
         self.projection_dim = projection_dim
         self.random_state = random_state
+        self.unknown_score = unknown_score
 
     def _num_features(self, n_features: int) -> int:
         if self.projection_dim is None:
@@ -457,6 +468,9 @@ class DecorrelatedClassifier(_ClassStatistics):
                              "prior='empirical'; use alpha='loo' or a number with prior='balanced'.")
         if not len(self.relative_alphas) or min(self.relative_alphas) <= 0:
             raise ValueError(f"relative_alphas must be positive numbers, got {self.relative_alphas}.")
+        if self.unknown_score not in UNKNOWN_SCORES:
+            raise ValueError(f"unknown_score must be one of {', '.join(map(repr, UNKNOWN_SCORES))}, got "
+                             f"{self.unknown_score!r}.")
         super()._start(n_features=n_features)
         size = self.class_sums_.shape[1]
         self.gram_ = np.zeros((size, size))
@@ -470,7 +484,8 @@ class DecorrelatedClassifier(_ClassStatistics):
     def _statistics_names(self) -> tuple[str, ...]:
         projection = ("projection_",) if self.projection_dim is not None else ()
         shared = ("gram_", "feature_sum_", "n_samples_seen_", "relative_alpha_")
-        return super()._statistics_names() + shared + projection
+        moments = ("unknown_moments_",) if hasattr(self, "unknown_moments_") else ()
+        return super()._statistics_names() + shared + projection + moments
 
     def _set_shared(self, arrays: dict[str, np.ndarray]) -> None:
         size = self.class_sums_.shape[1]
@@ -484,6 +499,14 @@ class DecorrelatedClassifier(_ClassStatistics):
             raise ValueError("n_samples_seen must be a whole number no smaller than the images of all classes")
         self.gram_, self.feature_sum_, self.n_samples_seen_ = gram, feature_sum, int(seen)
         self.relative_alpha_ = float(arrays["relative_alpha"])
+        if "unknown_moments" in arrays:
+            moments = np.asarray(arrays["unknown_moments"], np.float64)
+            if moments.shape != (2, 3) or (moments[:, 0] < 1).any():
+                raise ValueError(f"the unknown-score moments must be 2 x 3 with counts of at least 1, got "
+                                 f"{moments.tolist()}")
+            self.unknown_moments_ = moments
+        elif hasattr(self, "unknown_moments_"):
+            del self.unknown_moments_
         self.n_features_in_ = size
         if self.projection_dim is not None:
             self.projection_ = np.asarray(arrays["projection"], np.float64)
@@ -494,9 +517,71 @@ class DecorrelatedClassifier(_ClassStatistics):
     _sample_features = _query_features
 
     def _unknown_scores(self, X: np.ndarray) -> np.ndarray:
-        """Minus the smallest Mahalanobis distance to a class mean under the shared within-class covariance, shrunk
-        towards its mean eigenvalue (OpenOOD's MDS family on L2-normalised features): a query far from every class
-        in the directions the classes do not vary along scores low.
+        """``unknown_score="combined"``: the two :meth:`unknown_components`, each standardised by its mean and
+        standard deviation over the images that started the estimator (``unknown_moments_``), added. On
+        Caltech-101 the Mahalanobis part alone separates best, on TREC the ridge part; the sum is near the better one
+        on images and above both on sentences (benchmarks/open_set.py).
+
+        ``"mahalanobis"``, and estimators restored from statistics saved without ``unknown_moments`` (whose
+        threshold was set on it): :meth:`within_class_mahalanobis`.
+        """
+        features = self._query_features(X)
+        if self.unknown_score == "mahalanobis" or not hasattr(self, "unknown_moments_"):
+            return self.within_class_mahalanobis(features)
+        counts, sums, squares = self.unknown_moments_.T
+        means = sums / counts
+        deviations = np.sqrt(np.maximum(squares / counts - means**2, 0.0))
+        standardised = (self.unknown_components(features) - means) / np.where(deviations > 0, deviations, 1.0)
+        return standardised.sum(axis=1)
+
+    def unknown_components(self, features: np.ndarray, *, decomposition: dict[str, Any] | None = None) -> np.ndarray:
+        """``[N, 2]`` for :meth:`query_features` rows: minus the smallest Mahalanobis distance to a class mean under
+        the total covariance (shrunk towards its mean eigenvalue), and the best ridge-regression score onto one-hot
+        labels at ``alpha_`` (the plain class mean's best cosine where ``alpha_`` is ``inf``). Both come from the
+        centred Gram matrix's eigendecomposition, the one every refit computes anyway."""
+        decomposition = decomposition or self.decomposition()
+        mean, eigenvalues, eigenvectors = (decomposition[name] for name in ("mean", "eigenvalues", "eigenvectors"))
+        variances = eigenvalues / max(self.n_samples_seen_, 1)
+        inverse = 1.0 / (variances + UNKNOWN_SHRINKAGE * (variances.mean() or 1.0))
+        projected = (features - mean) @ eigenvectors
+        centres = (self.class_means_ - mean) @ eigenvectors
+        distances = ((projected**2) @ inverse)[:, None] - 2 * (projected * inverse) @ centres.T
+        mahalanobis = -(distances + (centres**2) @ inverse).min(axis=1)
+        if np.isinf(self.alpha_):
+            ridge = features @ unit_rows(self.class_sums_).T
+        else:
+            centred_sums = self.class_sums_ - self.class_counts_[:, None] * mean
+            directions = (eigenvectors.T @ centred_sums.T) / (eigenvalues + self.alpha_)[:, None]
+            ridge = projected @ directions
+        return np.column_stack([mahalanobis, ridge.max(axis=1)])
+
+    def unknown_moments(self, X: Any, *, decomposition: dict[str, Any] | None = None) -> np.ndarray:
+        """``[2, 3]`` (count, sum, sum of squares) of each :meth:`unknown_components` over the images ``X``:
+        additive, so shards scored apart against merged statistics sum to the moments of a single fit (see
+        :meth:`set_unknown_moments`)."""
+        check_is_fitted(self)
+        features = self._query_features(validate_data(self, X, reset=False, dtype=np.float64))
+        return self._moments(self.unknown_components(features, decomposition=decomposition))
+
+    def set_unknown_moments(self, moments: np.ndarray) -> DecorrelatedClassifier:
+        """Install :meth:`unknown_moments` summed over every fitted image (what ``fit`` computes itself)."""
+        moments = np.asarray(moments, dtype=np.float64)
+        if moments.shape != (2, 3) or (moments[:, 0] < 1).any():
+            raise ValueError(f"unknown moments must be 2 x 3 with counts of at least 1, got {moments.tolist()}.")
+        self.unknown_moments_ = moments
+        if hasattr(self, "threshold_"):
+            self.threshold_stale_ = True
+        return self
+
+    @staticmethod
+    def _moments(components: np.ndarray) -> np.ndarray:
+        return np.column_stack([np.full(components.shape[1], float(len(components))), components.sum(axis=0),
+                                (components**2).sum(axis=0)])
+
+    def within_class_mahalanobis(self, features: np.ndarray) -> np.ndarray:
+        """Minus the smallest Mahalanobis distance of :meth:`query_features` rows to a class mean under the shared
+        within-class covariance, shrunk towards its mean eigenvalue (OpenOOD's MDS family on L2-normalised
+        features): a query far from every class in the directions the classes do not vary along scores low.
 
         The within-class scatter comes from the additive statistics, ``G_raw - sum_c S_c S_c^T / n_c``, so adding
         or removing a class keeps it exact (a class removed without its images leaves them in it, uncentred).
@@ -507,7 +592,7 @@ class DecorrelatedClassifier(_ClassStatistics):
         eigenvalues = eigenvalues.clip(min=0.0)
         scale = eigenvalues.mean() if eigenvalues.mean() > 0 else 1.0
         inverse = 1.0 / (eigenvalues + UNKNOWN_SHRINKAGE * scale)
-        queries, centres = self._query_features(X) @ eigenvectors, means @ eigenvectors
+        queries, centres = features @ eigenvectors, means @ eigenvectors
         distances = ((queries**2) @ inverse)[:, None] - 2 * (queries * inverse) @ centres.T + (centres**2) @ inverse
         return -distances.min(axis=1)
 
@@ -546,6 +631,8 @@ class DecorrelatedClassifier(_ClassStatistics):
                 relative, hits=hits, weights=self._selection_weights(selection[1])
             )
         self.alpha_ = float(self.alpha) if not isinstance(self.alpha, str) else self.relative_alpha_ * scale
+        if selection is not None:
+            self.unknown_moments_ = self._moments(self.unknown_components(selection[0], decomposition=decomposition))
         if np.isinf(self.alpha_):
             return unit_rows(self.class_sums_), np.zeros(len(self.classes_))
         directions = rotated / (eigenvalues + self.alpha_)[:, None]
@@ -752,6 +839,8 @@ def make_classifier(name: str, **params: Any) -> _ClassStatistics:
 
 # Shared statistics that add up over disjoint sets of images; the others must agree between the parts.
 ADDITIVE_SHARED = ("gram", "feature_sum", "n_samples_seen")
+# Fitted on the images that started each part: the first part's stand until chosen again over all images.
+FIRST_PART_WINS = ("relative_alpha", "unknown_moments")
 
 
 def merge_statistics(
@@ -765,7 +854,9 @@ def merge_statistics(
     is the unfitted estimator to fill (default: a copy of the first part). With ``alpha="loo"`` the statistics are
     exact but the ridge strength is the first part's until :meth:`DecorrelatedClassifier.select_alpha` chooses it
     from the hits of every image (:meth:`~DecorrelatedClassifier.leave_one_out_hits` against the merged statistics,
-    shard by shard). A calibration threshold is not kept: it was set on scores the merge changes.
+    shard by shard), and so are the unknown score's moments until
+    :meth:`~DecorrelatedClassifier.set_unknown_moments` installs their sum over the shards. A calibration threshold
+    is not kept: it was set on scores the merge changes.
     """
     if not parts:
         raise ValueError("merge_statistics needs at least one fitted estimator or its statistics.")
@@ -789,7 +880,7 @@ def merge_statistics(
     for name in set(states[0]) - set(merged) - {name.rstrip("_") for name in CALIBRATION_NAMES}:
         if name in ADDITIVE_SHARED:
             merged[name] = sum(state[name] for state in states)
-        elif name != "relative_alpha" and any(not np.array_equal(state[name], states[0][name]) for state in states):
+        elif name not in FIRST_PART_WINS and any(not np.array_equal(state[name], states[0][name]) for state in states):
             raise ValueError(f"Cannot merge estimators whose '{name}' differs (e.g. another random_state).")
         else:
             merged[name] = states[0][name]

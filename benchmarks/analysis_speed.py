@@ -29,6 +29,7 @@ from sklearn.preprocessing import Normalizer
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import analysis  # noqa: E402
+import baselines  # noqa: E402
 import prototypes  # noqa: E402
 
 
@@ -92,7 +93,7 @@ def probe_product_floor(X: np.ndarray, y: np.ndarray, partitions, runs: int) -> 
     """Print the least time the probe's matrix products alone need: every L-BFGS iteration evaluates the
     objective's gradient, which takes at least two ``n x d`` by ``d x C`` float32 products (torch, as the probe)."""
     train = partitions[0][0]
-    fitted = analysis.linear_probe().fit(X[train], y[train])
+    fitted = baselines.linear_probe().fit(X[train], y[train])
     features = torch.from_numpy(prototypes.unit_rows(X[train]))
     weights = torch.zeros(len(fitted.classes_), X.shape[1])
     gradient = torch.zeros(len(train), len(fitted.classes_))
@@ -119,9 +120,9 @@ def main(argv: list[str]) -> None:
           f"partitions, seconds per partition")
     pairs = [
         ("linear probe", lambda: make_pipeline(Normalizer(), LogisticRegression(max_iter=1000)),
-         lambda: analysis.linear_probe()),
+         lambda: baselines.linear_probe()),
         ("k-means, 2 per class", lambda: SklearnKMeansPrototypes(2),
-         lambda: analysis.KMeansPrototypeClassifier(prototypes_per_class=2)),
+         lambda: baselines.KMeansPrototypeClassifier(prototypes_per_class=2)),
     ]
     for name, before, now in pairs:
         old_seconds, old_accuracy = seconds_per_partition(before, Xn, yn, sample)

@@ -30,6 +30,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import analysis  # noqa: E402
+import baselines  # noqa: E402
 import metrics  # noqa: E402
 import prototypes  # noqa: E402
 
@@ -123,7 +124,7 @@ def methods(args: argparse.Namespace) -> dict:
             Normalizer(), LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto")
         )
     if not args.skip_probe:
-        chosen["linear probe (logistic regression)"] = analysis.linear_probe()
+        chosen["linear probe (logistic regression)"] = baselines.linear_probe()
     return chosen
 
 

@@ -25,6 +25,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import analysis  # noqa: E402
+import baselines  # noqa: E402
 import banerjee  # noqa: E402
 import engine  # noqa: E402
 import protocol  # noqa: E402
@@ -63,7 +64,7 @@ def main(argv: list[str]) -> None:
         "decorrelated, balanced prior": prototypes.make_classifier("balanced"),
     }
     if not args.skip_probe:
-        methods["linear probe (logistic regression)"] = analysis.linear_probe()
+        methods["linear probe (logistic regression)"] = baselines.linear_probe()
     for label_column in args.label_columns:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # repeated questions are skipped; their count is printed below

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from scipy import stats
 
 import analysis
+import baselines
 import banerjee
 import prototypes
 
@@ -205,13 +206,13 @@ def test_nearest_neighbour_ranks_by_votes_then_similarity():
     train = torch.tensor([unit(0), unit(30), unit(60), unit(90)])
     train_targets = torch.tensor([0, 1, 0, 2])
     queries = torch.tensor([unit(25), unit(80), unit(35)])
-    one = analysis.NearestNeighbourClassifier(k=1).fit(train, train_targets)
+    one = baselines.NearestNeighbourClassifier(k=1).fit(train, train_targets)
     assert prototypes.predict_topk(one, queries, 3).tolist() == [[1, 0, 2], [2, 0, 1], [1, 0, 2]]
     # With k=3 the query at 35 degrees has neighbours 30 (1), 60 (0), 0 (0): two votes for class 0 beat the nearest.
-    three = analysis.NearestNeighbourClassifier(k=3).fit(train, train_targets)
+    three = baselines.NearestNeighbourClassifier(k=3).fit(train, train_targets)
     assert prototypes.predict_topk(three, queries[2:], 4).tolist() == [[0, 1, 2]]
     with pytest.raises(ValueError, match="k must be at least 1, got 0"):
-        analysis.NearestNeighbourClassifier(k=0).fit(train, train_targets)
+        baselines.NearestNeighbourClassifier(k=0).fit(train, train_targets)
 
 
 def test_kmeans_prototypes_handle_a_class_with_two_looks():
@@ -229,7 +230,7 @@ def test_kmeans_prototypes_handle_a_class_with_two_looks():
         top_k=1,
         methods={
             "mean": prototypes.ClassMeanClassifier(),
-            "kmeans2": analysis.KMeansPrototypeClassifier(prototypes_per_class=2),
+            "kmeans2": baselines.KMeansPrototypeClassifier(prototypes_per_class=2),
         },
     ).set_index("method")
     assert table.loc["kmeans2", "accuracy"] == 1.0
@@ -245,7 +246,7 @@ def test_kmeans_prototypes_handle_a_class_with_two_looks():
 def test_kmeans_keeps_every_image_of_a_small_class():
     embeddings, targets = clusters(num_labels=2, per_class=10)
     embeddings, targets = embeddings[:12], targets[:12]
-    classifier = analysis.KMeansPrototypeClassifier(prototypes_per_class=3).fit(embeddings, targets)
+    classifier = baselines.KMeansPrototypeClassifier(prototypes_per_class=3).fit(embeddings, targets)
     assert classifier.owners_.tolist() == [0, 0, 0, 1, 1]
     torch.testing.assert_close(classifier.prototypes_[3:].float(), F.normalize(embeddings[10:], dim=1))
 
@@ -253,7 +254,7 @@ def test_kmeans_keeps_every_image_of_a_small_class():
 def test_linear_probe_returns_original_label_indexes():
     embeddings, targets = clusters(num_labels=3, per_class=15)
     keep = targets != 1
-    probe = analysis.linear_probe().fit(embeddings[keep], targets[keep])
+    probe = baselines.linear_probe().fit(embeddings[keep], targets[keep])
     ranked = prototypes.predict_topk(probe, embeddings[keep], 4)
     assert ranked.shape == (30, 2)
     assert ranked[:, 0].tolist() == targets[keep].tolist()
@@ -264,7 +265,7 @@ def test_linear_probe_reaches_scikit_learns_logistic_regression_optimum():
 
     embeddings, targets = clusters(num_labels=4, per_class=25, spread=0.8, seed=2)
     X, y = embeddings.numpy(), targets.numpy()
-    ours = analysis.LinearProbe(C=2.0).fit(X, y)
+    ours = baselines.LinearProbe(C=2.0).fit(X, y)
     theirs = LogisticRegression(C=2.0, tol=1e-10, max_iter=10000).fit(prototypes.unit_rows(X), y)
     np.testing.assert_allclose(ours.coef_ - ours.coef_.mean(axis=0), theirs.coef_ - theirs.coef_.mean(axis=0),
                                atol=2e-3)  # softmax weights are defined up to a shift shared by all classes
@@ -375,6 +376,29 @@ def test_open_set_scores_by_hand():
     assert result == {"auroc": 0.75, "fpr": 0.5, "threshold": 1.0}
     with pytest.raises(ValueError, match="Need known and unknown queries, got 4 and 0"):
         analysis.open_set_scores(known=[1.0, 2.0, 3.0, 4.0], unknown=[])
+
+
+def test_classes_of_one_concept_are_hidden_together():
+    targets = np.repeat(np.arange(10), 4)
+    partitions = [(np.arange(0, 40, 2), np.arange(1, 40, 2))] * 30
+    draws = list(analysis.hidden_class_draws(targets=targets, partitions=partitions, hidden_share=0.2, seed=3,
+                                             together=[[0, 1], [2, 3, 4]]))
+    for train, known, unknown, hidden in draws:
+        assert {0, 1} <= set(hidden.tolist()) or not {0, 1} & set(hidden.tolist())
+        assert {2, 3, 4} <= set(hidden.tolist()) or not {2, 3, 4} & set(hidden.tolist())
+        assert 2 <= len(hidden) <= 4 and set(np.unique(targets[unknown]).tolist()) == set(hidden.tolist())
+        assert not np.isin(targets[np.r_[train, known]], hidden).any()
+    assert any({0, 1} <= set(hidden.tolist()) for *_, hidden in draws)
+    plain = [hidden.tolist() for *_, hidden in analysis.hidden_class_draws(
+        targets=targets, partitions=partitions[:3], hidden_share=0.2, seed=3)]
+    assert plain == [np.random.default_rng(3 + n).choice(np.arange(10), size=2, replace=False).tolist()
+                     for n in range(3)]  # without groups, the draws of before
+    with pytest.raises(ValueError, match=r"Classes \[12\] to hide together are not among the labels"):
+        next(analysis.hidden_class_draws(targets=targets, partitions=partitions, hidden_share=0.2, seed=3,
+                                         together=[[0, 12]]))
+    with pytest.raises(ValueError, match="A class appears in two groups"):
+        next(analysis.hidden_class_draws(targets=targets, partitions=partitions, hidden_share=0.2, seed=3,
+                                         together=[[0, 1], [1, 2]]))
 
 
 @pytest.mark.parametrize("classifier", [prototypes.ClassMeanClassifier(), prototypes.make_classifier("balanced")],

@@ -89,6 +89,8 @@ def test_shard_statistics_merge_into_a_single_fit(embedding_set, name):
             np.testing.assert_allclose(got[key], value, rtol=0, atol=1e-10, err_msg=key)
         np.testing.assert_allclose(merged.decision_function(read.embeddings.numpy()),
                                    single.decision_function(read.embeddings.numpy()), atol=1e-10)
+        np.testing.assert_allclose(merged.score_samples(read.embeddings.numpy()),
+                                   single.score_samples(read.embeddings.numpy()), atol=1e-8)
 
 
 def test_merge_refuses_estimators_with_other_parameters():

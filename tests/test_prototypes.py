@@ -339,7 +339,8 @@ def test_ranked_scores_and_margins():
     assert np.isnan(prototypes.margins(scores[:, :1])).all()
 
 
-@pytest.mark.parametrize("estimator", [ClassMeanClassifier(), DecorrelatedClassifier(prior="balanced")], ids=repr)
+@pytest.mark.parametrize("estimator", [ClassMeanClassifier(), DecorrelatedClassifier(prior="balanced"),
+                                       DecorrelatedClassifier(unknown_score="mahalanobis")], ids=repr)
 def test_calibrated_estimator_rejects_a_far_query_and_keeps_known_ones(estimator):
     X, y = gaussian_classes(samples_per_class=50, seed=31)
     X_valid, y_valid = gaussian_classes(samples_per_class=25, seed=32)
@@ -360,6 +361,38 @@ def test_calibrated_estimator_rejects_a_far_query_and_keeps_known_ones(estimator
     assert not fitted.threshold_stale_
     fitted.partial_fit(X_valid[:2], ["emu", "emu"])
     assert fitted.threshold_stale_  # the scores it was set on have changed
+
+
+@pytest.mark.parametrize("prior", ["empirical", "balanced"])
+def test_combined_unknown_score_is_two_parts_standardised_on_the_fitting_images(prior):
+    X, y = gaussian_classes(samples_per_class=30, seed=41)
+    fitted = DecorrelatedClassifier(prior=prior).fit(X, y)
+    parts = fitted.unknown_components(fitted.query_features(X))
+    np.testing.assert_allclose(fitted.unknown_moments_, fitted.unknown_moments(X), rtol=1e-12)
+    assert fitted.unknown_moments_[:, 0].tolist() == [len(X), len(X)]
+    standardised = (parts - parts.mean(axis=0)) / parts.std(axis=0)
+    np.testing.assert_allclose(fitted.score_samples(X), standardised.sum(axis=1), atol=1e-9)
+    far = np.full((2, X.shape[1]), -5.0)
+    assert fitted.score_samples(far).max() < fitted.score_samples(X).min()
+    moments = fitted.unknown_moments_.copy()
+    fitted.partial_fit(X[:3] + 0.1, y[:3])  # later changes keep the standardisation, as they keep the ridge
+    np.testing.assert_array_equal(fitted.unknown_moments_, moments)
+
+
+def test_statistics_saved_without_unknown_moments_keep_the_mahalanobis_score_their_threshold_was_set_on():
+    X, y = gaussian_classes(samples_per_class=30, seed=43)
+    fitted = DecorrelatedClassifier().fit(X, y).calibrate(X[::3])
+    saved = {name: value for name, value in fitted.get_statistics().items() if name != "unknown_moments"}
+    restored = DecorrelatedClassifier().set_statistics(**saved)
+    assert not hasattr(restored, "unknown_moments_")
+    np.testing.assert_allclose(restored.score_samples(X),
+                               restored.within_class_mahalanobis(restored.query_features(X)), rtol=1e-12)
+    np.testing.assert_allclose(DecorrelatedClassifier(unknown_score="mahalanobis").fit(X, y).score_samples(X),
+                               restored.score_samples(X), rtol=1e-9)
+    with pytest.raises(ValueError, match=r"unknown-score moments must be 2 x 3"):
+        DecorrelatedClassifier().set_statistics(**{**saved, "unknown_moments": np.zeros((2, 3))})
+    with pytest.raises(ValueError, match="unknown_score must be one of 'combined', 'mahalanobis', got 'energy'"):
+        DecorrelatedClassifier(unknown_score="energy").fit(X, y)
 
 
 def test_reject_needs_a_calibration_and_a_free_unknown_label():
