@@ -365,15 +365,15 @@ def compare_prototypes(
             fitted = sklearn.base.clone(method).fit(X[train_indexes], y[train_indexes])
             ranked = torch.from_numpy(prototypes.predict_topk(fitted, X[valid_indexes], top_k))
             seconds.append(time.perf_counter() - started)
-            accuracy, topk_accuracy = metrics.topk_accuracies(topk_indices=ranked, targets=targets[valid_indexes])
-            accuracies.append(accuracy)
-            balanced_accuracies.append(metrics.balanced_accuracy(targets=y[valid_indexes], predictions=ranked[:, 0]))
-            topk_accuracies.append(topk_accuracy)
+            scored = metrics.score_predictions(targets=targets[valid_indexes], topk_predictions=ranked)
+            accuracies.append(scored["accuracy"])
+            balanced_accuracies.append(scored["balanced_accuracy"])
+            topk_accuracies.append(scored["topk_accuracy"])
         baseline = accuracies if baseline is None else baseline
         accuracy = metrics.mean_confidence_interval(accuracies, confidence=confidence)
         balanced = metrics.mean_confidence_interval(balanced_accuracies, confidence=confidence)
         topk = metrics.mean_confidence_interval(topk_accuracies, confidence=confidence)
-        gain = metrics.mean_confidence_interval(np.subtract(accuracies, baseline), confidence=confidence)
+        gain = metrics.paired_difference(accuracies, baseline, confidence=confidence)
         baseline_error = 1.0 - float(np.mean(baseline))
         rows.append(
             {

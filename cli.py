@@ -28,7 +28,6 @@ __all__ = [
     "report_user_error",
     "reporting_user_errors",
     "resolve_dataset",
-    "resolve_device",
     "run_class_store",
     "distributed_main",
     "distributed_parser",
@@ -228,29 +227,6 @@ def resolve_dataset(
             f"caltech101 or animal90 ({kaggle_dataset}, kagglehub)."
         )
     return path
-
-
-def resolve_device(name: str) -> Any:
-    """``torch.device`` for ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; refuses one this machine lacks."""
-    import torch
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda:0")
-        return torch.device("mps") if torch.backends.mps.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise SystemExit(f"--device {name!r} is not a device name; use auto, cpu, cuda, cuda:N or mps.") from error
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise SystemExit(
-            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s). Use --device cpu or auto."
-        )
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit("--device mps: Apple's Metal backend is not available here. Use --device cpu or auto.")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise SystemExit(f"--device {name}: use auto, cpu, cuda, cuda:N or mps.")
-    return device
 
 
 def run_environment(*, repository: pathlib.Path) -> dict[str, Any]:
@@ -484,6 +460,7 @@ def grid_main(argv: list[str] | None = None) -> int:
     if baseline is not None and (len(baseline) != 2 or baseline[1] not in CLASSIFIER_NAMES):
         parser.error(f"--baseline {args.baseline}: give MODEL:CLASSIFIER, e.g. tf_efficientnet_lite0:mean.")
     import grid
+    import utils
 
     def run() -> int:
         table = grid.run_grid(
@@ -495,7 +472,7 @@ def grid_main(argv: list[str] | None = None) -> int:
             settings=grid.GridSettings(
                 runs=args.runs, valid_share=args.valid_share, top_k=args.top_k, seed=args.seed,
                 confidence=args.confidence, batch_size=args.batch_size, workers=args.workers,
-                device=str(resolve_device(args.device)), precision=args.precision,
+                device=str(utils.resolve_device(args.device)), precision=args.precision,
             ),
         )
         out = pathlib.Path(args.out)

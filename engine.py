@@ -19,7 +19,6 @@ import dataclasses
 import datetime
 import difflib
 import hashlib
-import math
 import os
 import pathlib
 import time
@@ -57,7 +56,6 @@ __all__ = [
     "model_id",
     "preprocessing_config",
     "print_stats",
-    "score_predictions",
     "split_normalization",
 ]
 
@@ -480,7 +478,7 @@ class Encoder:
         stats = {
             **self.describe(),
             "dataset_part": part,
-            **score_predictions(targets=targets, topk_predictions=topk),
+            **metrics.score_predictions(targets=targets, topk_predictions=topk),
             "topk": self.topk,
             "duration": datetime.timedelta(seconds=time.perf_counter() - started),
         }
@@ -628,29 +626,6 @@ def preprocessing_config(encoder: Encoder) -> dict[str, Any]:
     if isinstance(encoder, TextEncoder):
         return {"max_seq_length": encoder.model.max_seq_length}
     return eval_transform(encoder.model)[0]
-
-
-def score_predictions(*, targets: torch.Tensor, topk_predictions: torch.Tensor) -> dict[str, Any]:
-    """Accuracy, balanced accuracy and top-k accuracy of label predictions ``[N, k]`` (best first) against
-    targets ``[N]``."""
-    num_images = len(targets)
-    accuracy, topk_accuracy = (
-        metrics.topk_accuracies(topk_indices=topk_predictions, targets=targets) if num_images else (math.nan,) * 2
-    )
-    balanced = (
-        metrics.balanced_accuracy(targets=targets.numpy(), predictions=topk_predictions[:, 0].numpy())
-        if num_images else math.nan
-    )
-    return {
-        "targets": targets.tolist(),
-        "predictions": topk_predictions[:, 0].tolist(),
-        "topk_predictions": topk_predictions.tolist(),
-        "num_labels": len(set(targets.tolist())),
-        "num_images": num_images,
-        "accuracy": accuracy,
-        "balanced_accuracy": balanced,
-        "topk_accuracy": topk_accuracy,
-    }
 
 
 def describe_model(stats: dict[str, Any]) -> dict[str, Any]:

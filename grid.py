@@ -312,9 +312,7 @@ def _with_differences(cells: pd.DataFrame, *, baseline: tuple[str, str] | None, 
             accuracy = metrics.mean_confidence_interval(cell["accuracies"], confidence=confidence)
             balanced = metrics.mean_confidence_interval(cell["balanced_accuracies"], confidence=confidence)
             topk = metrics.mean_confidence_interval(cell["topk_accuracies"], confidence=confidence)
-            difference = metrics.mean_confidence_interval(
-                np.asarray(cell["accuracies"]) - reference, confidence=confidence
-            )
+            difference = metrics.paired_difference(cell["accuracies"], reference, confidence=confidence)
             rows.append({
                 **cell.to_dict(), "accuracy": accuracy.mean, "accuracy_ci": accuracy.half_width,
                 "balanced_accuracy": balanced.mean, "balanced_ci": balanced.half_width,

@@ -1,5 +1,5 @@
-"""Statistics shared by the script, the partition protocol and the analysis: t-intervals, top-k and balanced
-accuracy.
+"""Statistics shared by the script, the partition protocol and the analysis: t-intervals, paired differences,
+top-k and balanced accuracy, and the scores of one set of predictions.
 
 Accuracies from repeated random partitions are summarised as a mean with a Student's t confidence interval, the
 approximation the article uses near the mean (accuracies are bounded, so the interval is only trustworthy when it
@@ -11,13 +11,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.stats
 import sklearn.metrics
 import torch
 
-__all__ = ["MeanInterval", "balanced_accuracy", "mean_confidence_interval", "topk_accuracies"]
+__all__ = ["MeanInterval", "balanced_accuracy", "mean_confidence_interval", "paired_difference", "score_predictions",
+           "topk_accuracies"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,18 @@ def mean_confidence_interval(
     )
 
 
+def paired_difference(
+    values: Sequence[float] | np.ndarray, baseline: Sequence[float] | np.ndarray, *, confidence: float = 0.95
+) -> MeanInterval:
+    """Mean per-partition difference ``values - baseline`` with its own interval: both measured on the same
+    partitions (or draws), so the partition-to-partition spread cancels and a small real difference shows."""
+    values, baseline = np.asarray(values, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    if values.shape != baseline.shape:
+        raise ValueError(f"A paired difference needs one value per partition on both sides, got {values.size} and "
+                         f"{baseline.size}.")
+    return mean_confidence_interval(values - baseline, confidence=confidence)
+
+
 def topk_accuracies(*, topk_indices: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
     """Return ``(top-1 accuracy, top-k accuracy)``; column 0 of ``topk_indices`` is the best prediction."""
     topk_indices = torch.as_tensor(topk_indices)
@@ -86,3 +100,26 @@ def balanced_accuracy(*, targets: Sequence[int] | np.ndarray, predictions: Seque
     return float(
         sklearn.metrics.recall_score(targets, predictions, labels=np.unique(targets), average="macro", zero_division=0)
     )
+
+
+def score_predictions(*, targets: torch.Tensor, topk_predictions: torch.Tensor) -> dict[str, Any]:
+    """Accuracy, balanced accuracy and top-k accuracy of label predictions ``[N, k]`` (best first) against
+    targets ``[N]``."""
+    num_images = len(targets)
+    accuracy, topk_accuracy = (
+        topk_accuracies(topk_indices=topk_predictions, targets=targets) if num_images else (math.nan,) * 2
+    )
+    balanced = (
+        balanced_accuracy(targets=targets.numpy(), predictions=topk_predictions[:, 0].numpy())
+        if num_images else math.nan
+    )
+    return {
+        "targets": targets.tolist(),
+        "predictions": topk_predictions[:, 0].tolist(),
+        "topk_predictions": topk_predictions.tolist(),
+        "num_labels": len(set(targets.tolist())),
+        "num_images": num_images,
+        "accuracy": accuracy,
+        "balanced_accuracy": balanced,
+        "topk_accuracy": topk_accuracy,
+    }

@@ -87,7 +87,7 @@ import utils  # noqa: E402
 import visual  # noqa: E402
 
 started = time.perf_counter()
-device = cli.resolve_device(args.device)
+device = utils.resolve_device(args.device)
 allocator = utils.tune_allocator(enabled=args.tune_allocator)
 utils.check_cuda_support(inform=True)
 if args.reproducible:

@@ -98,7 +98,7 @@ class Run:
         so a resumed experiment never reports numbers it did not measure."""
         problem = "its scores do not follow from its targets and predictions"
         try:
-            rescored = engine.score_predictions(
+            rescored = metrics.score_predictions(
                 targets=torch.tensor(self.targets, dtype=torch.long),
                 topk_predictions=torch.tensor(self.topk_predictions, dtype=torch.long).reshape(len(self.targets), -1),
             )
@@ -262,7 +262,7 @@ def _score(
 ) -> Run:
     train_predictions = torch.from_numpy(prototypes.predict_topk(fitted, train[0].numpy(), 1))
     scores, ranked = prototypes.ranked_scores(fitted, valid[0].numpy(), max(top_k, 2))  # two for the margin
-    valid_scores = engine.score_predictions(targets=valid[1], topk_predictions=torch.from_numpy(ranked[:, :top_k]))
+    valid_scores = metrics.score_predictions(targets=valid[1], topk_predictions=torch.from_numpy(ranked[:, :top_k]))
     return Run(
         run=run,
         accuracy=valid_scores["accuracy"],

@@ -26,6 +26,7 @@ __all__ = [
     "cpu_has_fast_bf16",
     "get_device",
     "printable",
+    "resolve_device",
     "spreadsheet_safe",
     "tune_allocator",
 ]
@@ -118,10 +119,31 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def get_device(*, force_cpu: bool = False) -> torch.device:
-    """The first CUDA device when there is one, else the CPU; ``force_cpu`` makes runs comparable across machines."""
-    if force_cpu or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda:0")
+    """The first CUDA device when there is one (Apple's Metal on a Mac), else the CPU; ``force_cpu`` makes runs
+    comparable across machines. The original's call, over :func:`resolve_device`."""
+    return resolve_device("cpu" if force_cpu else "auto")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``torch.device`` for ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; a device this machine lacks is a
+    :class:`UserError` that says what to use instead."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda:0")
+        return torch.device("mps") if torch.backends.mps.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UserError(f"--device {name!r} is not a device name; use auto, cpu, cuda, cuda:N or mps.") from error
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s). Use --device cpu or auto."
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: Apple's Metal backend is not available here. Use --device cpu or auto.")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: use auto, cpu, cuda, cuda:N or mps.")
+    return device
 
 
 class NativeScalerV2(timm.utils.NativeScaler):

@@ -145,8 +145,8 @@ def main(argv: list[str]) -> None:
               f"{interval(name, lambda r: r[1])} | {interval(name, lambda r: r[2])} |")
     singles = [name for name in results[0] if name.startswith(SINGLE)]
     best = max(singles, key=lambda name: np.mean([result[name][0]["auroc"] for result in results]))
-    gain = metrics.mean_confidence_interval(
-        [result[COMBINED][0]["auroc"] - result[best][0]["auroc"] for result in results])
+    gain = metrics.paired_difference([result[COMBINED][0]["auroc"] for result in results],
+                                     [result[best][0]["auroc"] for result in results])
     print(f"\nAUROC of the default minus the best single score ({best}), paired over the draws: "
           f"{gain.mean:+.4f} ± {gain.half_width:.4f}")
     print("Per draw, the default's AUROC: " + ", ".join(f"{result[COMBINED][0]['auroc']:.4f}" for result in results))

@@ -113,3 +113,15 @@ def test_balanced_accuracy_weighs_every_class_the_same():
     assert metrics.balanced_accuracy(targets=[0, 0, 1, 1], predictions=[0, 2, 1, 1]) == pytest.approx(0.75)
     with pytest.raises(ValueError, match="targets is empty"):
         metrics.balanced_accuracy(targets=[], predictions=[])
+
+
+def test_paired_difference_cancels_the_shared_spread():
+    baseline = [0.70, 0.90, 0.80, 0.60]
+    values = [0.72, 0.91, 0.83, 0.62]  # differences 0.02, 0.01, 0.03, 0.02
+    difference = metrics.paired_difference(values, baseline)
+    assert difference.mean == pytest.approx(0.02)
+    expected = scipy.stats.t.ppf(0.975, 3) * np.std([0.02, 0.01, 0.03, 0.02], ddof=1) / 2
+    assert difference.half_width == pytest.approx(expected)
+    assert difference.half_width < metrics.mean_confidence_interval(values).half_width / 10
+    with pytest.raises(ValueError, match="one value per partition on both sides, got 2 and 3"):
+        metrics.paired_difference([0.1, 0.2], [0.1, 0.2, 0.3])

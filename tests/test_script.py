@@ -133,7 +133,7 @@ def test_store_command_help_answers_before_torch_loads():
 def test_unknown_device_is_one_clear_line(six_classes, lite0_weights, tmp_path):
     result = six_class_run(six_classes, lite0_weights, tmp_path / "out", "--device", "cuda:7")
     assert result.returncode == 1
-    assert re.fullmatch(r"--device cuda:7: this machine has \d+ CUDA device\(s\)\. Use --device cpu or auto\.",
+    assert re.fullmatch(r"error: --device cuda:7: this machine has \d+ CUDA device\(s\)\. Use --device cpu or auto\.",
                         result.stderr.strip())
 
 

@@ -24,6 +24,19 @@ def test_get_device_follows_cuda_availability(monkeypatch):
     assert utils.get_device(force_cpu=True) == torch.device("cpu")
 
 
+def test_resolve_device_refuses_what_the_machine_lacks_in_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert utils.resolve_device("auto") == torch.device("cpu") == utils.resolve_device("cpu")
+    with pytest.raises(utils.UserError, match=r"^--device cuda:1: this machine has 0 CUDA device\(s\)\. Use --device"):
+        utils.resolve_device("cuda:1")
+    with pytest.raises(utils.UserError, match="--device 'gpu7' is not a device name; use auto, cpu, cuda, cuda:N or mps"):
+        utils.resolve_device("gpu7")
+    with pytest.raises(utils.UserError, match="--device mps: Apple's Metal backend is not available here"):
+        utils.resolve_device("mps")
+
+
+
 def test_check_cuda_support_prints_only_when_asked(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(utils, "cpu_has_fast_bf16", lambda: False)
