@@ -14,6 +14,7 @@ Both take the classifier (an unfitted :mod:`prototypes` estimator) and ``top_k``
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -287,17 +288,47 @@ def _same_score(expected: float, recorded: Any) -> bool:
 
 
 def load_run_records(path: pathlib.Path) -> list[Run]:
-    """Runs already written by an earlier, interrupted experiment; a half-written last line is dropped."""
-    if not path.exists():
-        return []
+    """Runs already written by an earlier, interrupted experiment, each checked against its checksum; a
+    half-written last line (a write cut short) is dropped, a damaged line before it is refused by number."""
+    lines = _log_lines(path)
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(lines, start=1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            break
-        records.append(Run.from_dict(record, source=str(path)))
+            if number == len(lines):
+                break
+            raise RunLogError(
+                f"{path}, line {number}: the line is damaged (not JSON), so the log cannot be trusted. Start again "
+                "without --resume, or with another --out directory."
+            ) from None
+        source = f"{path}, line {number}"
+        if not isinstance(record, dict) or record.pop("checksum", None) != _record_checksum(record):
+            raise RunLogError(
+                f"{source}: the record does not match its checksum (edited, damaged, or written by an older "
+                "version). Start again without --resume, or with another --out directory."
+            )
+        records.append(Run.from_dict(record, source=source))
     return records
+
+
+def _log_lines(path: pathlib.Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+
+
+def _complete_records(lines: list[str]) -> int:
+    """Lines of a log that hold a whole record: all but a half-written last one."""
+    if lines:
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            return len(lines) - 1
+    return len(lines)
+
+
+def _record_checksum(record: dict[str, Any]) -> str:
+    """SHA-256 of a run record's canonical JSON: an edit that keeps the record consistent still changes it."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 class _RunLog:
@@ -325,20 +356,21 @@ def _keep_replaced_log(path: pathlib.Path, *, completed: list[Run]) -> None:
     other file beside it (results, tables, figures) go together into ``replaced-<time>/``, so a new experiment
     never empties an old one and the folder never mixes two, even if the new one then crashes. Folders (an
     embedding cache, say) and hidden files (the writer's lock) stay."""
-    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
-    if len(lines) <= len(completed):
+    records = _complete_records(_log_lines(path))
+    if records <= len(completed):
         return
     folder = path.parent / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
     folder.mkdir()
     files = [item for item in path.parent.iterdir() if item.is_file() and not item.name.startswith(".")]
     for item in files:
         os.replace(item, folder / item.name)
-    print(f"{path.parent} held an earlier experiment ({len(lines)} partitions in {path.name}); its {len(files)} "
+    print(f"{path.parent} held an earlier experiment ({records} partitions in {path.name}); its {len(files)} "
           f"files were moved to {folder}.")
 
 
 def _json_line(run: Run) -> str:
-    return json.dumps(dataclasses.asdict(run)) + "\n"
+    record = dataclasses.asdict(run)
+    return json.dumps({**record, "checksum": _record_checksum(record)}) + "\n"
 
 
 def _partitions(
@@ -362,11 +394,16 @@ def _partitions(
             valid_share=valid_share, test_share=0.0, generator=generator
         )
         if run < len(completed):
-            expected_targets = maker.get_image_labels()[valid_indexes].tolist()
-            if (completed[run].valid_indexes, completed[run].targets) != (valid_indexes.tolist(), expected_targets):
+            if completed[run].valid_indexes != valid_indexes.tolist():
                 raise RunLogError(
                     f"Cannot resume: partition {run} differs from the one saved in {run_log}. The seed, shares or "
                     "dataset changed; start again without --resume or with another --out directory."
+                )
+            if completed[run].targets != maker.get_image_labels()[valid_indexes].tolist():
+                raise RunLogError(
+                    f"Cannot resume: partition {run} of {run_log} holds the same samples with other labels than the "
+                    "dataset gives them now (its class folders or label column changed); start again without "
+                    "--resume or with another --out directory."
                 )
             continue
         yield run, train_indexes, valid_indexes, log.append

@@ -1211,8 +1211,8 @@ def forged_log(tmp_path: pathlib.Path, edit: Callable[[dict], None]) -> pathlib.
     record = dataclasses.asdict(good)
     edit(record)
     path = tmp_path / "runs.jsonl"
-    path.write_text(json.dumps(record) + "\n")
-    return path
+    path.write_text(json.dumps({**record, "checksum": protocol._record_checksum(record)}) + "\n")
+    return path  # a forger who also recomputed the checksum: the scores must still follow from the predictions
 
 
 @pytest.mark.parametrize(("edit", "problem"), [
@@ -1229,9 +1229,26 @@ def forged_log(tmp_path: pathlib.Path, edit: Callable[[dict], None]) -> pathlib.
 def test_forged_run_log_is_refused_with_its_file_and_partition(tmp_path, edit, problem):
     assert len(protocol.load_run_records(forged_log(tmp_path, lambda record: None))) == 1
     path = forged_log(tmp_path, edit)
-    with pytest.raises(protocol.RunLogError, match=rf"{re.escape(str(path))}: partition 0: .*{problem}.*without "
-                                                   "--resume"):
+    with pytest.raises(protocol.RunLogError, match=rf"{re.escape(str(path))}, line 1: partition 0: .*{problem}.*"
+                                                   "without --resume"):
         protocol.load_run_records(path)
+
+
+def test_run_log_edited_without_its_checksum_or_damaged_inside_is_refused_by_line(tmp_path):
+    path = forged_log(tmp_path, lambda record: None)
+    line = path.read_text()
+    record = json.loads(line)
+    edited = {**record, "targets": [1, 0], "predictions": [1, 1], "topk_predictions": [[1, 0], [1, 0]]}
+    path.write_text(line + json.dumps(edited) + "\n")  # consistent scores, the old checksum
+    with pytest.raises(protocol.RunLogError, match=rf"{re.escape(str(path))}, line 2: the record does not match its "
+                                                   "checksum \\(edited, damaged, or written by an older version\\)"):
+        protocol.load_run_records(path)
+    path.write_text(line + '{"run": 1, "accur\n' + line)
+    with pytest.raises(protocol.RunLogError, match=rf"{re.escape(str(path))}, line 2: the line is damaged \(not "
+                                                   "JSON\\)"):
+        protocol.load_run_records(path)
+    path.write_text(line + '{"run": 1, "accur')  # a write cut short: the partitions before it stand
+    assert [run.run for run in protocol.load_run_records(path)] == [0]
 
 
 def test_resumed_log_whose_targets_were_relabelled_is_refused(image_folder, lite0_model, tmp_path):
@@ -1254,9 +1271,18 @@ def test_resumed_log_whose_targets_were_relabelled_is_refused(image_folder, lite
             record[key] = [swapped.get(value, value) for value in record[key]]
         record["topk_predictions"] = [[swapped.get(value, value) for value in row]
                                       for row in record["topk_predictions"]]
+    for record in records:
+        del record["checksum"]
+        record["checksum"] = protocol._record_checksum(record)
     log.write_text("".join(json.dumps(record) + "\n" for record in records))
-    with pytest.raises(protocol.RunLogError, match="Cannot resume: partition 0 differs"):
+    with pytest.raises(protocol.RunLogError, match="Cannot resume: partition 0 of .* holds the same samples with "
+                                                   "other labels than the dataset gives them now"):
         cached_run(completed=protocol.load_run_records(log))
+    cached_run()  # a new experiment moves the edited one aside
+    assert len(list(tmp_path.glob("replaced-*"))) == 1
+    log.write_text(log.read_text() + '{"run": 2, "acc')  # a write cut short is the same experiment, resumed
+    cached_run(completed=protocol.load_run_records(log))
+    assert len(list(tmp_path.glob("replaced-*"))) == 1 and len(log.read_text().splitlines()) == 2
 
 
 def test_csv_cells_that_a_spreadsheet_would_run_are_neutralised(tmp_path):
