@@ -500,11 +500,7 @@ class DecorrelatedClassifier(_ClassStatistics):
         self.gram_, self.feature_sum_, self.n_samples_seen_ = gram, feature_sum, int(seen)
         self.relative_alpha_ = float(arrays["relative_alpha"])
         if "unknown_moments" in arrays:
-            moments = np.asarray(arrays["unknown_moments"], np.float64)
-            if moments.shape != (2, 3) or (moments[:, 0] < 1).any():
-                raise ValueError(f"the unknown-score moments must be 2 x 3 with counts of at least 1, got "
-                                 f"{moments.tolist()}")
-            self.unknown_moments_ = moments
+            self.set_unknown_moments(arrays["unknown_moments"])
         elif hasattr(self, "unknown_moments_"):
             del self.unknown_moments_
         self.n_features_in_ = size
@@ -567,7 +563,8 @@ class DecorrelatedClassifier(_ClassStatistics):
         """Install :meth:`unknown_moments` summed over every fitted image (what ``fit`` computes itself)."""
         moments = np.asarray(moments, dtype=np.float64)
         if moments.shape != (2, 3) or (moments[:, 0] < 1).any():
-            raise ValueError(f"unknown moments must be 2 x 3 with counts of at least 1, got {moments.tolist()}.")
+            raise ValueError(f"the unknown-score moments must be 2 x 3 with counts of at least 1, got "
+                             f"{moments.tolist()}.")
         self.unknown_moments_ = moments
         if hasattr(self, "threshold_"):
             self.threshold_stale_ = True
