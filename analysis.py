@@ -32,6 +32,7 @@ import baselines
 import cumacc
 import metrics
 import prototypes
+import utils
 
 __all__ = [
     "ANALYSIS_PARTS",
@@ -94,7 +95,7 @@ def most_confused_pairs(*, confusion: np.ndarray, labels: Sequence[str], top: in
     rows, cols = np.nonzero(off_diagonal)
     counts = off_diagonal[rows, cols]
     shares = counts / confusion.sum(axis=1)[rows]
-    table = pd.DataFrame(
+    table = utils.table(
         {
             "target": [labels[i] for i in rows],
             "predicted": [labels[j] for j in cols],
@@ -235,7 +236,7 @@ def per_class_accuracy(
             continue
         interval = metrics.mean_confidence_interval(values, confidence=confidence)
         rows.append({"label": label, "mean": interval.mean, "half_width": interval.half_width, "n": interval.n})
-    table = pd.DataFrame(rows)
+    table = utils.table(rows, columns=["label", "mean", "half_width", "n"])
     table.insert(3, "low", table["mean"] - table["half_width"])
     table.insert(4, "high", table["mean"] + table["half_width"])
     return table
@@ -263,7 +264,7 @@ def smallest_margins(
         columns=["index", "target", "predicted", "margin", "partition"],
     ).dropna(subset=["margin"])
     frame = frame.sort_values(["margin", "partition"], kind="stable").drop_duplicates("index").head(count)
-    return pd.DataFrame({
+    return utils.table({
         "sample": [sample_names[i] if sample_names is not None else str(i) for i in frame["index"]],
         "target": [labels[i] for i in frame["target"]],
         "predicted": [labels[i] for i in frame["predicted"]],
@@ -362,9 +363,10 @@ def compare_prototypes(
         accuracies, balanced_accuracies, topk_accuracies, seconds = [], [], [], []
         for train_indexes, valid_indexes in partitions:
             started = time.perf_counter()
-            fitted = sklearn.base.clone(method).fit(X[train_indexes], y[train_indexes])
-            ranked = torch.from_numpy(prototypes.predict_topk(fitted, X[valid_indexes], top_k))
+            _, _, ranked = prototypes.fit_and_rank(method, train=(X[train_indexes], y[train_indexes]),
+                                                   queries=X[valid_indexes], top_k=top_k)
             seconds.append(time.perf_counter() - started)
+            ranked = torch.from_numpy(ranked)
             scored = metrics.score_predictions(targets=targets[valid_indexes], topk_predictions=ranked)
             accuracies.append(scored["accuracy"])
             balanced_accuracies.append(scored["balanced_accuracy"])

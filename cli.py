@@ -404,9 +404,9 @@ def class_store_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "top_k", 1) < 1 or getattr(args, "batch_size", 1) < 1:
         parser.error("--top-k and --batch-size must be at least 1.")
-    import classdb
+    import cli_store
 
-    return reporting_user_errors(lambda: classdb.run_command(args))
+    return reporting_user_errors(lambda: cli_store.run_command(args))
 
 
 def grid_parser() -> argparse.ArgumentParser:

@@ -160,7 +160,7 @@ def _run_cells(
             cells += _model_cells(
                 maker=maker, model=model, classifiers=classifiers, settings=settings, cache=cache, out=out
             )
-    table = _with_differences(pd.DataFrame(cells), baseline=baseline, confidence=settings.confidence)
+    table = _with_differences(utils.table(cells), baseline=baseline, confidence=settings.confidence)
     shown = table.drop(columns=["accuracies", "balanced_accuracies", "topk_accuracies"])
     store.write_csv(out / "grid.csv", shown)
     with store.atomic_path(out / "grid.md") as temporary:
@@ -319,7 +319,7 @@ def _with_differences(cells: pd.DataFrame, *, baseline: tuple[str, str] | None, 
                 "topk_accuracy": topk.mean, "topk_ci": topk.half_width, "baseline": baseline_name,
                 "diff": difference.mean, "diff_ci": difference.half_width,
             })
-    return pd.DataFrame(rows)
+    return utils.table(rows)
 
 
 def markdown_table(table: pd.DataFrame, *, settings: GridSettings) -> str:

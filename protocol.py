@@ -242,27 +242,29 @@ def evaluate_partition(
     run: int = 0,
 ) -> tuple[Run, Any]:
     """Fit a copy of ``classifier`` on the training part and score both parts; returns the run and the fit."""
-    started = time.perf_counter()
-    fitted = sklearn.base.clone(classifier).fit(embeddings[train_indexes].numpy(), targets[train_indexes].numpy())
-    return _score(
-        run=run, fitted=fitted, train=(embeddings[train_indexes], targets[train_indexes]),
+    return score_partition(
+        run=run, classifier=classifier, train=(embeddings[train_indexes], targets[train_indexes]),
         valid=(embeddings[valid_indexes], targets[valid_indexes]), indexes=(train_indexes, valid_indexes),
-        top_k=top_k, started=started,
-    ), fitted
+        top_k=top_k, started=time.perf_counter(),
+    )
 
 
-def _score(
+def score_partition(
     *,
     run: int,
-    fitted: Any,
+    classifier: Any,
     train: tuple[torch.Tensor, torch.Tensor],
     valid: tuple[torch.Tensor, torch.Tensor],
     indexes: tuple[torch.Tensor, torch.Tensor],
     top_k: int,
     started: float,
-) -> Run:
+) -> tuple[Run, Any]:
+    """One partition of either protocol: fit a copy of ``classifier`` on ``train``, rank ``valid``
+    (:func:`prototypes.fit_and_rank`) and score it; returns the run and the fit."""
+    fitted, scores, ranked = prototypes.fit_and_rank(
+        classifier, train=(train[0].numpy(), train[1].numpy()), queries=valid[0].numpy(), top_k=max(top_k, 2)
+    )  # two for the margin
     train_predictions = torch.from_numpy(prototypes.predict_topk(fitted, train[0].numpy(), 1))
-    scores, ranked = prototypes.ranked_scores(fitted, valid[0].numpy(), max(top_k, 2))  # two for the margin
     valid_scores = metrics.score_predictions(targets=valid[1], topk_predictions=torch.from_numpy(ranked[:, :top_k]))
     return Run(
         run=run,
@@ -278,7 +280,7 @@ def _score(
         train_indexes=indexes[0].tolist(),
         valid_indexes=indexes[1].tolist(),
         seconds=time.perf_counter() - started,
-    )
+    ), fitted
 
 
 def _same_score(expected: float, recorded: Any) -> bool:
@@ -543,10 +545,9 @@ def run_original_protocol(
             parts.append(encoder.embed(dataloader=loader, desc=f"[Encode/{name}DS]", inform=inform))
         train, valid = parts
         encode_seconds += time.perf_counter() - started
-        fitted = sklearn.base.clone(classifier).fit(train[0].numpy(), train[1].numpy())
-        record = _score(
-            run=run, fitted=fitted, train=train, valid=valid, indexes=(train_indexes, valid_indexes), top_k=top_k,
-            started=started,
+        record, fitted = score_partition(
+            run=run, classifier=classifier, train=train, valid=valid, indexes=(train_indexes, valid_indexes),
+            top_k=top_k, started=started,
         )
         records.append(record)
         append(record)

@@ -87,6 +87,12 @@ def top_scores(scores: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Te
     return scores.topk(min(top_k, scores.shape[1]), dim=1)
 
 
+def linear_scores(*, features: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``features @ weights.T + bias``, ``[N, C]``: how each class vector scores each query. The one linear score of
+    the package: the estimators' ``class_scores`` and the class store's torch backend both call it."""
+    return features @ weights.T + bias
+
+
 def cosine_top_k(
     *, queries: torch.Tensor, corpus: torch.Tensor, top_k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,8 +271,12 @@ class _ClassStatistics(ClassifierMixin, BaseEstimator):
 
     def class_scores(self, X: Any) -> np.ndarray:
         """Score of every class for every query, ``[N, C]``; higher is more similar."""
-        weights, bias = self.class_vectors()
-        return self.query_features(X) @ weights.T + bias
+        self.class_vectors()  # fitted, with classes
+        return self._scores_of_features(self.query_features(X))
+
+    def _scores_of_features(self, features: np.ndarray) -> np.ndarray:
+        return linear_scores(features=torch.from_numpy(features), weights=torch.from_numpy(self.weights_),
+                             bias=torch.from_numpy(self.bias_)).numpy()
 
     def decision_function(self, X: Any) -> np.ndarray:
         """``class_scores``; for two classes scikit-learn's 1-d form (positive means ``classes_[1]``)."""
@@ -362,7 +372,7 @@ class _ClassStatistics(ClassifierMixin, BaseEstimator):
 
     def _unknown_scores(self, X: np.ndarray) -> np.ndarray:
         """The best class score: for the class mean, the cosine to the nearest class mean."""
-        return (self._query_features(X) @ self.weights_.T + self.bias_).max(axis=1)
+        return self._scores_of_features(self._query_features(X)).max(axis=1)
 
     def _update_shared(self, features: np.ndarray, *, sign: int) -> None:
         """Add (``sign=1``) or subtract (``-1``) shared statistics; none for a plain class mean."""
@@ -913,6 +923,17 @@ def ranked_scores(estimator: Any, X: Any, top_k: int) -> tuple[np.ndarray, np.nd
         all_scores = np.asarray(estimator.predict_proba(X), dtype=np.float64)
     scores, indexes = top_scores(torch.from_numpy(all_scores), top_k)
     return scores.numpy(), np.asarray(estimator.classes_)[indexes.numpy()]
+
+
+def fit_and_rank(
+    classifier: Any, *, train: tuple[np.ndarray, np.ndarray], queries: np.ndarray, top_k: int
+) -> tuple[Any, np.ndarray, np.ndarray]:
+    """Fit a copy of ``classifier`` on ``train = (X, y)`` and rank the classes for ``queries``: ``(fitted, scores,
+    labels)``, each ranking ``[N, min(top_k, C)]`` best first. Scoring one partition is this, wherever it happens
+    (both protocols, the analyses' comparison of classifiers), so every table ranks the same way."""
+    fitted = sklearn.base.clone(classifier).fit(*train)
+    scores, labels = ranked_scores(fitted, queries, top_k)
+    return fitted, scores, labels
 
 
 def predict_topk(estimator: Any, X: Any, top_k: int) -> np.ndarray:

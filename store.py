@@ -286,11 +286,11 @@ def write_csv(path: PathLike, frame: pd.DataFrame | dict[str, Sequence[Any]]) ->
     formulas are neutralised (``utils.spreadsheet_safe``), and every text cell is quoted, so one holding a carriage
     return or another control character reads back as the one cell it is.
 
-    A mapping of column names to values is made into the table here with every cell kept as the Python object it
-    is: pandas' Arrow-backed strings refuse a file name that is not valid UTF-8, which this writes as its bytes."""
+    A mapping of column names to values is made into the table by ``utils.table``, which keeps text as Python
+    strings: a file name that is not valid UTF-8 is written as its bytes."""
     path = pathlib.Path(path)
     if not isinstance(frame, pd.DataFrame):
-        frame = pd.DataFrame({name: pd.Series(list(values), dtype=object) for name, values in frame.items()})
+        frame = utils.table(frame)
     text_columns = frame.select_dtypes(include=["object", "string"]).columns
     safe = frame.assign(**{column: pd.Series([utils.spreadsheet_safe(cell) for cell in frame[column]], dtype=object,
                                              index=frame.index) for column in text_columns})

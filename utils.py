@@ -10,10 +10,11 @@ import os
 import pathlib
 import pstats
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
+import pandas as pd
 import timm.utils
 import torch
 
@@ -28,6 +29,7 @@ __all__ = [
     "printable",
     "resolve_device",
     "spreadsheet_safe",
+    "table",
     "tune_allocator",
 ]
 
@@ -51,6 +53,29 @@ def spreadsheet_safe(cell: Any) -> Any:
     if isinstance(cell, str) and cell[:1] in ("=", "+", "-", "@", "\t", "\r"):
         return "'" + cell
     return cell
+
+
+def table(
+    data: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]], *, columns: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """A DataFrame of columns (a mapping of names to values) or of rows (mappings) whose text stays Python strings.
+
+    pandas 3 stores text as Arrow strings, which refuse a label or file name that is not valid UTF-8 (decoded with
+    surrogates, as ``os.fsdecode`` does): every table that holds labels, paths or texts is made here, so such a name
+    reaches the CSV files instead of failing after the work is done. ``columns`` orders (and, for no rows, names)
+    the columns of a list of rows."""
+    if not isinstance(data, Mapping):
+        rows = list(data)
+        names = list(columns) if columns is not None else list(dict.fromkeys(name for row in rows for name in row))
+        data = {name: [row.get(name) for row in rows] for name in names}
+    return pd.DataFrame({name: _text_kept(values) for name, values in data.items()})
+
+
+def _text_kept(values: Sequence[Any]) -> Any:
+    if isinstance(values, (pd.Series, pd.Index)) or getattr(values, "dtype", object) != object:
+        return values  # typed already (numbers, or strings a caller chose)
+    values = list(values)
+    return pd.Series(values, dtype=object) if any(isinstance(value, str) for value in values) else values
 
 
 def printable(text: str) -> str:

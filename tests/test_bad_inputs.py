@@ -36,6 +36,7 @@ from PIL import Image
 
 import banerjee
 import classdb
+import cli_store
 import engine
 import cli
 import protocol
@@ -833,6 +834,8 @@ def test_class_store_zip_of_another_model_is_refused(tmp_path):
     [
         ("dim", 1280, r"class sums \[3, 8\] do not fit a store of dimension 1280; the file is damaged"),
         ("counts", [2, 0, 2], "its content does not match the checksum written with it; the file was edited"),
+        ("counts", [2.5, 2, 2], "its content does not match the checksum written with it; the file was edited"),
+        ("counts", [2.0, 2, 2], "its content does not match the checksum written with it; the file was edited"),
         ("counts-without-checksum", [2, 0, 2],
          r"every class needs an image count of at least 1 \(a whole number\); the file is damaged"),
         ("format", "something else", "is not a class vector store"),
@@ -1023,7 +1026,7 @@ def lock_held_elsewhere(path: pathlib.Path):
 def test_second_writer_of_a_class_store_stops_with_a_clear_message(tmp_path, monkeypatch, capsys):
     path = toy_class_store_zip(tmp_path)
     before = path.read_bytes()
-    monkeypatch.setattr(classdb, "LOCK_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(cli_store, "LOCK_TIMEOUT_S", 0.3)
     with lock_held_elsewhere(path):
         assert cli.class_store_main(["remove-class", "--store", str(path), "cat"]) == 1
     error = capsys.readouterr().err
@@ -1321,7 +1324,7 @@ def test_predictions_csv_neutralises_formula_labels(tmp_path):
     db = classdb.ClassVectorStore(dim=4, model_name="toy", model_id="toy+sha256:0", transform_config={})
     db.add_classes(embeddings=torch.eye(4)[:2], labels=["=1+1", "cat"])
     result = db.search(queries=torch.eye(4)[:1], top_k=2, model_id="toy+sha256:0")
-    classdb._write_predictions(path=tmp_path / "p.csv", names=["@image.png"], result=result)
+    cli_store._write_predictions(path=tmp_path / "p.csv", names=["@image.png"], result=result)
     rows = list(csv.reader((tmp_path / "p.csv").read_text(encoding="utf-8").splitlines()))
     assert rows[1][:2] == ["'@image.png", "'=1+1"] and rows[1][3] == "cat"
 
@@ -1413,3 +1416,27 @@ def test_a_folder_that_cannot_hold_the_lock_file_says_what_to_do(tmp_path, monke
     assert message.startswith(f"Cannot write {tmp_path / 'shared' / 'classes.npz'}: its folder")
     assert "(Permission denied)" in message and "copy the file to a folder you can write to" in message
     assert ".classes.npz.lock" not in message
+
+
+def test_analysis_tables_keep_labels_and_paths_that_are_not_utf8(tmp_path):
+    """pandas 3 stores text as Arrow strings, which refuse surrogate-escaped names: the analysis tables keep them as
+    Python strings, and the CSV writer puts the folder's own bytes back."""
+    import analysis
+
+    label, path = os.fsdecode(b"caf\xe9"), os.fsdecode(b"data/caf\xe9/1.jpg")
+    labels = [label, "green square"]
+    run = SimpleNamespace(run=0, valid_indexes=[0, 1, 2], targets=[0, 0, 1], predictions=[1, 0, 1],
+                          margins=[0.5, 0.01, 0.2])
+    confused = analysis.most_confused_pairs(confusion=np.array([[1, 1], [0, 1]]), labels=labels)
+    per_class = analysis.per_class_accuracy(targets_per_run=[[0, 0, 1], [0, 1, 1]],
+                                            predictions_per_run=[[1, 0, 1], [0, 1, 1]], labels=labels)
+    weak = analysis.least_accurate_with_interval(per_class=per_class, threshold=0.9)
+    hardest = analysis.smallest_margins(runs=[run], labels=labels, sample_names=[path, "b.jpg", "c.jpg"], count=2)
+    assert confused.loc[0, "target"] == label and confused.loc[0, "predicted"] == "green square"
+    assert per_class.loc[0, "label"] == label and per_class.loc[0, "mean"] == pytest.approx(0.75)
+    assert weak.loc[0, "label"] == label
+    assert hardest["sample"].tolist() == ["b.jpg", "c.jpg"] and hardest["target"].tolist() == [label, "green square"]
+    store.write_csv(tmp_path / "per_class.csv", per_class)
+    assert b"caf\xe9" in (tmp_path / "per_class.csv").read_bytes()
+    read = pd.read_csv(tmp_path / "per_class.csv", encoding_errors="surrogateescape", dtype={"label": object})
+    assert read["label"].tolist() == labels
