@@ -366,8 +366,7 @@ def compare_prototypes(
             _, _, ranked = prototypes.fit_and_rank(method, train=(X[train_indexes], y[train_indexes]),
                                                    queries=X[valid_indexes], top_k=top_k)
             seconds.append(time.perf_counter() - started)
-            ranked = torch.from_numpy(ranked)
-            scored = metrics.score_predictions(targets=targets[valid_indexes], topk_predictions=ranked)
+            scored = metrics.score_predictions(targets=y[valid_indexes], topk_predictions=ranked)
             accuracies.append(scored["accuracy"])
             balanced_accuracies.append(scored["balanced_accuracy"])
             topk_accuracies.append(scored["topk_accuracy"])

@@ -136,15 +136,16 @@ def _seeded_rngs(seed: int) -> Iterator[None]:
             random.setstate(python_state)
 
 
-class Animal90(torch.utils.data.Dataset):
-    """Images of one dataset part with their labels, of which an *active* subset is served.
+class LabelledSamples(torch.utils.data.Dataset):
+    """Samples of one dataset part with their labels, of which an *active* subset is served: the part of
+    :class:`Animal90` (images) and :class:`TextDataset` (sentences) that does not depend on what a sample is.
 
-    ``images[i] = (file name relative to its class folder, label index)`` and ``labels[j] = (class folder name,
-    first image index, end image index)``: images are stored class by class. Selecting classes with
-    ``use_labels`` renumbers them 0..k-1 (the *active* label indexes ``__getitem__`` returns) without touching the
-    stored lists, so every part of a split keeps the same label numbering.
-    ``global_indexes`` (default: position in ``images``) identifies each image across parts; it seeds per-image
-    augmentation (``set_sample_seed``), so an image is augmented the same way whichever part it lands in.
+    ``images[i] = (sample name, label index)`` (for images the file name relative to its class folder, for
+    sentences the text) and ``labels[j] = (class name, first sample index, end sample index)``: samples are stored
+    class by class. Selecting classes with ``use_labels`` renumbers them 0..k-1 (the *active* label indexes
+    ``__getitem__`` returns) without touching the stored lists, so every part of a split keeps the same label
+    numbering. ``global_indexes`` (default: position in ``images``) identifies each sample across parts; it seeds
+    per-sample augmentation (``set_sample_seed``), so a sample is augmented the same way whichever part it lands in.
     """
 
     def __init__(
@@ -153,7 +154,6 @@ class Animal90(torch.utils.data.Dataset):
         dataset_path: PathLike,
         images: Sequence[Sequence[Any]],
         labels: Sequence[Sequence[Any]],
-        pil_images: bool = True,
         transform: Callable | None = None,
         global_indexes: Sequence[int] | None = None,
     ) -> None:
@@ -164,7 +164,6 @@ class Animal90(torch.utils.data.Dataset):
         self._global_indexes = [int(index) for index in global_indexes]
         if len(self._global_indexes) != len(self._images):
             raise ValueError(f"Got {len(self._global_indexes)} global indexes for {len(self._images)} images.")
-        self._pil_images = pil_images
         self._transform = transform
         self._sample_seed: int | None = None
         self._act_labels: list[tuple[int, int, int]] = []  # (label index, first, end active image index)
@@ -174,21 +173,19 @@ class Animal90(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._act_images)
 
-    def __getitem__(self, act_image_idx: int) -> tuple[Image.Image | torch.Tensor, int]:
+    def __getitem__(self, act_image_idx: int) -> tuple[Any, int]:
         image_idx, act_label_idx = self._act_images[act_image_idx]
-        image = load_rgb_image(self._path(image_idx))
-        if not self._pil_images:
-            image = TF.pil_to_tensor(image)
+        sample = self._load(image_idx)
         if self._transform is None:
-            return image, act_label_idx
+            return sample, act_label_idx
         if self._sample_seed is None:
-            return self._transform(image), act_label_idx
+            return self._transform(sample), act_label_idx
         with _seeded_rngs(self._sample_seed + self._global_indexes[image_idx]):
-            return self._transform(image), act_label_idx
+            return self._transform(sample), act_label_idx
 
-    def _path(self, image_idx: int) -> pathlib.Path:
-        name, label_idx = self._images[image_idx]
-        return self._dataset_path / self._labels[label_idx][0] / name
+    def _load(self, image_idx: int) -> Any:
+        """The sample stored at ``image_idx``, before the transform."""
+        raise NotImplementedError
 
     def use_labels(
         self,
@@ -235,9 +232,6 @@ class Animal90(torch.utils.data.Dataset):
     def act_label_idx_to_label_idx(self, act_label_idx: int) -> int:
         return self._act_labels[act_label_idx][0]
 
-    def get_image_path(self, act_image_idx: int) -> pathlib.Path:
-        return self._path(self._act_images[act_image_idx][0])
-
     def get_num_labels(self) -> int:
         return len(self._labels)
 
@@ -270,18 +264,48 @@ class Animal90(torch.utils.data.Dataset):
     def set_transform(self, transform: Callable | None) -> None:
         self._transform = transform
 
+    def set_sample_seed(self, seed: int | None) -> None:
+        """Make random augmentation a function of (seed, image) alone, independent of DataLoader workers/order."""
+        if seed is not None and not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an int or None, got {seed!r}.")
+        self._sample_seed = None if seed is None else int(seed)
+
+
+class Animal90(LabelledSamples):
+    """Images of one dataset part (``__getitem__`` returns ``(RGB image, active label index)``), as the original
+    names it; any class-folder image dataset works."""
+
+    def __init__(
+        self,
+        *,
+        dataset_path: PathLike,
+        images: Sequence[Sequence[Any]],
+        labels: Sequence[Sequence[Any]],
+        pil_images: bool = True,
+        transform: Callable | None = None,
+        global_indexes: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__(dataset_path=dataset_path, images=images, labels=labels, transform=transform,
+                         global_indexes=global_indexes)
+        self._pil_images = pil_images
+
+    def _load(self, image_idx: int) -> Image.Image | torch.Tensor:
+        image = load_rgb_image(self._path(image_idx))
+        return image if self._pil_images else TF.pil_to_tensor(image)
+
+    def _path(self, image_idx: int) -> pathlib.Path:
+        name, label_idx = self._images[image_idx]
+        return self._dataset_path / self._labels[label_idx][0] / name
+
+    def get_image_path(self, act_image_idx: int) -> pathlib.Path:
+        return self._path(self._act_images[act_image_idx][0])
+
     def set_image_type(self, image_type: str) -> None:
         """``"pil"`` for PIL images, ``"tensor"`` (or ``"tsr"``) for uint8 CHW RGB tensors."""
         kind = image_type.lower()
         if kind not in ("pil", "tensor", "tsr"):
             raise ValueError(f"Unknown image type {image_type!r}; use 'pil', 'tensor' or 'tsr'.")
         self._pil_images = kind == "pil"
-
-    def set_sample_seed(self, seed: int | None) -> None:
-        """Make random augmentation a function of (seed, image) alone, independent of DataLoader workers/order."""
-        if seed is not None and not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be an int or None, got {seed!r}.")
-        self._sample_seed = None if seed is None else int(seed)
 
 
 def _parse_layout(
@@ -385,41 +409,22 @@ def _describe(skipped: Sequence[tuple[pathlib.Path, str]]) -> str:
     return "\n".join(lines)
 
 
-class DatasetMaker:
-    """Enumerates ``dataset_path/<class>/...`` once and builds dataset parts from it.
+class SampleListing:
+    """A dataset's samples listed once, in a *global* order (classes sorted by name, samples in a fixed order within
+    a class), and the dataset parts built from that listing: what :class:`DatasetMaker` (class folders of images),
+    :class:`TextDatasetMaker` (labelled sentences) and ``distributed.EmbeddingSetMaker`` (an embedding set) share.
 
-    ``modality`` is ``"image"`` here and ``"text"`` for :class:`TextDatasetMaker`, which shares everything else.
-
-    Images are numbered in a *global* order: classes sorted by folder name, files sorted by relative path.
-    ``check_images`` decodes every file up front so that a damaged one is reported here, with its path, rather
-    than halfway through an epoch. Unusable files and classes left without images are dropped, recorded in
-    ``skipped`` and reported in one warning; ``strict=True`` raises instead.
+    A subclass lists its samples into ``_install`` and says what a sample is (:meth:`get_samples`) and how the
+    listing is fingerprinted for caches (:meth:`get_fingerprint`).
     """
 
-    modality = "image"
-    sample_kind = "image"
-    _layout_hint = f"looked for {', '.join(IMAGE_EXTENSIONS)} files in its class folders"
-    _part_class = Animal90
-
-    def __init__(self, *, dataset_path: PathLike, check_images: bool = True, strict: bool = False) -> None:
-        self._dataset_path = pathlib.Path(dataset_path)
-        self._strict = strict
-        self.skipped: list[tuple[pathlib.Path, str]] = []
-        classes: dict[str, list[str]] = {}
-        for label in _list_class_folders(self._dataset_path):
-            names, dangling = list_image_files(self._dataset_path / label)
-            classes[label] = names
-            self.skipped.extend(dangling)
-        if check_images:
-            self._drop_unreadable(classes)
-        self._install(classes, empty=f"class folder has no readable {', '.join(IMAGE_EXTENSIONS)} files")
-        _warn_about_linked_duplicates(self.get_image_paths(), dataset_path=self._dataset_path)
-        if len(self._labels) == 1 and any("/" in name for name, _ in self._images):
-            warnings.warn(
-                f"{self._dataset_path} holds a single class folder with nested folders; if those are the classes "
-                f"(as in Animal-90's animals/animals), pass {self._dataset_path / self._labels[0][0]} instead.",
-                stacklevel=2,
-            )
+    modality: str
+    sample_kind: str
+    _layout_hint: str
+    _part_class: type[LabelledSamples]
+    _dataset_path: pathlib.Path
+    _strict: bool
+    skipped: list[tuple[pathlib.Path, str]]
 
     def _install(self, classes: dict[str, list[str]], *, empty: str) -> None:
         """Number the samples of ``classes`` (label -> sample names, labels in order) and report what was skipped."""
@@ -437,24 +442,6 @@ class DatasetMaker:
             (self._labels[label_idx][0], name): index for index, (name, label_idx) in enumerate(self._images)
         }
         self._report_skipped()
-
-    def _drop_unreadable(self, classes: dict[str, list[str]]) -> None:
-        paths = [self._dataset_path / label / name for label, names in classes.items() for name in names]
-        # Pillow releases the GIL while decoding, so threads check images in parallel.
-        with ThreadPoolExecutor() as pool:
-            problems = list(
-                tqdm(
-                    pool.map(partial(_image_problem, strict=self._strict), paths),
-                    total=len(paths),
-                    desc="Checking images",
-                    unit="image",
-                    leave=False,
-                )
-            )
-        bad = {path: reason for path, reason in zip(paths, problems) if reason is not None}
-        self.skipped.extend(bad.items())
-        for label, names in classes.items():
-            classes[label] = [name for name in names if self._dataset_path / label / name not in bad]
 
     def _report_skipped(self) -> None:
         if not self._images:
@@ -487,22 +474,17 @@ class DatasetMaker:
     def get_num_images(self) -> int:
         return len(self._images)
 
-    def get_image_paths(self) -> list[pathlib.Path]:
-        """Path of every image in global order (``dataset_path`` joined as given)."""
-        return [self._dataset_path / self._labels[label_idx][0] / name for name, label_idx in self._images]
+    def get_samples(self) -> list[pathlib.Path] | list[str]:
+        """Every sample in global order, as an encoder takes it: image paths, or texts."""
+        raise NotImplementedError
+
+    def get_fingerprint(self) -> list[tuple[str, int, int]]:
+        """One entry per sample that changes whenever the sample does (the embedding cache's key)."""
+        raise NotImplementedError
 
     def get_image_labels(self) -> torch.Tensor:
         """Label index of each image in global order (a LongTensor)."""
         return self._image_labels.clone()
-
-    def get_fingerprint(self) -> list[tuple[str, int, int]]:
-        """``(class/file, size, mtime_ns)`` per image: changes whenever a file is added, removed or rewritten."""
-        fingerprint = []
-        for name, label_idx in self._images:
-            relative = f"{self._labels[label_idx][0]}/{name}"
-            stat = os.stat(self._dataset_path / relative)
-            fingerprint.append((relative, stat.st_size, stat.st_mtime_ns))
-        return fingerprint
 
     def split_indexes(
         self, *, valid_share: float, test_share: float, generator: torch.Generator | None = None
@@ -537,7 +519,7 @@ class DatasetMaker:
         valid_share: float = 0.1,
         test_share: float = 0.1,
         generator: torch.Generator | None = None,
-    ) -> tuple[Animal90, Animal90, Animal90]:
+    ) -> tuple[LabelledSamples, LabelledSamples, LabelledSamples]:
         """Random (train, valid, test) datasets; the same generator state gives the same partition."""
         train, valid, test = self.split_indexes(valid_share=valid_share, test_share=test_share, generator=generator)
         return (
@@ -548,7 +530,7 @@ class DatasetMaker:
 
     def datasets_from_indexes(
         self, *, indexes: torch.Tensor | Sequence[int], transform: Callable | None = None
-    ) -> Animal90:
+    ) -> LabelledSamples:
         """A dataset of the given global images, grouped by class (order kept within a class).
 
         Every label is kept, even one with no image here, so label indexes agree across all parts.
@@ -574,7 +556,7 @@ class DatasetMaker:
             global_indexes=grouped,
         )
 
-    def full_dataset(self, *, transform: Callable | None = None) -> Animal90:
+    def full_dataset(self, *, transform: Callable | None = None) -> LabelledSamples:
         """All images in global order."""
         return self.datasets_from_indexes(indexes=torch.arange(len(self._images)), transform=transform)
 
@@ -586,7 +568,7 @@ class DatasetMaker:
         test_ds_state: dict[str, list] | None = None,
         train_transform: Callable | None = None,
         eval_transform: Callable | None = None,
-    ) -> tuple[Animal90 | None, Animal90 | None, Animal90 | None]:
+    ) -> tuple[LabelledSamples | None, LabelledSamples | None, LabelledSamples | None]:
         """Rebuild parts saved with ``Animal90.get_state`` (None stays None); transforms are not part of a state."""
         return (
             self._restore(state=train_ds_state, transform=train_transform, part="train"),
@@ -594,7 +576,7 @@ class DatasetMaker:
             self._restore(state=test_ds_state, transform=eval_transform, part="test"),
         )
 
-    def _restore(self, *, state: dict[str, list] | None, transform: Callable | None, part: str) -> Animal90 | None:
+    def _restore(self, *, state: dict[str, list] | None, transform: Callable | None, part: str) -> LabelledSamples | None:
         if state is None:
             return None
         try:
@@ -621,6 +603,74 @@ class DatasetMaker:
         dataset.use_labels(label_indexes=act_labels)
         return dataset
 
+
+class DatasetMaker(SampleListing):
+    """Enumerates ``dataset_path/<class>/...`` once and builds dataset parts from it.
+
+    Images are numbered in a *global* order: classes sorted by folder name, files sorted by relative path.
+    ``check_images`` decodes every file up front so that a damaged one is reported here, with its path, rather
+    than halfway through an epoch. Unusable files and classes left without images are dropped, recorded in
+    ``skipped`` and reported in one warning; ``strict=True`` raises instead.
+    """
+
+    modality = "image"
+    sample_kind = "image"
+    _layout_hint = f"looked for {', '.join(IMAGE_EXTENSIONS)} files in its class folders"
+    _part_class = Animal90
+
+    def __init__(self, *, dataset_path: PathLike, check_images: bool = True, strict: bool = False) -> None:
+        self._dataset_path = pathlib.Path(dataset_path)
+        self._strict = strict
+        self.skipped: list[tuple[pathlib.Path, str]] = []
+        classes: dict[str, list[str]] = {}
+        for label in _list_class_folders(self._dataset_path):
+            names, dangling = list_image_files(self._dataset_path / label)
+            classes[label] = names
+            self.skipped.extend(dangling)
+        if check_images:
+            self._drop_unreadable(classes)
+        self._install(classes, empty=f"class folder has no readable {', '.join(IMAGE_EXTENSIONS)} files")
+        _warn_about_linked_duplicates(self.get_image_paths(), dataset_path=self._dataset_path)
+        if len(self._labels) == 1 and any("/" in name for name, _ in self._images):
+            warnings.warn(
+                f"{self._dataset_path} holds a single class folder with nested folders; if those are the classes "
+                f"(as in Animal-90's animals/animals), pass {self._dataset_path / self._labels[0][0]} instead.",
+                stacklevel=2,
+            )
+
+    def _drop_unreadable(self, classes: dict[str, list[str]]) -> None:
+        paths = [self._dataset_path / label / name for label, names in classes.items() for name in names]
+        # Pillow releases the GIL while decoding, so threads check images in parallel.
+        with ThreadPoolExecutor() as pool:
+            problems = list(
+                tqdm(
+                    pool.map(partial(_image_problem, strict=self._strict), paths),
+                    total=len(paths),
+                    desc="Checking images",
+                    unit="image",
+                    leave=False,
+                )
+            )
+        bad = {path: reason for path, reason in zip(paths, problems) if reason is not None}
+        self.skipped.extend(bad.items())
+        for label, names in classes.items():
+            classes[label] = [name for name in names if self._dataset_path / label / name not in bad]
+
+    def get_image_paths(self) -> list[pathlib.Path]:
+        """Path of every image in global order (``dataset_path`` joined as given)."""
+        return [self._dataset_path / self._labels[label_idx][0] / name for name, label_idx in self._images]
+
+    def get_samples(self) -> list[pathlib.Path]:
+        return self.get_image_paths()
+
+    def get_fingerprint(self) -> list[tuple[str, int, int]]:
+        """``(class/file, size, mtime_ns)`` per image: changes whenever a file is added, removed or rewritten."""
+        fingerprint = []
+        for name, label_idx in self._images:
+            relative = f"{self._labels[label_idx][0]}/{name}"
+            stat = os.stat(self._dataset_path / relative)
+            fingerprint.append((relative, stat.st_size, stat.st_mtime_ns))
+        return fingerprint
 
 def split_class_members(
     *,
@@ -681,22 +731,21 @@ def augment_data(data_config: dict[str, Any]) -> T.Compose:
 # --- Sentences ------------------------------------------------------------------------------------------------------
 
 
-class TextDataset(Animal90):
+class TextDataset(LabelledSamples):
     """Sentences of one dataset part: ``__getitem__`` returns ``(text, active label index)``.
 
     The sample names of the layout are the texts themselves, so a part's state (``get_state``) and the embedding
     cache's fingerprint depend on the data, not on where a row sat in a file.
     """
 
-    def __getitem__(self, act_image_idx: int) -> tuple[str, int]:
-        image_idx, act_label_idx = self._act_images[act_image_idx]
-        return self._images[image_idx][0], act_label_idx
+    def _load(self, image_idx: int) -> str:
+        return self._images[image_idx][0]
 
     def get_text(self, act_image_idx: int) -> str:
         return self._images[self._act_images[act_image_idx][0]][0]
 
 
-class TextDatasetMaker(DatasetMaker):
+class TextDatasetMaker(SampleListing):
     """Labelled sentences, split per class exactly like images.
 
     Two layouts: a CSV/TSV file (``.csv``, ``.tsv``; UTF-8) with a text column and a label column chosen by name
@@ -783,12 +832,12 @@ class TextDatasetMaker(DatasetMaker):
                         self.skipped.append((path, f"cannot be read ({error.strerror or error})"))
         return rows
 
-    def get_image_paths(self) -> list[pathlib.Path]:
-        raise DatasetError(f"{self._dataset_path} holds sentences, not image files: use get_texts().")
-
     def get_texts(self) -> list[str]:
         """Every sample's text in global order."""
         return [text for text, _ in self._images]
+
+    def get_samples(self) -> list[str]:
+        return self.get_texts()
 
     def get_fingerprint(self) -> list[tuple[str, int, int]]:
         """``(label/sha256 of the text, length, 0)`` per sample: changes whenever a sample or label changes."""
@@ -808,7 +857,7 @@ def make_dataset_maker(
     text_column: str = "text",
     label_column: str = "label",
     strict: bool = False,
-) -> DatasetMaker:
+) -> SampleListing:
     """The maker for ``dataset_path``: sentences for a CSV/TSV file or class folders of ``.txt`` files, else images."""
     if modality == "auto":
         modality = detect_modality(dataset_path)

@@ -16,6 +16,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import config
+
 __all__ = [
     "check_output_folder",
     "class_store_main",
@@ -410,7 +412,9 @@ def class_store_main(argv: list[str] | None = None) -> int:
 
 
 def grid_parser() -> argparse.ArgumentParser:
-    """Options of the model x dataset x classifier grid (``python -m grid``, ``similarity-grid``)."""
+    """Options of the model x dataset x classifier grid (``python -m grid``, ``similarity-grid``); the defaults are
+    ``config.GridSettings``'s."""
+    grid_defaults = config.GridSettings()
     parser = argparse.ArgumentParser(
         prog="python -m grid", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Several models, datasets and classifiers on identical partitions per dataset: one CSV and one "
@@ -431,15 +435,15 @@ def grid_parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline", default=None, metavar="MODEL:CLASSIFIER",
                         help="the cell each dataset's differences are paired with (default: its first model with "
                              "the first classifier)")
-    parser.add_argument("--runs", type=int, default=20, help="random partitions per dataset")
-    parser.add_argument("--valid-share", type=float, default=0.2, help="validation share of each class")
-    parser.add_argument("--top-k", type=int, default=4, help="k of the top-k accuracy")
-    parser.add_argument("--seed", type=int, default=17, help="seed of the partitions, the same for every cell")
-    parser.add_argument("--confidence", type=float, default=0.95, help="confidence of the Student-t intervals")
-    parser.add_argument("--batch-size", type=int, default=32, help="samples per encoding batch")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--runs", type=int, default=grid_defaults.runs, help="random partitions per dataset")
+    parser.add_argument("--valid-share", type=float, default=grid_defaults.valid_share, help="validation share of each class")
+    parser.add_argument("--top-k", type=int, default=grid_defaults.top_k, help="k of the top-k accuracy")
+    parser.add_argument("--seed", type=int, default=grid_defaults.seed, help="seed of the partitions, the same for every cell")
+    parser.add_argument("--confidence", type=float, default=grid_defaults.confidence, help="confidence of the Student-t intervals")
+    parser.add_argument("--batch-size", type=int, default=grid_defaults.batch_size, help="samples per encoding batch")
+    parser.add_argument("--workers", type=int, default=grid_defaults.workers, help="DataLoader worker processes")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="encoder arithmetic")
+    parser.add_argument("--precision", choices=PRECISIONS, default=grid_defaults.precision, help="encoder arithmetic")
     parser.add_argument("--cache-dir", default=".cache", help="embedding cache, shared with the research script")
     parser.add_argument("--out", default="grid-results", help="folder for grid.csv, grid.md and the finished cells")
     return parser
@@ -469,7 +473,7 @@ def grid_main(argv: list[str] | None = None) -> int:
             + [grid.parse_model_spec(spec, modality="text") for spec in args.text_models],
             classifiers=args.classifiers, out=args.out, cache_dir=args.cache_dir, baseline=baseline,
             embedding_sets=args.embeddings,
-            settings=grid.GridSettings(
+            settings=config.GridSettings(
                 runs=args.runs, valid_share=args.valid_share, top_k=args.top_k, seed=args.seed,
                 confidence=args.confidence, batch_size=args.batch_size, workers=args.workers,
                 device=str(utils.resolve_device(args.device)), precision=args.precision,

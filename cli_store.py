@@ -164,7 +164,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
             label_column=args.label_column,
         )
         model = _model_for(args, modality=maker.modality)
-        embeddings = model.embed(maker.get_texts() if maker.modality == "text" else maker.get_image_paths())
+        embeddings = model.embed(maker.get_samples())
     labels = np.array(maker.get_labels(), dtype=str)[maker.get_image_labels().numpy()]
     db = classdb.ClassVectorStore(
         dim=embeddings.shape[1], model_name=model.name, model_id=model.id, transform_config=model.transform_config,
@@ -191,7 +191,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _from_embedding_set(args: argparse.Namespace) -> tuple[banerjee.DatasetMaker, _Model, torch.Tensor]:
+def _from_embedding_set(args: argparse.Namespace) -> tuple[banerjee.SampleListing, _Model, torch.Tensor]:
     """The listing, model identity and embeddings of a ``python -m distributed`` embedding set: a store built from
     it equals one built from the dataset, without encoding."""
     import distributed
@@ -221,7 +221,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                            "samples of the store's own classes.")
     model = _model_for(args, modality=db.modality, db=db)
     model.check(db, path=path)
-    embeddings = model.embed(maker.get_texts() if maker.modality == "text" else maker.get_image_paths())
+    embeddings = model.embed(maker.get_samples())
     db.calibrate(embeddings=embeddings, true_positive_rate=args.true_positive_rate, model_id=model.id)
     db.save(path=path)
     print(f"Calibrated {path} on {len(embeddings)} {db.modality}s: {_threshold_line(db)}.")

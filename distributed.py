@@ -143,20 +143,20 @@ class _EmbedBatch:
                 "embedding": embeddings.cpu().numpy().astype(np.float32)}
 
 
-def _samples(maker: banerjee.DatasetMaker) -> list[dict[str, Any]]:
+def _samples(maker: banerjee.SampleListing) -> list[dict[str, Any]]:
     """One row per sample in the maker's global order: file path (images) or text, and label index."""
-    names = maker.get_texts() if maker.modality == "text" else [str(path) for path in maker.get_image_paths()]
+    names = [str(sample) for sample in maker.get_samples()]
     labels = maker.get_image_labels().tolist()
     return [{"index": index, "label": label, "name": name} for index, (name, label) in enumerate(zip(names, labels))]
 
 
-def _fingerprint_digest(maker: banerjee.DatasetMaker) -> str:
+def _fingerprint_digest(maker: banerjee.SampleListing) -> str:
     return hashlib.sha256(json.dumps(maker.get_fingerprint()).encode()).hexdigest()
 
 
 def encode_dataset(
     *,
-    maker: banerjee.DatasetMaker,
+    maker: banerjee.SampleListing,
     spec: EncoderSpec,
     out: str | os.PathLike,
     actors: int = 1,
@@ -320,7 +320,7 @@ def read_embedding_set(folder: str | os.PathLike, *, model_id: str | None = None
                         manifest=manifest)
 
 
-class EmbeddingSetMaker(banerjee.DatasetMaker):
+class EmbeddingSetMaker(banerjee.SampleListing):
     """A dataset maker over an embedding set's listing, so the protocol draws the same partitions as on the
     dataset itself (classes and samples in the same global order) without reading a sample."""
 
@@ -328,6 +328,7 @@ class EmbeddingSetMaker(banerjee.DatasetMaker):
         manifest = embedding_set.manifest
         self.modality = manifest["modality"]
         self.sample_kind = "text" if self.modality == "text" else "image"
+        self._part_class = banerjee.TextDataset if self.modality == "text" else banerjee.Animal90
         self._dataset_path = pathlib.Path(manifest["dataset"])
         self._folder = pathlib.Path(folder)
         self._strict = False
@@ -338,11 +339,10 @@ class EmbeddingSetMaker(banerjee.DatasetMaker):
         self.skipped = [(pathlib.Path(item["path"]), item["reason"]) for item in manifest["skipped"]]
         self._fingerprint = manifest["fingerprint"]
 
-    def get_image_paths(self) -> list[pathlib.Path]:
-        return [pathlib.Path(name) for name, _ in self._images]
-
-    def get_texts(self) -> list[str]:
-        return [name for name, _ in self._images]
+    def get_samples(self) -> list[pathlib.Path] | list[str]:
+        """The samples the set was encoded from: image paths, or texts."""
+        names = [name for name, _ in self._images]
+        return names if self.modality == "text" else [pathlib.Path(name) for name in names]
 
     def get_fingerprint(self) -> list[tuple[str, int, int]]:
         return [(f"embedding-set:{self._fingerprint}", len(self._images), 0)]

@@ -37,6 +37,7 @@ from sentence_transformers.util import semantic_search
 from tqdm import tqdm
 
 import metrics
+from config import EncoderConfig
 import prototypes
 import utils
 
@@ -48,6 +49,7 @@ __all__ = [
     "TextEncoder",
     "autocast_dtype",
     "check_model_name",
+    "class_hits",
     "create_encoder",
     "create_model",
     "create_text_model",
@@ -55,7 +57,6 @@ __all__ = [
     "eval_transform",
     "model_id",
     "preprocessing_config",
-    "print_stats",
     "split_normalization",
 ]
 
@@ -237,18 +238,6 @@ class _ImageList(torch.utils.data.Dataset):
         return self.transform(image), -1
 
 
-@dataclasses.dataclass(frozen=True)
-class EncoderConfig:
-    """An :class:`Encoder`'s settings, resolved once (the original accepts any object with these attributes)."""
-
-    topk: int = 4
-    short_run_batches: int | None = None
-    channels_last: bool = True
-    precision: str = "fp32"  # "fp32", "bf16" (CPU or CUDA autocast) or "fp16" (CUDA autocast)
-    compile: bool = False  # torch.compile the image model (falls back to eager, with a warning, where it fails)
-    tune_allocator: bool = True  # keep activation buffers in glibc's heap between batches (utils.tune_allocator)
-
-
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -276,15 +265,14 @@ def autocast_dtype(*, precision: str, device: torch.device) -> torch.dtype | Non
 
 
 class Encoder:
-    """A pretrained model plus, after :meth:`encode`, a fitted class-vector classifier of the training loader.
+    """A pretrained model that embeds: :meth:`embed` (a loader), :meth:`embed_images`, :meth:`embed_inputs`.
 
-    ``config`` is an :class:`EncoderConfig` or any object with optional attributes ``topk`` (default 4),
-    ``short_run_batches`` (stop after this many batches, for quick checks; default None), ``channels_last``
-    (default True: faster on CPU), ``precision`` (``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast; default fp32) and
-    ``compile`` (``torch.compile`` the image model; default False) and ``tune_allocator`` (default True: see
-    :func:`utils.tune_allocator`; the process-wide setting is made once and not undone).
-    ``classifier`` is an unfitted estimator of :mod:`prototypes` (default: the article's class mean); ``encode``
-    fits a copy of it, so one encoder can be encoded again with other data.
+    ``config`` is a :class:`config.EncoderConfig` or, as in the original, any object with some of its attributes
+    (resolved once; see there). The original's ``encode`` / ``evaluate`` / ``infer`` stay as thin adapters over
+    ``classifier``, the unfitted :mod:`prototypes` estimator passed in (default: the article's class mean):
+    ``encode`` fits a copy of it on ``train_dl`` and keeps it with the class names, as the original keeps its class
+    vectors, so that ``evaluate`` and ``infer`` can follow. Everything else in the package embeds here and fits
+    estimators itself (:mod:`protocol`, :func:`class_hits`).
     """
 
     def __init__(
@@ -299,22 +287,19 @@ class Encoder:
         classifier: prototypes.ClassMeanClassifier | prototypes.DecorrelatedClassifier | None = None,
     ) -> None:
         self.device = torch.device(device)
-        self.config = config if config is not None else EncoderConfig()
-        utils.tune_allocator(enabled=self._setting("tune_allocator", True))
-        self.memory_format = torch.channels_last if self._setting("channels_last", True) else torch.contiguous_format
+        self.config = EncoderConfig.resolve(config)
+        utils.tune_allocator(enabled=self.config.tune_allocator)
+        self.memory_format = torch.channels_last if self.config.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=self.memory_format).eval()
-        self.precision = self._setting("precision", "fp32")
+        self.precision = self.config.precision
         self.autocast_dtype = autocast_dtype(precision=self.precision, device=self.device)
-        self._compiled = self._compile() if self._setting("compile", False) else None
+        self._compiled = self._compile() if self.config.compile else None
         self.train_dl = train_dl
         self.valid_dl = valid_dl
         self.test_dl = test_dl
         self.classifier = classifier if classifier is not None else prototypes.ClassMeanClassifier()
         self.fitted_classifier: Any = None
         self.labels: np.ndarray | None = None
-
-    def _setting(self, name: str, default: Any) -> Any:
-        return getattr(self.config, name, default)
 
     def _compile(self) -> Any:
         """The model through ``torch.compile``; compilation itself happens at the first batch (see ``_run``)."""
@@ -350,7 +335,7 @@ class Encoder:
 
     @property
     def topk(self) -> int:
-        return int(self._setting("topk", 4))
+        return int(self.config.topk)
 
     @property
     def embeddings(self) -> torch.Tensor | None:
@@ -378,7 +363,7 @@ class Encoder:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, tqdm]]:
         """Yield ``(embeddings, targets, progress_bar)`` per batch, honouring ``short_run_batches``;
         ``batch_transform`` (see :func:`split_normalization`) finishes each batch's preprocessing."""
-        limit = self._setting("short_run_batches", None)
+        limit = self.config.short_run_batches
         progress = tqdm(dataloader, desc=desc, disable=not inform, leave=True)
         with torch.inference_mode():
             for batch_index, (inputs, targets) in enumerate(progress):
@@ -398,8 +383,9 @@ class Encoder:
         """Embeddings (float32, on the device) of one batch of model inputs."""
         return self._run(inputs.to(self.device, non_blocking=True, memory_format=self.memory_format)).float()
 
-    def _queries(self, inputs: Any, transform: Callable | None) -> torch.Tensor:
-        """Embeddings of what ``infer`` was given: image tensors, files or PIL images."""
+    def embed_inputs(self, *, inputs: Any, transform: Callable | None = None) -> torch.Tensor:
+        """Embeddings (on the device) of image tensors, files or PIL images; files and PIL images go through
+        ``transform`` (default: the model's own evaluation preprocessing)."""
         if isinstance(inputs, torch.Tensor):
             with torch.inference_mode():
                 return self._forward(inputs.unsqueeze(0) if inputs.ndim == 3 else inputs)
@@ -430,20 +416,14 @@ class Encoder:
         loader = torch.utils.data.DataLoader(_ImageList(images, image_transform), batch_size=batch_size)
         return self.embed(dataloader=loader, desc="[Embed/Images]", inform=inform, batch_transform=batch_transform)[0]
 
-    def set_classifier(self, *, classifier: Any, labels: Sequence[str]) -> None:
-        """Install a fitted classifier whose class ``classifier.classes_[i]`` is named ``labels[i]``."""
-        if len(labels) != len(classifier.classes_):
-            raise ValueError(f"Got {len(labels)} label names for {len(classifier.classes_)} classes.")
-        self.fitted_classifier = classifier
-        self.labels = np.array(labels)
-
     def encode(self, *, inform: bool = False) -> dict[str, Any]:
         """Fit the classifier on ``train_dl``: with the default, the mean embedding of each class seen."""
         started = time.perf_counter()
         dataset = self.train_dl.dataset
         embeddings, targets = self.embed(dataloader=self.train_dl, desc="[Encode/TrainDS]", inform=inform)
         fitted = sklearn.base.clone(self.classifier).fit(embeddings.numpy(), targets.numpy())
-        self.set_classifier(classifier=fitted, labels=[dataset.get_label(int(index)) for index in fitted.classes_])
+        self.fitted_classifier = fitted
+        self.labels = np.array([dataset.get_label(int(index)) for index in fitted.classes_])
         stats = {
             **self.describe(),
             "dataset_part": "train",
@@ -452,7 +432,7 @@ class Encoder:
             "duration": datetime.timedelta(seconds=time.perf_counter() - started),
         }
         if inform:
-            print_stats(_pass_summary(stats, dataset=dataset), title="Stats")
+            utils.print_stats(_pass_summary(stats, dataset=dataset), title="Stats")
         return stats
 
     def evaluate(self, *, dataset_part: str, inform: bool = False) -> dict[str, Any]:
@@ -469,12 +449,12 @@ class Encoder:
         all_targets, all_topk = [], []
         correct = 0
         for embeddings, targets, progress in self._batches(dataloader=loaders[part], desc=desc, inform=inform):
-            all_topk.append(torch.from_numpy(fitted.predict_topk(embeddings.cpu().numpy(), self.topk)))
-            all_targets.append(targets.cpu())
+            all_topk.append(fitted.predict_topk(embeddings.cpu().numpy(), self.topk))
+            all_targets.append(targets.cpu().numpy())
             correct += int((all_topk[-1][:, 0] == all_targets[-1]).sum())
             progress.set_postfix(accuracy=f"{correct / sum(len(t) for t in all_targets):.4f}")
-        targets = torch.cat(all_targets) if all_targets else torch.empty(0, dtype=torch.long)
-        topk = torch.cat(all_topk) if all_topk else torch.empty(0, self.topk, dtype=torch.long)
+        targets = np.concatenate(all_targets) if all_targets else np.zeros(0, dtype=np.int64)
+        topk = np.concatenate(all_topk) if all_topk else np.zeros((0, self.topk), dtype=np.int64)
         stats = {
             **self.describe(),
             "dataset_part": part,
@@ -483,42 +463,21 @@ class Encoder:
             "duration": datetime.timedelta(seconds=time.perf_counter() - started),
         }
         if inform:
-            print_stats(_pass_summary(stats, dataset=loaders[part].dataset), title="Stats")
+            utils.print_stats(_pass_summary(stats, dataset=loaders[part].dataset), title="Stats")
         return stats
 
     def infer(
         self, *, inputs: torch.Tensor | ImageInput | Sequence[ImageInput], transform: Callable | None = None
     ) -> list[list[dict[str, Any]]]:
-        """Top-k hits (``corpus_id``, ``label_idx``, ``label``, ``score``) for image tensors, files or PIL images.
-
-        With the article's class mean the hits come from ``sentence_transformers.util.semantic_search`` over the
-        class vectors, as in the original; other classifiers rank by their own scores.
-        """
+        """Top-k hits of image tensors, files or PIL images among the classes :meth:`encode` fitted (see
+        :func:`class_hits`)."""
         fitted = self._fitted("infer")
-        queries = self._queries(inputs, transform)
-        if type(fitted) is prototypes.ClassMeanClassifier and not fitted.normalize:
-            hits = semantic_search(queries, self.embeddings, top_k=self.topk)
-            ranked = [[(hit["corpus_id"], hit["score"]) for hit in row] for row in hits]
-        else:
-            scores, indexes = fitted.top_k(queries.cpu().numpy(), self.topk)
-            ranked = [list(zip(row_indexes.tolist(), row_scores.tolist())) for row_scores, row_indexes in
-                      zip(scores, indexes)]
-        return [
-            [
-                {
-                    "corpus_id": int(index),
-                    "label_idx": int(fitted.classes_[index]),
-                    "label": str(self.labels[index]),
-                    "score": float(score),
-                }
-                for index, score in row
-            ]
-            for row in ranked
-        ]
+        return class_hits(classifier=fitted, labels=self.labels, queries=self.embed_inputs(inputs=inputs,
+                          transform=transform), top_k=self.topk)
 
     def _fitted(self, action: str) -> Any:
         if self.fitted_classifier is None:
-            raise RuntimeError(f"No class vectors yet: call encode() (or set_classifier()) before {action}().")
+            raise RuntimeError(f"No class vectors yet: call encode() before {action}().")
         return self.fitted_classifier
 
 
@@ -560,7 +519,7 @@ class TextEncoder(Encoder):
             self._cast_model = copy.deepcopy(self.model).to(self.autocast_dtype)
         return self._cast_model
 
-    def _queries(self, inputs: str | Sequence[str], transform: Callable | None) -> torch.Tensor:
+    def embed_inputs(self, *, inputs: str | Sequence[str], transform: Callable | None = None) -> torch.Tensor:
         with torch.inference_mode():
             return self._forward([inputs] if isinstance(inputs, str) else inputs)
 
@@ -620,6 +579,35 @@ def create_encoder(
     return Encoder(model=model, device=device, config=config, classifier=classifier)
 
 
+def class_hits(
+    *, classifier: Any, labels: Sequence[str], queries: torch.Tensor, top_k: int
+) -> list[list[dict[str, Any]]]:
+    """Top-k hits (``corpus_id``, ``label_idx``, ``label``, ``score``) of query embeddings among the classes of a
+    fitted :mod:`prototypes` estimator, whose class ``classifier.classes_[i]`` is named ``labels[i]``.
+
+    With the article's class mean the hits come from ``sentence_transformers.util.semantic_search`` over the class
+    vectors, the article's search API; other classifiers rank by their own scores.
+    """
+    if len(labels) != len(classifier.classes_):
+        raise ValueError(f"Got {len(labels)} label names for {len(classifier.classes_)} classes.")
+    if type(classifier) is prototypes.ClassMeanClassifier and not classifier.normalize:
+        class_vectors = torch.from_numpy(classifier.class_means_).float().to(queries.device)
+        hits = semantic_search(queries, class_vectors, top_k=top_k)
+        ranked = [[(hit["corpus_id"], hit["score"]) for hit in row] for row in hits]
+    else:
+        scores, indexes = classifier.top_k(queries.cpu().numpy(), top_k)
+        ranked = [list(zip(row_indexes.tolist(), row_scores.tolist())) for row_scores, row_indexes in
+                  zip(scores, indexes)]
+    return [
+        [
+            {"corpus_id": int(index), "label_idx": int(classifier.classes_[index]), "label": str(labels[index]),
+             "score": float(score)}
+            for index, score in row
+        ]
+        for row in ranked
+    ]
+
+
 def preprocessing_config(encoder: Encoder) -> dict[str, Any]:
     """What a class store or an embedding set records of the preprocessing, to refuse samples prepared otherwise:
     timm's data config for an image model, the maximum sequence length for a sentence model."""
@@ -650,11 +638,3 @@ def _pass_summary(stats: dict[str, Any], *, dataset: Any) -> dict[str, Any]:
         summary[f"Top {stats['topk']} accuracy"] = f"{stats['topk_accuracy']:.4f}"
     summary["Calculation duration"] = f"{stats['duration'].total_seconds():.2f} s"
     return summary
-
-
-def print_stats(summary: dict[str, Any], *, title: str) -> None:
-    """Print ``name: value`` lines between rules: the one format of every statistics block."""
-    print(f"-- {title} --")
-    for name, value in summary.items():
-        print(f"{name}: {utils.printable(value)}")  # labels may hold newlines or terminal escapes
-    print("-" * (len(title) + 6))

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 import banerjee
 import engine
+from config import GridSettings
 import metrics
 import protocol
 import prototypes
@@ -68,21 +69,6 @@ def parse_model_spec(text: str, *, modality: str) -> ModelSpec:
     if weights and modality == "text":
         raise engine.ModelError(f"{text}: a text model takes no weights file; pass its folder as the name.")
     return ModelSpec(name=name, weights=weights or None, modality=modality)
-
-
-@dataclasses.dataclass(frozen=True)
-class GridSettings:
-    """What every cell shares; part of each cell's key, so changing any of it computes new cells."""
-
-    runs: int = 20
-    valid_share: float = 0.2
-    top_k: int = 4
-    seed: int = 17
-    confidence: float = 0.95
-    batch_size: int = 32
-    workers: int = 0
-    device: str = "cpu"
-    precision: str = "fp32"
 
 
 def run_grid(
@@ -170,7 +156,7 @@ def _run_cells(
 
 def _model_cells(
     *,
-    maker: banerjee.DatasetMaker,
+    maker: banerjee.SampleListing,
     model: ModelSpec,
     classifiers: Sequence[str],
     settings: GridSettings,
@@ -235,7 +221,7 @@ def _protocol_settings(settings: GridSettings, classifier: str) -> dict[str, Any
 
 def _classifier_cells(
     *,
-    maker: banerjee.DatasetMaker,
+    maker: banerjee.SampleListing,
     label: str,
     embedding_key: str,
     classifiers: Sequence[str],

@@ -72,19 +72,19 @@ def paired_difference(
     return mean_confidence_interval(values - baseline, confidence=confidence)
 
 
-def topk_accuracies(*, topk_indices: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
-    """Return ``(top-1 accuracy, top-k accuracy)``; column 0 of ``topk_indices`` is the best prediction."""
-    topk_indices = torch.as_tensor(topk_indices)
-    targets = torch.as_tensor(targets)
+def topk_accuracies(*, topk_indices: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
+    """Return ``(top-1 accuracy, top-k accuracy)``; column 0 of ``topk_indices`` is the best prediction. Arrays
+    (CPU tensors too) of labels: the estimators rank in numpy, so their predictions are scored as they come."""
+    topk_indices, targets = np.asarray(topk_indices), np.asarray(targets)
     if topk_indices.ndim != 2 or topk_indices.shape[1] < 1 or targets.shape != topk_indices.shape[:1]:
         raise ValueError(
             "Expected topk_indices of shape (N, k) with k >= 1 and targets of shape (N,); "
             f"got {tuple(topk_indices.shape)} and {tuple(targets.shape)}."
         )
-    if targets.numel() == 0:
+    if targets.size == 0:
         raise ValueError("No predictions to score: targets is empty.")
-    hits = topk_indices.to(targets.device) == targets.unsqueeze(1)
-    return float(hits[:, 0].float().mean()), float(hits.any(dim=1).float().mean())
+    hits = topk_indices == targets[:, None]
+    return float(hits[:, 0].mean()), float(hits.any(axis=1).mean())
 
 
 def balanced_accuracy(*, targets: Sequence[int] | np.ndarray, predictions: Sequence[int] | np.ndarray) -> float:
@@ -102,17 +102,15 @@ def balanced_accuracy(*, targets: Sequence[int] | np.ndarray, predictions: Seque
     )
 
 
-def score_predictions(*, targets: torch.Tensor, topk_predictions: torch.Tensor) -> dict[str, Any]:
+def score_predictions(*, targets: np.ndarray, topk_predictions: np.ndarray) -> dict[str, Any]:
     """Accuracy, balanced accuracy and top-k accuracy of label predictions ``[N, k]`` (best first) against
-    targets ``[N]``."""
+    targets ``[N]`` (arrays, or CPU tensors)."""
+    targets, topk_predictions = np.asarray(targets), np.asarray(topk_predictions)
     num_images = len(targets)
     accuracy, topk_accuracy = (
         topk_accuracies(topk_indices=topk_predictions, targets=targets) if num_images else (math.nan,) * 2
     )
-    balanced = (
-        balanced_accuracy(targets=targets.numpy(), predictions=topk_predictions[:, 0].numpy())
-        if num_images else math.nan
-    )
+    balanced = balanced_accuracy(targets=targets, predictions=topk_predictions[:, 0]) if num_images else math.nan
     return {
         "targets": targets.tolist(),
         "predictions": topk_predictions[:, 0].tolist(),

@@ -171,7 +171,7 @@ final_stats = protocol.final_stats(
     runs=run_results, model=model_description, maker=dsm, confidence=args.confidence,
     total_seconds=time.perf_counter() - started,
 )
-engine.print_stats(protocol.describe_final_stats(final_stats), title="Final stats")
+utils.print_stats(protocol.describe_final_stats(final_stats), title="Final stats")
 
 # %% Per-class accuracy and the cumulative accuracy function (pooled over the partitions, or the last one).
 caf_runs = run_results.runs if args.caf_from == "pooled" else run_results.runs[-1:]
@@ -211,10 +211,6 @@ written = [
         "skipped_files": [{"path": str(path), "reason": reason} for path, reason in dsm.skipped],
     }),
 ]
-if encoder is not None and run_results.classifier is not None:
-    encoder.set_classifier(
-        classifier=run_results.classifier, labels=[labels[i] for i in run_results.classifier.classes_]
-    )
 if args.save_embeddings and run_results.classifier is not None:
     written.append(store.save_embeddings(
         embeddings=run_results.classifier.class_means_.astype(np.float32),
@@ -232,7 +228,7 @@ if args.analysis and run_results.embeddings is not None:
     analysed = analysis.analyse_runs(
         runs=run_results, labels=labels, valid_share=args.valid_share, confidence=args.confidence, seed=args.seed,
         num_intervals=NUM_INTERVALS, threshold=CLASS_ACCURACY_THRESHOLD, parts=args.analysis,
-        sample_names=[str(name) for name in (dsm.get_texts() if text else dsm.get_image_paths())],
+        sample_names=[str(sample) for sample in dsm.get_samples()],
     )
     written = visual.draw_analysis(
         analysed, labels=labels, out_dir=out_dir, confidence=args.confidence, sample_kind=dsm.sample_kind,
@@ -259,13 +255,16 @@ if args.analysis and run_results.embeddings is not None:
 valid_ds = dsm.datasets_from_indexes(indexes=torch.tensor(run_results[-1].valid_indexes), transform=eval_transform)
 if encoder is None:
     print("Manual and visual checking encode new samples: skipped for an embedding set (no encoder).")
-if encoder is not None and encoder.embeddings is not None and len(valid_ds) > 0:
+searchable = encoder is not None and run_results.classifier is not None and len(valid_ds) > 0
+class_names = [labels[i] for i in run_results.classifier.classes_] if searchable else []
+if searchable:
     image_idx = random.randrange(len(valid_ds))
     image, target_label_idx = valid_ds[image_idx]
-    hits = encoder.infer(inputs=image)[0]
+    hits = engine.class_hits(classifier=run_results.classifier, labels=class_names,
+                             queries=encoder.embed_inputs(inputs=image), top_k=args.top_k)[0]
     target_label = valid_ds.get_label(target_label_idx)
     predicted_labels = [hit["label"] for hit in hits]
-    engine.print_stats({
+    utils.print_stats({
         "Image index": image_idx,
         "Text" if text else "Image path": valid_ds.get_text(image_idx) if text else valid_ds.get_image_path(image_idx),
         "Target label": target_label,
@@ -275,12 +274,14 @@ if encoder is not None and encoder.embeddings is not None and len(valid_ds) > 0:
     }, title="Manual checking")
 
 # %% Visual checking: six random validation images with target and predicted labels (images only).
-if encoder is not None and encoder.embeddings is not None and len(valid_ds) > 0 and not text:
+if searchable and not text:
     samples = [valid_ds[int(index)] for index in np.random.permutation(len(valid_ds))[:6]]
     inputs = torch.stack([image for image, _ in samples])
     visual.show_images(
         inputs=inputs, targets=[valid_ds.get_label(label_idx) for _, label_idx in samples],
-        predictions=[row[0]["label"] for row in encoder.infer(inputs=inputs)],
+        predictions=[row[0]["label"] for row in engine.class_hits(
+            classifier=run_results.classifier, labels=class_names, queries=encoder.embed_inputs(inputs=inputs),
+            top_k=1)],
         mean=data_config["mean"], std=data_config["std"], figsize=(6, 5), filename=out_dir / "examples.png",
     )
     print(f"Written: {out_dir / 'examples.png'}")

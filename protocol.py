@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import sklearn.base
 import torch
 from tqdm import tqdm
@@ -100,8 +101,8 @@ class Run:
         problem = "its scores do not follow from its targets and predictions"
         try:
             rescored = metrics.score_predictions(
-                targets=torch.tensor(self.targets, dtype=torch.long),
-                topk_predictions=torch.tensor(self.topk_predictions, dtype=torch.long).reshape(len(self.targets), -1),
+                targets=np.asarray(self.targets, dtype=np.int64),
+                topk_predictions=np.asarray(self.topk_predictions, dtype=np.int64).reshape(len(self.targets), -1),
             )
             consistent = (
                 rescored["predictions"] == self.predictions
@@ -198,7 +199,7 @@ def make_loader(
     )
 
 
-def embedding_key(*, encoder: engine.Encoder, maker: banerjee.DatasetMaker, transform: Callable) -> str:
+def embedding_key(*, encoder: engine.Encoder, maker: banerjee.SampleListing, transform: Callable) -> str:
     """The cache key of a dataset's embeddings: model, weights and precision, preprocessing, and the sample files."""
     return store.cache_key(model_id=encoder.embedding_id, transform=transform, fingerprint=maker.get_fingerprint())
 
@@ -206,7 +207,7 @@ def embedding_key(*, encoder: engine.Encoder, maker: banerjee.DatasetMaker, tran
 def embed_all_images(
     *,
     encoder: engine.Encoder,
-    maker: banerjee.DatasetMaker,
+    maker: banerjee.SampleListing,
     transform: Callable,
     batch_size: int,
     workers: int,
@@ -242,10 +243,12 @@ def evaluate_partition(
     run: int = 0,
 ) -> tuple[Run, Any]:
     """Fit a copy of ``classifier`` on the training part and score both parts; returns the run and the fit."""
+    started = time.perf_counter()
+    X, y = embeddings.numpy(), targets.numpy()  # views: from here on the partition stays in numpy
+    train, valid = np.asarray(train_indexes), np.asarray(valid_indexes)
     return score_partition(
-        run=run, classifier=classifier, train=(embeddings[train_indexes], targets[train_indexes]),
-        valid=(embeddings[valid_indexes], targets[valid_indexes]), indexes=(train_indexes, valid_indexes),
-        top_k=top_k, started=time.perf_counter(),
+        run=run, classifier=classifier, train=(X[train], y[train]), valid=(X[valid], y[valid]),
+        indexes=(train_indexes, valid_indexes), top_k=top_k, started=started,
     )
 
 
@@ -253,19 +256,19 @@ def score_partition(
     *,
     run: int,
     classifier: Any,
-    train: tuple[torch.Tensor, torch.Tensor],
-    valid: tuple[torch.Tensor, torch.Tensor],
+    train: tuple[np.ndarray, np.ndarray],
+    valid: tuple[np.ndarray, np.ndarray],
     indexes: tuple[torch.Tensor, torch.Tensor],
     top_k: int,
     started: float,
 ) -> tuple[Run, Any]:
-    """One partition of either protocol: fit a copy of ``classifier`` on ``train``, rank ``valid``
-    (:func:`prototypes.fit_and_rank`) and score it; returns the run and the fit."""
+    """One partition of either protocol: fit a copy of ``classifier`` on ``train = (X, y)``, rank ``valid``
+    (:func:`prototypes.fit_and_rank`) and score it, all in numpy; returns the run and the fit."""
     fitted, scores, ranked = prototypes.fit_and_rank(
-        classifier, train=(train[0].numpy(), train[1].numpy()), queries=valid[0].numpy(), top_k=max(top_k, 2)
+        classifier, train=train, queries=valid[0], top_k=max(top_k, 2)
     )  # two for the margin
-    train_predictions = torch.from_numpy(prototypes.predict_topk(fitted, train[0].numpy(), 1))
-    valid_scores = metrics.score_predictions(targets=valid[1], topk_predictions=torch.from_numpy(ranked[:, :top_k]))
+    train_predictions = prototypes.predict_topk(fitted, train[0], 1)
+    valid_scores = metrics.score_predictions(targets=valid[1], topk_predictions=ranked[:, :top_k])
     return Run(
         run=run,
         accuracy=valid_scores["accuracy"],
@@ -377,7 +380,7 @@ def _json_line(run: Run) -> str:
 
 def _partitions(
     *,
-    maker: banerjee.DatasetMaker,
+    maker: banerjee.SampleListing,
     runs: int,
     valid_share: float,
     generator: torch.Generator,
@@ -411,7 +414,7 @@ def _partitions(
         yield run, train_indexes, valid_indexes, log.append
 
 
-def check_validation_samples(*, maker: banerjee.DatasetMaker, valid_share: float) -> None:
+def check_validation_samples(*, maker: banerjee.SampleListing, valid_share: float) -> None:
     """Refuse, before any encoding, a split that gives no class a validation sample: nothing could be measured."""
     largest = int(torch.bincount(maker.get_image_labels()).max()) if maker.get_num_images() else 0
     if int(largest * valid_share) == 0:
@@ -423,7 +426,7 @@ def check_validation_samples(*, maker: banerjee.DatasetMaker, valid_share: float
         )
 
 
-def _warn_about_uninformative_classes(*, maker: banerjee.DatasetMaker, valid_share: float) -> None:
+def _warn_about_uninformative_classes(*, maker: banerjee.SampleListing, valid_share: float) -> None:
     """Say when the accuracy cannot mean what it seems: one class only, or classes that are never validated."""
     if maker.get_num_labels() == 1:
         warnings.warn(
@@ -445,7 +448,7 @@ def _warn_about_uninformative_classes(*, maker: banerjee.DatasetMaker, valid_sha
 def run_cached_protocol(
     *,
     encoder: engine.Encoder | None,
-    maker: banerjee.DatasetMaker,
+    maker: banerjee.SampleListing,
     transform: Callable | None,
     runs: int,
     valid_share: float,
@@ -506,7 +509,7 @@ def run_cached_protocol(
 def run_original_protocol(
     *,
     encoder: engine.Encoder,
-    maker: banerjee.DatasetMaker,
+    maker: banerjee.SampleListing,
     encode_transform: Callable,
     eval_transform: Callable,
     runs: int,
@@ -543,7 +546,7 @@ def run_original_protocol(
                 dataset.set_sample_seed(augment_seed + run * maker.get_num_images())
             loader = make_loader(dataset, batch_size=batch_size, workers=workers, device=encoder.device)
             parts.append(encoder.embed(dataloader=loader, desc=f"[Encode/{name}DS]", inform=inform))
-        train, valid = parts
+        train, valid = ((embeddings.numpy(), targets.numpy()) for embeddings, targets in parts)
         encode_seconds += time.perf_counter() - started
         record, fitted = score_partition(
             run=run, classifier=classifier, train=train, valid=valid, indexes=(train_indexes, valid_indexes),
@@ -558,7 +561,7 @@ def run_original_protocol(
 
 
 def _short_run(encoder: engine.Encoder) -> bool:
-    return getattr(encoder.config, "short_run_batches", None) is not None
+    return encoder.config.short_run_batches is not None
 
 
 def run_table(runs: Runs) -> list[dict[str, Any]]:
@@ -572,7 +575,7 @@ def run_table(runs: Runs) -> list[dict[str, Any]]:
 
 
 def final_stats(
-    *, runs: Runs, model: dict[str, Any], maker: banerjee.DatasetMaker, confidence: float, total_seconds: float
+    *, runs: Runs, model: dict[str, Any], maker: banerjee.SampleListing, confidence: float, total_seconds: float
 ) -> dict[str, Any]:
     """The experiment's summary: model (:meth:`engine.Encoder.describe`, or an embedding set's), data, intervals
     and where the time went (saved in ``results.json``)."""

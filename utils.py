@@ -26,6 +26,7 @@ __all__ = [
     "check_cuda_support",
     "cpu_has_fast_bf16",
     "get_device",
+    "print_stats",
     "printable",
     "resolve_device",
     "spreadsheet_safe",
@@ -76,6 +77,15 @@ def _text_kept(values: Sequence[Any]) -> Any:
         return values  # typed already (numbers, or strings a caller chose)
     values = list(values)
     return pd.Series(values, dtype=object) if any(isinstance(value, str) for value in values) else values
+
+
+def print_stats(summary: dict[str, Any], *, title: str) -> None:
+    """Print ``name: value`` lines between rules: the one format of every statistics block."""
+    print(f"-- {title} --")
+    for name, value in summary.items():
+        print(f"{name}: {printable(value)}")  # labels may hold newlines or terminal escapes
+    print("-" * (len(title) + 6))
+
 
 
 def printable(text: str) -> str:

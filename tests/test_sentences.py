@@ -132,8 +132,8 @@ def test_cached_protocol_classifies_topics(topics_csv, text_encoder, classifier)
     )
     assert runs.embeddings.shape == (45, 384)
     assert [run.accuracy for run in runs] == [1.0, 1.0, 1.0]
-    text_encoder.set_classifier(classifier=runs.classifier, labels=maker.get_labels())
-    hits = text_encoder.infer(inputs="Whisk the eggs with a pinch of sugar.")[0]
+    hits = engine.class_hits(classifier=runs.classifier, labels=maker.get_labels(), top_k=4,
+                             queries=text_encoder.embed_inputs(inputs="Whisk the eggs with a pinch of sugar."))[0]
     assert hits[0]["label"] == "cooking" and len(hits) == 3
 
 

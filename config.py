@@ -1,0 +1,51 @@
+"""The package's typed settings, each resolved once and then passed on as explicit keyword arguments.
+
+A leaf without torch, so the command line reads its defaults from here and answers ``--help`` at once: one place
+for each default, shared by the parsers (``cli``), the encoder (``engine``) and the grid (``grid``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+__all__ = ["EncoderConfig", "GridSettings"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """An encoder's settings. ``topk`` is read only by the original's ``encode``/``evaluate``/``infer`` adapters
+    (its ``config.topk``); everything else ranks with an explicit ``top_k``."""
+
+    topk: int = 4
+    short_run_batches: int | None = None  # stop after this many batches, for quick checks
+    channels_last: bool = True  # faster on CPU
+    precision: str = "fp32"  # "fp32", "bf16" (CPU or CUDA) or "fp16" (CUDA)
+    compile: bool = False  # torch.compile the image model (falls back to eager, with a warning, where it fails)
+    tune_allocator: bool = True  # keep activation buffers in glibc's heap between batches (utils.tune_allocator)
+
+    @classmethod
+    def resolve(cls, config: Any = None) -> EncoderConfig:
+        """``config`` as an :class:`EncoderConfig`: the original passes any object (a ``SimpleNamespace``) with some
+        of these attributes; the missing ones take the defaults above, and unknown ones are ignored."""
+        if isinstance(config, cls):
+            return config
+        if config is None:
+            return cls()
+        return cls(**{field.name: getattr(config, field.name) for field in dataclasses.fields(cls)
+                      if hasattr(config, field.name)})
+
+
+@dataclasses.dataclass(frozen=True)
+class GridSettings:
+    """What every cell of the grid shares; part of each cell's key, so changing any of it computes new cells."""
+
+    runs: int = 20
+    valid_share: float = 0.2
+    top_k: int = 4
+    seed: int = 17
+    confidence: float = 0.95
+    batch_size: int = 32
+    workers: int = 0
+    device: str = "cpu"  # resolved: the grid's --device auto becomes the device it found
+    precision: str = "fp32"
