@@ -343,18 +343,21 @@ def compare_prototypes(
     partitions: Sequence[Partition],
     top_k: int = 4,
     confidence: float = 0.95,
-    methods: Mapping[str, Any] | None = None,
+    methods: Mapping[str, Any] | Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Accuracy, balanced accuracy and top-k accuracy (mean and Student-t half width) of each classifier on the
     same partitions.
 
-    ``methods`` maps names to unfitted scikit-learn classifiers. Identical partitions pair the results: ``gain`` is
+    ``methods`` maps names to unfitted scikit-learn classifiers, or lists command-line names
+    (``baselines.ESTIMATOR_NAMES``: the class-vector classifiers and the baselines). Identical partitions pair the results: ``gain`` is
     the mean per-partition accuracy difference to the first method (the original class mean by default) with its
     own half width ``gain_ci``, far narrower than the spread of either method, so small real differences show;
     ``error_reduction`` is ``gain`` over the first method's error rate. ``seconds`` is the mean fit-plus-predict
     time per partition.
     """
     methods = default_prototype_methods() if methods is None else methods
+    if not isinstance(methods, Mapping):
+        methods = {name: baselines.make_estimator(name) for name in methods}
     if not methods:
         raise ValueError("methods is empty: give at least one classifier to compare (or None for the defaults).")
     X, y = embeddings.float().numpy(), targets.numpy()
@@ -678,10 +681,12 @@ def analyse_runs(
     threshold: float = 0.8,
     parts: Iterable[str] = ANALYSIS_PARTS,
     sample_names: Sequence[str] | None = None,
+    methods: Sequence[str] | None = None,
 ) -> RunAnalysis:
     """The chosen analyses (``ANALYSIS_PARTS``) of a cached-protocol experiment (``protocol.Runs`` with
     embeddings), on its own partitions, under one progress bar over the parts; ``sample_names`` (paths or texts in
-    global order) name the samples with the smallest margins."""
+    global order) name the samples with the smallest margins; ``methods`` names the classifiers the ``prototypes``
+    part compares (default: :func:`default_prototype_methods`)."""
     per_run = dict(targets_per_run=runs.targets_per_run, predictions_per_run=runs.predictions_per_run)
     embeddings, targets, partitions = runs.embeddings, runs.targets, runs.partitions
     last_valid = partitions[-1][1]
@@ -708,7 +713,8 @@ def analyse_runs(
             )
         elif part == "prototypes":
             results["prototypes"] = compare_prototypes(
-                embeddings=embeddings, targets=targets, partitions=partitions, top_k=runs.top_k, confidence=confidence
+                embeddings=embeddings, targets=targets, partitions=partitions, top_k=runs.top_k, confidence=confidence,
+                methods=methods,
             )
         elif part == "tsne":
             coords, means = tsne_map(

@@ -9,6 +9,8 @@ layer).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,8 @@ from sklearn.utils.validation import validate_data
 
 import prototypes
 
-__all__ = ["KMeansPrototypeClassifier", "LinearProbe", "NearestNeighbourClassifier", "linear_probe"]
+__all__ = ["BASELINES", "ESTIMATOR_NAMES", "KMeansPrototypeClassifier", "LinearProbe", "NearestNeighbourClassifier",
+           "linear_probe", "make_estimator"]
 
 FLOAT_TYPES = (np.float32, np.float64)  # float32 embeddings are kept as they are: half the traffic
 
@@ -174,3 +177,25 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
 def linear_probe(*, C: float = 1.0, max_iter: int = 500) -> LinearProbe:
     """The linear-probe baseline of :func:`default_prototype_methods` (see :class:`LinearProbe`)."""
     return LinearProbe(C=C, max_iter=max_iter)
+
+
+# Command-line names of the baselines, beside prototypes.CLASSIFIERS: (class, parameters), as there.
+BASELINES: dict[str, tuple[type, dict[str, Any]]] = {
+    "knn1": (NearestNeighbourClassifier, {"k": 1}),
+    "knn5": (NearestNeighbourClassifier, {"k": 5}),
+    "kmeans2": (KMeansPrototypeClassifier, {"prototypes_per_class": 2}),
+    "kmeans3": (KMeansPrototypeClassifier, {"prototypes_per_class": 3}),
+    "probe": (LinearProbe, {}),
+}
+ESTIMATOR_NAMES = (*prototypes.CLASSIFIERS, *BASELINES)
+
+
+def make_estimator(name: str) -> Any:
+    """A fresh estimator by command-line name: a class-vector classifier (:func:`prototypes.make_classifier`) or a
+    baseline, so the grid and ``--analysis prototypes`` can name any of them."""
+    if name in prototypes.CLASSIFIERS:
+        return prototypes.make_classifier(name)
+    if name not in BASELINES:
+        raise ValueError(f"Unknown classifier '{name}'; use one of {', '.join(ESTIMATOR_NAMES)}.")
+    kind, params = BASELINES[name]
+    return kind(**params)

@@ -43,6 +43,7 @@ __all__ = [
 # analysis.ANALYSIS_PARTS, named here to keep --help light
 ANALYSIS_PARTS = ("confusion", "retrieval", "prototypes", "tsne", "coverage", "openset")
 CLASSIFIER_NAMES = ("mean", "decorrelated", "balanced")  # prototypes.CLASSIFIERS, named here to keep --help light
+ESTIMATOR_NAMES = (*CLASSIFIER_NAMES, "knn1", "knn5", "kmeans2", "kmeans3", "probe")  # baselines.ESTIMATOR_NAMES
 DOWNLOADS = ("animal90", "caltech101", "digits")  # banerjee.DOWNLOADS, named here to keep --help light
 PRECISIONS = ("fp32", "bf16", "fp16")  # engine.PRECISIONS, named here to keep --help light
 SEARCH_BACKENDS = ("torch", "faiss")  # classdb.BACKENDS, named here to keep --help light
@@ -145,6 +146,9 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
                               "(confusions, per-class intervals, CAF band), retrieval (P@K, mAP@K), prototypes "
                               "(every classifier on the same partitions), tsne, coverage (a check of the intervals), "
                               "openset (20 %% of the classes hidden: how well unknown samples are told apart)")
+    outputs.add_argument("--compare", default=None, metavar="NAMES",
+                         help="comma-separated classifiers that --analysis prototypes compares on the same partitions "
+                              f"(default: all of them; names: {', '.join(ESTIMATOR_NAMES)})")
     outputs.add_argument("--profile", action="store_true", default=defaults["profile"],
                          help="profile the partitions loop (cProfile) into --out/profile")
     args = parser.parse_args(argv)
@@ -160,6 +164,13 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
             parser.error(f"--analysis: unknown part(s) {', '.join(unknown) or '(none)'}; choose among "
                          f"{', '.join(ANALYSIS_PARTS)} (comma-separated), or give no value for all.")
         args.analysis = [part for part in ANALYSIS_PARTS if part in parts]
+    if args.compare is not None:
+        names = tuple(filter(None, args.compare.split(",")))
+        unknown = sorted(set(names) - set(ESTIMATOR_NAMES))
+        if unknown or not names:
+            parser.error(f"--compare: unknown classifier(s) {', '.join(unknown) or '(none)'}; choose among "
+                         f"{', '.join(ESTIMATOR_NAMES)} (comma-separated).")
+        args.compare = list(dict.fromkeys(names))
     if args.weights is not None and not pathlib.Path(args.weights).expanduser().is_file():
         kind = "a folder, not a file" if pathlib.Path(args.weights).expanduser().is_dir() else "no such file"
         parser.error(f"--weights {args.weights}: {kind}. Pass the path of a local weights file (.pth, .bin, "
@@ -430,8 +441,9 @@ def grid_parser() -> argparse.ArgumentParser:
                         help="timm image models, each with an optional local weights file")
     parser.add_argument("--text-models", nargs="*", default=[], metavar="NAME_OR_FOLDER",
                         help="sentence-transformers models for the text datasets")
-    parser.add_argument("--classifiers", nargs="+", choices=CLASSIFIER_NAMES, default=list(CLASSIFIER_NAMES),
-                        help="class-vector classifiers")
+    parser.add_argument("--classifiers", nargs="+", choices=ESTIMATOR_NAMES, default=list(CLASSIFIER_NAMES),
+                        help="class-vector classifiers, and the baselines beside them (k nearest images, k-means "
+                             "centres per class, a linear probe)")
     parser.add_argument("--baseline", default=None, metavar="MODEL:CLASSIFIER",
                         help="the cell each dataset's differences are paired with (default: its first model with "
                              "the first classifier)")
@@ -461,7 +473,7 @@ def grid_main(argv: list[str] | None = None) -> int:
         parser.error("--runs, --top-k and --batch-size must be at least 1, --valid-share strictly between 0 and 1.")
     _check_shared_options(parser, args)
     baseline = tuple(args.baseline.rsplit(":", 1)) if args.baseline else None
-    if baseline is not None and (len(baseline) != 2 or baseline[1] not in CLASSIFIER_NAMES):
+    if baseline is not None and (len(baseline) != 2 or baseline[1] not in ESTIMATOR_NAMES):
         parser.error(f"--baseline {args.baseline}: give MODEL:CLASSIFIER, e.g. tf_efficientnet_lite0:mean.")
     import grid
     import utils

@@ -37,11 +37,11 @@ import pandas as pd
 from tqdm import tqdm
 
 import banerjee
+import baselines
 import engine
 from config import GridSettings
 import metrics
 import protocol
-import prototypes
 import randomness
 import store
 import utils
@@ -216,7 +216,7 @@ def _embedding_set_cells(
 def _protocol_settings(settings: GridSettings, classifier: str) -> dict[str, Any]:
     return dict(runs=settings.runs, valid_share=settings.valid_share, top_k=settings.top_k,
                 generator=randomness.make_torch_generator(seed=settings.seed),
-                classifier=prototypes.make_classifier(classifier))
+                classifier=baselines.make_estimator(classifier))
 
 
 def _classifier_cells(

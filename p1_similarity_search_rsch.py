@@ -228,7 +228,7 @@ if args.analysis and run_results.embeddings is not None:
     analysed = analysis.analyse_runs(
         runs=run_results, labels=labels, valid_share=args.valid_share, confidence=args.confidence, seed=args.seed,
         num_intervals=NUM_INTERVALS, threshold=CLASS_ACCURACY_THRESHOLD, parts=args.analysis,
-        sample_names=[str(sample) for sample in dsm.get_samples()],
+        sample_names=[str(sample) for sample in dsm.get_samples()], methods=args.compare,
     )
     written = visual.draw_analysis(
         analysed, labels=labels, out_dir=out_dir, confidence=args.confidence, sample_kind=dsm.sample_kind,

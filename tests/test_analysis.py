@@ -416,3 +416,23 @@ def test_open_set_tells_far_hidden_classes_apart(classifier):
     draws = list(analysis.hidden_class_draws(targets=targets.numpy(), partitions=partitions, hidden_share=0.2,
                                              seed=0))
     assert [sorted(hidden.tolist()) for *_, hidden in draws] != [sorted(draws[0][3].tolist())] * 3  # new per draw
+
+
+def test_compared_classifiers_can_be_named_as_on_the_command_line():
+    """Names of baselines.ESTIMATOR_NAMES give the same rows as the estimators they stand for."""
+    embeddings, targets = clusters(num_labels=4, per_class=12, spread=0.6)
+    partitions = partitions_of(targets, runs=3)
+    named = analysis.compare_prototypes(embeddings=embeddings, targets=targets, partitions=partitions, top_k=2,
+                                        methods=["knn5", "mean", "kmeans2"]).set_index("method")
+    given = analysis.compare_prototypes(
+        embeddings=embeddings, targets=targets, partitions=partitions, top_k=2,
+        methods={"knn5": baselines.NearestNeighbourClassifier(k=5), "mean": prototypes.ClassMeanClassifier(),
+                 "kmeans2": baselines.KMeansPrototypeClassifier(prototypes_per_class=2)},
+    ).set_index("method")
+    assert list(named.index) == ["knn5", "mean", "kmeans2"]
+    columns = ["accuracy", "balanced_accuracy", "topk_accuracy", "gain"]
+    pd.testing.assert_frame_equal(named[columns], given[columns])
+    assert type(baselines.make_estimator("probe")) is baselines.LinearProbe
+    assert baselines.make_estimator("balanced").get_params()["prior"] == "balanced"
+    with pytest.raises(ValueError, match="Unknown classifier 'svm'; use one of mean, decorrelated, balanced, knn1"):
+        baselines.make_estimator("svm")

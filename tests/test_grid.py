@@ -10,6 +10,7 @@ import pytest
 from conftest import topic_sentences
 
 import banerjee
+import baselines
 import cli
 import engine
 import grid
@@ -111,6 +112,24 @@ def test_a_chosen_baseline_pairs_the_differences_with_it(grid_run, image_folder)
     with pytest.raises(engine.ModelError, match="Baseline tf_efficientnet_lite0 with nope is not a cell"):
         grid.run_grid(datasets=[image_folder], models=models[:1], classifiers=["mean"], out=folder / "out",
                       cache_dir=folder / "cache", settings=SETTINGS, baseline=("tf_efficientnet_lite0", "nope"))
+
+
+def test_a_baseline_classifier_is_a_cell_like_any_other(grid_run, image_folder, lite0_model):
+    """``knn1`` (baselines.ESTIMATOR_NAMES) runs on the partitions of the research protocol, as the class means do."""
+    folder, models, _ = grid_run
+    table = grid.run_grid(datasets=[image_folder], models=models[:1], classifiers=["mean", "knn1"],
+                          out=folder / "baseline-out", cache_dir=folder / "cache", settings=SETTINGS)
+    direct = protocol.run_cached_protocol(
+        encoder=engine.Encoder(model=lite0_model, device="cpu"), maker=banerjee.DatasetMaker(dataset_path=image_folder),
+        transform=engine.eval_transform(lite0_model)[1], runs=SETTINGS.runs, valid_share=SETTINGS.valid_share,
+        batch_size=16, workers=0, generator=randomness.make_torch_generator(seed=SETTINGS.seed), top_k=SETTINGS.top_k,
+        classifier=baselines.NearestNeighbourClassifier(k=1), cache=store.EmbeddingCache(folder / "cache"),
+    )
+    row = table.set_index("classifier").loc["knn1"]
+    assert row["accuracy"] == pytest.approx(np.mean([run.accuracy for run in direct]))
+    assert row["diff"] == pytest.approx(row["accuracy"] - table.set_index("classifier").loc["mean", "accuracy"])
+    assert cli.grid_parser().parse_args(["--datasets", "d", "--classifiers", "probe", "kmeans3"]).classifiers == [
+        "probe", "kmeans3"]
 
 
 def test_grid_errors_are_one_line(image_folder, tmp_path, capsys):

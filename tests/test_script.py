@@ -38,11 +38,13 @@ def analysed_run(six_classes, lite0_weights, tmp_path_factory):
 def test_decorrelated_classifier_run_equals_its_analysis_row(six_classes, lite0_weights, analysed_run, tmp_path):
     analysed_out, _ = analysed_run
     result = six_class_run(six_classes, lite0_weights, tmp_path / "out", "--classifier", "decorrelated",
-                           "--analysis", "retrieval")
+                           "--analysis", "retrieval,prototypes", "--compare", "knn1,decorrelated")
     assert result.returncode == 0, result.stderr[-3000:]
     written = {path.name for path in (tmp_path / "out").iterdir()}
-    assert "retrieval.csv" in written  # the one analysis part asked for, and none of the others
-    assert not written & {"prototypes.csv", "confusion.png", "tsne.png", "ci_coverage.json", "confused_pairs.csv"}
+    assert {"retrieval.csv", "prototypes.csv"} <= written  # the analysis parts asked for, and none of the others
+    assert not written & {"confusion.png", "tsne.png", "ci_coverage.json", "confused_pairs.csv"}
+    compared = pd.read_csv(tmp_path / "out" / "prototypes.csv").set_index("method")
+    assert list(compared.index) == ["knn1", "decorrelated"]  # the named classifiers, in the order given
     assert re.search(r"^Classifier: DecorrelatedClassifier\(\)$", result.stdout, re.M)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     prototypes = pd.read_csv(analysed_out / "prototypes.csv").set_index("method")
@@ -50,6 +52,10 @@ def test_decorrelated_classifier_run_equals_its_analysis_row(six_classes, lite0_
         prototypes.loc["decorrelated prototypes", "accuracy"]
     )
     assert results["settings"]["classifier"] == "decorrelated"
+    assert compared.loc["decorrelated", "accuracy"] == pytest.approx(results["final_stats"]["accuracy"]["mean"])
+    refused = run_script("--dataset", six_classes, "--compare", "mean,svm", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "--compare: unknown classifier(s) svm; choose among mean, decorrelated, balanced, knn1" in refused.stderr
 
 
 def test_end_to_end_run_prints_intervals_and_writes_outputs(analysed_run):
@@ -108,11 +114,13 @@ def test_help_lists_defaults_without_importing_torch(tmp_path):
 
 
 def test_cli_names_are_the_modules_own():
+    import baselines
     import classdb
     import cli
     import prototypes
 
     assert cli.CLASSIFIER_NAMES == tuple(prototypes.CLASSIFIERS)
+    assert cli.ESTIMATOR_NAMES == baselines.ESTIMATOR_NAMES
     assert cli.SEARCH_BACKENDS == classdb.BACKENDS
 
 
