@@ -37,9 +37,9 @@ from sentence_transformers.util import semantic_search
 from tqdm import tqdm
 
 import metrics
-from config import EncoderConfig
 import prototypes
 import utils
+from config import EncoderConfig
 
 __all__ = [
     "Encoder",

@@ -39,12 +39,12 @@ from tqdm import tqdm
 import banerjee
 import baselines
 import engine
-from config import GridSettings
 import metrics
 import protocol
 import randomness
 import store
 import utils
+from config import GridSettings
 
 __all__ = ["GridSettings", "ModelSpec", "markdown_table", "parse_model_spec", "run_grid"]
 
