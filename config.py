@@ -23,6 +23,7 @@ class EncoderConfig:
     precision: str = "fp32"  # "fp32", "bf16" (CPU or CUDA) or "fp16" (CUDA)
     compile: bool = False  # torch.compile the image model (falls back to eager, with a warning, where it fails)
     tune_allocator: bool = True  # keep activation buffers in glibc's heap between batches (utils.tune_allocator)
+    prefetch: bool = True  # without loader workers, the next batch is prepared in a thread (utils.prefetch)
 
     @classmethod
     def resolve(cls, config: Any = None) -> EncoderConfig:

@@ -364,15 +364,21 @@ class Encoder:
         """Yield ``(embeddings, targets, progress_bar)`` per batch, honouring ``short_run_batches``;
         ``batch_transform`` (see :func:`split_normalization`) finishes each batch's preprocessing."""
         limit = self.config.short_run_batches
-        progress = tqdm(dataloader, desc=desc, disable=not inform, leave=True)
-        with torch.inference_mode():
-            for batch_index, (inputs, targets) in enumerate(progress):
-                if limit is not None and batch_index >= limit:
-                    progress.write(f"{desc} Short run: stopped after {limit} batches.")
-                    break
-                inputs = inputs if batch_transform is None else batch_transform(inputs)
-                yield self._forward(inputs), targets, progress
-        progress.close()
+        prefetching = self.config.prefetch and getattr(dataloader, "num_workers", 0) == 0
+        batches = utils.prefetch(dataloader) if prefetching else dataloader
+        progress = tqdm(batches, total=len(dataloader), desc=desc, disable=not inform, leave=True)
+        try:
+            with torch.inference_mode():
+                for batch_index, (inputs, targets) in enumerate(progress):
+                    if limit is not None and batch_index >= limit:
+                        progress.write(f"{desc} Short run: stopped after {limit} batches.")
+                        break
+                    inputs = inputs if batch_transform is None else batch_transform(inputs)
+                    yield self._forward(inputs), targets, progress
+        finally:
+            progress.close()
+            if prefetching:
+                batches.close()  # a loop left early stops the prefetching thread here
 
     @property
     def num_features(self) -> int:

@@ -6,7 +6,8 @@ jemalloc preloaded. In each, every image variant (``engine.EncoderConfig``: chan
 ``--precision``) embeds the same in-memory batches; the table gives images/s, the ratio to eager NCHW fp32 under the
 system allocator, and the largest difference and smallest cosine of the embeddings to eager NCHW fp32 of the same
 process. With ``--dataset`` each process also times the whole encode pass of the default variant (decoding
-and resizing files in DataLoader workers) against its own model-forward rate on the same images; with ``--texts``
+and resizing files in DataLoader workers, or without workers in the main process, with and without the next batch
+prepared in a thread: ``utils.prefetch``) against its own model-forward rate on the same images; with ``--texts``
 the sentence encoder in fp32 and bf16::
 
     python benchmarks/encoder_throughput.py --batches 6 --batch-size 32 [--compile] [--bf16] \\
@@ -177,21 +178,26 @@ def encode_pass(args: argparse.Namespace, *, model: torch.nn.Module, transform) 
     (``engine.split_normalization``), against the model-forward rate on the same images in memory."""
     maker = banerjee.DatasetMaker(dataset_path=args.dataset, check_images=False)
     indexes = torch.randperm(maker.get_num_images(), generator=torch.Generator().manual_seed(0))[: args.images]
-    encoder = engine.Encoder(model=model, device="cpu",
-                             config=engine.EncoderConfig(tune_allocator=args.child == "tuned"))
+    encoders = {prefetch: engine.Encoder(model=model, device="cpu", config=engine.EncoderConfig(
+        tune_allocator=args.child == "tuned", prefetch=prefetch)) for prefetch in (False, True)}
     dataset = maker.datasets_from_indexes(indexes=indexes, transform=transform)
     batches = [torch.stack([dataset[i][0] for i in range(start, min(start + args.batch_size, len(indexes)))])
                for start in range(0, min(len(indexes), args.batch_size * args.batches), args.batch_size)]
-    forward, _ = forward_rate(encoder, batches)
+    forward, _ = forward_rate(encoders[True], batches)
     image_transform, batch_transform = engine.split_normalization(transform)
+    pipelines = {"whole transform": (transform, None, False),
+                 "batch normalise": (image_transform, batch_transform, False),
+                 "batch normalise + prefetch (default)": (image_transform, batch_transform, True)}
     rows = []
     for workers in args.workers:
-        for name, (per_image, per_batch) in {"whole transform": (transform, None),
-                                             "batch normalise": (image_transform, batch_transform)}.items():
+        for name, (per_image, per_batch, prefetch) in pipelines.items():
+            if prefetch and workers:
+                continue  # utils.prefetch stands in for loader workers; with workers the loader is left as it is
             loader = protocol.make_loader(maker.datasets_from_indexes(indexes=indexes, transform=per_image),
-                                          batch_size=args.batch_size, workers=workers, device=encoder.device)
+                                          batch_size=args.batch_size, workers=workers,
+                                          device=encoders[prefetch].device)
             started = time.perf_counter()
-            embeddings, _ = encoder.embed(dataloader=loader, batch_transform=per_batch)
+            embeddings, _ = encoders[prefetch].embed(dataloader=loader, batch_transform=per_batch)
             rows.append(dict(variant=f"encode pass, {workers} workers, {name}", forward=forward,
                              rate=len(embeddings) / (time.perf_counter() - started)))
     return rows

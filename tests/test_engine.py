@@ -85,6 +85,15 @@ def test_short_run_stops_after_the_given_number_of_batches(fitted_encoder):
     assert embeddings.shape[0] == 8
 
 
+def test_prefetching_the_next_batch_gives_the_same_embeddings_in_order(fitted_encoder):
+    encoder, _, _, _ = fitted_encoder
+    assert encoder.config.prefetch and encoder.valid_dl.num_workers == 0
+    prefetched, targets = encoder.embed(dataloader=encoder.valid_dl)
+    serial = engine.Encoder(model=encoder.model, device="cpu", config=engine.EncoderConfig(prefetch=False))
+    plain, plain_targets = serial.embed(dataloader=encoder.valid_dl)
+    assert torch.equal(prefetched, plain) and torch.equal(targets, plain_targets)
+
+
 def test_channels_last_gives_the_same_embeddings(fitted_encoder):
     encoder, _, _, _ = fitted_encoder
     fast, _ = encoder.embed(dataloader=encoder.valid_dl)

@@ -5,6 +5,7 @@ import pathlib
 import pstats
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -164,3 +165,26 @@ def test_native_scaler_accumulation_call_does_not_step():
     assert torch.equal(before, model.weight.detach())
     assert model.weight.grad is not None
     assert not scaler.has_stepped()
+
+
+def test_prefetch_keeps_order_raises_the_sources_error_and_stops_when_left():
+    assert list(utils.prefetch(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise OSError("image 2 cannot be read")
+
+    with pytest.raises(OSError, match="image 2 cannot be read"):
+        list(utils.prefetch(failing()))
+    pulled = []
+
+    def counted():
+        for number in range(1000):
+            pulled.append(number)
+            yield number
+
+    items = utils.prefetch(counted(), depth=2)
+    assert [next(items) for _ in range(3)] == [0, 1, 2]
+    items.close()  # what a loop left early does
+    assert len(pulled) <= 3 + 2 + 1  # the three taken, at most the queue's depth, and one in hand
+    assert not any(thread.name == "prefetch" and thread.is_alive() for thread in threading.enumerate())
