@@ -209,6 +209,7 @@ def encode_dataset(
             compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus_per_actor or None,
             num_cpus=cpus_per_actor,
             max_restarts=TASK_RETRIES, max_task_retries=TASK_RETRIES,
+            runtime_env={"env_vars": utils.allocator_environment()} if spec.tune_allocator else None,
         )
     embedded.write_parquet(str(out / SHARDS), max_rows_per_file=rows_per_shard)
     seconds = time.perf_counter() - started
@@ -229,6 +230,7 @@ def encode_dataset(
         "encode_seconds": seconds,
         "actors": actors,
         "cpus_per_actor": cpus_per_actor,
+        "allocator_environment": utils.allocator_environment() if spec.tune_allocator else {},
     }
     rows = sum(_shard_rows(out / SHARDS / name) for name in shards)
     if rows != len(samples):

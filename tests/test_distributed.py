@@ -71,6 +71,7 @@ def test_the_set_equals_the_single_process_encode_in_the_same_order(embedding_se
     assert len(manifest["shards"]) >= 3  # rows_per_shard=16; Ray may split blocks further
     assert manifest["num_samples"] == 40 and manifest["counts"] == [10] * 4
     assert manifest["classes"] == maker.get_labels() and manifest["embedding_dim"] == 1280
+    assert manifest["allocator_environment"]["MALLOC_ARENA_MAX"] == "1"  # the actors' model runs in a thread
     assert read.names == [str(path) for path in maker.get_image_paths()]
     assert torch.equal(read.targets, targets)
     assert (read.embeddings - embeddings).abs().max() <= 1e-5

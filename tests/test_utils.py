@@ -85,6 +85,33 @@ def test_the_tuned_allocator_keeps_freed_buffers_instead_of_faulting_them_in_aga
     assert results["on"][1] < results["off"][1] // 5  # at most a buffer or two faulted in, against twenty
 
 
+@pytest.mark.skipif(utils._glibc() is None, reason="the variables are glibc's")
+def test_the_allocator_environment_reaches_a_thread_that_allocated_before_the_tuning():
+    """Ray Data runs an actor's model in a thread of its own: once that thread has an arena, ``mallopt`` no longer
+    reaches its large buffers (every 128 MiB buffer is mapped again), while a process started with
+    ``allocator_environment`` keeps them in the one heap."""
+    probe = (
+        "import resource, threading, torch, utils\n"
+        "def work():\n"
+        "    torch.empty(1 << 10).fill_(1)  # the thread's first allocation gives it an arena\n"
+        "    utils.tune_allocator()\n"
+        "    torch.empty(1 << 25).fill_(1)\n"
+        "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "    for _ in range(10): torch.empty(1 << 25).fill_(1)\n"
+        "    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+        "thread = threading.Thread(target=work); thread.start(); thread.join()\n"
+    )
+    faults = {}
+    for name, extra in (("mallopt", {}), ("environment", utils.allocator_environment())):
+        completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                                   cwd=pathlib.Path(utils.__file__).parent,
+                                   env={**os.environ, "PYTHONPATH": ".", **extra})
+        faults[name] = int(completed.stdout)
+    assert utils.allocator_environment()["MALLOC_MMAP_THRESHOLD_"] == str(utils.ALLOCATOR_THRESHOLD)
+    assert faults["mallopt"] > 10 * (1 << 27) // 4096 // 2  # about one fault per page of every buffer
+    assert faults["environment"] < faults["mallopt"] // 5
+
+
 def _busy_function() -> int:
     return sum(i * i for i in range(20_000))
 
