@@ -785,19 +785,21 @@ def _leave_one_out_whitened_cosines(
     delta = beta / np.maximum(1.0 - beta * leverage, 1e-12)
     growth = 1.0 + delta * leverage
 
-    def scores(shrink: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    def scores(shrink: np.ndarray, shift: np.ndarray, products: np.ndarray, class_norms: np.ndarray) -> np.ndarray:
         """Score of the query direction against ``shrink * r_c + shift * u`` under the downdated ``K``."""
         numerator = shrink * products + shift * leverage
         norm = (shrink**2 * (class_norms + delta * products**2) + 2 * shrink * shift * products * growth
                 + shift**2 * leverage * growth)
         return numerator / _safe_sqrt(norm)
 
-    fitted = scores(np.ones(1), np.full(1, 1.0 / (n - 1)))
+    fitted = scores(np.ones(1), np.full(1, 1.0 / (n - 1)), products, class_norms)
     own = (np.arange(n), rows)
     kept = counts > 1
     own_count = np.where(kept, counts, 2.0)[:, None]
-    own_scores = scores(own_count / (own_count - 1), 1.0 / (n - 1) - 1.0 / (own_count - 1))
-    fitted[own] = np.where(kept, own_scores[own], -np.inf)
+    # only each image's own class changes its mean: one column per image, not the whole [N, C] again
+    own_scores = scores(own_count / (own_count - 1), 1.0 / (n - 1) - 1.0 / (own_count - 1),
+                        products[own][:, None], class_norms[rows][:, None])
+    fitted[own] = np.where(kept, own_scores[:, 0], -np.inf)
     return fitted
 
 
