@@ -525,6 +525,9 @@ def distributed_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, help="samples per actor call")
     parser.add_argument("--actors", type=int, default=1, help="encoder actors (one model copy each)")
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (1 on a GPU cluster)")
+    parser.add_argument("--cpus-per-actor", type=float, default=None,
+                        help="CPUs per actor, its torch and image-decoding threads (default: the CPUs shared out "
+                             "among the actors; 1 with GPUs: give a GPU actor its share of the node's cores)")
     parser.add_argument("--rows-per-shard", type=int, default=100_000, help="at most this many samples per shard")
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join (e.g. auto, or ray://head:10001; default: RAY_ADDRESS, else a "
@@ -539,6 +542,8 @@ def distributed_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.batch_size, args.actors, args.rows_per_shard) < 1 or args.gpus_per_actor < 0:
         parser.error("--batch-size, --actors and --rows-per-shard must be at least 1, --gpus-per-actor 0 or more.")
+    if args.cpus_per_actor is not None and args.cpus_per_actor < 1:
+        parser.error(f"--cpus-per-actor must be at least 1, got {args.cpus_per_actor:g}.")
 
     def run() -> int:
         import banerjee
@@ -560,7 +565,7 @@ def distributed_main(argv: list[str] | None = None) -> int:
         distributed.init_ray(address=args.address, num_cpus=args.num_cpus)
         manifest = distributed.encode_dataset(
             maker=maker, spec=spec, out=args.out, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-            batch_size=args.batch_size, rows_per_shard=args.rows_per_shard,
+            batch_size=args.batch_size, rows_per_shard=args.rows_per_shard, cpus_per_actor=args.cpus_per_actor,
         )
         rate = manifest["num_samples"] / max(manifest["encode_seconds"], 1e-9)
         print(f"Wrote {args.out}: {distributed.describe(manifest)}; {rate:.1f} samples/s with {args.actors} actor(s)")

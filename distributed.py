@@ -23,6 +23,7 @@ if __name__ == "__main__":  # ``python -m distributed``: the distributed encode'
     _sys.argv[1:1] = ["distributed"]
     _runpy.run_module("cli", run_name="__main__", alter_sys=True)
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -124,12 +125,23 @@ class EncoderSpec:
 
 
 class _EmbedBatch:
-    """The Ray Data actor: one encoder per actor, a batch of ``{index, label, name}`` rows in, embeddings out."""
+    """The Ray Data actor: one encoder per actor, a batch of ``{index, label, name}`` rows in, embeddings out.
 
-    def __init__(self, spec: EncoderSpec) -> None:
+    ``decoders`` threads decode and resize a batch's images (Pillow releases the GIL there): an actor given several
+    CPUs, such as a GPU actor with a node's cores, prepares a batch on all of them instead of one image at a time.
+    """
+
+    def __init__(self, spec: EncoderSpec, decoders: int = 1) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.modality = spec.modality
         self.encoder, self.sample_transform, self.batch_transform = spec.build(device=device)
+        # one decoder decodes in the actor's own thread: through a pool of one, two 1-CPU actors ran about 12 %
+        # slower on 3,741 Caltech-101 images
+        self.decoding = (concurrent.futures.ThreadPoolExecutor(max_workers=decoders, thread_name_prefix="decode")
+                         if decoders > 1 else None)
+
+    def _load(self, name: str) -> torch.Tensor:
+        return self.sample_transform(banerjee.load_rgb_image(name))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [str(name) for name in batch["name"]]
@@ -137,7 +149,8 @@ class _EmbedBatch:
             if self.modality == "text":
                 embeddings = self.encoder._forward(names)
             else:
-                images = torch.stack([self.sample_transform(banerjee.load_rgb_image(name)) for name in names])
+                decode = self.decoding.map if self.decoding is not None else map
+                images = torch.stack(list(decode(self._load, names)))
                 embeddings = self.encoder._forward(self.batch_transform(images))
         return {"index": batch["index"], "label": batch["label"], "name": batch["name"],
                 "embedding": embeddings.cpu().numpy().astype(np.float32)}
@@ -169,9 +182,10 @@ def encode_dataset(
     ``out``, and return its manifest.
 
     ``cpus_per_actor`` (default: the cluster's CPUs shared out among the actors, one with GPUs) is also the torch
-    thread count of each actor. A folder holding the complete set of the same model, preprocessing and samples is
-    returned as it is (a rerun resumes by doing nothing); a complete set of anything else is refused; shards without
-    a manifest (a run that died) are removed first, so two runs never mix.
+    thread count of each actor and the number of threads that decode its images. A folder holding the complete set
+    of the same model, preprocessing and samples is returned as it is (a rerun resumes by doing nothing); a complete
+    set of anything else is refused; shards without a manifest (a run that died) are removed first, so two runs
+    never mix.
     """
     ray = require_ray()
     out = pathlib.Path(out)
@@ -205,7 +219,8 @@ def encode_dataset(
         # default retries a failing batch forever.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         embedded = dataset.map_batches(
-            _EmbedBatch, fn_constructor_kwargs={"spec": spec}, batch_size=batch_size, batch_format="numpy",
+            _EmbedBatch, fn_constructor_kwargs={"spec": spec, "decoders": max(1, int(cpus_per_actor))},
+            batch_size=batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus_per_actor or None,
             num_cpus=cpus_per_actor,
             max_restarts=TASK_RETRIES, max_task_retries=TASK_RETRIES,

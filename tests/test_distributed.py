@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import banerjee
+import cli
 import engine
 import protocol
 import prototypes
@@ -134,7 +135,7 @@ def test_a_rerun_resumes_by_doing_nothing_and_another_model_is_refused(embedding
         distributed.read_embedding_set(out, model_id="tf_efficientnet_lite1")
 
 
-def test_an_unfinished_set_is_never_read_and_a_new_run_clears_it(embedding_set, spec, tmp_path):
+def test_an_unfinished_set_is_never_read_and_a_new_run_clears_it(embedding_set, single_process, spec, tmp_path):
     out, _, maker = embedding_set
     partial = tmp_path / "partial"
     shutil.copytree(out / distributed.SHARDS, partial / distributed.SHARDS)
@@ -146,6 +147,16 @@ def test_an_unfinished_set_is_never_read_and_a_new_run_clears_it(embedding_set, 
     assert len(manifest["shards"]) == 1
     assert sorted(path.name for path in (partial / distributed.SHARDS).iterdir()) == manifest["shards"]
     assert distributed.read_embedding_set(partial).targets.tolist() == maker.get_image_labels().tolist()
+    # one actor holds both CPUs, so two threads decode its images: the same embeddings in the same order
+    assert manifest["cpus_per_actor"] == 2
+    assert (distributed.read_embedding_set(partial).embeddings - single_process[0]).abs().max() <= 1e-5
+
+
+def test_the_command_refuses_an_actor_without_a_whole_cpu(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        cli.distributed_main(["data", "--out", "set", "--cpus-per-actor", "0.5"])
+    assert stopped.value.code == 2
+    assert "--cpus-per-actor must be at least 1, got 0.5." in capsys.readouterr().err
 
 
 def test_a_set_with_a_missing_shard_is_refused(embedding_set, tmp_path):
