@@ -259,6 +259,17 @@ def run_environment(*, repository: pathlib.Path) -> dict[str, Any]:
     return {"versions": versions, "git_commit": commit, "platform": platform.platform()}
 
 
+def _open_unit_interval(text: str) -> float:
+    """A share strictly between 0 and 1, checked while parsing, before any encoding."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number strictly between 0 and 1, got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
+    return value
+
+
 def class_store_parser() -> argparse.ArgumentParser:
     """The class-store commands' options (``python -m engine``, ``similarity-classdb``), importable without torch."""
     model_options = argparse.ArgumentParser(add_help=False)
@@ -301,7 +312,7 @@ def class_store_parser() -> argparse.ArgumentParser:
         help="share of each class held out to set the threshold for unknown queries, then added to the store "
              "(0: no threshold; default 0.2)",
     )
-    build.add_argument("--true-positive-rate", type=float, default=0.95,
+    build.add_argument("--true-positive-rate", type=_open_unit_interval, default=0.95,
                        help="share of known-class samples the threshold keeps (default 0.95)")
     build.add_argument(
         "--classifier", choices=CLASSIFIER_NAMES, default=None,
@@ -354,7 +365,7 @@ def class_store_parser() -> argparse.ArgumentParser:
     )
     calibrate.add_argument("--text-column", default="text", help="CSV/TSV column of the texts (default text)")
     calibrate.add_argument("--label-column", default="label", help="CSV/TSV label column (default label)")
-    calibrate.add_argument("--true-positive-rate", type=float, default=0.95,
+    calibrate.add_argument("--true-positive-rate", type=_open_unit_interval, default=0.95,
                            help="share of the samples the threshold keeps (default 0.95)")
 
     commands.add_parser("info", parents=[store_option], help="print the model and the classes of a store")
@@ -385,7 +396,14 @@ def report_user_error(error: BaseException) -> None:
 def reporting_user_errors(command: Callable[[], int]) -> int:
     """Run a command-line command; a user error is printed as one line and gives exit status 1."""
     try:
-        return command()
+        status = command()
+        sys.stdout.flush()  # here, not at exit: a reader that left early is met by the handler below
+        return status
+    except BrokenPipeError:
+        # the reader of the output left early (``| head``): files are written before printing, so stop quietly,
+        # as a command killed by SIGPIPE does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
     except Exception as error:
         if not is_user_error(error):
             raise
@@ -542,6 +560,8 @@ def distributed_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.batch_size, args.actors, args.rows_per_shard) < 1 or args.gpus_per_actor < 0:
         parser.error("--batch-size, --actors and --rows-per-shard must be at least 1, --gpus-per-actor 0 or more.")
+    if args.num_cpus is not None and args.num_cpus < 1:
+        parser.error(f"--num-cpus must be at least 1, got {args.num_cpus}.")
     if args.cpus_per_actor is not None and args.cpus_per_actor < 1:
         parser.error(f"--cpus-per-actor must be at least 1, got {args.cpus_per_actor:g}.")
 
@@ -549,6 +569,7 @@ def distributed_main(argv: list[str] | None = None) -> int:
         import banerjee
         import distributed
 
+        distributed.init_ray(address=args.address, num_cpus=args.num_cpus)  # first: an unreachable cluster is refused
         maker = banerjee.make_dataset_maker(
             dataset_path=args.dataset, modality=args.modality, text_column=args.text_column,
             label_column=args.label_column, strict=args.strict,
@@ -562,7 +583,6 @@ def distributed_main(argv: list[str] | None = None) -> int:
             modality=maker.modality, model_name=args.model or default_model, weights=args.weights,
             precision=args.precision, compile=args.compile, tune_allocator=args.tune_allocator,
         )
-        distributed.init_ray(address=args.address, num_cpus=args.num_cpus)
         manifest = distributed.encode_dataset(
             maker=maker, spec=spec, out=args.out, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
             batch_size=args.batch_size, rows_per_shard=args.rows_per_shard, cpus_per_actor=args.cpus_per_actor,

@@ -18,6 +18,13 @@ runs :func:`run_command` inside the error boundary::
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # ``python -m cli_store``: the class store's commands, as ``python -m engine`` runs them
+    import runpy as _runpy
+    import sys as _sys
+
+    _sys.argv[1:1] = ["store"]
+    _runpy.run_module("cli", run_name="__main__", alter_sys=True)
+
 import argparse
 import dataclasses
 import pathlib
@@ -31,6 +38,7 @@ import torch
 import banerjee
 import classdb
 import engine
+import metrics
 import prototypes
 import store
 import utils
@@ -170,21 +178,20 @@ def _cmd_build(args: argparse.Namespace) -> int:
         dim=embeddings.shape[1], model_name=model.name, model_id=model.id, transform_config=model.transform_config,
         classifier=prototypes.make_classifier(classifier), modality=maker.modality,
     )
-    held_out = torch.zeros(0, dtype=torch.long)
+    held_out = np.zeros(0, dtype=np.int64)
     if args.calibrate_share > 0:
-        _, held_out, _ = maker.split_indexes(
+        _, held_out_indexes, _ = maker.split_indexes(
             valid_share=args.calibrate_share, test_share=0.0, generator=torch.Generator().manual_seed(0)
         )
-    kept = np.setdiff1d(np.arange(len(labels)), held_out.numpy())
+        held_out = held_out_indexes.numpy()  # numpy indexes: one torch index would pick a single label, not a list
+    kept = np.setdiff1d(np.arange(len(labels)), held_out)
     db.add_classes(embeddings=embeddings[kept], labels=labels[kept].tolist(), model_id=model.id)
     if len(held_out):
         db.add_calibration_samples(embeddings=embeddings[held_out], labels=labels[held_out].tolist(),
                                    true_positive_rate=args.true_positive_rate, model_id=model.id)
     db.save(path=path)
     print(f"Built {path}: {_summary(db)}; {_threshold_line(db)}.")
-    if 0 < len(held_out) < ROUGH_CALIBRATION:
-        print(f"The threshold rests on {len(held_out)} held-out {db.modality}s only, so the share it keeps is rough; "
-              "calibrate on more with `calibrate --dataset DIR`.")
+    _note_small_calibration(db)
     if args.calibrate_share > 0 and not len(held_out):
         print(f"No class has enough samples to hold out {args.calibrate_share:.0%} for the threshold; calibrate later "
               "with `calibrate --dataset DIR`.")
@@ -224,8 +231,24 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     embeddings = model.embed(maker.get_samples())
     db.calibrate(embeddings=embeddings, true_positive_rate=args.true_positive_rate, model_id=model.id)
     db.save(path=path)
-    print(f"Calibrated {path} on {len(embeddings)} {db.modality}s: {_threshold_line(db)}.")
+    print(f"Calibrated {path}: {_threshold_line(db)}.")
+    _note_small_calibration(db)
     return 0
+
+
+def _note_small_calibration(db: classdb.ClassVectorStore) -> None:
+    """Warn on stderr when the threshold rests on too few samples for its stated share to hold within 5 points
+    (at 95 % confidence) on new samples of the same classes."""
+    count = getattr(db.classifier, "calibration_count_", None)
+    if db.threshold is None or count is None:
+        return
+    rate = db.classifier.true_positive_rate_
+    needed = metrics.samples_for_margin(rate=rate)
+    if count < needed:
+        margin = metrics.proportion_margin(count=count, rate=rate)
+        print(f"warning: the threshold rests on {_counted(count, db.modality)}: on new samples it keeps {rate:.0%} ± "
+              f"{margin:.0%} of them (95 % confidence); calibrate on at least {needed} for ± 5 points "
+              "(`calibrate --dataset DIR`).", file=sys.stderr)
 
 
 def _note_stale_threshold(db: classdb.ClassVectorStore, *, path: pathlib.Path) -> None:
@@ -237,12 +260,18 @@ def _note_stale_threshold(db: classdb.ClassVectorStore, *, path: pathlib.Path) -
               f"{path} --dataset DIR` with samples of its classes that it does not hold.", file=sys.stderr)
 
 
+def _counted(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _threshold_line(db: classdb.ClassVectorStore) -> str:
     if db.threshold is None:
         return "no threshold for unknown queries (run `calibrate`)"
     note = " (STALE: the classes changed since; run `calibrate`)" if db.threshold_stale else ""
+    count = getattr(db.classifier, "calibration_count_", None)
+    basis = f" (set on {_counted(count, db.modality)})" if count is not None else ""
     return (f"unknown below {db.threshold:.4f}, keeping {db.classifier.true_positive_rate_:.0%} of known samples"
-            f"{note}")
+            f"{basis}{note}")
 
 
 def _cmd_add_or_update(args: argparse.Namespace) -> int:
@@ -321,6 +350,8 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         device=model.encoder.device,
         reject=reject,
     )
+    if args.csv is not None:  # first: a reader that closes the printed table early must not cost the file
+        _write_predictions(path=pathlib.Path(args.csv), names=names, result=result)
     known = result.known or [True] * len(names)
     for index, (name, labels, scores) in enumerate(zip(names, result.labels, result.scores.tolist())):
         shown = [utils.printable(label) for label in labels]
@@ -331,7 +362,6 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         alternatives = " | ".join(f"{label} {score:.4f}" for label, score in zip(shown[1:], scores[1:]))
         print(f"{utils.printable(name)}\t{shown[0]}\t{scores[0]:.4f}" + (f"\t[{alternatives}]" if alternatives else ""))
     if args.csv is not None:
-        _write_predictions(path=pathlib.Path(args.csv), names=names, result=result)
         print(f"Predictions written to {args.csv}.")
     return 0
 
@@ -350,7 +380,6 @@ def _write_predictions(*, path: pathlib.Path, names: list[str], result: classdb.
     store.write_csv(path, {name: [row[column] for row in rows] for column, name in enumerate(header)})
 
 
-ROUGH_CALIBRATION = 100  # fewer held-out samples than this make a threshold whose kept share is rough
 WRITING_COMMANDS = ("build", "add-class", "update-class", "remove-class", "rename-class", "import", "calibrate")
 LOCK_TIMEOUT_S = 60.0  # how long a command waits for another writer of the same store
 

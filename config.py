@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-__all__ = ["EncoderConfig", "GridSettings"]
+__all__ = ["EncoderConfig", "GridSettings", "RunSettings"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +38,21 @@ class EncoderConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """What every partition of one experiment shares, resolved once by the script or the grid and taken by both
+    protocols: the partitions (``runs``, ``valid_share``, ``seed``), how they are scored (``top_k``,
+    ``confidence``), the classifier, and ``short_run`` (every encoding pass stops after that many batches)."""
+
+    runs: int = 20
+    valid_share: float = 0.2
+    top_k: int = 4
+    seed: int | None = 17  # None keeps torch's fixed default seed, as the original's generator does
+    confidence: float = 0.95
+    classifier: Any = "mean"  # a command-line name (baselines.ESTIMATOR_NAMES) or an unfitted estimator
+    short_run: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class GridSettings:
     """What every cell of the grid shares; part of each cell's key, so changing any of it computes new cells."""
 
@@ -50,3 +65,8 @@ class GridSettings:
     workers: int = 0
     device: str = "cpu"  # resolved: the grid's --device auto becomes the device it found
     precision: str = "fp32"
+
+    def run_settings(self, classifier: str) -> RunSettings:
+        """The settings of one cell's partitions: the grid's, with one classifier."""
+        return RunSettings(runs=self.runs, valid_share=self.valid_share, top_k=self.top_k, seed=self.seed,
+                           confidence=self.confidence, classifier=classifier)

@@ -30,6 +30,7 @@ import json
 import os
 import pathlib
 import shutil
+import socket
 import time
 import warnings
 from typing import Any
@@ -50,9 +51,11 @@ __all__ = [
     "EmbeddingSetMaker",
     "EncoderSpec",
     "MANIFEST",
+    "Shard",
     "encode_dataset",
     "fit_shards",
     "init_ray",
+    "list_shards",
     "read_embedding_set",
     "require_ray",
     "shard_statistics",
@@ -60,7 +63,12 @@ __all__ = [
 
 MANIFEST = "manifest.json"
 SHARDS = "shards"
-FORMAT = 1
+FORMAT = 2  # 2: every shard pinned by SHA-256, rows, dimension and a digest of its sample indexes and names
+SHARD_KEYS = ("name", "sha256", "rows", "dim", "samples")
+MANIFEST_KEYS = {"modality": str, "model_id": str, "model_name": str, "precision": str, "dataset": str,
+                 "classes": list, "counts": list, "num_samples": int, "embedding_dim": int, "skipped": list,
+                 "shards": list, "fingerprint": str}
+CONNECT_TIMEOUT_S = 10.0  # how long a cluster address may stay silent before it is refused
 TASK_RETRIES = 3  # a batch whose actor died is run again on a fresh actor this many times
 
 
@@ -89,6 +97,10 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> Any:
     if ray.is_initialized():
         return ray
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if num_cpus is not None and num_cpus < 1:
+        raise utils.UserError(f"A local Ray needs at least one CPU (--num-cpus), got {num_cpus}.")
+    if address is not None:
+        _check_reachable(address)
     repository = str(pathlib.Path(__file__).resolve().parent)
     ray.init(
         address=address, num_cpus=None if address else num_cpus, include_dashboard=False, log_to_driver=False,
@@ -96,6 +108,36 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> Any:
                                   "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}},
     )
     return ray
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse a cluster address nothing answers at within ``CONNECT_TIMEOUT_S``: Ray itself retries forever."""
+    host_port = address.removeprefix("ray://").rsplit("/", 1)[0]
+    if address in ("auto", "local") or ":" not in host_port:
+        return  # Ray finds these itself, and says so when there is none
+    host, _, port = host_port.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as error:
+        raise utils.UserError(
+            f"No Ray cluster answers at {address} within {CONNECT_TIMEOUT_S:g} s ({error}); start one with "
+            "`ray start --head`, or fix --address / RAY_ADDRESS (leave both out for a local Ray)."
+        ) from error
+
+
+def check_cluster_fits(ray: Any, *, actors: int, cpus_per_actor: float, gpus_per_actor: float) -> None:
+    """Refuse, before any work, actors the cluster can never place: Ray would wait for them forever."""
+    total = ray.cluster_resources()
+    largest = {kind: max([node.get("Resources", {}).get(kind, 0.0) for node in ray.nodes() if node.get("Alive")],
+                         default=0.0) for kind in ("CPU", "GPU")}
+    for kind, per_actor, option in (("CPU", cpus_per_actor, "--cpus-per-actor"),
+                                    ("GPU", gpus_per_actor, "--gpus-per-actor")):
+        if per_actor and (largest[kind] < per_actor or total.get(kind, 0.0) < actors * per_actor):
+            raise utils.UserError(
+                f"The Ray cluster has {total.get(kind, 0.0):g} {kind}s ({largest[kind]:g} on its largest node), too "
+                f"few for {actors} actor(s) of {per_actor:g} {kind}(s) each: lower --actors or {option}"
+                f"{' (0 encodes on CPUs)' if kind == 'GPU' else ''}, or add nodes."
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +231,9 @@ def encode_dataset(
     """
     ray = require_ray()
     out = pathlib.Path(out)
+    if cpus_per_actor is None:
+        cpus_per_actor = 1.0 if gpus_per_actor else max(1.0, ray.cluster_resources().get("CPU", 1) // actors)
+    check_cluster_fits(ray, actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor)
     encoder, _, _ = spec.build(device="cpu")  # the driver's copy names the model and weights, as the cache does
     expected = {"model_id": encoder.embedding_id, "preprocessing": spec.preprocessing(encoder),
                 "transform_config": store.plain_json(engine.preprocessing_config(encoder)),
@@ -208,8 +253,6 @@ def encode_dataset(
         shutil.rmtree(out / SHARDS)
     out.mkdir(parents=True, exist_ok=True)
     samples = _samples(maker)
-    if cpus_per_actor is None:
-        cpus_per_actor = 1.0 if gpus_per_actor else max(1.0, ray.cluster_resources().get("CPU", 1) // actors)
     started = time.perf_counter()
     # Blocks of about 8 batches keep every actor busy and stream (two huge blocks per actor ran at 0.6 x the rate
     # on Caltech-101); each block becomes a shard, split further at rows_per_shard.
@@ -228,7 +271,7 @@ def encode_dataset(
         )
     embedded.write_parquet(str(out / SHARDS), max_rows_per_file=rows_per_shard)
     seconds = time.perf_counter() - started
-    shards = sorted(path.name for path in (out / SHARDS).glob("*.parquet"))
+    shards = [_pin_shard(path) for path in sorted((out / SHARDS).glob("*.parquet"))]
     manifest = {
         "format": FORMAT,
         "modality": maker.modality,
@@ -247,7 +290,7 @@ def encode_dataset(
         "cpus_per_actor": cpus_per_actor,
         "allocator_environment": utils.allocator_environment() if spec.tune_allocator else {},
     }
-    rows = sum(_shard_rows(out / SHARDS / name) for name in shards)
+    rows = sum(entry["rows"] for entry in shards)
     if rows != len(samples):
         raise EmbeddingSetError(f"The shards in {out / SHARDS} hold {rows} rows for {len(samples)} samples; "
                                 "the run is incomplete, so no manifest was written. Run it again.")
@@ -255,10 +298,18 @@ def encode_dataset(
     return _read_manifest(out)
 
 
-def _shard_rows(path: pathlib.Path) -> int:
-    import pyarrow.parquet
+def _pin_shard(path: pathlib.Path) -> dict[str, Any]:
+    """What the manifest records of a shard it lists, so that a reader refuses any other file under that name."""
+    data = path.read_bytes()
+    part = _parse_shard(data, path=path)
+    return {"name": path.name, "sha256": hashlib.sha256(data).hexdigest(), "rows": len(part["index"]),
+            "dim": int(part["embedding"].shape[1]), "samples": _samples_digest(part)}
 
-    return pyarrow.parquet.ParquetFile(path).metadata.num_rows
+
+def _samples_digest(part: dict[str, np.ndarray]) -> str:
+    """SHA-256 of a shard's sample indexes and names (paths or texts), in its row order."""
+    return hashlib.sha256(json.dumps([part["index"].tolist(), [str(name) for name in part["name"]]]).encode()
+                          ).hexdigest()
 
 
 def _read_manifest(folder: pathlib.Path) -> dict[str, Any]:
@@ -272,8 +323,25 @@ def _read_manifest(folder: pathlib.Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise EmbeddingSetError(f"Cannot read {path}: {error}. Encode the set again.") from error
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise EmbeddingSetError(f"{path} is not an embedding set manifest of format {FORMAT}.")
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        older = " (written by an earlier version whose shards are not pinned by checksums)" if found == 1 else ""
+        raise EmbeddingSetError(f"{path} is not an embedding set manifest of format {FORMAT}{older}; encode the set "
+                                "again with python -m distributed.")
+    wrong = [key for key, kind in MANIFEST_KEYS.items() if type(manifest.get(key)) is not kind]
+    if "shards" not in wrong and not all(_is_shard_entry(entry) for entry in manifest["shards"]):
+        wrong.append("shards")
+    if wrong:
+        raise EmbeddingSetError(f"{path} lacks or mistypes {', '.join(wrong)}; the manifest was edited or damaged. "
+                                "Encode the set again.")
     return manifest
+
+
+def _is_shard_entry(entry: Any) -> bool:
+    """A manifest's shard entry: every key, and a plain file name (no path that leads out of ``shards/``)."""
+    if not isinstance(entry, dict) or any(key not in entry for key in SHARD_KEYS):
+        return False
+    name = entry["name"]
+    return isinstance(name, str) and pathlib.Path(name).name == name and name not in ("", ".", "..")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,12 +359,34 @@ class EmbeddingSet:
                 "embedding_dim": self.manifest["embedding_dim"]}
 
 
-def _read_shard(path: pathlib.Path) -> dict[str, np.ndarray]:
+def _read_shard(path: pathlib.Path, entry: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The columns of one shard, after checking it is the file its manifest entry pins (read once, from memory)."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise EmbeddingSetError(f"Cannot read the shard {path}: {error}. Encode the set again.") from error
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise EmbeddingSetError(f"The shard {path} is not the file its manifest lists (SHA-256 differs): it was "
+                                "replaced, edited or damaged. Encode the set again.")
+    part = _parse_shard(data, path=path)
+    found = {"rows": len(part["index"]), "dim": int(part["embedding"].shape[1]), "samples": _samples_digest(part)}
+    differing = [key for key, value in found.items() if entry[key] != value]
+    if differing:
+        raise EmbeddingSetError(f"The shard {path} does not match its manifest entry ({', '.join(differing)}). "
+                                "Encode the set again.")
+    return part
+
+
+def _parse_shard(data: bytes, *, path: pathlib.Path) -> dict[str, np.ndarray]:
+    import pyarrow
     import pyarrow.parquet
 
-    table = pyarrow.parquet.read_table(path, columns=["index", "label", "name", "embedding"])
-    column = table.column("embedding").combine_chunks()
-    embeddings = _tensor_column(column)
+    try:
+        table = pyarrow.parquet.read_table(pyarrow.BufferReader(data), columns=["index", "label", "name", "embedding"])
+        embeddings = _tensor_column(table.column("embedding").combine_chunks())
+    except (pyarrow.ArrowException, ValueError, KeyError) as error:
+        raise EmbeddingSetError(f"The shard {path} is not a readable embedding shard ({error}); encode the set "
+                                "again.") from error
     return {"index": table.column("index").to_numpy(), "label": table.column("label").to_numpy(),
             "name": np.asarray(table.column("name").to_pylist(), dtype=object), "embedding": embeddings}
 
@@ -318,11 +408,15 @@ def read_embedding_set(folder: str | os.PathLike, *, model_id: str | None = None
     if model_id is not None and manifest["model_id"] != model_id:
         raise EmbeddingSetError(f"{folder} was encoded by {manifest['model_id']}, not by {model_id}; encode the "
                                 "dataset with this model (python -m distributed) or pick the matching model.")
-    missing = [name for name in manifest["shards"] if not (folder / SHARDS / name).is_file()]
+    missing = [entry["name"] for entry in manifest["shards"] if not (folder / SHARDS / entry["name"]).is_file()]
     if missing:
         raise EmbeddingSetError(f"{folder} lacks {len(missing)} of its {len(manifest['shards'])} shards "
                                 f"({missing[0]} ...); encode the set again.")
-    parts = [_read_shard(folder / SHARDS / name) for name in manifest["shards"]]
+    parts = [_read_shard(folder / SHARDS / entry["name"], entry) for entry in manifest["shards"]]
+    wrong = [entry for entry in manifest["shards"] if entry["dim"] != manifest["embedding_dim"]]
+    if wrong:
+        raise EmbeddingSetError(f"The shard {folder / SHARDS / wrong[0]['name']} holds {wrong[0]['dim']}-d embeddings, "
+                                f"the set's manifest says {manifest['embedding_dim']}; encode the set again.")
     index = np.concatenate([part["index"] for part in parts])
     order = np.argsort(index, kind="stable")
     if not np.array_equal(index[order], np.arange(manifest["num_samples"])):
@@ -365,26 +459,41 @@ class EmbeddingSetMaker(banerjee.SampleListing):
         return [(f"embedding-set:{self._fingerprint}", len(self._images), 0)]
 
 
-def shard_statistics(path: str | os.PathLike, estimator: Any) -> dict[str, np.ndarray]:
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """One shard of an embedding set with its manifest entry: what a Ray task needs to read it and check it."""
+
+    path: str
+    entry: dict[str, Any]
+
+    def read(self) -> dict[str, np.ndarray]:
+        return _read_shard(pathlib.Path(self.path), self.entry)
+
+
+def list_shards(folder: str | os.PathLike) -> list[Shard]:
+    """The shards of the embedding set at ``folder``, in manifest order."""
+    folder = pathlib.Path(folder)
+    return [Shard(path=str(folder / SHARDS / entry["name"]), entry=entry) for entry in _read_manifest(folder)["shards"]]
+
+
+def shard_statistics(shard: Shard, estimator: Any) -> dict[str, np.ndarray]:
     """The statistics of ``estimator``'s class fitted on one shard, as plain arrays (what crosses the network). A
     leave-one-out ridge choice is left to :func:`fit_shards` (it needs the merged statistics), so the shard is fitted
     with a fixed ridge: the statistics do not depend on it."""
-    part = _read_shard(pathlib.Path(path))
+    part = shard.read()
     fitted = sklearn.base.clone(estimator)
     if getattr(fitted, "alpha", None) == "loo":
         fitted.set_params(alpha=1.0)
     return fitted.fit(part["embedding"], part["label"]).get_statistics()
 
 
-def _shard_hits(
-    path: str | os.PathLike, merged: Any, decomposition: dict[str, Any]
-) -> tuple[np.ndarray, np.ndarray]:
-    part = _read_shard(pathlib.Path(path))
+def _shard_hits(shard: Shard, merged: Any, decomposition: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    part = shard.read()
     return merged.leave_one_out_hits(part["embedding"], part["label"], decomposition=decomposition), part["label"]
 
 
-def _shard_moments(path: str | os.PathLike, merged: Any, decomposition: dict[str, Any]) -> np.ndarray:
-    return merged.unknown_moments(_read_shard(pathlib.Path(path))["embedding"], decomposition=decomposition)
+def _shard_moments(shard: Shard, merged: Any, decomposition: dict[str, Any]) -> np.ndarray:
+    return merged.unknown_moments(shard.read()["embedding"], decomposition=decomposition)
 
 
 def fit_shards(folder: str | os.PathLike, estimator: Any, *, use_ray: bool = True) -> Any:
@@ -393,24 +502,23 @@ def fit_shards(folder: str | os.PathLike, estimator: Any, *, use_ray: bool = Tru
     merge exactly, and a leave-one-out ridge selection runs shard by shard against the merged statistics (one
     eigendecomposition, shared), then the unknown score's moments. Classes are the label indexes of the manifest's
     ``classes``."""
-    folder = pathlib.Path(folder)
-    paths = [str(folder / SHARDS / name) for name in _read_manifest(folder)["shards"]]
+    shards = list_shards(folder)
     if use_ray:
         ray = require_ray()
-        states = ray.get([ray.remote(shard_statistics).remote(path, estimator) for path in paths])
+        states = ray.get([ray.remote(shard_statistics).remote(shard, estimator) for shard in shards])
     else:
-        states = [shard_statistics(path, estimator) for path in paths]
+        states = [shard_statistics(shard, estimator) for shard in shards]
     merged = prototypes.merge_statistics(states, into=estimator)
     if not isinstance(merged, prototypes.DecorrelatedClassifier):
         return merged
     decomposition = merged.decomposition()
 
     def over_shards(task: Any) -> list[Any]:
-        """``task(path, merged, decomposition)`` for every shard, as Ray tasks or here."""
+        """``task(shard, merged, decomposition)`` for every shard, as Ray tasks or here."""
         if not use_ray:
-            return [task(path, merged, decomposition) for path in paths]
+            return [task(shard, merged, decomposition) for shard in shards]
         shared, shared_decomposition = ray.put(merged), ray.put(decomposition)
-        return ray.get([ray.remote(task).remote(path, shared, shared_decomposition) for path in paths])
+        return ray.get([ray.remote(task).remote(shard, shared, shared_decomposition) for shard in shards])
 
     if merged.alpha == "loo":
         results = over_shards(_shard_hits)

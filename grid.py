@@ -37,11 +37,9 @@ import pandas as pd
 from tqdm import tqdm
 
 import banerjee
-import baselines
 import engine
 import metrics
 import protocol
-import randomness
 import store
 import utils
 from config import GridSettings
@@ -176,7 +174,7 @@ def _model_cells(
         freshly_encoded = not cache.path(embedding_key).exists()
         runs = protocol.run_cached_protocol(
             encoder=encoder, maker=maker, transform=transform, batch_size=settings.batch_size,
-            workers=settings.workers, cache=cache, **_protocol_settings(settings, classifier),
+            workers=settings.workers, cache=cache, settings=settings.run_settings(classifier),
         )
         if freshly_encoded:
             store.write_json(encoding_record, {"samples_per_second": len(runs.targets) / runs.encode_seconds})
@@ -204,19 +202,13 @@ def _embedding_set_cells(
     def runs_of(classifier: str) -> protocol.Runs:
         return protocol.run_cached_protocol(
             encoder=None, maker=maker, transform=None, batch_size=settings.batch_size, workers=settings.workers,
-            embeddings=(embedding_set.embeddings, embedding_set.targets), **_protocol_settings(settings, classifier),
+            embeddings=(embedding_set.embeddings, embedding_set.targets), settings=settings.run_settings(classifier),
         )
 
     label = pathlib.Path(manifest["model_name"]).name if manifest["modality"] == "text" else manifest["model_name"]
     return _classifier_cells(maker=maker, label=label, embedding_key=embedding_key, classifiers=classifiers,
                              settings=settings, out=out, runs_of=runs_of,
                              rate=lambda: manifest["num_samples"] / max(manifest["encode_seconds"], 1e-9))
-
-
-def _protocol_settings(settings: GridSettings, classifier: str) -> dict[str, Any]:
-    return dict(runs=settings.runs, valid_share=settings.valid_share, top_k=settings.top_k,
-                generator=randomness.make_torch_generator(seed=settings.seed),
-                classifier=baselines.make_estimator(classifier))
 
 
 def _classifier_cells(

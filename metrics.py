@@ -18,8 +18,8 @@ import scipy.stats
 import sklearn.metrics
 import torch
 
-__all__ = ["MeanInterval", "balanced_accuracy", "mean_confidence_interval", "paired_difference", "score_predictions",
-           "topk_accuracies"]
+__all__ = ["MeanInterval", "balanced_accuracy", "mean_confidence_interval", "paired_difference", "proportion_margin",
+           "samples_for_margin", "score_predictions", "topk_accuracies"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,20 @@ def paired_difference(
         raise ValueError(f"A paired difference needs one value per partition on both sides, got {values.size} and "
                          f"{baseline.size}.")
     return mean_confidence_interval(values - baseline, confidence=confidence)
+
+
+def proportion_margin(*, count: int, rate: float, confidence: float = 0.95) -> float:
+    """Half width of the normal-approximation interval of a share ``rate`` measured on ``count`` samples: how far
+    the share a calibrated threshold keeps on new samples can stray from the share it kept on its own."""
+    z = scipy.stats.norm.ppf(0.5 + confidence / 2)
+    return float(z * math.sqrt(rate * (1.0 - rate) / count))
+
+
+def samples_for_margin(*, rate: float, margin: float = 0.05, confidence: float = 0.95) -> int:
+    """The fewest samples whose :func:`proportion_margin` for ``rate`` is at most ``margin`` (73 for a 95 % share
+    within 5 points)."""
+    z = scipy.stats.norm.ppf(0.5 + confidence / 2)
+    return math.ceil(z**2 * rate * (1.0 - rate) / margin**2 - 1e-9)
 
 
 def topk_accuracies(*, topk_indices: np.ndarray, targets: np.ndarray) -> tuple[float, float]:

@@ -77,6 +77,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 import banerjee  # noqa: E402
+import config  # noqa: E402
 import cumacc  # noqa: E402
 import engine  # noqa: E402
 import protocol  # noqa: E402
@@ -92,7 +93,10 @@ allocator = utils.tune_allocator(enabled=args.tune_allocator)
 utils.check_cuda_support(inform=True)
 if args.reproducible:
     randomness.set_determinism(seed=args.seed)
-generator = randomness.make_torch_generator(seed=args.seed)
+settings = config.RunSettings(  # what every partition shares: both protocols, the stats and the analysis read it
+    runs=args.runs, valid_share=args.valid_share, top_k=args.top_k, seed=args.seed, confidence=args.confidence,
+    classifier=args.classifier, short_run=args.short_run,
+)
 
 # %% The dataset (images or sentences) and the model name, checked before the samples are listed.
 embedding_set = None
@@ -120,15 +124,15 @@ else:
     )
 text = dsm.modality == "text"
 labels = dsm.get_labels()
-if args.top_k > len(labels):
-    raise SystemExit(f"--top-k {args.top_k} exceeds the {len(labels)} classes of {dsm.dataset_path}.")
+if settings.top_k > len(labels):
+    raise SystemExit(f"--top-k {settings.top_k} exceeds the {len(labels)} classes of {dsm.dataset_path}.")
 
 # %% The model, its preprocessing, the classifier and the encoder (none for an embedding set).
-classifier = prototypes.make_classifier(args.classifier)
+classifier = prototypes.make_classifier(settings.classifier)
 encoder = None if embedding_set else engine.create_encoder(
     modality=dsm.modality, model_name=model_name, weights=args.weights, device=device, classifier=classifier,
     config=engine.EncoderConfig(
-        topk=args.top_k, short_run_batches=args.short_run, precision=args.precision, compile=args.compile,
+        topk=settings.top_k, short_run_batches=settings.short_run, precision=args.precision, compile=args.compile,
         tune_allocator=args.tune_allocator,
     ),
 )
@@ -145,9 +149,8 @@ out_dir = pathlib.Path(args.out)
 run_log = out_dir / "runs.jsonl"
 out_lock = store.acquire_writer_lock(run_log, timeout=0)  # held to the end: a second run into --out stops here
 common = dict(
-    encoder=encoder, maker=dsm, runs=args.runs, valid_share=args.valid_share, batch_size=args.batch_size,
-    workers=args.workers, generator=generator, top_k=args.top_k, classifier=classifier, run_log=run_log,
-    completed=protocol.load_run_records(run_log) if args.resume else [], inform=True,
+    encoder=encoder, maker=dsm, settings=settings, batch_size=args.batch_size, workers=args.workers,
+    run_log=run_log, completed=protocol.load_run_records(run_log) if args.resume else [], inform=True,
 )
 try:
     with utils.Profile(active=args.profile) as profiler:
@@ -159,7 +162,7 @@ try:
         else:
             run_results = protocol.run_original_protocol(
                 encode_transform=encode_transform, eval_transform=query_transform,
-                augment_seed=args.seed if args.augment_encode or args.augment_eval else None, **common,
+                augment_seed=settings.seed if args.augment_encode or args.augment_eval else None, **common,
             )
 except KeyboardInterrupt:
     raise SystemExit(f"Interrupted. Finished partitions are kept in {run_log}; rerun with --resume to go on.")
@@ -168,7 +171,7 @@ if args.profile:
 
 # %% Final stats over the partitions.
 final_stats = protocol.final_stats(
-    runs=run_results, model=model_description, maker=dsm, confidence=args.confidence,
+    runs=run_results, model=model_description, maker=dsm, confidence=settings.confidence,
     total_seconds=time.perf_counter() - started,
 )
 utils.print_stats(protocol.describe_final_stats(final_stats), title="Final stats")
@@ -226,12 +229,13 @@ if args.analysis and run_results.embeddings is not None:
     import analysis
 
     analysed = analysis.analyse_runs(
-        runs=run_results, labels=labels, valid_share=args.valid_share, confidence=args.confidence, seed=args.seed,
+        runs=run_results, labels=labels, valid_share=settings.valid_share, confidence=settings.confidence,
+        seed=settings.seed,
         num_intervals=NUM_INTERVALS, threshold=CLASS_ACCURACY_THRESHOLD, parts=args.analysis,
         sample_names=[str(sample) for sample in dsm.get_samples()], methods=args.compare,
     )
     written = visual.draw_analysis(
-        analysed, labels=labels, out_dir=out_dir, confidence=args.confidence, sample_kind=dsm.sample_kind,
+        analysed, labels=labels, out_dir=out_dir, confidence=settings.confidence, sample_kind=dsm.sample_kind,
         title=f"{model_name} on {dsm.dataset_path.name}, {len(run_results)} partitions",
     )
     written += [store.write_csv(out_dir / f"{name}.csv", table) for name, table in analysed.tables().items()]
@@ -261,7 +265,7 @@ if searchable:
     image_idx = random.randrange(len(valid_ds))
     image, target_label_idx = valid_ds[image_idx]
     hits = engine.class_hits(classifier=run_results.classifier, labels=class_names,
-                             queries=encoder.embed_inputs(inputs=image), top_k=args.top_k)[0]
+                             queries=encoder.embed_inputs(inputs=image), top_k=settings.top_k)[0]
     target_label = valid_ds.get_label(target_label_idx)
     predicted_labels = [hit["label"] for hit in hits]
     utils.print_stats({

@@ -30,6 +30,8 @@ import torch
 from tqdm import tqdm
 
 import banerjee
+import baselines
+import config
 import engine
 import metrics
 import prototypes
@@ -450,28 +452,23 @@ def run_cached_protocol(
     encoder: engine.Encoder | None,
     maker: banerjee.SampleListing,
     transform: Callable | None,
-    runs: int,
-    valid_share: float,
+    settings: config.RunSettings,
     batch_size: int,
     workers: int,
-    generator: torch.Generator,
-    top_k: int,
-    classifier: Any = None,
     cache: store.EmbeddingCache | None = None,
     completed: list[Run] | None = None,
     run_log: pathlib.Path | None = None,
     inform: bool = False,
     embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Runs:
-    """Encode every image once, then fit ``classifier`` (default: the class mean) and score ``runs`` partitions.
+    """Encode every image once, then fit ``settings.classifier`` and score ``settings.runs`` partitions.
 
     Each partition costs one fit and two matrix products; the encoder is only used to embed, never changed.
     ``embeddings`` (every sample's embedding and label index in the maker's global order, e.g. an embedding set of
     :mod:`distributed`) replace the encode pass; ``encoder`` and ``transform`` may then be None.
     """
-    check_validation_samples(maker=maker, valid_share=valid_share)
-    classifier = classifier if classifier is not None else prototypes.ClassMeanClassifier()
-    short_run = embeddings is None and _short_run(encoder)
+    classifier, generator = _prepare(settings=settings, maker=maker, encoder=encoder)
+    short_run = embeddings is None and settings.short_run is not None
     started = time.perf_counter()
     if embeddings is None:
         embeddings = embed_all_images(
@@ -482,18 +479,18 @@ def run_cached_protocol(
         raise ValueError("The given embeddings' labels are not the dataset's, in its global order.")
     embeddings, targets = embeddings
     encode_seconds = time.perf_counter() - started
-    records = list(completed or [])[:runs]
+    records = list(completed or [])[:settings.runs]
     fitted = None
     for run, train_indexes, valid_indexes, append in _partitions(
-        maker=maker, runs=runs, valid_share=valid_share, generator=generator, completed=records, run_log=run_log,
-        desc="[Run/cached]",
+        maker=maker, runs=settings.runs, valid_share=settings.valid_share, generator=generator, completed=records,
+        run_log=run_log, desc="[Run/cached]",
     ):
         if short_run:  # only the first batches were encoded: keep the samples that were
             train_indexes, valid_indexes = train_indexes[train_indexes < len(targets)], valid_indexes[
                 valid_indexes < len(targets)]
         record, fitted = evaluate_partition(
             embeddings=embeddings, targets=targets, train_indexes=train_indexes, valid_indexes=valid_indexes,
-            classifier=classifier, top_k=top_k, run=run,
+            classifier=classifier, top_k=settings.top_k, run=run,
         )
         records.append(record)
         append(record)
@@ -501,7 +498,7 @@ def run_cached_protocol(
         last_train = torch.tensor(records[-1].train_indexes)
         fitted = sklearn.base.clone(classifier).fit(embeddings[last_train].numpy(), targets[last_train].numpy())
     return Runs(
-        runs=tuple(records), protocol="cached", top_k=top_k, classifier=fitted, embeddings=embeddings,
+        runs=tuple(records), protocol="cached", top_k=settings.top_k, classifier=fitted, embeddings=embeddings,
         targets=targets, encode_seconds=encode_seconds, short_run=short_run,
     )
 
@@ -512,13 +509,9 @@ def run_original_protocol(
     maker: banerjee.SampleListing,
     encode_transform: Callable,
     eval_transform: Callable,
-    runs: int,
-    valid_share: float,
+    settings: config.RunSettings,
     batch_size: int,
     workers: int,
-    generator: torch.Generator,
-    top_k: int,
-    classifier: Any = None,
     augment_seed: int | None = None,
     completed: list[Run] | None = None,
     run_log: pathlib.Path | None = None,
@@ -528,14 +521,13 @@ def run_original_protocol(
 
     ``augment_seed`` seeds random augmentation per image and partition, so results do not depend on ``workers``.
     """
-    check_validation_samples(maker=maker, valid_share=valid_share)
-    classifier = classifier if classifier is not None else prototypes.ClassMeanClassifier()
-    records = list(completed or [])[:runs]
+    classifier, generator = _prepare(settings=settings, maker=maker, encoder=encoder)
+    records = list(completed or [])[:settings.runs]
     fitted = None
     encode_seconds = 0.0
     for run, train_indexes, valid_indexes, append in _partitions(
-        maker=maker, runs=runs, valid_share=valid_share, generator=generator, completed=records, run_log=run_log,
-        desc="[Run/original]",
+        maker=maker, runs=settings.runs, valid_share=settings.valid_share, generator=generator, completed=records,
+        run_log=run_log, desc="[Run/original]",
     ):
         started = time.perf_counter()
         parts = []
@@ -550,18 +542,28 @@ def run_original_protocol(
         encode_seconds += time.perf_counter() - started
         record, fitted = score_partition(
             run=run, classifier=classifier, train=train, valid=valid, indexes=(train_indexes, valid_indexes),
-            top_k=top_k, started=started,
+            top_k=settings.top_k, started=started,
         )
         records.append(record)
         append(record)
     return Runs(
-        runs=tuple(records), protocol="original", top_k=top_k, classifier=fitted, encode_seconds=encode_seconds,
-        short_run=_short_run(encoder),
+        runs=tuple(records), protocol="original", top_k=settings.top_k, classifier=fitted,
+        encode_seconds=encode_seconds, short_run=settings.short_run is not None,
     )
 
 
-def _short_run(encoder: engine.Encoder) -> bool:
-    return encoder.config.short_run_batches is not None
+def _prepare(
+    *, settings: config.RunSettings, maker: banerjee.SampleListing, encoder: engine.Encoder | None
+) -> tuple[Any, torch.Generator]:
+    """What both protocols start from: the shares checked, the unfitted classifier and the partitions' generator."""
+    check_validation_samples(maker=maker, valid_share=settings.valid_share)
+    if encoder is not None and encoder.config.short_run_batches != settings.short_run:
+        raise ValueError(f"The encoder stops after {encoder.config.short_run_batches} batches but the settings' "
+                         f"short_run is {settings.short_run}: build the encoder from the same settings.")
+    classifier = settings.classifier
+    if isinstance(classifier, str):
+        classifier = baselines.make_estimator(classifier)
+    return classifier, randomness.make_torch_generator(seed=settings.seed)
 
 
 def run_table(runs: Runs) -> list[dict[str, Any]]:

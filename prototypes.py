@@ -67,17 +67,28 @@ UNKNOWN_SHRINKAGE = 1.0
 # that fail on different data, "mahalanobis" is the shared within-class Mahalanobis distance alone.
 UNKNOWN_SCORES = ("combined", "mahalanobis")
 
-# Fitted attributes of :meth:`_ClassStatistics.calibrate`, saved with the statistics when present.
-CALIBRATION_NAMES = ("threshold_", "true_positive_rate_", "threshold_stale_")
+# Fitted attributes of :meth:`_ClassStatistics.calibrate`, saved with the statistics when present (estimators
+# calibrated before ``calibration_count_`` existed lack it).
+CALIBRATION_NAMES = ("threshold_", "true_positive_rate_", "threshold_stale_", "calibration_count_")
+
+UNKNOWN_TEXT_LABEL = "unknown"  # what ``predict(reject=True)`` answers among text labels; no class may be named so
 
 
 def unknown_label(classes: np.ndarray) -> str | int:
     """The label ``predict(reject=True)`` gives a query of no known class: ``"unknown"`` among text labels, ``-1``
     among numbers; refused when a class already has that name."""
-    label: str | int = "unknown" if np.asarray(classes).dtype.kind in "USO" else -1
+    label: str | int = UNKNOWN_TEXT_LABEL if np.asarray(classes).dtype.kind in "USO" else -1
     if label in np.asarray(classes).tolist():
         raise ValueError(f"A class is named {label!r}, the label reserved for queries of no known class; rename it.")
     return label
+
+
+def _calibration_number(arrays: dict[str, np.ndarray], name: str) -> float:
+    """One finite real number of a saved calibration; a file may hold anything there."""
+    value = np.asarray(arrays.get(name))
+    if value.shape != () or value.dtype.kind not in "iuf" or not np.isfinite(value):
+        raise ValueError(f"the calibration's {name} must be one finite number, got {value.tolist()!r}")
+    return float(value)
 
 
 def top_scores(scores: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,7 +215,7 @@ class _ClassStatistics(ClassifierMixin, BaseEstimator):
     def get_statistics(self) -> dict[str, np.ndarray]:
         """The fitted state as plain arrays (no pickles): a file can hold it, :meth:`set_statistics` restore it."""
         check_is_fitted(self)
-        names = self._statistics_names() + (CALIBRATION_NAMES if hasattr(self, "threshold_") else ())
+        names = self._statistics_names() + tuple(name for name in CALIBRATION_NAMES if hasattr(self, name))
         return {name.rstrip("_"): np.asarray(getattr(self, name)) for name in names}
 
     def set_statistics(self, **arrays: np.ndarray) -> _ClassStatistics:
@@ -238,15 +249,31 @@ class _ClassStatistics(ClassifierMixin, BaseEstimator):
         for name in [name for name in CALIBRATION_NAMES if hasattr(self, name)]:
             delattr(self, name)
         if "threshold" in arrays:
-            threshold, rate = float(arrays["threshold"]), float(arrays.get("true_positive_rate", np.nan))
-            if not 0.0 < rate < 1.0:
-                raise ValueError(f"the calibration's true positive rate must lie between 0 and 1, got {rate}")
-            self.threshold_, self.true_positive_rate_ = threshold, rate
-            self.threshold_stale_ = bool(arrays.get("threshold_stale", False))
+            self._set_calibration(arrays)
         return self
+
+    def _set_calibration(self, arrays: dict[str, np.ndarray]) -> None:
+        """Install a saved threshold, refusing values that are not one number in the unknown score's range."""
+        threshold = _calibration_number(arrays, "threshold")
+        low, high = self.unknown_score_range
+        if not low <= threshold <= high:
+            raise ValueError(f"the calibration threshold {threshold:g} lies outside the range of this classifier's "
+                             f"unknown scores [{low:g}, {high:g}]")
+        rate = _calibration_number(arrays, "true_positive_rate")
+        if not 0.0 < rate < 1.0:
+            raise ValueError(f"the calibration's true positive rate must lie between 0 and 1, got {rate}")
+        self.threshold_, self.true_positive_rate_ = threshold, rate
+        self.threshold_stale_ = bool(arrays.get("threshold_stale", False))
+        if "calibration_count" in arrays:
+            count = _calibration_number(arrays, "calibration_count")
+            if count != int(count) or count < 1:
+                raise ValueError(f"the calibration's sample count must be a whole number of at least 1, got {count:g}")
+            self.calibration_count_ = int(count)
 
     def _statistics_names(self) -> tuple[str, ...]:
         return ("classes_", "class_sums_", "class_counts_")
+
+    unknown_score_range = (-np.inf, np.inf)  # where :meth:`score_samples`, and so a sound threshold, can lie
 
     def _set_shared(self, arrays: dict[str, np.ndarray]) -> None:
         self.n_features_in_ = self.class_sums_.shape[1]
@@ -325,6 +352,7 @@ class _ClassStatistics(ClassifierMixin, BaseEstimator):
         self.threshold_ = float(np.quantile(scores, 1.0 - true_positive_rate, method="lower"))
         self.true_positive_rate_ = float(true_positive_rate)
         self.threshold_stale_ = False
+        self.calibration_count_ = len(scores)
         return self
 
     def _start(self, *, n_features: int) -> None:
@@ -385,6 +413,8 @@ class ClassMeanClassifier(_ClassStatistics):
     towards them. Memory: ``C x d`` float64 sums. ``remove_class`` is always exact.
     """
 
+    unknown_score_range = (-1.0 - 1e-6, 1.0 + 1e-6)  # a cosine, with rounding
+
     def __init__(self, *, normalize: bool = False) -> None:
         self.normalize = normalize
 
@@ -398,7 +428,213 @@ class ClassMeanClassifier(_ClassStatistics):
         return unit_rows(self.class_sums_), np.zeros(len(self.classes_))
 
 
-class DecorrelatedClassifier(_ClassStatistics):
+class _UnknownScore:
+    """The decorrelated classifiers' score for queries of no known class (``unknown_score``), from the same additive
+    statistics as the class vectors: the Mahalanobis distances and the ridge score, standardised by moments summed
+    over the fitting images (exact across shards), so stores and merges keep it."""
+
+    def _unknown_scores(self, X: np.ndarray) -> np.ndarray:
+        """``unknown_score="combined"``: the two :meth:`unknown_components`, each standardised by its mean and
+        standard deviation over the images that started the estimator (``unknown_moments_``), added. On
+        Caltech-101 the Mahalanobis part alone separates best, on TREC the ridge part; the sum is near the better one
+        on images and above both on sentences (benchmarks/open_set.py).
+
+        ``"mahalanobis"``, and estimators restored from statistics saved without ``unknown_moments`` (whose
+        threshold was set on it): :meth:`within_class_mahalanobis`.
+        """
+        features = self._query_features(X)
+        if self.unknown_score == "mahalanobis" or not hasattr(self, "unknown_moments_"):
+            return self.within_class_mahalanobis(features)
+        counts, sums, squares = self.unknown_moments_.T
+        means = sums / counts
+        deviations = np.sqrt(np.maximum(squares / counts - means**2, 0.0))
+        standardised = (self.unknown_components(features) - means) / np.where(deviations > 0, deviations, 1.0)
+        return standardised.sum(axis=1)
+
+    def unknown_components(self, features: np.ndarray, *, decomposition: dict[str, Any] | None = None) -> np.ndarray:
+        """``[N, 2]`` for :meth:`query_features` rows: minus the smallest Mahalanobis distance to a class mean under
+        the total covariance (shrunk towards its mean eigenvalue), and the best ridge-regression score onto one-hot
+        labels at ``alpha_`` (the plain class mean's best cosine where ``alpha_`` is ``inf``). Both come from the
+        centred Gram matrix's eigendecomposition, the one every refit computes anyway."""
+        decomposition = decomposition or self.decomposition()
+        mean, eigenvalues, eigenvectors = (decomposition[name] for name in ("mean", "eigenvalues", "eigenvectors"))
+        variances = eigenvalues / max(self.n_samples_seen_, 1)
+        inverse = 1.0 / (variances + UNKNOWN_SHRINKAGE * (variances.mean() or 1.0))
+        projected = (features - mean) @ eigenvectors
+        centres = (self.class_means_ - mean) @ eigenvectors
+        distances = ((projected**2) @ inverse)[:, None] - 2 * (projected * inverse) @ centres.T
+        mahalanobis = -(distances + (centres**2) @ inverse).min(axis=1)
+        if np.isinf(self.alpha_):
+            ridge = features @ unit_rows(self.class_sums_).T
+        else:
+            centred_sums = self.class_sums_ - self.class_counts_[:, None] * mean
+            directions = (eigenvectors.T @ centred_sums.T) / (eigenvalues + self.alpha_)[:, None]
+            ridge = projected @ directions
+        return np.column_stack([mahalanobis, ridge.max(axis=1)])
+
+    def unknown_moments(self, X: Any, *, decomposition: dict[str, Any] | None = None) -> np.ndarray:
+        """``[2, 3]`` (count, sum, sum of squares) of each :meth:`unknown_components` over the images ``X``:
+        additive, so shards scored apart against merged statistics sum to the moments of a single fit (see
+        :meth:`set_unknown_moments`)."""
+        check_is_fitted(self)
+        features = self._query_features(validate_data(self, X, reset=False, dtype=np.float64))
+        return self._moments(self.unknown_components(features, decomposition=decomposition))
+
+    def set_unknown_moments(self, moments: np.ndarray) -> DecorrelatedClassifier:
+        """Install :meth:`unknown_moments` summed over every fitted image (what ``fit`` computes itself)."""
+        moments = np.asarray(moments, dtype=np.float64)
+        if moments.shape != (2, 3) or (moments[:, 0] < 1).any():
+            raise ValueError(f"the unknown-score moments must be 2 x 3 with counts of at least 1, got "
+                             f"{moments.tolist()}.")
+        self.unknown_moments_ = moments
+        if hasattr(self, "threshold_"):
+            self.threshold_stale_ = True
+        return self
+
+    @staticmethod
+    def _moments(components: np.ndarray) -> np.ndarray:
+        return np.column_stack([np.full(components.shape[1], float(len(components))), components.sum(axis=0),
+                                (components**2).sum(axis=0)])
+
+    def within_class_mahalanobis(self, features: np.ndarray) -> np.ndarray:
+        """Minus the smallest Mahalanobis distance of :meth:`query_features` rows to a class mean under the shared
+        within-class covariance, shrunk towards its mean eigenvalue (OpenOOD's MDS family on L2-normalised
+        features): a query far from every class in the directions the classes do not vary along scores low.
+
+        The within-class scatter comes from the additive statistics, ``G_raw - sum_c S_c S_c^T / n_c``, so adding
+        or removing a class keeps it exact (a class removed without its images leaves them in it, uncentred).
+        """
+        means = self.class_means_
+        within = self.gram_ - (self.class_sums_.T / self.class_counts_) @ self.class_sums_
+        eigenvalues, eigenvectors = np.linalg.eigh(within / max(self.n_samples_seen_, 1))
+        eigenvalues = eigenvalues.clip(min=0.0)
+        scale = eigenvalues.mean() if eigenvalues.mean() > 0 else 1.0
+        inverse = 1.0 / (eigenvalues + UNKNOWN_SHRINKAGE * scale)
+        queries, centres = features @ eigenvectors, means @ eigenvectors
+        distances = ((queries**2) @ inverse)[:, None] - 2 * (queries * inverse) @ centres.T + (centres**2) @ inverse
+        return -distances.min(axis=1)
+
+
+class _RidgeSelection:
+    """How the decorrelated classifiers choose their ridge ``alpha_`` on the training images alone: one
+    eigendecomposition of the centred Gram matrix, then exact leave-one-out hits (or GCV) for every candidate, the
+    plain class mean among them. Split from the estimator so that a distributed fit can run it shard by shard."""
+
+    def decomposition(self) -> dict[str, Any]:
+        """The centred statistics in the eigenbasis of the centred Gram matrix: what every ridge strength and the
+        leave-one-out selection are computed from (one ``F x F`` eigendecomposition)."""
+        n = self.n_samples_seen_
+        mean = self.feature_sum_ / n
+        centred_gram = self.gram_ - n * np.outer(mean, mean)
+        centred_sums = self.class_sums_ - self.class_counts_[:, None] * mean
+        targets = centred_sums if self.prior == "empirical" else centred_sums / self.class_counts_[:, None]
+        eigenvalues, eigenvectors = np.linalg.eigh(centred_gram)
+        eigenvalues = eigenvalues.clip(min=0.0)
+        scale = eigenvalues.mean() if eigenvalues.mean() > 0 else 1.0
+        return dict(mean=mean, eigenvalues=eigenvalues, eigenvectors=eigenvectors,
+                    rotated=eigenvectors.T @ targets.T, scale=scale)
+
+    def leave_one_out_hits(self, X: Any, y: Any, *, decomposition: dict[str, Any] | None = None) -> np.ndarray:
+        """``[candidates + 1, n]``: whether each image of ``X`` (labels ``y``) is classified right with itself left
+        out of the *current* statistics, for every relative ridge strength and, last, the plain class mean.
+
+        The images must be among those fitted. Computed image by image against the whole statistics, so the
+        shards of a dataset fitted apart and merged (:func:`merge_statistics`) give, stacked, the hits of a single
+        fit; :meth:`select_alpha` then chooses from them as ``fit`` does. ``decomposition`` (:meth:`decomposition`,
+        computed once for all shards) saves an eigendecomposition per call.
+        """
+        check_is_fitted(self)
+        X, y = validate_data(self, X, y, reset=False, dtype=np.float64)
+        rows = np.searchsorted(self.classes_, y).clip(max=len(self.classes_) - 1)
+        if not np.array_equal(self.classes_[rows], y):
+            raise ValueError(f"Labels {sorted(set(np.setdiff1d(y, self.classes_).tolist()))} were never fitted.")
+        return self._leave_one_out_hits(self._sample_features(X), rows,
+                                        decomposition=decomposition or self.decomposition())
+
+    def select_alpha(self, hits: np.ndarray, y: Any) -> DecorrelatedClassifier:
+        """Choose the ridge strength from :meth:`leave_one_out_hits` of every fitted image (labels ``y``, in the
+        same order), by the rule ``fit`` applies with ``alpha="loo"``, and refresh the weights."""
+        check_is_fitted(self)
+        rows = np.searchsorted(self.classes_, np.asarray(y)).clip(max=len(self.classes_) - 1)
+        hits = np.asarray(hits, dtype=bool)
+        if hits.shape != (len(self.relative_alphas) + 1, len(rows)):
+            raise ValueError(f"hits of shape {list(hits.shape)} do not fit {len(self.relative_alphas) + 1} "
+                             f"candidates and {len(rows)} labels.")
+        if int(self.class_counts_.sum()) != len(rows):
+            raise ValueError(f"the selection needs the hits of all {int(self.class_counts_.sum())} fitted images, "
+                             f"got {len(rows)}.")
+        self.relative_alpha_ = _one_standard_error_choice(
+            np.asarray(self.relative_alphas, dtype=np.float64), hits=hits, weights=self._selection_weights(rows)
+        )
+        self._refresh()
+        return self
+
+    def _gcv(self, alpha: float, eigenvalues: np.ndarray, rotated: np.ndarray) -> float:
+        """Generalised cross-validation error of the ridge fit, from the statistics alone (no images needed)."""
+        n = self.n_samples_seen_
+        target_energy = float(np.sum(self.class_counts_ - self.class_counts_**2 / n))
+        explained = np.sum((rotated**2).sum(axis=1) * (eigenvalues + 2 * alpha) / (eigenvalues + alpha) ** 2)
+        residual = max(target_energy - float(explained), 0.0)
+        degrees = 1.0 + float(np.sum(eigenvalues / (eigenvalues + alpha)))
+        return n * residual / (n - degrees) ** 2 if degrees < n else np.inf
+
+    def _selection_weights(self, rows: np.ndarray) -> np.ndarray:
+        """Per-image weights of the selection score: accuracy for the empirical prior, balanced accuracy (every
+        class the same total weight) for the balanced one."""
+        if self.prior == "empirical":
+            return np.full(len(rows), 1.0 / len(rows))
+        counts = np.bincount(rows, minlength=len(self.classes_))
+        return 1.0 / (np.count_nonzero(counts) * counts[rows])
+
+    def _leave_one_out_hits(
+        self, features: np.ndarray, rows: np.ndarray, *, decomposition: dict[str, Any]
+    ) -> np.ndarray:
+        """``[candidates, images]``: whether each training image is classified right with itself left out, for each
+        candidate ridge strength (last: ``inf``, the plain class mean). Exact; float32 products suffice to rank."""
+        mean, eigenvalues, eigenvectors, rotated = (
+            decomposition[name] for name in ("mean", "eigenvalues", "eigenvectors", "rotated"))
+        alphas = np.append(np.asarray(self.relative_alphas, dtype=np.float64), np.inf) * decomposition["scale"]
+        projected = (features - mean).astype(np.float32) @ eigenvectors.astype(np.float32)
+        squared = projected**2
+        rotated32 = rotated.astype(np.float32)
+        own = (np.arange(len(rows)), rows)
+        counts = self.class_counts_[rows].astype(np.float64)
+        hits = []
+        for alpha in alphas:
+            if np.isinf(alpha):
+                fitted = _leave_one_out_cosines(features, rows, class_sums=self.class_sums_, counts=counts)
+            elif self.prior == "empirical":
+                fitted = self._leave_one_out_ridge(projected, squared, own, rotated=rotated32,
+                                                   inverse=(1.0 / (eigenvalues + alpha)).astype(np.float32))
+            else:
+                fitted = _leave_one_out_whitened_cosines(
+                    projected, squared, rows, rotated=rotated32, counts=counts,
+                    inverse=(1.0 / (eigenvalues + alpha)).astype(np.float32),
+                )
+            hits.append(fitted.argmax(axis=1) == rows)
+        return np.asarray(hits)
+
+    def _leave_one_out_ridge(
+        self,
+        projected: np.ndarray,
+        squared: np.ndarray,
+        own: tuple[np.ndarray, np.ndarray],
+        *,
+        rotated: np.ndarray,
+        inverse: np.ndarray,
+    ) -> np.ndarray:
+        """Ridge scores of every training image with itself left out, up to a positive factor per image.
+
+        Leaving image ``i`` out turns its fitted one-hot scores ``f_i`` into ``(f_i - h_i y_i) / (1 - h_i)`` with
+        ``h_i`` its leverage; the positive factor does not change the argmax, so it is dropped.
+        """
+        prior = (self.class_counts_ / self.n_samples_seen_).astype(np.float32)
+        fitted = projected @ (rotated * inverse[:, None]) + prior
+        fitted[own] -= squared @ inverse + 1.0 / self.n_samples_seen_
+        return fitted
+
+
+class DecorrelatedClassifier(_RidgeSelection, _UnknownScore, _ClassStatistics):
     """Training-free decorrelated class prototypes: closed-form ridge regression onto the classes.
 
     Features are L2-normalised embeddings, optionally ``relu(x @ R)`` with a seeded Gaussian ``R`` of
@@ -522,105 +758,10 @@ class DecorrelatedClassifier(_ClassStatistics):
 
     _sample_features = _query_features
 
-    def _unknown_scores(self, X: np.ndarray) -> np.ndarray:
-        """``unknown_score="combined"``: the two :meth:`unknown_components`, each standardised by its mean and
-        standard deviation over the images that started the estimator (``unknown_moments_``), added. On
-        Caltech-101 the Mahalanobis part alone separates best, on TREC the ridge part; the sum is near the better one
-        on images and above both on sentences (benchmarks/open_set.py).
-
-        ``"mahalanobis"``, and estimators restored from statistics saved without ``unknown_moments`` (whose
-        threshold was set on it): :meth:`within_class_mahalanobis`.
-        """
-        features = self._query_features(X)
-        if self.unknown_score == "mahalanobis" or not hasattr(self, "unknown_moments_"):
-            return self.within_class_mahalanobis(features)
-        counts, sums, squares = self.unknown_moments_.T
-        means = sums / counts
-        deviations = np.sqrt(np.maximum(squares / counts - means**2, 0.0))
-        standardised = (self.unknown_components(features) - means) / np.where(deviations > 0, deviations, 1.0)
-        return standardised.sum(axis=1)
-
-    def unknown_components(self, features: np.ndarray, *, decomposition: dict[str, Any] | None = None) -> np.ndarray:
-        """``[N, 2]`` for :meth:`query_features` rows: minus the smallest Mahalanobis distance to a class mean under
-        the total covariance (shrunk towards its mean eigenvalue), and the best ridge-regression score onto one-hot
-        labels at ``alpha_`` (the plain class mean's best cosine where ``alpha_`` is ``inf``). Both come from the
-        centred Gram matrix's eigendecomposition, the one every refit computes anyway."""
-        decomposition = decomposition or self.decomposition()
-        mean, eigenvalues, eigenvectors = (decomposition[name] for name in ("mean", "eigenvalues", "eigenvectors"))
-        variances = eigenvalues / max(self.n_samples_seen_, 1)
-        inverse = 1.0 / (variances + UNKNOWN_SHRINKAGE * (variances.mean() or 1.0))
-        projected = (features - mean) @ eigenvectors
-        centres = (self.class_means_ - mean) @ eigenvectors
-        distances = ((projected**2) @ inverse)[:, None] - 2 * (projected * inverse) @ centres.T
-        mahalanobis = -(distances + (centres**2) @ inverse).min(axis=1)
-        if np.isinf(self.alpha_):
-            ridge = features @ unit_rows(self.class_sums_).T
-        else:
-            centred_sums = self.class_sums_ - self.class_counts_[:, None] * mean
-            directions = (eigenvectors.T @ centred_sums.T) / (eigenvalues + self.alpha_)[:, None]
-            ridge = projected @ directions
-        return np.column_stack([mahalanobis, ridge.max(axis=1)])
-
-    def unknown_moments(self, X: Any, *, decomposition: dict[str, Any] | None = None) -> np.ndarray:
-        """``[2, 3]`` (count, sum, sum of squares) of each :meth:`unknown_components` over the images ``X``:
-        additive, so shards scored apart against merged statistics sum to the moments of a single fit (see
-        :meth:`set_unknown_moments`)."""
-        check_is_fitted(self)
-        features = self._query_features(validate_data(self, X, reset=False, dtype=np.float64))
-        return self._moments(self.unknown_components(features, decomposition=decomposition))
-
-    def set_unknown_moments(self, moments: np.ndarray) -> DecorrelatedClassifier:
-        """Install :meth:`unknown_moments` summed over every fitted image (what ``fit`` computes itself)."""
-        moments = np.asarray(moments, dtype=np.float64)
-        if moments.shape != (2, 3) or (moments[:, 0] < 1).any():
-            raise ValueError(f"the unknown-score moments must be 2 x 3 with counts of at least 1, got "
-                             f"{moments.tolist()}.")
-        self.unknown_moments_ = moments
-        if hasattr(self, "threshold_"):
-            self.threshold_stale_ = True
-        return self
-
-    @staticmethod
-    def _moments(components: np.ndarray) -> np.ndarray:
-        return np.column_stack([np.full(components.shape[1], float(len(components))), components.sum(axis=0),
-                                (components**2).sum(axis=0)])
-
-    def within_class_mahalanobis(self, features: np.ndarray) -> np.ndarray:
-        """Minus the smallest Mahalanobis distance of :meth:`query_features` rows to a class mean under the shared
-        within-class covariance, shrunk towards its mean eigenvalue (OpenOOD's MDS family on L2-normalised
-        features): a query far from every class in the directions the classes do not vary along scores low.
-
-        The within-class scatter comes from the additive statistics, ``G_raw - sum_c S_c S_c^T / n_c``, so adding
-        or removing a class keeps it exact (a class removed without its images leaves them in it, uncentred).
-        """
-        means = self.class_means_
-        within = self.gram_ - (self.class_sums_.T / self.class_counts_) @ self.class_sums_
-        eigenvalues, eigenvectors = np.linalg.eigh(within / max(self.n_samples_seen_, 1))
-        eigenvalues = eigenvalues.clip(min=0.0)
-        scale = eigenvalues.mean() if eigenvalues.mean() > 0 else 1.0
-        inverse = 1.0 / (eigenvalues + UNKNOWN_SHRINKAGE * scale)
-        queries, centres = features @ eigenvectors, means @ eigenvectors
-        distances = ((queries**2) @ inverse)[:, None] - 2 * (queries * inverse) @ centres.T + (centres**2) @ inverse
-        return -distances.min(axis=1)
-
     def _update_shared(self, features: np.ndarray, *, sign: int) -> None:
         self.gram_ = self.gram_ + sign * (features.T @ features)
         self.feature_sum_ = self.feature_sum_ + sign * features.sum(axis=0)
         self.n_samples_seen_ = self.n_samples_seen_ + sign * len(features)
-
-    def decomposition(self) -> dict[str, Any]:
-        """The centred statistics in the eigenbasis of the centred Gram matrix: what every ridge strength and the
-        leave-one-out selection are computed from (one ``F x F`` eigendecomposition)."""
-        n = self.n_samples_seen_
-        mean = self.feature_sum_ / n
-        centred_gram = self.gram_ - n * np.outer(mean, mean)
-        centred_sums = self.class_sums_ - self.class_counts_[:, None] * mean
-        targets = centred_sums if self.prior == "empirical" else centred_sums / self.class_counts_[:, None]
-        eigenvalues, eigenvectors = np.linalg.eigh(centred_gram)
-        eigenvalues = eigenvalues.clip(min=0.0)
-        scale = eigenvalues.mean() if eigenvalues.mean() > 0 else 1.0
-        return dict(mean=mean, eigenvalues=eigenvalues, eigenvectors=eigenvectors,
-                    rotated=eigenvectors.T @ targets.T, scale=scale)
 
     def _solve(self, selection: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
         decomposition = self.decomposition()
@@ -647,105 +788,6 @@ class DecorrelatedClassifier(_ClassStatistics):
             directions = directions / _safe_sqrt((rotated * directions).sum(axis=0))
         weights = eigenvectors @ directions
         return weights.T, -(mean @ weights)
-
-    def leave_one_out_hits(self, X: Any, y: Any, *, decomposition: dict[str, Any] | None = None) -> np.ndarray:
-        """``[candidates + 1, n]``: whether each image of ``X`` (labels ``y``) is classified right with itself left
-        out of the *current* statistics, for every relative ridge strength and, last, the plain class mean.
-
-        The images must be among those fitted. Computed image by image against the whole statistics, so the
-        shards of a dataset fitted apart and merged (:func:`merge_statistics`) give, stacked, the hits of a single
-        fit; :meth:`select_alpha` then chooses from them as ``fit`` does. ``decomposition`` (:meth:`decomposition`,
-        computed once for all shards) saves an eigendecomposition per call.
-        """
-        check_is_fitted(self)
-        X, y = validate_data(self, X, y, reset=False, dtype=np.float64)
-        rows = np.searchsorted(self.classes_, y).clip(max=len(self.classes_) - 1)
-        if not np.array_equal(self.classes_[rows], y):
-            raise ValueError(f"Labels {sorted(set(np.setdiff1d(y, self.classes_).tolist()))} were never fitted.")
-        return self._leave_one_out_hits(self._sample_features(X), rows,
-                                        decomposition=decomposition or self.decomposition())
-
-    def select_alpha(self, hits: np.ndarray, y: Any) -> DecorrelatedClassifier:
-        """Choose the ridge strength from :meth:`leave_one_out_hits` of every fitted image (labels ``y``, in the
-        same order), by the rule ``fit`` applies with ``alpha="loo"``, and refresh the weights."""
-        check_is_fitted(self)
-        rows = np.searchsorted(self.classes_, np.asarray(y)).clip(max=len(self.classes_) - 1)
-        hits = np.asarray(hits, dtype=bool)
-        if hits.shape != (len(self.relative_alphas) + 1, len(rows)):
-            raise ValueError(f"hits of shape {list(hits.shape)} do not fit {len(self.relative_alphas) + 1} "
-                             f"candidates and {len(rows)} labels.")
-        if int(self.class_counts_.sum()) != len(rows):
-            raise ValueError(f"the selection needs the hits of all {int(self.class_counts_.sum())} fitted images, "
-                             f"got {len(rows)}.")
-        self.relative_alpha_ = _one_standard_error_choice(
-            np.asarray(self.relative_alphas, dtype=np.float64), hits=hits, weights=self._selection_weights(rows)
-        )
-        self._refresh()
-        return self
-
-    def _gcv(self, alpha: float, eigenvalues: np.ndarray, rotated: np.ndarray) -> float:
-        """Generalised cross-validation error of the ridge fit, from the statistics alone (no images needed)."""
-        n = self.n_samples_seen_
-        target_energy = float(np.sum(self.class_counts_ - self.class_counts_**2 / n))
-        explained = np.sum((rotated**2).sum(axis=1) * (eigenvalues + 2 * alpha) / (eigenvalues + alpha) ** 2)
-        residual = max(target_energy - float(explained), 0.0)
-        degrees = 1.0 + float(np.sum(eigenvalues / (eigenvalues + alpha)))
-        return n * residual / (n - degrees) ** 2 if degrees < n else np.inf
-
-    def _selection_weights(self, rows: np.ndarray) -> np.ndarray:
-        """Per-image weights of the selection score: accuracy for the empirical prior, balanced accuracy (every
-        class the same total weight) for the balanced one."""
-        if self.prior == "empirical":
-            return np.full(len(rows), 1.0 / len(rows))
-        counts = np.bincount(rows, minlength=len(self.classes_))
-        return 1.0 / (np.count_nonzero(counts) * counts[rows])
-
-    def _leave_one_out_hits(
-        self, features: np.ndarray, rows: np.ndarray, *, decomposition: dict[str, Any]
-    ) -> np.ndarray:
-        """``[candidates, images]``: whether each training image is classified right with itself left out, for each
-        candidate ridge strength (last: ``inf``, the plain class mean). Exact; float32 products suffice to rank."""
-        mean, eigenvalues, eigenvectors, rotated = (
-            decomposition[name] for name in ("mean", "eigenvalues", "eigenvectors", "rotated"))
-        alphas = np.append(np.asarray(self.relative_alphas, dtype=np.float64), np.inf) * decomposition["scale"]
-        projected = (features - mean).astype(np.float32) @ eigenvectors.astype(np.float32)
-        squared = projected**2
-        rotated32 = rotated.astype(np.float32)
-        own = (np.arange(len(rows)), rows)
-        counts = self.class_counts_[rows].astype(np.float64)
-        hits = []
-        for alpha in alphas:
-            if np.isinf(alpha):
-                fitted = _leave_one_out_cosines(features, rows, class_sums=self.class_sums_, counts=counts)
-            elif self.prior == "empirical":
-                fitted = self._leave_one_out_ridge(projected, squared, own, rotated=rotated32,
-                                                   inverse=(1.0 / (eigenvalues + alpha)).astype(np.float32))
-            else:
-                fitted = _leave_one_out_whitened_cosines(
-                    projected, squared, rows, rotated=rotated32, counts=counts,
-                    inverse=(1.0 / (eigenvalues + alpha)).astype(np.float32),
-                )
-            hits.append(fitted.argmax(axis=1) == rows)
-        return np.asarray(hits)
-
-    def _leave_one_out_ridge(
-        self,
-        projected: np.ndarray,
-        squared: np.ndarray,
-        own: tuple[np.ndarray, np.ndarray],
-        *,
-        rotated: np.ndarray,
-        inverse: np.ndarray,
-    ) -> np.ndarray:
-        """Ridge scores of every training image with itself left out, up to a positive factor per image.
-
-        Leaving image ``i`` out turns its fitted one-hot scores ``f_i`` into ``(f_i - h_i y_i) / (1 - h_i)`` with
-        ``h_i`` its leverage; the positive factor does not change the argmax, so it is dropped.
-        """
-        prior = (self.class_counts_ / self.n_samples_seen_).astype(np.float32)
-        fitted = projected @ (rotated * inverse[:, None]) + prior
-        fitted[own] -= squared @ inverse + 1.0 / self.n_samples_seen_
-        return fitted
 
 
 PRIORS = ("empirical", "balanced")

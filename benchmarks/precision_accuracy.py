@@ -24,11 +24,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import banerjee  # noqa: E402
+import config  # noqa: E402
 import engine  # noqa: E402
 import metrics  # noqa: E402
 import protocol  # noqa: E402
 import prototypes  # noqa: E402
-import randomness  # noqa: E402
 from grid_rerun import link_classes  # noqa: E402
 
 
@@ -67,9 +67,9 @@ def main(argv: list[str]) -> None:
                                          config=engine.EncoderConfig(precision=precision))
             started = time.perf_counter()
             runs = protocol.run_cached_protocol(
-                encoder=encoder, maker=maker, transform=transform, runs=args.runs, valid_share=0.2, batch_size=32,
-                workers=args.workers, generator=randomness.make_torch_generator(seed=17), top_k=4,
-                classifier=prototypes.make_classifier(args.classifier),
+                encoder=encoder, maker=maker, transform=transform, batch_size=32, workers=args.workers,
+                settings=config.RunSettings(runs=args.runs, valid_share=0.2, seed=17, top_k=4,
+                                            classifier=args.classifier),
             )
             accuracies = np.array([run.accuracy for run in runs])
             accuracy = metrics.mean_confidence_interval(accuracies)

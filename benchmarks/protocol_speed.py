@@ -68,6 +68,7 @@ def run_phase(args: argparse.Namespace) -> dict:
     import torch
 
     import banerjee
+    import config
     import engine
     import protocol
 
@@ -76,18 +77,20 @@ def run_phase(args: argparse.Namespace) -> dict:
     model = engine.create_model(model_name=args.model, weights=args.weights)
     _, transform = engine.eval_transform(model)
     encoder = engine.Encoder(model=model, device="cpu")
-    common = dict(encoder=encoder, maker=maker, valid_share=args.valid_share, batch_size=args.batch_size,
-                  workers=args.workers, generator=torch.Generator().manual_seed(17), top_k=4)
+    common = dict(encoder=encoder, maker=maker, batch_size=args.batch_size, workers=args.workers)
     started = time.perf_counter()
     if args.phase == "cached":
-        records = protocol.run_cached_protocol(transform=transform, runs=args.runs, **common)
+        records = protocol.run_cached_protocol(
+            transform=transform, settings=config.RunSettings(runs=args.runs, valid_share=args.valid_share, seed=17),
+            **common)
         embeddings = records.embeddings
         embed_seconds = time.perf_counter() - started - sum(r.seconds for r in records)
         extra = {"embed_seconds": embed_seconds, "cache_bytes": embeddings.numel() * embeddings.element_size()}
     else:
         runs = args.original_runs or args.runs
         records = protocol.run_original_protocol(
-            encode_transform=transform, eval_transform=transform, runs=runs, **common
+            encode_transform=transform, eval_transform=transform,
+            settings=config.RunSettings(runs=runs, valid_share=args.valid_share, seed=17), **common
         )
         extra = {"timed_runs": runs}
     return {

@@ -31,10 +31,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import CLASS_STYLES, make_class_folders, run_script, script_call
+from conftest import CLASS_STYLES, REPO_ROOT, make_class_folders, run_script, script_call
 from PIL import Image
 
 import banerjee
+import config
 import classdb
 import cli_store
 import engine
@@ -832,7 +833,8 @@ def test_class_store_zip_of_another_model_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("dim", 1280, r"class sums \[3, 8\] do not fit a store of dimension 1280; the file is damaged"),
+        ("dim", 1280, "its content does not match the checksum written with it; the file was edited"),
+        ("dim-without-checksum", 1280, r"class sums \[3, 8\] do not fit a store of dimension 1280; the file is damaged"),
         ("counts", [2, 0, 2], "its content does not match the checksum written with it; the file was edited"),
         ("counts", [2.5, 2, 2], "its content does not match the checksum written with it; the file was edited"),
         ("counts", [2.0, 2, 2], "its content does not match the checksum written with it; the file was edited"),
@@ -846,8 +848,9 @@ def test_tampered_class_store_zip_is_refused(tmp_path, key, value, message):
 
     def edit(text: str) -> str:
         metadata = json.loads(text)
-        if key.endswith("-without-checksum"):  # as in a store written before checksums: the deeper checks remain
+        if key.endswith("-without-checksum"):  # as in a version 2 store written before checksums: deeper checks
             del metadata["checksum"]
+            metadata["version"] = 2
         return json.dumps({**metadata, key.removesuffix("-without-checksum"): value})
 
     edit_zip_member(path, classdb.METADATA_MEMBER, edit)
@@ -901,8 +904,8 @@ def test_resume_with_another_seed_is_refused_and_keeps_the_log(image_folder, lit
 
     def cached_run(*, runs, seed, **kwargs):
         return protocol.run_cached_protocol(
-            encoder=encoder, maker=maker, transform=transform, runs=runs, valid_share=0.3, batch_size=16, workers=0,
-            generator=torch.Generator().manual_seed(seed), top_k=2, cache=cache, **kwargs,
+            encoder=encoder, maker=maker, transform=transform, batch_size=16, workers=0, cache=cache,
+            settings=config.RunSettings(runs=runs, valid_share=0.3, seed=seed, top_k=2), **kwargs,
         )
 
     log = tmp_path / "runs.jsonl"
@@ -1049,8 +1052,8 @@ def test_second_run_into_the_same_out_stops_and_an_earlier_log_is_kept(image_fol
 
     def experiment(runs):
         return protocol.run_cached_protocol(
-            encoder=encoder, maker=maker, transform=transform, runs=runs, valid_share=0.3, batch_size=16, workers=0,
-            generator=torch.Generator().manual_seed(1), top_k=2, run_log=out / "runs.jsonl",
+            encoder=encoder, maker=maker, transform=transform, batch_size=16, workers=0, run_log=out / "runs.jsonl",
+            settings=config.RunSettings(runs=runs, valid_share=0.3, seed=1, top_k=2),
         )
 
     experiment(3)
@@ -1069,6 +1072,12 @@ def test_class_store_zip_with_relabelled_rows_is_refused(tmp_path):
     path = toy_class_store_zip(tmp_path)
     edit_zip_member(path, classdb.METADATA_MEMBER,
                     lambda text: json.dumps({**json.loads(text), "labels": ["dog", "cat", "owl"]}))
+    with pytest.raises(classdb.ClassDBError, match="does not match the checksum written with it"):
+        classdb.ClassVectorStore.load(path=path)
+    path = toy_class_store_zip(tmp_path)  # a version 2 store written before checksums: the labels still tell
+    edit_zip_member(path, classdb.METADATA_MEMBER, lambda text: json.dumps(
+        {**{key: value for key, value in json.loads(text).items() if key != "checksum"}, "version": 2,
+         "labels": ["dog", "cat", "owl"]}))
     with pytest.raises(classdb.ClassDBError, match="target column differ .* wrong names"):
         classdb.ClassVectorStore.load(path=path)
 
@@ -1080,9 +1089,10 @@ def test_class_store_zip_with_relabelled_rows_is_refused(tmp_path):
 def test_class_store_zip_with_bad_counts_is_refused(tmp_path, key, value, message):
     path = toy_class_store_zip(tmp_path)
 
-    def edit(text: str) -> str:  # without its checksum, as a store written before them: the deeper checks remain
+    def edit(text: str) -> str:  # without its checksum, as a version 2 store written before them: deeper checks
         metadata = json.loads(text)
         del metadata["checksum"]
+        metadata["version"] = 2
         return json.dumps({**metadata, key: value})
 
     edit_zip_member(path, classdb.METADATA_MEMBER, edit)
@@ -1262,8 +1272,8 @@ def test_resumed_log_whose_targets_were_relabelled_is_refused(image_folder, lite
 
     def cached_run(**kwargs):
         return protocol.run_cached_protocol(
-            encoder=encoder, maker=maker, transform=transform, runs=2, valid_share=0.3, batch_size=16, workers=0,
-            generator=torch.Generator().manual_seed(1), top_k=2, run_log=log, **kwargs,
+            encoder=encoder, maker=maker, transform=transform, batch_size=16, workers=0, run_log=log,
+            settings=config.RunSettings(runs=2, valid_share=0.3, seed=1, top_k=2), **kwargs,
         )
 
     cached_run()
@@ -1440,3 +1450,129 @@ def test_analysis_tables_keep_labels_and_paths_that_are_not_utf8(tmp_path):
     assert b"caf\xe9" in (tmp_path / "per_class.csv").read_bytes()
     read = pd.read_csv(tmp_path / "per_class.csv", encoding_errors="surrogateescape", dtype={"label": object})
     assert read["label"].tolist() == labels
+
+
+# ===============================================================================================================
+# Store thresholds and checksums (round 4): every value read back is covered, typed and in range
+# ===============================================================================================================
+
+
+def calibrated_toy_store(folder: pathlib.Path, *, suffix: str) -> pathlib.Path:
+    """The toy store of :func:`toy_class_store_zip`, calibrated on six held-out vectors, saved as ``suffix``."""
+    db = classdb.ClassVectorStore.load(path=toy_class_store_zip(folder))
+    db.calibrate(embeddings=torch.randn(6, 8, generator=torch.Generator().manual_seed(1)))
+    return db.save(path=folder / f"calibrated{suffix}")
+
+
+def rewrite_npz(path: pathlib.Path, edit: Callable[[dict, dict], None], *, recompute_checksum: bool) -> None:
+    """Edit an ``.npz`` store's metadata and arrays in place; with ``recompute_checksum``, as a forger who also
+    rewrites the checksum, so only the deeper checks can catch the edit."""
+    with np.load(path) as arrays:
+        metadata = json.loads(str(arrays["metadata"]))
+        statistics = {name: arrays[name] for name in arrays.files if name != "metadata"}
+    edit(metadata, statistics)
+    if recompute_checksum:
+        import classdb_files
+
+        metadata["checksum"] = classdb_files._checksum(statistics, metadata=metadata)
+    with path.open("wb") as stream:
+        np.savez_compressed(stream, metadata=np.array(json.dumps(metadata)), **statistics)
+
+
+@pytest.mark.parametrize("threshold", [0.999, -5.0])
+def test_a_zip_stores_checksum_covers_its_threshold(tmp_path, threshold):
+    path = calibrated_toy_store(tmp_path, suffix=".zip")
+
+    def edit(text: str) -> str:
+        metadata = json.loads(text)
+        metadata["calibration"]["threshold"] = threshold
+        return json.dumps(metadata)
+
+    edit_zip_member(path, classdb.METADATA_MEMBER, edit)
+    with pytest.raises(classdb.ClassDBError, match="does not match the checksum written with it"):
+        classdb.ClassVectorStore.load(path=path)
+
+
+@pytest.mark.parametrize(("suffix", "value", "shown"), [
+    (".zip", None, "None"), (".zip", [1, 2], r"\[1, 2\]"), (".npz", [1, 2], r"\[1, 2\]"), (".npz", "0.5", "'0.5'"),
+])
+def test_a_threshold_that_is_not_one_number_is_refused_in_one_line(tmp_path, suffix, value, shown):
+    """Written by a forger who also recomputes the checksum, so the type check itself must refuse it."""
+    import classdb_files
+
+    path = calibrated_toy_store(tmp_path, suffix=suffix)
+    if suffix == ".npz":
+        rewrite_npz(path, lambda _, statistics: statistics.update(threshold=np.asarray(value)),
+                    recompute_checksum=True)
+    else:
+        with zipfile.ZipFile(path) as archive:
+            (table,) = [name for name in archive.namelist() if name != classdb.METADATA_MEMBER]
+            table_bytes = archive.read(table)
+
+        def edit(text: str) -> str:
+            metadata = json.loads(text)
+            metadata["calibration"]["threshold"] = value
+            return json.dumps({**metadata, "checksum": classdb_files._zip_checksum(table_bytes, metadata=metadata)})
+
+        edit_zip_member(path, classdb.METADATA_MEMBER, edit)
+    with pytest.raises(classdb.ClassDBError, match=f"calibration's threshold must be one finite number, got {shown}"):
+        classdb.ClassVectorStore.load(path=path)
+
+
+def test_a_class_mean_threshold_outside_the_cosine_range_is_refused_even_with_a_forged_checksum(tmp_path):
+    path = calibrated_toy_store(tmp_path, suffix=".npz")
+    rewrite_npz(path, lambda _, statistics: statistics.update(threshold=np.asarray(-5.0)), recompute_checksum=True)
+    with pytest.raises(classdb.ClassDBError, match=r"threshold -5 lies outside the range of this classifier's unknown "
+                                                   r"scores \[-1, 1\]"):
+        classdb.ClassVectorStore.load(path=path)
+
+
+def test_a_calibrated_npz_without_its_checksum_is_refused_whatever_version_it_claims(tmp_path):
+    path = calibrated_toy_store(tmp_path, suffix=".npz")
+
+    def edit(metadata: dict, statistics: dict) -> None:
+        del metadata["checksum"]
+        metadata["version"] = 2
+        statistics["threshold"] = np.asarray(0.999)
+
+    rewrite_npz(path, edit, recompute_checksum=False)
+    with pytest.raises(classdb.ClassDBError, match=f"{re.escape(str(path))} has no checksum, which every class store "
+                                                   "of format version 2 with a threshold is written with"):
+        classdb.ClassVectorStore.load(path=path)
+
+
+def test_a_current_zip_without_its_checksum_is_refused(tmp_path):
+    path = toy_class_store_zip(tmp_path)
+    with zipfile.ZipFile(path) as archive:
+        (table,) = [name for name in archive.namelist() if name != classdb.METADATA_MEMBER]
+        text = archive.read(table).decode()
+    header, *rows = text.splitlines()
+    label, *values = rows[0].split(",")
+    rows[0] = ",".join([label, *(repr(float(value) * 50) for value in values)])  # one class pulled far away
+    edit_zip_member(path, table, lambda _: "\n".join([header, *rows]) + "\n")
+    edit_zip_member(path, classdb.METADATA_MEMBER,
+                    lambda text: json.dumps({key: value for key, value in json.loads(text).items() if key != "checksum"}))
+    with pytest.raises(classdb.ClassDBError, match="has no checksum, which every class store of format version 3 is "
+                                                   "written with"):
+        classdb.ClassVectorStore.load(path=path)
+
+
+def test_the_word_unknown_is_reserved_for_rejections():
+    db = classdb.ClassVectorStore(dim=8, model_name="toy", model_id="toy")
+    with pytest.raises(classdb.ClassDBError, match="The label 'unknown' is reserved for queries of no known class"):
+        db.add_class(label="unknown", embeddings=torch.ones(2, 8))
+    db.add_class(label="cat", embeddings=torch.ones(2, 8))
+    with pytest.raises(classdb.ClassDBError, match="reserved"):
+        db.rename_class(label="cat", new_label="unknown")
+    assert db.labels == ["cat"]
+
+
+@pytest.mark.parametrize("module", ["classdb", "cli_store"])
+def test_store_modules_run_the_store_commands_when_run_as_modules(tmp_path, module):
+    path = toy_class_store_zip(tmp_path)
+    completed = subprocess.run([sys.executable, "-m", module, "info", "--store", str(path)], capture_output=True,
+                               text=True, cwd=REPO_ROOT)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.startswith(f"{path}: 3 classes, 6 images, mean classifier")
+    bare = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert bare.returncode == 2 and "error: the following arguments are required: command" in bare.stderr

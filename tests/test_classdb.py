@@ -15,11 +15,12 @@ import pytest
 import torch
 
 import classdb
+import classdb_files
 import cli
 import prototypes
 import store
 from classdb import ClassDBError, ClassVectorStore, ModelMismatchError
-from conftest import make_class_folders
+from conftest import REPO_ROOT, make_class_folders
 
 DIM = 16
 TOY = {"model_name": "toy", "model_id": "toy+sha256:000000000000", "transform_config": {"input_size": (3, 8, 8)}}
@@ -221,7 +222,7 @@ def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
         path = db.save(path=tmp_path / f"classes{suffix}")
         before = path.read_bytes()
         db.add_class(label=f"new{suffix}", embeddings=random_vectors(2, seed=0))
-        monkeypatch.setattr(classdb.json, "dumps", lambda *args, **kwargs: 1 / 0)
+        monkeypatch.setattr(classdb_files.json, "dumps", lambda *args, **kwargs: 1 / 0)
         with pytest.raises(ZeroDivisionError):
             db.save(path=path)
         monkeypatch.undo()
@@ -654,3 +655,72 @@ def test_cli_build_calibrates_and_classify_prints_unknown(cli_setup, tmp_path, c
     assert "Calibrated" in capsys.readouterr().out and not ClassVectorStore.load(path=path).threshold_stale
     assert cli.class_store_main(
         ["calibrate", "--store", str(path), "--dataset", str(tmp_path / "other"), *model_args]) == 1
+
+
+# --- command line: thresholds, labels and output (round 4) -----------------------------------------------------------
+
+
+def test_a_build_that_holds_out_exactly_one_image_calibrates_on_it(tmp_path, lite0_weights, capsys):
+    dataset = make_class_folders(tmp_path / "dataset", classes=["red circle", "green square", "cyan ring"],
+                                 images_per_class=[4, 4, 5], seed=3)
+    path = tmp_path / "store.npz"
+    assert cli.class_store_main(["build", "--dataset", str(dataset), "--out", str(path), "--model",
+                                 "tf_efficientnet_lite0", "--weights", str(lite0_weights), "--cpu"]) == 0
+    db = ClassVectorStore.load(path=path)
+    assert db.counts.tolist() == [5, 4, 4] and db.classifier.calibration_count_ == 1
+    captured = capsys.readouterr()
+    assert "(set on 1 image)" in captured.out
+    assert ("warning: the threshold rests on 1 image: on new samples it keeps 95% ± 43% of them (95 % confidence); "
+            "calibrate on at least 73 for ± 5 points") in captured.err
+
+
+@pytest.mark.parametrize(("command", "rate"), [("calibrate", "0"), ("build", "1.5"), ("build", "x")])
+def test_the_true_positive_rate_is_checked_before_any_work(command, rate, capsys):
+    args = [command, "--dataset", "/no/such/folder", "--true-positive-rate", rate]
+    args += ["--store", "s.npz"] if command == "calibrate" else ["--out", "s.npz"]
+    with pytest.raises(SystemExit) as stopped:
+        cli.class_store_main(args)
+    assert stopped.value.code == 2
+    assert "argument --true-positive-rate: must" in capsys.readouterr().err
+
+
+def test_calibrating_on_one_image_says_what_the_threshold_rests_on(cli_setup, tmp_path, capsys):
+    dataset, built, model_args = cli_setup
+    path = tmp_path / "store.npz"
+    ClassVectorStore.load(path=built).save(path=path)
+    one = tmp_path / "one" / "red circle"
+    one.mkdir(parents=True)
+    shutil.copy(sorted((dataset / "red circle").iterdir())[0], one / "a.jpg")
+    capsys.readouterr()
+    assert cli.class_store_main(["calibrate", "--store", str(path), "--dataset", str(one.parent), *model_args]) == 0
+    captured = capsys.readouterr()
+    assert "keeping 95% of known samples (set on 1 image)" in captured.out
+    assert "warning: the threshold rests on 1 image" in captured.err
+    assert cli.class_store_main(["info", "--store", str(path)]) == 0
+    assert "(set on 1 image)" in capsys.readouterr().out
+
+
+def test_add_class_refuses_the_reserved_label_before_encoding(cli_setup, capsys):
+    _, built, _ = cli_setup
+    before = built.read_bytes()
+    args = ["add-class", "--store", str(built), "--images", "/no/such/folder", "--label", "unknown"]
+    assert cli.class_store_main(args) == 1
+    assert "The label 'unknown' is reserved for queries of no known class" in capsys.readouterr().err
+    assert built.read_bytes() == before
+
+
+def test_classify_writes_its_csv_even_when_the_reader_closes_the_output(cli_setup, tmp_path):
+    import subprocess
+
+    dataset, built, model_args = cli_setup
+    csv_path = tmp_path / "predictions.csv"
+    command = [sys.executable, "-m", "engine", "classify", "--store", str(built), str(dataset), "--csv", str(csv_path),
+               *model_args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT)
+    process.stdout.close()  # as `| head -1` does once it has its line, here before the first one
+    _, errors = process.communicate(timeout=300)
+    assert process.returncode == 141, errors.decode()
+    assert b"Broken pipe" not in errors and b"Traceback" not in errors
+    with csv_path.open(newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert len(rows) == 9 and {row["label_1"] for row in rows} == {"red circle", "green square", "cyan ring"}

@@ -3,8 +3,10 @@ statistics merge into a single fit, the protocol gives the same results on a set
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -14,10 +16,12 @@ import pytest
 import torch
 
 import banerjee
+import config
 import cli
 import engine
 import protocol
 import prototypes
+import utils
 
 ray = __import__("ray") if os.environ.get("CI") else pytest.importorskip("ray")  # CI installs the extra
 import distributed  # noqa: E402
@@ -107,14 +111,14 @@ def test_merge_refuses_estimators_with_other_parameters():
 def test_the_protocol_on_the_set_gives_the_cached_protocols_results(embedding_set, single_process, lite0_model):
     out, _, maker = embedding_set
     read = distributed.read_embedding_set(out)
-    common = dict(runs=4, valid_share=0.3, batch_size=8, workers=0, top_k=2,
-                  classifier=prototypes.make_classifier("balanced"))
+    common = dict(batch_size=8, workers=0,
+                  settings=config.RunSettings(runs=4, valid_share=0.3, seed=5, top_k=2, classifier="balanced"))
     encoded = protocol.run_cached_protocol(
         encoder=engine.Encoder(model=lite0_model, device="cpu"), maker=maker,
-        transform=engine.eval_transform(lite0_model)[1], generator=torch.Generator().manual_seed(5), **common)
+        transform=engine.eval_transform(lite0_model)[1], **common)
     from_set = protocol.run_cached_protocol(
         encoder=None, maker=distributed.EmbeddingSetMaker(read, folder=out), transform=None,
-        embeddings=(read.embeddings, read.targets), generator=torch.Generator().manual_seed(5), **common)
+        embeddings=(read.embeddings, read.targets), **common)
     assert [run.valid_indexes for run in from_set] == [run.valid_indexes for run in encoded]
     assert [run.accuracy for run in from_set] == pytest.approx([run.accuracy for run in encoded], abs=1e-12)
     assert [run.predictions for run in from_set] == [run.predictions for run in encoded]
@@ -145,25 +149,30 @@ def test_an_unfinished_set_is_never_read_and_a_new_run_clears_it(embedding_set, 
     (partial / distributed.SHARDS / "stale-from-another-run.parquet").write_bytes(b"not parquet")
     manifest = distributed.encode_dataset(maker=maker, spec=spec, out=partial, actors=1, rows_per_shard=40)
     assert len(manifest["shards"]) == 1
-    assert sorted(path.name for path in (partial / distributed.SHARDS).iterdir()) == manifest["shards"]
+    assert sorted(path.name for path in (partial / distributed.SHARDS).iterdir()) == [
+        entry["name"] for entry in manifest["shards"]]
     assert distributed.read_embedding_set(partial).targets.tolist() == maker.get_image_labels().tolist()
     # one actor holds both CPUs, so two threads decode its images: the same embeddings in the same order
     assert manifest["cpus_per_actor"] == 2
     assert (distributed.read_embedding_set(partial).embeddings - single_process[0]).abs().max() <= 1e-5
 
 
-def test_the_command_refuses_an_actor_without_a_whole_cpu(capsys):
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--cpus-per-actor", "0.5", "--cpus-per-actor must be at least 1, got 0.5."),
+    ("--num-cpus", "0", "--num-cpus must be at least 1, got 0."),  # a local Ray without CPUs would hang
+])
+def test_the_command_refuses_cpu_counts_ray_cannot_run(capsys, option, value, message):
     with pytest.raises(SystemExit) as stopped:
-        cli.distributed_main(["data", "--out", "set", "--cpus-per-actor", "0.5"])
+        cli.distributed_main(["data", "--out", "set", option, value])
     assert stopped.value.code == 2
-    assert "--cpus-per-actor must be at least 1, got 0.5." in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_a_set_with_a_missing_shard_is_refused(embedding_set, tmp_path):
     out, manifest, _ = embedding_set
     damaged = tmp_path / "damaged"
     shutil.copytree(out, damaged)
-    (damaged / distributed.SHARDS / manifest["shards"][1]).unlink()
+    (damaged / distributed.SHARDS / manifest["shards"][1]["name"]).unlink()
     with pytest.raises(distributed.EmbeddingSetError, match=f"lacks 1 of its {len(manifest['shards'])} shards"):
         distributed.read_embedding_set(damaged)
 
@@ -222,3 +231,114 @@ def test_the_grid_scores_an_embedding_set_as_it_scores_the_dataset(embedding_set
                                 models=[grid.ModelSpec(name="tf_efficientnet_lite0", weights=str(lite0_weights))])
     columns = ["dataset", "model", "classifier", "samples", "classes", "accuracy", "balanced_accuracy"]
     assert from_set[columns].to_dict("records") == from_images[columns].to_dict("records")
+
+
+# --- damaged, foreign and mismatched sets (round 4): every reader checks each shard against its manifest --------
+
+
+def copy_of_set(embedding_set, tmp_path: pathlib.Path) -> tuple[pathlib.Path, dict]:
+    """A copy of the set to damage, and its manifest as a fresh dictionary to edit."""
+    out, _, _ = embedding_set
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    return copy, json.loads((copy / distributed.MANIFEST).read_text())
+
+
+def write_shard(path: pathlib.Path, *, index, label, name, embedding) -> None:
+    import pyarrow
+    import pyarrow.parquet
+
+    pyarrow.parquet.write_table(pyarrow.table({
+        "index": np.asarray(index), "label": np.asarray(label), "name": [str(item) for item in name],
+        "embedding": [row.tolist() for row in np.asarray(embedding, dtype=np.float32)],
+    }), path)
+
+
+def test_a_shard_cut_in_half_is_refused_by_every_reader_in_one_line(embedding_set, tmp_path, capsys):
+    copy, manifest = copy_of_set(embedding_set, tmp_path)
+    shard = copy / distributed.SHARDS / manifest["shards"][0]["name"]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    message = f"The shard {shard} is not the file its manifest lists (SHA-256 differs)"
+    with pytest.raises(distributed.EmbeddingSetError, match=re.escape(message)):
+        distributed.read_embedding_set(copy)
+    with pytest.raises(distributed.EmbeddingSetError, match=re.escape(message)):
+        distributed.fit_shards(copy, prototypes.make_classifier("mean"), use_ray=False)
+    assert cli.class_store_main(["build", "--embeddings", str(copy), "--out", str(tmp_path / "s.npz")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {message}")
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_an_unparseable_shard_that_its_manifest_pins_is_refused_as_unreadable(embedding_set, tmp_path):
+    copy, manifest = copy_of_set(embedding_set, tmp_path)
+    shard = copy / distributed.SHARDS / manifest["shards"][0]["name"]
+    shard.write_bytes(b"not parquet at all")
+    manifest["shards"][0]["sha256"] = __import__("hashlib").sha256(b"not parquet at all").hexdigest()
+    (copy / distributed.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(distributed.EmbeddingSetError, match=f"The shard {re.escape(str(shard))} is not a readable "
+                                                            "embedding shard"):
+        distributed.read_embedding_set(copy)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda manifest: manifest.pop("shards"), "lacks or mistypes shards; the manifest was edited or damaged"),
+    (lambda manifest: manifest.update(shards=["a.parquet"]), "lacks or mistypes shards"),
+    (lambda manifest: manifest["shards"][0].update(name="../../elsewhere.parquet"), "lacks or mistypes shards"),
+    (lambda manifest: manifest.update(embedding_dim="1280"), "lacks or mistypes embedding_dim"),
+    (lambda manifest: manifest.update(format=1), "written by an earlier version whose shards are not pinned"),
+])
+def test_a_damaged_manifest_is_refused_in_one_line_naming_it(embedding_set, tmp_path, edit, message):
+    copy, manifest = copy_of_set(embedding_set, tmp_path)
+    edit(manifest)
+    (copy / distributed.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(distributed.EmbeddingSetError, match=re.escape(str(copy / distributed.MANIFEST))) as info:
+        distributed.read_embedding_set(copy)
+    assert message in str(info.value)
+
+
+def test_shards_of_another_set_under_the_listed_names_are_refused(embedding_set, tmp_path):
+    """Another model's shards renamed to the listed names, and one shard swapped for another set's shard of the same
+    sample indexes: the SHA-256 tells them apart."""
+    copy, manifest = copy_of_set(embedding_set, tmp_path)
+    first = distributed.list_shards(copy)[0]
+    part = first.read()
+    write_shard(pathlib.Path(first.path), index=part["index"], label=part["label"], name=part["name"],
+                embedding=part["embedding"][:, ::-1])  # same samples, other vectors (another model's)
+    with pytest.raises(distributed.EmbeddingSetError, match="is not the file its manifest lists"):
+        distributed.read_embedding_set(copy)
+
+
+def test_a_manifest_forged_to_fit_narrower_shards_is_refused_by_dimension(embedding_set, tmp_path):
+    import hashlib
+
+    copy, manifest = copy_of_set(embedding_set, tmp_path)
+    for entry, shard in zip(manifest["shards"], distributed.list_shards(copy)):
+        part = shard.read()
+        write_shard(pathlib.Path(shard.path), index=part["index"], label=part["label"], name=part["name"],
+                    embedding=part["embedding"][:, :512])  # a 512-d model's shards
+        entry.update(sha256=hashlib.sha256(pathlib.Path(shard.path).read_bytes()).hexdigest(), dim=512)
+    (copy / distributed.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(distributed.EmbeddingSetError, match="holds 512-d embeddings, the set's manifest says 1280"):
+        distributed.read_embedding_set(copy)
+
+
+def test_actors_the_cluster_cannot_place_are_refused_before_any_work(local_ray, embedding_set, spec, tmp_path):
+    _, _, maker = embedding_set
+    with pytest.raises(utils.UserError, match=r"The Ray cluster has 0 GPUs .* too few for 1 actor\(s\) of 1 GPU\(s\) "
+                                              r"each: lower --actors or --gpus-per-actor \(0 encodes on CPUs\)"):
+        distributed.encode_dataset(maker=maker, spec=spec, out=tmp_path / "gpu", gpus_per_actor=1)
+    with pytest.raises(utils.UserError, match=r"too few for 3 actor\(s\) of 1 CPU\(s\) each"):
+        distributed.encode_dataset(maker=maker, spec=spec, out=tmp_path / "cpu", actors=3, cpus_per_actor=1)
+    assert not (tmp_path / "gpu").exists() and not (tmp_path / "cpu").exists()
+
+
+def test_an_address_where_no_cluster_answers_is_refused_within_the_timeout(image_folder, tmp_path):
+    started = __import__("time").perf_counter()
+    completed = subprocess.run(
+        [sys.executable, "-m", "distributed", str(image_folder), "--out", str(tmp_path / "set"), "--address",
+         "127.0.0.1:1"], capture_output=True, text=True, cwd=REPOSITORY, timeout=120,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    assert completed.returncode == 1, completed.stderr[-2000:]
+    assert completed.stderr.startswith("error: No Ray cluster answers at 127.0.0.1:1 within 10 s")
+    assert __import__("time").perf_counter() - started < 60
+    assert not (tmp_path / "set").exists()

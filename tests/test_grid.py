@@ -16,7 +16,6 @@ import engine
 import grid
 import protocol
 import prototypes
-import randomness
 import store
 import utils
 
@@ -79,10 +78,8 @@ def test_every_cell_of_a_dataset_sees_the_partitions_of_the_research_protocol(gr
     maker = banerjee.DatasetMaker(dataset_path=image_folder)
     encoder = engine.Encoder(model=lite0_model, device="cpu")
     direct = protocol.run_cached_protocol(
-        encoder=encoder, maker=maker, transform=engine.eval_transform(lite0_model)[1], runs=SETTINGS.runs,
-        valid_share=SETTINGS.valid_share, batch_size=16, workers=0,
-        generator=randomness.make_torch_generator(seed=SETTINGS.seed), top_k=SETTINGS.top_k,
-        classifier=prototypes.DecorrelatedClassifier(), cache=store.EmbeddingCache(folder / "cache"),
+        encoder=encoder, maker=maker, transform=engine.eval_transform(lite0_model)[1], batch_size=16, workers=0,
+        settings=SETTINGS.run_settings(prototypes.DecorrelatedClassifier()), cache=store.EmbeddingCache(folder / "cache"),
     )
     row = table[(table.dataset == image_folder.name) & (table.classifier == "decorrelated")].iloc[0]
     assert row["accuracy"] == pytest.approx(np.mean([run.accuracy for run in direct]))
@@ -121,9 +118,9 @@ def test_a_baseline_classifier_is_a_cell_like_any_other(grid_run, image_folder, 
                           out=folder / "baseline-out", cache_dir=folder / "cache", settings=SETTINGS)
     direct = protocol.run_cached_protocol(
         encoder=engine.Encoder(model=lite0_model, device="cpu"), maker=banerjee.DatasetMaker(dataset_path=image_folder),
-        transform=engine.eval_transform(lite0_model)[1], runs=SETTINGS.runs, valid_share=SETTINGS.valid_share,
-        batch_size=16, workers=0, generator=randomness.make_torch_generator(seed=SETTINGS.seed), top_k=SETTINGS.top_k,
-        classifier=baselines.NearestNeighbourClassifier(k=1), cache=store.EmbeddingCache(folder / "cache"),
+        transform=engine.eval_transform(lite0_model)[1], batch_size=16, workers=0,
+        settings=SETTINGS.run_settings(baselines.NearestNeighbourClassifier(k=1)),
+        cache=store.EmbeddingCache(folder / "cache"),
     )
     row = table.set_index("classifier").loc["knn1"]
     assert row["accuracy"] == pytest.approx(np.mean([run.accuracy for run in direct]))

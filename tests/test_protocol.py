@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import banerjee
+import config
 import engine
 import protocol
 import prototypes
@@ -24,11 +25,11 @@ def setup(image_folder, lite0_model):
     return maker, transform, encoder
 
 
-def cached_run(setup, *, runs=3, seed=5, workers=0, **kwargs):
+def cached_run(setup, *, runs=3, seed=5, workers=0, classifier="mean", **kwargs):
     maker, transform, encoder = setup
     return protocol.run_cached_protocol(
-        encoder=encoder, maker=maker, transform=transform, runs=runs, valid_share=0.3, batch_size=16,
-        workers=workers, generator=torch.Generator().manual_seed(seed), top_k=2, **kwargs,
+        encoder=encoder, maker=maker, transform=transform, batch_size=16, workers=workers,
+        settings=config.RunSettings(runs=runs, valid_share=0.3, seed=seed, top_k=2, classifier=classifier), **kwargs,
     )
 
 
@@ -36,8 +37,8 @@ def test_cached_protocol_matches_the_original_protocol(setup):
     maker, transform, encoder = setup
     cached = cached_run(setup, runs=2)
     original = protocol.run_original_protocol(
-        encoder=encoder, maker=maker, encode_transform=transform, eval_transform=transform, runs=2,
-        valid_share=0.3, batch_size=8, workers=0, generator=torch.Generator().manual_seed(5), top_k=2,
+        encoder=encoder, maker=maker, encode_transform=transform, eval_transform=transform, batch_size=8, workers=0,
+        settings=config.RunSettings(runs=2, valid_share=0.3, seed=5, top_k=2),
     )
     assert cached.embeddings.shape == (40, 1280)
     assert cached.targets.tolist() == maker.get_image_labels().tolist()
@@ -134,9 +135,8 @@ def test_augmented_original_protocol_is_reproducible_across_workers(setup):
 
     def augmented(workers):
         return protocol.run_original_protocol(
-            encoder=encoder, maker=maker, encode_transform=augment, eval_transform=transform, runs=1,
-            valid_share=0.3, batch_size=8, workers=workers, generator=torch.Generator().manual_seed(3),
-            top_k=2, augment_seed=11,
+            encoder=encoder, maker=maker, encode_transform=augment, eval_transform=transform, batch_size=8,
+            workers=workers, settings=config.RunSettings(runs=1, valid_share=0.3, seed=3, top_k=2), augment_seed=11,
         )
 
     serial, parallel = augmented(0), augmented(2)
@@ -159,14 +159,14 @@ def test_single_class_and_never_validated_classes_are_warned_about(tmp_path, set
     root = make_class_folders(tmp_path / "uneven", classes=list(CLASS_STYLES)[:3], images_per_class=[10, 10, 2])
     with pytest.warns(UserWarning, match=r"1 class\(es\) .* never measured: 'blue triangle'"):
         protocol.run_cached_protocol(
-            encoder=encoder, maker=banerjee.DatasetMaker(dataset_path=root), transform=transform, runs=1,
-            valid_share=0.3, batch_size=16, workers=0, generator=torch.Generator().manual_seed(0), top_k=1,
+            encoder=encoder, maker=banerjee.DatasetMaker(dataset_path=root), transform=transform, batch_size=16,
+            workers=0, settings=config.RunSettings(runs=1, valid_share=0.3, seed=0, top_k=1),
         )
     single = make_class_folders(tmp_path / "single", classes=list(CLASS_STYLES)[:1], images_per_class=6)
     with pytest.warns(UserWarning, match="single class: every prediction is right"):
         runs = protocol.run_cached_protocol(
-            encoder=encoder, maker=banerjee.DatasetMaker(dataset_path=single), transform=transform, runs=1,
-            valid_share=0.3, batch_size=16, workers=0, generator=torch.Generator().manual_seed(0), top_k=1,
+            encoder=encoder, maker=banerjee.DatasetMaker(dataset_path=single), transform=transform, batch_size=16,
+            workers=0, settings=config.RunSettings(runs=1, valid_share=0.3, seed=0, top_k=1),
         )
     assert runs[0].accuracy == 1.0
 
@@ -180,7 +180,7 @@ def test_a_split_that_validates_no_class_is_refused_before_any_encoding(tmp_path
                                                     r"at --valid-share 0.2 \(the largest has 4 samples\).*at least "
                                                     r"0.25, or add samples"):
         protocol.run_cached_protocol(
-            encoder=None, maker=maker, transform=None, runs=2, valid_share=0.2, batch_size=4, workers=0,
-            generator=torch.Generator().manual_seed(0), top_k=1,
+            encoder=None, maker=maker, transform=None, batch_size=4, workers=0,
+            settings=config.RunSettings(runs=2, valid_share=0.2, seed=0, top_k=1),
         )
     protocol.check_validation_samples(maker=maker, valid_share=0.25)  # one validation image per class: fine

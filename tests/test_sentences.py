@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import banerjee
+import config
 import classdb
 import cli
 import engine
@@ -127,8 +128,8 @@ def test_text_model_that_cannot_be_fetched_is_a_clear_error(monkeypatch):
 def test_cached_protocol_classifies_topics(topics_csv, text_encoder, classifier):
     maker = banerjee.TextDatasetMaker(dataset_path=topics_csv, text_column="sentence", label_column="topic")
     runs = protocol.run_cached_protocol(
-        encoder=text_encoder, maker=maker, transform=None, runs=3, valid_share=0.2, batch_size=16, workers=0,
-        generator=torch.Generator().manual_seed(3), top_k=2, classifier=classifier,
+        encoder=text_encoder, maker=maker, transform=None, batch_size=16, workers=0,
+        settings=config.RunSettings(runs=3, valid_share=0.2, seed=3, top_k=2, classifier=classifier),
     )
     assert runs.embeddings.shape == (45, 384)
     assert [run.accuracy for run in runs] == [1.0, 1.0, 1.0]
