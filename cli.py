@@ -101,8 +101,10 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
     model.add_argument("--tune-allocator", action=argparse.BooleanOptionalAction, default=defaults["tune_allocator"],
                        help="keep the encoder's activation buffers in glibc's heap between batches (2x faster "
                             "forward on a 2-core CPU; --no-tune-allocator keeps the system default)")
-    model.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="samples per encoding batch")
-    model.add_argument("--workers", type=int, default=defaults["workers"], help="DataLoader worker processes")
+    model.add_argument("--batch-size", type=_count_or_auto(1), default=defaults["batch_size"],
+                       help="samples per encoding batch (auto: 256 on CUDA, 32 on a CPU)")
+    model.add_argument("--workers", type=_count_or_auto(0), default=defaults["workers"],
+                       help="DataLoader worker processes (auto: a core each but one, at most 16, on CUDA; 0 on a CPU)")
     experiment = parser.add_argument_group("experiment")
     experiment.add_argument("--classifier", choices=CLASSIFIER_NAMES, default=defaults["classifier"],
                             help="mean: the article's class mean (cosine); decorrelated: centred ridge prototypes, "
@@ -152,8 +154,8 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
     outputs.add_argument("--profile", action="store_true", default=defaults["profile"],
                          help="profile the partitions loop (cProfile) into --out/profile")
     args = parser.parse_args(argv)
-    if args.runs < 1 or args.batch_size < 1 or args.top_k < 1 or args.workers < 0:
-        parser.error("--runs, --batch-size and --top-k must be at least 1, and --workers at least 0.")
+    if args.runs < 1 or args.top_k < 1:
+        parser.error("--runs and --top-k must be at least 1.")
     if args.short_run is not None and args.short_run < 1:
         parser.error(f"--short-run must be at least 1 batch, got {args.short_run}.")
     _check_shared_options(parser, args)
@@ -257,6 +259,24 @@ def run_environment(*, repository: pathlib.Path) -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {"versions": versions, "git_commit": commit, "platform": platform.platform()}
+
+
+def _count_or_auto(minimum: int) -> Callable[[str], int | str]:
+    """An argument type: ``auto`` (resolved for the device by ``config.LoaderSettings``) or a whole number of at
+    least ``minimum``."""
+
+    def parse(text: str) -> int | str:
+        if text == config.AUTO:
+            return text
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be auto or a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be auto or at least {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def _open_unit_interval(text: str) -> float:
@@ -470,8 +490,10 @@ def grid_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=grid_defaults.top_k, help="k of the top-k accuracy")
     parser.add_argument("--seed", type=int, default=grid_defaults.seed, help="seed of the partitions, the same for every cell")
     parser.add_argument("--confidence", type=float, default=grid_defaults.confidence, help="confidence of the Student-t intervals")
-    parser.add_argument("--batch-size", type=int, default=grid_defaults.batch_size, help="samples per encoding batch")
-    parser.add_argument("--workers", type=int, default=grid_defaults.workers, help="DataLoader worker processes")
+    parser.add_argument("--batch-size", type=_count_or_auto(1), default=config.AUTO,
+                        help="samples per encoding batch (auto: 256 on CUDA, 32 on a CPU)")
+    parser.add_argument("--workers", type=_count_or_auto(0), default=config.AUTO,
+                        help="DataLoader worker processes (auto: a core each but one on CUDA, 0 on a CPU)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--precision", choices=PRECISIONS, default=grid_defaults.precision, help="encoder arithmetic")
     parser.add_argument("--cache-dir", default=".cache", help="embedding cache, shared with the research script")
@@ -487,8 +509,8 @@ def grid_main(argv: list[str] | None = None) -> int:
         parser.error("give --datasets (with --models or --text-models) or --embeddings.")
     if args.datasets and not args.models and not args.text_models:
         parser.error("give at least one model: --models for images, --text-models for sentences.")
-    if args.runs < 1 or args.top_k < 1 or args.batch_size < 1 or not 0.0 < args.valid_share < 1.0:
-        parser.error("--runs, --top-k and --batch-size must be at least 1, --valid-share strictly between 0 and 1.")
+    if args.runs < 1 or args.top_k < 1 or not 0.0 < args.valid_share < 1.0:
+        parser.error("--runs and --top-k must be at least 1, --valid-share strictly between 0 and 1.")
     _check_shared_options(parser, args)
     baseline = tuple(args.baseline.rsplit(":", 1)) if args.baseline else None
     if baseline is not None and (len(baseline) != 2 or baseline[1] not in ESTIMATOR_NAMES):
@@ -497,6 +519,9 @@ def grid_main(argv: list[str] | None = None) -> int:
     import utils
 
     def run() -> int:
+        device = utils.resolve_device(args.device)
+        loader = config.LoaderSettings.resolve(device_type=device.type, workers=args.workers,
+                                               batch_size=args.batch_size)
         table = grid.run_grid(
             datasets=args.datasets,
             models=[grid.parse_model_spec(spec, modality="image") for spec in args.models]
@@ -505,8 +530,8 @@ def grid_main(argv: list[str] | None = None) -> int:
             embedding_sets=args.embeddings,
             settings=config.GridSettings(
                 runs=args.runs, valid_share=args.valid_share, top_k=args.top_k, seed=args.seed,
-                confidence=args.confidence, batch_size=args.batch_size, workers=args.workers,
-                device=str(utils.resolve_device(args.device)), precision=args.precision,
+                confidence=args.confidence, batch_size=loader.batch_size, workers=loader.workers,
+                device=str(device), precision=args.precision,
             ),
         )
         out = pathlib.Path(args.out)

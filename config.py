@@ -7,9 +7,12 @@ for each default, shared by the parsers (``cli``), the encoder (``engine``) and 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
-__all__ = ["EncoderConfig", "GridSettings", "RunSettings"]
+__all__ = ["AUTO", "EncoderConfig", "GridSettings", "LoaderSettings", "RunSettings"]
+
+AUTO = "auto"  # a loader setting chosen for the device by :meth:`LoaderSettings.resolve`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +38,38 @@ class EncoderConfig:
             return cls()
         return cls(**{field.name: getattr(config, field.name) for field in dataclasses.fields(cls)
                       if hasattr(config, field.name)})
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderSettings:
+    """How samples reach the encoder: worker processes and batch size, resolved once for the device.
+
+    ``auto`` on CUDA: a worker per core but one (at most 16) and batches of 256, so that decoding on the CPU keeps
+    the GPU fed; on a CPU: no workers (decoding in the process that runs the model beats workers that compete with
+    it for the cores, docs/speed.md) and batches of 32. Explicit values always win.
+    """
+
+    workers: int
+    batch_size: int
+
+    GPU_BATCH_SIZE = 256
+    CPU_BATCH_SIZE = 32
+    MAX_GPU_WORKERS = 16
+
+    @classmethod
+    def resolve(
+        cls, *, device_type: str, workers: int | str = AUTO, batch_size: int | str = AUTO, cpu_count: int | None = None
+    ) -> LoaderSettings:
+        on_gpu = device_type == "cuda"
+        if workers == AUTO:
+            cores = cpu_count or os.cpu_count() or 1
+            workers = min(cores - 1, cls.MAX_GPU_WORKERS) if on_gpu else 0
+        if batch_size == AUTO:
+            batch_size = cls.GPU_BATCH_SIZE if on_gpu else cls.CPU_BATCH_SIZE
+        return cls(workers=int(workers), batch_size=int(batch_size))
+
+    def describe(self) -> str:
+        return f"{self.workers} loader workers, batches of {self.batch_size}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,8 +36,8 @@ REPRODUCIBLE = True  # False: a random seed (recorded in results.json) and no de
 CAF_FROM = "pooled"  # "pooled" over all partitions, or "last" partition only (the original's choice)
 CAF_RULE = "ceil"  # "ceil", or "original" for the original project's CAF numbers
 PROTOCOL = "cached"
-BATCH_SIZE = 32
-NUM_WORKERS = 0
+BATCH_SIZE = "auto"  # 256 on CUDA, 32 on a CPU (config.LoaderSettings)
+NUM_WORKERS = "auto"  # a worker per core but one on CUDA, none on a CPU
 CACHE_DIR = None  # a folder: keep per-sample embeddings between runs
 OUT_DIR = "results"
 AUGMENT_ENCODE_DATA = False
@@ -68,6 +68,7 @@ args = cli.parse_script_args(
 print("Part 1: similarity search using a pretrained model.")
 
 # %% Imports, device and randomness.
+import dataclasses  # noqa: E402
 import pathlib  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402
@@ -89,6 +90,7 @@ import visual  # noqa: E402
 
 started = time.perf_counter()
 device = utils.resolve_device(args.device)
+loader = config.LoaderSettings.resolve(device_type=device.type, workers=args.workers, batch_size=args.batch_size)
 allocator = utils.tune_allocator(enabled=args.tune_allocator)
 utils.check_cuda_support(inform=True)
 if args.reproducible:
@@ -142,14 +144,15 @@ encode_transform = augmenting_transform if args.augment_encode else eval_transfo
 query_transform = augmenting_transform if args.augment_eval else eval_transform
 model_description = encoder.describe() if encoder else embedding_set.describe()
 print(f"Dataset: {dsm.dataset_path} ({len(labels)} classes, {dsm.get_num_images()} {dsm.sample_kind}s, "
-      f"{len(dsm.skipped)} skipped); model: {model_description['model_name']}; device: {device}")
+      f"{len(dsm.skipped)} skipped); model: {model_description['model_name']}; device: {device}; "
+      f"{loader.describe()}")
 
 # %% Encode and evaluate over random partitions.
 out_dir = pathlib.Path(args.out)
 run_log = out_dir / "runs.jsonl"
 out_lock = store.acquire_writer_lock(run_log, timeout=0)  # held to the end: a second run into --out stops here
 common = dict(
-    encoder=encoder, maker=dsm, settings=settings, batch_size=args.batch_size, workers=args.workers,
+    encoder=encoder, maker=dsm, settings=settings, batch_size=loader.batch_size, workers=loader.workers,
     run_log=run_log, completed=protocol.load_run_records(run_log) if args.resume else [], inform=True,
 )
 try:
@@ -204,6 +207,7 @@ written = [
     store.write_csv(out_dir / "class_accuracy.csv", {"label": labels, "accuracy": class_accuracy}),
     store.write_json(out_dir / "results.json", {
         "settings": vars(args),
+        "loader": dataclasses.asdict(loader),
         "environment": {**cli.run_environment(repository=pathlib.Path(__file__).resolve().parent),
                         "allocator": allocator["allocator"]},
         "final_stats": final_stats,

@@ -184,3 +184,11 @@ def test_a_split_that_validates_no_class_is_refused_before_any_encoding(tmp_path
             settings=config.RunSettings(runs=2, valid_share=0.2, seed=0, top_k=1),
         )
     protocol.check_validation_samples(maker=maker, valid_share=0.25)  # one validation image per class: fine
+
+
+def test_an_encoder_built_from_other_settings_than_the_protocols_is_refused(setup):
+    maker, transform, _ = setup
+    short = engine.Encoder(model=setup[2].model, device="cpu", config=config.EncoderConfig(short_run_batches=1))
+    with pytest.raises(ValueError, match="The encoder stops after 1 batches but the settings' short_run is None"):
+        protocol.run_cached_protocol(encoder=short, maker=maker, transform=transform, batch_size=8, workers=0,
+                                     settings=config.RunSettings(runs=1, valid_share=0.3, top_k=2))

@@ -67,6 +67,8 @@ def test_end_to_end_run_prints_intervals_and_writes_outputs(analysed_run):
     assert re.search(r"^Top 2 accuracy: [0-9.]+ ± [0-9.]+", result.stdout, re.M)
     results = json.loads((out / "results.json").read_text())
     assert len(results["accuracies"]) == 5 and min(results["accuracies"]) >= 0.9
+    assert results["loader"] == {"workers": 0, "batch_size": 32}  # auto on a CPU, recorded and printed
+    assert results["settings"]["workers"] == "auto" and "0 loader workers, batches of 32" in result.stdout
     interval = results["final_stats"]["accuracy"]
     assert interval["n"] == 5 and interval["mean"] == pytest.approx(sum(results["accuracies"]) / 5)
     assert results["skipped_files"] == []
