@@ -287,11 +287,14 @@ class Animal90(LabelledSamples):
     ) -> None:
         super().__init__(dataset_path=dataset_path, images=images, labels=labels, transform=transform,
                          global_indexes=global_indexes)
-        self._pil_images = pil_images
+        self._image_type = "pil" if pil_images else "tensor"
 
-    def _load(self, image_idx: int) -> Image.Image | torch.Tensor:
-        image = load_rgb_image(self._path(image_idx))
-        return image if self._pil_images else TF.pil_to_tensor(image)
+    def _load(self, image_idx: int) -> Image.Image | torch.Tensor | pathlib.Path:
+        path = self._path(image_idx)
+        if self._image_type == "path":
+            return path  # the transform reads the file itself (decoding.EncodedItem)
+        image = load_rgb_image(path)
+        return image if self._image_type == "pil" else TF.pil_to_tensor(image)
 
     def _path(self, image_idx: int) -> pathlib.Path:
         name, label_idx = self._images[image_idx]
@@ -301,11 +304,12 @@ class Animal90(LabelledSamples):
         return self._path(self._act_images[act_image_idx][0])
 
     def set_image_type(self, image_type: str) -> None:
-        """``"pil"`` for PIL images, ``"tensor"`` (or ``"tsr"``) for uint8 CHW RGB tensors."""
-        kind = image_type.lower()
-        if kind not in ("pil", "tensor", "tsr"):
-            raise ValueError(f"Unknown image type {image_type!r}; use 'pil', 'tensor' or 'tsr'.")
-        self._pil_images = kind == "pil"
+        """``"pil"`` for PIL images, ``"tensor"`` (or ``"tsr"``) for uint8 CHW RGB tensors, ``"path"`` for the
+        file's path (a transform that reads the file itself)."""
+        kind = {"tsr": "tensor"}.get(image_type.lower(), image_type.lower())
+        if kind not in ("pil", "tensor", "path"):
+            raise ValueError(f"Unknown image type {image_type!r}; use 'pil', 'tensor', 'tsr' or 'path'.")
+        self._image_type = kind
 
 
 def _parse_layout(

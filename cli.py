@@ -103,6 +103,9 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
                             "forward on a 2-core CPU; --no-tune-allocator keeps the system default)")
     model.add_argument("--batch-size", type=_count_or_auto(1), default=defaults["batch_size"],
                        help="samples per encoding batch (auto: 256 on CUDA, 32 on a CPU)")
+    model.add_argument("--decode", choices=("pil", "tensor"), default=defaults["decode"],
+                       help="pil: decode and resize images with PIL in the loader; tensor: read JPEG bytes in the "
+                            "loader, decode (nvJPEG on CUDA), resize and normalise on the device (cached apart)")
     model.add_argument("--workers", type=_count_or_auto(0), default=defaults["workers"],
                        help="DataLoader worker processes (auto: a core each but one, at most 16, on CUDA; 0 on a CPU)")
     experiment = parser.add_argument_group("experiment")

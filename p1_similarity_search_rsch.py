@@ -38,6 +38,7 @@ CAF_RULE = "ceil"  # "ceil", or "original" for the original project's CAF number
 PROTOCOL = "cached"
 BATCH_SIZE = "auto"  # 256 on CUDA, 32 on a CPU (config.LoaderSettings)
 NUM_WORKERS = "auto"  # a worker per core but one on CUDA, none on a CPU
+DECODE = "pil"  # "pil", or "tensor": JPEGs decoded, resized and normalised on the device (nvJPEG on CUDA)
 CACHE_DIR = None  # a folder: keep per-sample embeddings between runs
 OUT_DIR = "results"
 AUGMENT_ENCODE_DATA = False
@@ -57,7 +58,7 @@ args = cli.parse_script_args(
         dataset=DATASET_PATH, modality=MODALITY, text_column=TEXT_COLUMN, label_column=LABEL_COLUMN,
         model=MODEL_NAME, image_model=IMAGE_MODEL_NAME, text_model=TEXT_MODEL_NAME, weights=WEIGHTS,
         device=DEVICE, precision=PRECISION, compile=COMPILE, tune_allocator=TUNE_ALLOCATOR,
-        batch_size=BATCH_SIZE, workers=NUM_WORKERS,
+        batch_size=BATCH_SIZE, workers=NUM_WORKERS, decode=DECODE,
         classifier=CLASSIFIER, runs=RUNS,
         valid_share=VALID_SHARE, top_k=TOPK, confidence=CONFIDENCE, seed=RANDOM_SEED, reproducible=REPRODUCIBLE,
         caf_from=CAF_FROM, caf_rule=CAF_RULE, protocol=PROTOCOL,
@@ -160,6 +161,7 @@ try:
         if args.protocol == "cached":
             run_results = protocol.run_cached_protocol(
                 transform=eval_transform, cache=store.EmbeddingCache(args.cache_dir) if args.cache_dir else None,
+                decode=args.decode,
                 embeddings=(embedding_set.embeddings, embedding_set.targets) if embedding_set else None, **common,
             )
         else:

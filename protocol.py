@@ -32,6 +32,7 @@ from tqdm import tqdm
 import banerjee
 import baselines
 import config
+import decoding
 import engine
 import metrics
 import prototypes
@@ -187,6 +188,7 @@ def make_loader(
     workers: int,
     device: torch.device,
     generator: torch.Generator | None = None,
+    collate_fn: Callable | None = None,
 ) -> torch.utils.data.DataLoader:
     """An ordered loader; pinned memory only pays off when batches go to a GPU, and workers keep several batches
     each on their way (``prefetch_factor``) so that a fast device does not wait for the next one."""
@@ -203,12 +205,18 @@ def make_loader(
         worker_init_fn=randomness.seed_worker,
         generator=generator,
         prefetch_factor=LOADER_PREFETCH if workers else None,
+        collate_fn=collate_fn,
     )
 
 
-def embedding_key(*, encoder: engine.Encoder, maker: banerjee.SampleListing, transform: Callable) -> str:
-    """The cache key of a dataset's embeddings: model, weights and precision, preprocessing, and the sample files."""
-    return store.cache_key(model_id=encoder.embedding_id, transform=transform, fingerprint=maker.get_fingerprint())
+def embedding_key(
+    *, encoder: engine.Encoder, maker: banerjee.SampleListing, transform: Callable, decode: str = "pil"
+) -> str:
+    """The cache key of a dataset's embeddings: model, weights and precision, preprocessing (the decoder included:
+    the tensor path's pixels differ slightly from PIL's), and the sample files."""
+    preprocessing = transform if decode == "pil" else f"{transform!r} decoded as {decode}s on the device"
+    return store.cache_key(model_id=encoder.embedding_id, transform=preprocessing,
+                           fingerprint=maker.get_fingerprint())
 
 
 def embed_all_images(
@@ -220,20 +228,35 @@ def embed_all_images(
     workers: int,
     cache: store.EmbeddingCache | None = None,
     inform: bool = False,
+    decode: str = "pil",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings and label indexes of every image in global order, from the cache when the key matches."""
-    key = embedding_key(encoder=encoder, maker=maker, transform=transform)
+    """Embeddings and label indexes of every image in global order, from the cache when the key matches.
+
+    ``decode="tensor"`` reads JPEGs as bytes in the loader and decodes, resizes and normalises them on the encoder's
+    device (:mod:`decoding`); other files, and models whose preprocessing is not a resize and crop, take PIL's path.
+    """
+    if decode not in decoding.DECODERS:
+        raise ValueError(f"Unknown decoder {decode!r}; use one of {', '.join(decoding.DECODERS)}.")
+    image_transform, batch_transform = engine.split_normalization(transform)
+    pipeline = decoding.tensor_pipeline(image_transform, device=encoder.device, normalize=batch_transform) \
+        if decode == "tensor" else None
+    key = embedding_key(encoder=encoder, maker=maker, transform=transform, decode="tensor" if pipeline else "pil")
     cached = cache.load(key, targets=maker.get_image_labels()) if cache is not None else None
     if cached is not None:
         if inform:
             print(f"[Embed/All] Using cached embeddings: {cache.path(key)}")
         return cached
-    image_transform, batch_transform = engine.split_normalization(transform)
-    loader = make_loader(
-        maker.full_dataset(transform=image_transform), batch_size=batch_size, workers=workers, device=encoder.device
-    )
+    dataset = maker.full_dataset(transform=pipeline[0] if pipeline else image_transform)
+    if pipeline:
+        dataset.set_image_type("path")
+        batch_transform = pipeline[1]
+    loader = make_loader(dataset, batch_size=batch_size, workers=workers, device=encoder.device,
+                         collate_fn=decoding.collate_encoded if pipeline else None)
     embeddings, targets = encoder.embed(dataloader=loader, desc="[Embed/All]", inform=inform,
                                         batch_transform=batch_transform)
+    if pipeline and inform:
+        print(f"[Embed/All] Decoded {pipeline[1].decoded} JPEGs on {encoder.device}; {pipeline[1].fallbacks} "
+              "files through PIL (not a plain RGB or grey baseline JPEG)")
     if cache is not None:
         cache.save(key, embeddings=embeddings, targets=targets)
     return embeddings, targets
@@ -465,8 +488,10 @@ def run_cached_protocol(
     run_log: pathlib.Path | None = None,
     inform: bool = False,
     embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    decode: str = "pil",
 ) -> Runs:
-    """Encode every image once, then fit ``settings.classifier`` and score ``settings.runs`` partitions.
+    """Encode every image once (``decode``: see :func:`embed_all_images`), then fit ``settings.classifier`` and score
+    ``settings.runs`` partitions.
 
     Each partition costs one fit and two matrix products; the encoder is only used to embed, never changed.
     ``embeddings`` (every sample's embedding and label index in the maker's global order, e.g. an embedding set of
@@ -478,7 +503,7 @@ def run_cached_protocol(
     if embeddings is None:
         embeddings = embed_all_images(
             encoder=encoder, maker=maker, transform=transform, batch_size=batch_size, workers=workers,
-            cache=None if short_run else cache, inform=inform,
+            cache=None if short_run else cache, inform=inform, decode=decode,
         )
     elif not torch.equal(embeddings[1], maker.get_image_labels()):
         raise ValueError("The given embeddings' labels are not the dataset's, in its global order.")

@@ -93,10 +93,12 @@ def test_end_to_end_run_prints_intervals_and_writes_outputs(analysed_run):
 def test_short_run_with_the_cached_protocol_never_touches_the_cache(six_classes, lite0_weights, tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     result = six_class_run(six_classes, lite0_weights, out, "--short-run", "1", "--batch-size", "16",
-                           "--cache-dir", cache)
+                           "--cache-dir", cache, "--decode", "tensor")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SHORT RUN: truncated encoding passes, not a result" in result.stdout
-    assert json.loads((out / "results.json").read_text())["final_stats"]["short_run"] is True
+    assert "[Embed/All] Decoded 16 JPEGs on cpu; 0 files through PIL" in result.stdout  # one batch of the tensor path
+    results = json.loads((out / "results.json").read_text())
+    assert results["final_stats"]["short_run"] is True and results["settings"]["decode"] == "tensor"
     assert not cache.exists() or not any(cache.iterdir())
 
 
