@@ -39,10 +39,10 @@ class EncodedItem:
 
     pil_transform: Callable
 
-    def __call__(self, path: pathlib.Path) -> tuple[str, torch.Tensor]:
+    def __call__(self, path: pathlib.Path) -> tuple[str, torch.Tensor, str]:
         if _device_decodable(path):
-            return JPEG, torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
-        return PIXELS, self.pil_transform(banerjee.load_rgb_image(path))
+            return JPEG, torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8), str(path)
+        return PIXELS, self.pil_transform(banerjee.load_rgb_image(path)), str(path)
 
 
 def _device_decodable(path: pathlib.Path) -> bool:
@@ -55,7 +55,7 @@ def _device_decodable(path: pathlib.Path) -> bool:
         return False
 
 
-def collate_encoded(batch: Sequence[tuple[tuple[str, torch.Tensor], int]]) -> tuple[list, torch.Tensor]:
+def collate_encoded(batch: Sequence[tuple[tuple[str, torch.Tensor, str], int]]) -> tuple[list, torch.Tensor]:
     """A batch of :class:`EncodedItem` outputs as a list (JPEG bytes differ in length) and its targets."""
     return [item for item, _ in batch], torch.as_tensor([target for _, target in batch])
 
@@ -69,23 +69,43 @@ class TensorPipeline:
 
     geometry: Callable  # the model's resize and crop, on uint8 tensors
     normalize: Callable  # uint8 batch [N, C, H, W] to the model's input (engine's batch normalisation)
+    pil_transform: Callable  # the PIL path, for a JPEG the device decoder refuses after all
     device: torch.device
     fallbacks: int = 0
     decoded: int = 0
 
-    def __call__(self, items: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
-        encoded = [data for kind, data in items if kind == JPEG]
-        decoded = iter(self._decode(encoded) if encoded else [])
-        pixels = [self.geometry(next(decoded)) if kind == JPEG else data.to(self.device, non_blocking=True)
-                  for kind, data in items]
-        self.decoded += len(encoded)
-        self.fallbacks += len(items) - len(encoded)
+    def __call__(self, items: list[tuple[str, torch.Tensor, str]]) -> torch.Tensor:
+        jpegs = [(data, path) for kind, data, path in items if kind == JPEG]
+        decoded = iter(self._decode(jpegs) if jpegs else [])
+        pixels = [next(decoded) if kind == JPEG else data.to(self.device, non_blocking=True)
+                  for kind, data, _ in items]
+        self.fallbacks += len(items) - len(jpegs)
         return self.normalize(torch.stack(pixels))
 
-    def _decode(self, encoded: list[torch.Tensor]) -> list[torch.Tensor]:
-        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return torchvision.io.decode_jpeg(encoded, mode=torchvision.io.ImageReadMode.RGB, device=self.device)
+    def _decode(self, jpegs: list[tuple[torch.Tensor, str]]) -> list[torch.Tensor]:
+        """Resized pixels of each JPEG: the batch decoded at once, or, where that fails (a file damaged past its
+        header), one by one, and what the device still refuses through PIL, which names a damaged file."""
+        try:
+            images = [self.geometry(image) for image in _decode_jpegs([data for data, _ in jpegs], self.device)]
+            self.decoded += len(jpegs)
+            return images
+        except RuntimeError:
+            return [self._decode_one(data, path) for data, path in jpegs]
+
+    def _decode_one(self, data: torch.Tensor, path: str) -> torch.Tensor:
+        try:
+            (image,) = _decode_jpegs([data], self.device)
+        except RuntimeError:
+            self.fallbacks += 1
+            return self.pil_transform(banerjee.load_rgb_image(path)).to(self.device)
+        self.decoded += 1
+        return self.geometry(image)
+
+
+def _decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torchvision.io.decode_jpeg(encoded, mode=torchvision.io.ImageReadMode.RGB, device=device)
 
 
 def tensor_pipeline(
@@ -101,4 +121,5 @@ def tensor_pipeline(
     if not all(type(step) in geometric for step in steps[:-1]):
         return None
     geometry = torchvision.transforms.Compose(steps[:-1])
-    return EncodedItem(pil_transform=transform), TensorPipeline(geometry=geometry, normalize=normalize, device=device)
+    return EncodedItem(pil_transform=transform), TensorPipeline(geometry=geometry, normalize=normalize,
+                                                                pil_transform=transform, device=device)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -94,3 +95,24 @@ def test_nvjpeg_on_cuda_embeds_close_to_pil_on_the_cpu(lite0_model, image_folder
     nvjpeg = embed(cuda, image_folder, decode="tensor").cpu()
     pil = embed(engine.Encoder(model=lite0_model, device="cpu"), image_folder, decode="pil")
     assert cosines(nvjpeg, pil).min() > 0.99
+
+
+def test_a_jpeg_damaged_past_its_header_fails_as_on_the_pil_path_naming_it(cpu_encoder, image_folder, tmp_path):
+    """Unchecked listing (``check_images=False``): the batch decode fails, each image is decoded alone, and the
+    damaged one goes through PIL, which names it; the good one in the same batch still decodes on the device."""
+    folder = tmp_path / "set" / "a"
+    folder.mkdir(parents=True)
+    source = next(image_folder.rglob("*.jpg"))
+    shutil.copy(source, folder / "good.jpg")
+    data = source.read_bytes()
+    (folder / "half.jpg").write_bytes(data[: len(data) // 2])
+    maker = banerjee.DatasetMaker(dataset_path=folder.parent, check_images=False)
+    transform = engine.eval_transform(cpu_encoder.model)[1]
+    for decode in ("pil", "tensor"):
+        with pytest.raises(banerjee.UnreadableImageError, match="half.jpg: OSError: image file is truncated"):
+            protocol.embed_all_images(encoder=cpu_encoder, maker=maker, transform=transform, batch_size=2, workers=0,
+                                      decode=decode)
+    image_transform, normalize = engine.split_normalization(transform)
+    item, pipeline = decoding.tensor_pipeline(image_transform, device=cpu_encoder.device, normalize=normalize)
+    pipeline([item(folder / "good.jpg"), item(folder / "good.jpg")])
+    assert (pipeline.decoded, pipeline.fallbacks) == (2, 0)
