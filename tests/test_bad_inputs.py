@@ -523,10 +523,10 @@ def test_state_with_bad_active_labels(maker_and_state):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--runs", "0"), "--runs, --batch-size and --top-k must be at least 1"),
-        (("--batch-size", "0"), "--runs, --batch-size and --top-k must be at least 1"),
-        (("--top-k", "0"), "--runs, --batch-size and --top-k must be at least 1"),
-        (("--workers", "-1"), "and --workers at least 0"),
+        (("--runs", "0"), "--runs and --top-k must be at least 1"),
+        (("--batch-size", "0"), "argument --batch-size: must be auto or at least 1, got 0"),
+        (("--top-k", "0"), "--runs and --top-k must be at least 1"),
+        (("--workers", "-1"), "argument --workers: must be auto or at least 0, got -1"),
         (("--confidence", "1.5"), "--confidence must lie strictly between 0 and 1"),
         (("--valid-share", "1.2"), "--valid-share must lie strictly between 0 and 1 (a share of each class "
                                    "validates, the rest trains), got 1.2"),
