@@ -13,6 +13,7 @@ import pathlib
 import platform
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -262,6 +263,26 @@ def run_environment(*, repository: pathlib.Path) -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {"versions": versions, "git_commit": commit, "platform": platform.platform()}
+
+
+class PhaseClock:
+    """Wall seconds between named points of a run (options, imports, device start, listing, model, encoding and
+    partitions, results...): where the seconds outside ``total_seconds`` go. Torch-free, so it starts first."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        """Close the phase ``name`` now; a name marked again adds up."""
+        now = time.perf_counter()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self._last
+        self._last = now
+
+    def describe(self) -> str:
+        total = sum(self.phases.values())
+        rows = [f"  {name:32s} {seconds:8.2f} s" for name, seconds in self.phases.items()]
+        return "\n".join(["Phases of this run (wall time):", *rows, f"  {'total':32s} {total:8.2f} s"])
 
 
 def _count_or_auto(minimum: int) -> Callable[[str], int | str]:

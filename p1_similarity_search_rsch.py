@@ -51,6 +51,7 @@ NUM_INTERVALS = 20
 
 import cli  # noqa: E402  (light: --help answers before torch is imported)
 
+clock = cli.PhaseClock()  # --profile prints where the run's wall time went, imports and start-up included
 cli.install_error_boundary()  # a user error ends the script with one line, not a traceback
 args = cli.parse_script_args(
     cli.script_argv(),
@@ -67,6 +68,7 @@ args = cli.parse_script_args(
     ),
 )
 print("Part 1: similarity search using a pretrained model.")
+clock.mark("options")
 
 # %% Imports, device and randomness.
 import dataclasses  # noqa: E402
@@ -89,6 +91,7 @@ import store  # noqa: E402
 import utils  # noqa: E402
 import visual  # noqa: E402
 
+clock.mark("imports")
 started = time.perf_counter()
 device = utils.resolve_device(args.device)
 loader = config.LoaderSettings.resolve(device_type=device.type, workers=args.workers, batch_size=args.batch_size)
@@ -100,6 +103,7 @@ settings = config.RunSettings(  # what every partition shares: both protocols, t
     runs=args.runs, valid_share=args.valid_share, top_k=args.top_k, seed=args.seed, confidence=args.confidence,
     classifier=args.classifier, short_run=args.short_run,
 )
+clock.mark("device start")
 
 # %% The dataset (images or sentences) and the model name, checked before the samples are listed.
 embedding_set = None
@@ -129,6 +133,7 @@ text = dsm.modality == "text"
 labels = dsm.get_labels()
 if settings.top_k > len(labels):
     raise SystemExit(f"--top-k {settings.top_k} exceeds the {len(labels)} classes of {dsm.dataset_path}.")
+clock.mark("dataset listing and image check")
 
 # %% The model, its preprocessing, the classifier and the encoder (none for an embedding set).
 classifier = prototypes.make_classifier(settings.classifier)
@@ -147,6 +152,7 @@ model_description = encoder.describe() if encoder else embedding_set.describe()
 print(f"Dataset: {dsm.dataset_path} ({len(labels)} classes, {dsm.get_num_images()} {dsm.sample_kind}s, "
       f"{len(dsm.skipped)} skipped); model: {model_description['model_name']}; device: {device}; "
       f"{loader.describe()}")
+clock.mark("model")
 
 # %% Encode and evaluate over random partitions.
 out_dir = pathlib.Path(args.out)
@@ -171,6 +177,7 @@ try:
             )
 except KeyboardInterrupt:
     raise SystemExit(f"Interrupted. Finished partitions are kept in {run_log}; rerun with --resume to go on.")
+clock.mark("encoding and partitions")
 if args.profile:
     print(f"Profile written to {profiler.dump(filename=out_dir / 'profile', sort_by='cumulative')}")
 
@@ -213,6 +220,7 @@ written = [
         "environment": {**cli.run_environment(repository=pathlib.Path(__file__).resolve().parent),
                         "allocator": allocator["allocator"]},
         "final_stats": final_stats,
+        "phases": clock.phases,
         "accuracies": [r.accuracy for r in run_results],
         "balanced_accuracies": [r.balanced_accuracy for r in run_results],
         "topk_accuracies": [r.topk_accuracy for r in run_results],
@@ -227,6 +235,7 @@ if args.save_embeddings and run_results.classifier is not None:
         filename=out_dir / f"embeddings-{pathlib.Path(model_name).name}",
     ))
 print("\n".join(f"Written: {path}" for path in [*written, out_dir / "cumacc.png", run_log]))
+clock.mark("stats, CAF and results")
 
 # %% Analysis (--analysis [PARTS]): confusion, retrieval P@K, every classifier, t-SNE, CI check.
 if args.analysis and run_results.embeddings is None:
@@ -295,3 +304,6 @@ if searchable and not text:
         mean=data_config["mean"], std=data_config["std"], figsize=(6, 5), filename=out_dir / "examples.png",
     )
     print(f"Written: {out_dir / 'examples.png'}")
+clock.mark("analysis and checks")
+if args.profile:
+    print(clock.describe())

@@ -93,12 +93,17 @@ def test_end_to_end_run_prints_intervals_and_writes_outputs(analysed_run):
 def test_short_run_with_the_cached_protocol_never_touches_the_cache(six_classes, lite0_weights, tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     result = six_class_run(six_classes, lite0_weights, out, "--short-run", "1", "--batch-size", "16",
-                           "--cache-dir", cache, "--decode", "tensor")
+                           "--cache-dir", cache, "--decode", "tensor", "--profile")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SHORT RUN: truncated encoding passes, not a result" in result.stdout
     assert "[Embed/All] Decoded 16 JPEGs on cpu; 0 files through PIL" in result.stdout  # one batch of the tensor path
     results = json.loads((out / "results.json").read_text())
     assert results["final_stats"]["short_run"] is True and results["settings"]["decode"] == "tensor"
+    phases = ["options", "imports", "device start", "dataset listing and image check", "model",
+              "encoding and partitions"]
+    assert list(results["phases"]) == phases and all(seconds > 0 for seconds in results["phases"].values())
+    printed = re.findall(r"^  (\S.*?) +([0-9.]+) s$", result.stdout.split("Phases of this run (wall time):")[1], re.M)
+    assert [name for name, _ in printed] == [*phases, "stats, CAF and results", "analysis and checks", "total"]
     assert not cache.exists() or not any(cache.iterdir())
 
 
