@@ -184,6 +184,10 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
     if args.embeddings is not None and (args.protocol == "original" or args.augment_encode or args.augment_eval):
         parser.error("--embeddings holds one embedding per sample: it runs the cached protocol, without "
                      "augmentation; drop --protocol original, --augment-encode and --augment-eval.")
+    if args.decode == "tensor" and (args.embeddings is not None or args.protocol == "original" or args.augment_encode
+                                    or args.augment_eval):
+        parser.error("--decode tensor decodes images for the cached protocol's one encode pass; it does not apply "
+                     "with --embeddings, --protocol original or augmentation: drop --decode tensor.")
     if not 0.0 < args.valid_share < 1.0:
         parser.error(f"--valid-share must lie strictly between 0 and 1 (a share of each class validates, the rest "
                      f"trains), got {args.valid_share}.")

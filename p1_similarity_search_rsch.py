@@ -120,9 +120,9 @@ else:
     )
     modality = banerjee.detect_modality(dataset_path) if args.modality == "auto" else args.modality
     model_name = args.model or (TEXT_MODEL_NAME if modality == "text" else IMAGE_MODEL_NAME)
-    if modality == "text" and (args.augment_encode or args.augment_eval or args.weights):
-        raise SystemExit("--augment-encode, --augment-eval and --weights apply to image models only; a local "
-                         "sentence-transformers model is a folder: pass it as --model.")
+    if modality == "text" and (args.augment_encode or args.augment_eval or args.weights or args.decode != "pil"):
+        raise SystemExit("--augment-encode, --augment-eval, --weights and --decode tensor apply to image models "
+                         "only; a local sentence-transformers model is a folder: pass it as --model.")
     if modality == "image":
         engine.check_model_name(model_name)
     dsm = banerjee.make_dataset_maker(

@@ -533,6 +533,9 @@ def test_state_with_bad_active_labels(maker_and_state):
         (("--valid-share", "1.0"), "--valid-share must lie strictly between 0 and 1"),
         (("--valid-share", "0"), "--valid-share must lie strictly between 0 and 1"),
         (("--short-run", "0"), "--short-run must be at least 1 batch"),
+        (("--decode", "tensor", "--protocol", "original"), "--decode tensor decodes images for the cached protocol"),
+        (("--decode", "tensor", "--augment-eval"), "it does not apply with --embeddings, --protocol original or "
+                                                   "augmentation"),
     ],
 )
 def test_bad_parameters_are_rejected_before_any_work(tmp_path, args, message):
