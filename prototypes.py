@@ -703,10 +703,10 @@ class DecorrelatedClassifier(_RidgeSelection, _UnknownScore, _ClassStatistics):
         return int(self.projection_dim)
 
     def _start(self, *, n_features: int) -> None:
-        if isinstance(self.alpha, str) and self.alpha not in ("loo", "gcv"):
-            raise ValueError(f"alpha must be 'loo', 'gcv' or a positive number, got {self.alpha!r}.")
+        if isinstance(self.alpha, str) and self.alpha not in ALPHA_RULES:
+            raise ValueError(f"alpha must be 'loo', 'gcv', 'oas' or a positive number, got {self.alpha!r}.")
         if not isinstance(self.alpha, str) and not self.alpha > 0:
-            raise ValueError(f"alpha must be 'loo', 'gcv' or a positive number, got {self.alpha!r}.")
+            raise ValueError(f"alpha must be 'loo', 'gcv', 'oas' or a positive number, got {self.alpha!r}.")
         if self.prior not in PRIORS:
             raise ValueError(f"prior must be one of {', '.join(map(repr, PRIORS))}, got {self.prior!r}.")
         if self.prior == "balanced" and self.alpha == "gcv":
@@ -773,6 +773,8 @@ class DecorrelatedClassifier(_RidgeSelection, _UnknownScore, _ClassStatistics):
         elif self.alpha == "gcv":
             errors = [self._gcv(value * scale, eigenvalues, rotated) for value in relative]
             self.relative_alpha_ = float(relative[int(np.argmin(errors))])
+        elif self.alpha == "oas":
+            self.relative_alpha_ = oas_relative_ridge(eigenvalues, n_samples=self.n_samples_seen_)
         elif selection is not None:
             hits = self._leave_one_out_hits(*selection, decomposition=decomposition)
             self.relative_alpha_ = _one_standard_error_choice(
@@ -791,6 +793,24 @@ class DecorrelatedClassifier(_RidgeSelection, _UnknownScore, _ClassStatistics):
 
 
 PRIORS = ("empirical", "balanced")
+ALPHA_RULES = ("loo", "gcv", "oas")
+
+
+def oas_relative_ridge(eigenvalues: np.ndarray, *, n_samples: int) -> float:
+    """The ridge, as a multiple of the mean eigenvalue of the centred Gram matrix ``G``, that Oracle Approximating
+    Shrinkage (Chen et al. 2010; scikit-learn's ``oas``) puts on the covariance ``S = G / n``:
+    ``(1 - rho) S + rho mu I`` is ``(1 - rho) / n`` times ``G + alpha I`` with ``alpha / mean eig(G) = rho / (1 - rho)``.
+
+    A closed form of ``trace(S)``, ``trace(S^2)``, ``n`` and the dimension: nothing is selected among candidates (no
+    winner's curse), and ``partial_fit``, ``remove_class`` and merged shards give it exactly as a full fit does.
+    """
+    dimension = len(eigenvalues)
+    covariance = np.asarray(eigenvalues, dtype=np.float64) / max(n_samples, 1)
+    mu = covariance.mean()
+    mean_square = (covariance**2).sum() / dimension**2  # the mean of the squared entries of S
+    denominator = (n_samples + 1) * (mean_square - mu**2 / dimension)
+    shrinkage = 1.0 if denominator <= 0 else min((mean_square + mu**2) / denominator, 1.0)
+    return np.inf if shrinkage >= 1.0 else shrinkage / (1.0 - shrinkage)
 
 
 def _safe_sqrt(values: np.ndarray) -> np.ndarray:

@@ -113,7 +113,10 @@ def methods(args: argparse.Namespace) -> dict:
         "class mean, L2-normalised": prototypes.ClassMeanClassifier(normalize=True),
         "decorrelated, alpha by leave-one-out": prototypes.DecorrelatedClassifier(),
         "decorrelated, alpha by GCV": prototypes.DecorrelatedClassifier(alpha="gcv"),
+        "decorrelated, alpha by OAS (closed form)": prototypes.DecorrelatedClassifier(alpha="oas"),
         "decorrelated, balanced prior": prototypes.make_classifier("balanced"),
+        "balanced prior, alpha by OAS (closed form)": prototypes.DecorrelatedClassifier(alpha="oas",
+                                                                                        prior="balanced"),
     }
     if not args.skip_lda:
         from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
@@ -146,6 +149,8 @@ SUBSET_METHODS = {
     "mean": prototypes.ClassMeanClassifier(),
     "decorrelated": prototypes.make_classifier("decorrelated"),
     "balanced": prototypes.make_classifier("balanced"),
+    "decorrelated, OAS": prototypes.DecorrelatedClassifier(alpha="oas"),
+    "balanced, OAS": prototypes.DecorrelatedClassifier(alpha="oas", prior="balanced"),
 }
 
 
@@ -169,8 +174,8 @@ def print_subset_row(name: str, table) -> None:
     print(f"| {name} | " + " | ".join(cells) + " |")
 
 
-SUBSET_HEADER = ("| subset | class mean | decorrelated (paired gain) | balanced (paired gain) |\n"
-                 "|---|---|---|---|")
+SUBSET_HEADER = ("| subset | class mean | " + " | ".join(f"{name} (paired gain)" for name in list(SUBSET_METHODS)[1:])
+                 + " |\n|---|---|" + "---|" * (len(SUBSET_METHODS) - 1))
 
 
 def subset_check(

@@ -16,6 +16,7 @@ ESTIMATORS = [
     ClassMeanClassifier(normalize=True),
     DecorrelatedClassifier(),
     DecorrelatedClassifier(alpha="gcv"),
+    DecorrelatedClassifier(alpha="oas"),
     DecorrelatedClassifier(projection_dim=24, random_state=3),
     DecorrelatedClassifier(prior="balanced"),
 ]
@@ -24,6 +25,8 @@ EXACT = [
     ClassMeanClassifier(),
     ClassMeanClassifier(normalize=True),
     DecorrelatedClassifier(alpha="gcv"),
+    DecorrelatedClassifier(alpha="oas"),
+    DecorrelatedClassifier(alpha="oas", prior="balanced"),
     DecorrelatedClassifier(alpha=0.5, projection_dim=24, random_state=3),
     DecorrelatedClassifier(alpha=0.5, prior="balanced"),
 ]
@@ -171,7 +174,21 @@ def test_rename_class_keeps_statistics_and_sorted_order():
         fitted.rename_class("cow", "bee")
 
 
-@pytest.mark.parametrize("alpha", ["loo", "gcv"])
+def test_the_oas_ridge_is_scikit_learns_oracle_approximating_shrinkage_of_the_features():
+    from sklearn.covariance import oas
+
+    X, y = gaussian_classes(samples_per_class=30, seed=13)
+    fitted = DecorrelatedClassifier(alpha="oas").fit(X, y)
+    features = fitted.query_features(X)
+    shrunk, rho = oas(features)
+    covariance = np.cov(features, rowvar=False, bias=True)
+    mu = np.trace(covariance) / covariance.shape[0]
+    assert fitted.relative_alpha_ == pytest.approx(rho / (1 - rho), rel=1e-9)
+    np.testing.assert_allclose((covariance + fitted.relative_alpha_ * mu * np.eye(covariance.shape[0]))
+                               / (1 + fitted.relative_alpha_), shrunk, atol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", ["loo", "gcv", "oas"])
 def test_renamed_decorrelated_classifier_scores_as_a_fit_under_the_new_names(alpha):
     X, y = gaussian_classes(samples_per_class=10, seed=12)
     names = np.array(["ant", "bee", "cow", "dog"], dtype="<U5")
@@ -186,9 +203,9 @@ def test_renamed_decorrelated_classifier_scores_as_a_fit_under_the_new_names(alp
 def test_fixed_alpha_and_bad_parameters():
     X, y = gaussian_classes(samples_per_class=10, seed=11)
     assert DecorrelatedClassifier(alpha=2.5).fit(X, y).alpha_ == 2.5
-    with pytest.raises(ValueError, match="alpha must be 'loo', 'gcv' or a positive number, got 0.0"):
+    with pytest.raises(ValueError, match="alpha must be 'loo', 'gcv', 'oas' or a positive number, got 0.0"):
         DecorrelatedClassifier(alpha=0.0).fit(X, y)
-    with pytest.raises(ValueError, match="alpha must be 'loo', 'gcv' or a positive number, got 'aic'"):
+    with pytest.raises(ValueError, match="alpha must be 'loo', 'gcv', 'oas' or a positive number, got 'aic'"):
         DecorrelatedClassifier(alpha="aic").fit(X, y)
     with pytest.raises(ValueError, match="projection_dim must be a positive integer"):
         DecorrelatedClassifier(projection_dim=0).fit(X, y)
