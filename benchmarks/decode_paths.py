@@ -28,7 +28,7 @@ import config  # noqa: E402
 import engine  # noqa: E402
 import metrics  # noqa: E402
 import protocol  # noqa: E402
-from grid_rerun import link_classes  # noqa: E402
+from grid_rerun import per_class_subset  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -59,10 +59,8 @@ def main(argv: list[str]) -> None:
     transform = engine.eval_transform(model)[1]
     settings = config.RunSettings(runs=args.runs, classifier=args.classifier)
     with tempfile.TemporaryDirectory() as folder:
-        dataset = pathlib.Path(args.dataset)
-        if args.per_class:
-            classes = sorted(path for path in dataset.iterdir() if path.is_dir())
-            dataset = link_classes(classes, pathlib.Path(folder) / "subset", per_class=args.per_class)
+        dataset = per_class_subset(pathlib.Path(args.dataset), pathlib.Path(folder) / "subset",
+                                   per_class=args.per_class)
         maker = banerjee.DatasetMaker(dataset_path=dataset)
         print(f"{maker.get_num_images()} images, {maker.get_num_labels()} classes, {args.runs} partitions, device "
               f"{device}, {loader.describe()}, {torch.get_num_threads()} torch threads")

@@ -40,6 +40,13 @@ def link_classes(classes: list[pathlib.Path], target: pathlib.Path, *, per_class
     return target
 
 
+def per_class_subset(dataset: pathlib.Path, target: pathlib.Path, *, per_class: int) -> pathlib.Path:
+    """``dataset`` itself (``per_class`` 0), or a dataset of links to the first ``per_class`` images of each class."""
+    if not per_class:
+        return dataset
+    return link_classes(sorted(path for path in dataset.iterdir() if path.is_dir()), target, per_class=per_class)
+
+
 def split_dataset(source: pathlib.Path, target: pathlib.Path, *, per_class: int) -> list[pathlib.Path]:
     """Two class-folder datasets of links: the first and second half of ``source``'s classes."""
     classes = sorted(path for path in source.iterdir() if path.is_dir())
