@@ -325,8 +325,8 @@ def _read_manifest(folder: pathlib.Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         older = " (written by an earlier version whose shards are not pinned by checksums)" if found == 1 else ""
-        raise EmbeddingSetError(f"{path} is not an embedding set manifest of format {FORMAT}{older}; encode the set "
-                                "again with python -m distributed.")
+        raise EmbeddingSetError(f"{path} is not an embedding set manifest of format {FORMAT}{older}; remove "
+                                f"{folder} and encode the set again with python -m distributed.")
     wrong = [key for key, kind in MANIFEST_KEYS.items() if type(manifest.get(key)) is not kind]
     if "shards" not in wrong and not all(_is_shard_entry(entry) for entry in manifest["shards"]):
         wrong.append("shards")
