@@ -119,7 +119,7 @@ def _write_zip(path: pathlib.Path, *, metadata: dict[str, Any], statistics: Stat
         tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as folder,
     ):
         written = store.save_embeddings(
-            embeddings=means.reshape(len(counts), -1), targets=np.array(metadata["labels"], dtype=object),
+            embeddings=means, targets=np.array(metadata["labels"], dtype=object),
             filename=pathlib.Path(folder) / path.name,
         )
         with zipfile.ZipFile(written, "a", compression=zipfile.ZIP_DEFLATED) as archive:

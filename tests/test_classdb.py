@@ -186,6 +186,13 @@ def test_save_load_round_trip(tmp_path, suffix):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"classes{suffix}", f"again{suffix}"])
 
 
+@pytest.mark.parametrize("suffix", [".zip", ".npz"])
+def test_a_store_without_classes_saves_and_loads(tmp_path, suffix):
+    path = toy_store().save(path=tmp_path / f"empty{suffix}")
+    loaded = ClassVectorStore.load(path=path)
+    assert len(loaded) == 0 and loaded.dim == DIM and loaded.metadata() == toy_store().metadata()
+
+
 def test_zip_is_readable_by_store_load_embeddings(tmp_path):
     db = filled_store()
     db.save(path=tmp_path / "classes.zip")
