@@ -301,9 +301,13 @@ def encode_dataset(
 def _pin_shard(path: pathlib.Path) -> dict[str, Any]:
     """What the manifest records of a shard it lists, so that a reader refuses any other file under that name."""
     data = path.read_bytes()
-    part = _parse_shard(data, path=path)
-    return {"name": path.name, "sha256": hashlib.sha256(data).hexdigest(), "rows": len(part["index"]),
-            "dim": int(part["embedding"].shape[1]), "samples": _samples_digest(part)}
+    return {"name": path.name, "sha256": hashlib.sha256(data).hexdigest(),
+            **_shard_contents(_parse_shard(data, path=path))}
+
+
+def _shard_contents(part: dict[str, np.ndarray]) -> dict[str, Any]:
+    """A parsed shard's rows, embedding dimension and samples digest, as its manifest entry holds them."""
+    return {"rows": len(part["index"]), "dim": int(part["embedding"].shape[1]), "samples": _samples_digest(part)}
 
 
 def _samples_digest(part: dict[str, np.ndarray]) -> str:
@@ -369,8 +373,7 @@ def _read_shard(path: pathlib.Path, entry: dict[str, Any]) -> dict[str, np.ndarr
         raise EmbeddingSetError(f"The shard {path} is not the file its manifest lists (SHA-256 differs): it was "
                                 "replaced, edited or damaged. Encode the set again.")
     part = _parse_shard(data, path=path)
-    found = {"rows": len(part["index"]), "dim": int(part["embedding"].shape[1]), "samples": _samples_digest(part)}
-    differing = [key for key, value in found.items() if entry[key] != value]
+    differing = [key for key, value in _shard_contents(part).items() if entry[key] != value]
     if differing:
         raise EmbeddingSetError(f"The shard {path} does not match its manifest entry ({', '.join(differing)}). "
                                 "Encode the set again.")
@@ -412,11 +415,11 @@ def read_embedding_set(folder: str | os.PathLike, *, model_id: str | None = None
     if missing:
         raise EmbeddingSetError(f"{folder} lacks {len(missing)} of its {len(manifest['shards'])} shards "
                                 f"({missing[0]} ...); encode the set again.")
-    parts = [_read_shard(folder / SHARDS / entry["name"], entry) for entry in manifest["shards"]]
     wrong = [entry for entry in manifest["shards"] if entry["dim"] != manifest["embedding_dim"]]
-    if wrong:
+    if wrong:  # from the manifest alone, before a shard is read
         raise EmbeddingSetError(f"The shard {folder / SHARDS / wrong[0]['name']} holds {wrong[0]['dim']}-d embeddings, "
                                 f"the set's manifest says {manifest['embedding_dim']}; encode the set again.")
+    parts = [_read_shard(folder / SHARDS / entry["name"], entry) for entry in manifest["shards"]]
     index = np.concatenate([part["index"] for part in parts])
     order = np.argsort(index, kind="stable")
     if not np.array_equal(index[order], np.arange(manifest["num_samples"])):
