@@ -118,6 +118,7 @@ def retrieval_precision(
     partitions: Sequence[Partition],
     ks: Sequence[int] = (1, 4, 8),
     confidence: float = 0.95,
+    device: str | torch.device | None = None,
 ) -> pd.DataFrame:
     """Image-retrieval quality of the embeddings: validation images query the individual training images.
 
@@ -129,20 +130,24 @@ def retrieval_precision(
     - ``AP@K = (1 / min(K, R)) * sum_{i<=K} P@i * rel_i``, so AP@K is 1 exactly when the first ``min(K, R)``
       results are all relevant; ``mAP@K`` is its mean over queries.
 
-    Each partition gives one mean per measure; the table reports their mean and Student-t half width.
+    Each partition gives one mean per measure; the table reports their mean and Student-t half width. The searches
+    run in torch on ``device`` (None: the CPU), where the embeddings are copied once.
     """
     ks = sorted(set(int(k) for k in ks))
+    device = prototypes.compute_device(device) or torch.device("cpu")
+    embeddings, targets = embeddings.to(device), targets.to(device)
     if not ks or ks[0] < 1:
         raise ValueError(f"ks must be positive integers, got {ks}.")
     precision_runs: list[list[float]] = []
     average_precision_runs: list[list[float]] = []
     for train_indexes, valid_indexes in tqdm(partitions, desc="[Retrieval] Partitions", leave=False):
+        train_indexes, valid_indexes = train_indexes.to(device), valid_indexes.to(device)
         train_targets, query_targets = targets[train_indexes], targets[valid_indexes]
         _, neighbours = prototypes.cosine_top_k(
             queries=embeddings[valid_indexes], corpus=embeddings[train_indexes], top_k=ks[-1]
         )
         relevant = (train_targets[neighbours] == query_targets.unsqueeze(1)).double()
-        ranks = torch.arange(1, relevant.shape[1] + 1, dtype=torch.float64)
+        ranks = torch.arange(1, relevant.shape[1] + 1, dtype=torch.float64, device=device)
         precision_at_rank = relevant.cumsum(dim=1) / ranks
         num_relevant = torch.bincount(train_targets, minlength=int(targets.max()) + 1)[query_targets]
         precision_runs.append([float(precision_at_rank[:, k - 1].mean()) for k in ks])
@@ -344,6 +349,7 @@ def compare_prototypes(
     top_k: int = 4,
     confidence: float = 0.95,
     methods: Mapping[str, Any] | Sequence[str] | None = None,
+    device: str | torch.device | None = None,
 ) -> pd.DataFrame:
     """Accuracy, balanced accuracy and top-k accuracy (mean and Student-t half width) of each classifier on the
     same partitions.
@@ -353,11 +359,13 @@ def compare_prototypes(
     the mean per-partition accuracy difference to the first method (the original class mean by default) with its
     own half width ``gain_ci``, far narrower than the spread of either method, so small real differences show;
     ``error_reduction`` is ``gain`` over the first method's error rate. ``seconds`` is the mean fit-plus-predict
-    time per partition.
+    time per partition. Every method with a ``device`` parameter computes on ``device`` (:func:`baselines.on_device`),
+    torch's work alone with BLAS at one thread (:func:`utils.torch_pool_only`).
     """
     methods = default_prototype_methods() if methods is None else methods
     if not isinstance(methods, Mapping):
         methods = {name: baselines.make_estimator(name) for name in methods}
+    methods = {name: baselines.on_device(method, device=device) for name, method in methods.items()}
     if not methods:
         raise ValueError("methods is empty: give at least one classifier to compare (or None for the defaults).")
     X, y = embeddings.float().numpy(), targets.numpy()
@@ -366,8 +374,9 @@ def compare_prototypes(
         accuracies, balanced_accuracies, topk_accuracies, seconds = [], [], [], []
         for train_indexes, valid_indexes in partitions:
             started = time.perf_counter()
-            _, _, ranked = prototypes.fit_and_rank(method, train=(X[train_indexes], y[train_indexes]),
-                                                   queries=X[valid_indexes], top_k=top_k)
+            with utils.torch_pool_only(active=baselines.works_in_torch(method)):
+                _, _, ranked = prototypes.fit_and_rank(method, train=(X[train_indexes], y[train_indexes]),
+                                                       queries=X[valid_indexes], top_k=top_k)
             seconds.append(time.perf_counter() - started)
             scored = metrics.score_predictions(targets=y[valid_indexes], topk_predictions=ranked)
             accuracies.append(scored["accuracy"])
@@ -417,20 +426,25 @@ def random_partitions(
 
 
 def _leave_out_accuracies(
-    *, embeddings: torch.Tensor, targets: torch.Tensor, valid_sets: Iterable[torch.Tensor]
+    *,
+    embeddings: torch.Tensor,
+    targets: torch.Tensor,
+    valid_sets: Iterable[torch.Tensor],
+    device: torch.device = torch.device("cpu"),
 ) -> list[float]:
     """Top-1 accuracy of the article's class mean for many validation sets, training on the rest.
 
     The classifier is fitted once on every image; each partition's class sums are those minus the sums of its
     validation images (exact, the statistics are additive), scored in float32 torch: two thousand partitions of
-    Caltech-101 take half a minute instead of two of per-partition estimator copies.
+    Caltech-101 take half a minute instead of two of per-partition estimator copies; on ``device``.
     """
     everything = prototypes.ClassMeanClassifier().fit(embeddings.float().numpy(), targets.numpy())
-    class_sums = torch.from_numpy(everything.class_sums_).float()
-    rows = torch.from_numpy(np.searchsorted(everything.classes_, targets.numpy()))
-    features = embeddings.float()
+    class_sums = torch.from_numpy(everything.class_sums_).float().to(device)
+    rows = torch.from_numpy(np.searchsorted(everything.classes_, targets.numpy())).to(device)
+    features = embeddings.float().to(device)
     accuracies = []
     for valid_indexes in valid_sets:
+        valid_indexes = valid_indexes.to(device)
         queries, query_rows = features[valid_indexes], rows[valid_indexes]
         train_sums = class_sums.index_add(0, query_rows, queries, alpha=-1.0)  # a class's mean points along its sum
         _, best = prototypes.cosine_top_k(queries=queries, corpus=train_sums, top_k=1)
@@ -448,6 +462,7 @@ def ci_coverage(
     trials: int = 50,
     confidence: float = 0.95,
     seed: int = 0,
+    device: str | torch.device | None = None,
 ) -> dict[str, float | int]:
     """How often a Student-t interval from ``sample_runs`` partitions covers the mean accuracy of many partitions.
 
@@ -455,7 +470,8 @@ def ci_coverage(
     holds, ``coverage`` is near ``confidence``. The reference is the mean of ``reference_runs`` partitions (its own
     interval is reported, it should be far narrower than the sampled ones), and each of ``trials`` disjoint groups
     of fresh partitions gives one interval. ``coverage_std_error`` is the binomial error of the coverage estimate.
-    It needs ``reference_runs + trials * sample_runs`` partitions of the fast class-mean path.
+    It needs ``reference_runs + trials * sample_runs`` partitions of the fast class-mean path, scored in torch on
+    ``device`` (None: the CPU).
     """
     if sample_runs < 2:
         raise ValueError(f"sample_runs must be at least 2 to form an interval, got {sample_runs}.")
@@ -467,6 +483,7 @@ def ci_coverage(
         embeddings=embeddings,
         targets=targets,
         valid_sets=tqdm(valid_sets, total=total, desc="[CI coverage] Partitions", leave=False),
+        device=prototypes.compute_device(device) or torch.device("cpu"),
     )
     reference = metrics.mean_confidence_interval(accuracies[:reference_runs], confidence=confidence)
     groups = np.asarray(accuracies[reference_runs:]).reshape(trials, sample_runs)
@@ -576,6 +593,7 @@ def open_set(
     confidence: float = 0.95,
     seed: int = 0,
     together: Sequence[Sequence[Any]] = (),
+    device: str | torch.device | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any], tuple[np.ndarray, np.ndarray]]:
     """Queries of no known class: per partition, ``hidden_share`` of the classes are hidden, ``classifier`` is fitted
     on the other classes' training part, and its ``score_samples`` must tell their validation samples from every
@@ -584,16 +602,19 @@ def open_set(
     Returns the per-partition table (AUROC, FPR at ``true_positive_rate``, the known classes' accuracy, and their
     accuracy among the samples kept at the threshold, which is set on those same known samples), its summary with
     Student-t intervals, and the last partition's known and unknown scores (for a histogram). ``together``: groups
-    of labels hidden as one (see :func:`hidden_class_draws`).
+    of labels hidden as one (see :func:`hidden_class_draws`). ``device``: where the classifier computes, as in
+    :func:`compare_prototypes`.
     """
     X, y = embeddings.double().numpy(), targets.numpy()
+    working = baselines.on_device(classifier, device=device)
     rows, scores = [], (np.zeros(0), np.zeros(0))
     draws = hidden_class_draws(targets=y, partitions=partitions, hidden_share=hidden_share, seed=seed,
                                together=together)
     for number, (train, known, unknown, hidden) in enumerate(tqdm(draws, total=len(partitions), leave=False,
                                                                   desc="[Open set] Partitions")):
-        fitted = sklearn.base.clone(classifier).fit(X[train], y[train])
-        both = fitted.score_samples(X[np.r_[known, unknown]])
+        with utils.torch_pool_only(active=baselines.works_in_torch(working)):
+            fitted = sklearn.base.clone(working).fit(X[train], y[train])
+            both = fitted.score_samples(X[np.r_[known, unknown]])
         scores = both[: len(known)], both[len(known):]
         separation = open_set_scores(known=scores[0], unknown=scores[1], true_positive_rate=true_positive_rate)
         correct = fitted.predict(X[known]) == y[known]
@@ -682,11 +703,14 @@ def analyse_runs(
     parts: Iterable[str] = ANALYSIS_PARTS,
     sample_names: Sequence[str] | None = None,
     methods: Sequence[str] | None = None,
+    device: str | torch.device | None = None,
 ) -> RunAnalysis:
     """The chosen analyses (``ANALYSIS_PARTS``) of a cached-protocol experiment (``protocol.Runs`` with
     embeddings), on its own partitions, under one progress bar over the parts; ``sample_names`` (paths or texts in
     global order) name the samples with the smallest margins; ``methods`` names the classifiers the ``prototypes``
-    part compares (default: :func:`default_prototype_methods`)."""
+    part compares (default: :func:`default_prototype_methods`); ``device`` is where the searches and the classifiers
+    compute (the run's device: ``"cuda"`` puts the probe, the decorrelated fits, neighbours, retrieval and the
+    coverage check on the GPU; None: the CPU), torch's work alone with BLAS at one thread (:func:`utils.torch_pool_only`)."""
     per_run = dict(targets_per_run=runs.targets_per_run, predictions_per_run=runs.predictions_per_run)
     embeddings, targets, partitions = runs.embeddings, runs.targets, runs.partitions
     last_valid = partitions[-1][1]
@@ -708,13 +732,14 @@ def analyse_runs(
                 hard_samples=smallest_margins(runs=runs.runs, labels=labels, sample_names=sample_names),
             )
         elif part == "retrieval":
-            results["retrieval"] = retrieval_precision(
-                embeddings=embeddings, targets=targets, partitions=partitions, confidence=confidence
-            )
+            with utils.torch_pool_only():
+                results["retrieval"] = retrieval_precision(
+                    embeddings=embeddings, targets=targets, partitions=partitions, confidence=confidence, device=device
+                )
         elif part == "prototypes":
             results["prototypes"] = compare_prototypes(
                 embeddings=embeddings, targets=targets, partitions=partitions, top_k=runs.top_k, confidence=confidence,
-                methods=methods,
+                methods=methods, device=device,
             )
         elif part == "tsne":
             coords, means = tsne_map(
@@ -722,15 +747,17 @@ def analyse_runs(
             )
             results.update(tsne_coords=coords, tsne_targets=targets[last_valid].numpy(), tsne_means=means)
         elif part == "coverage":
-            results["coverage"] = ci_coverage(
-                embeddings=embeddings, targets=targets, valid_share=valid_share, confidence=confidence, seed=seed
-            )
+            with utils.torch_pool_only():
+                results["coverage"] = ci_coverage(
+                    embeddings=embeddings, targets=targets, valid_share=valid_share, confidence=confidence, seed=seed,
+                    device=device,
+                )
         elif len(labels) < 3:
             warnings.warn("--analysis openset hides some classes and needs at least 3; skipped.", stacklevel=2)
         else:
             table, summary, scores = open_set(
                 embeddings=embeddings, targets=targets, partitions=partitions, classifier=runs.classifier,
-                confidence=confidence, seed=seed,
+                confidence=confidence, seed=seed, device=device,
             )
             results.update(openset=table, openset_summary=summary, openset_scores=scores)
     return RunAnalysis(**results)

@@ -82,7 +82,8 @@ class _ModelIdentity:
             "model_id": self.model_id,
             "modality": self.modality,
             "transform_config": self.transform_config,
-            "classifier": {"name": self.classifier_name, "params": store.plain_json(self.classifier.get_params())},
+            "classifier": {"name": self.classifier_name,
+                           "params": store.plain_json(prototypes.model_params(self.classifier))},
         }
 
     def check_model(

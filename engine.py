@@ -511,10 +511,13 @@ class TextEncoder(Encoder):
         return model_id(self.model) + ("" if self.precision == "fp32" else f"+{self.precision}-weights")
 
     def _forward(self, inputs: Sequence[str]) -> torch.Tensor:
-        # sentence-transformers sorts a call's texts by length and pads per inner batch of 64: larger loader
-        # batches (e.g. 512) waste less padding.
+        # sentence-transformers sorts a call's texts by length and pads per inner batch: on a CPU inner batches of
+        # 64 waste little padding (larger loader batches, e.g. 512, waste less); a GPU runs the whole loader batch
+        # at once, where one launch costs more than the padding.
+        inner_batch = 64 if self.device.type == "cpu" else max(len(inputs), 1)
         return self._model_in_precision().encode(
-            list(inputs), batch_size=64, convert_to_tensor=True, device=str(self.device), show_progress_bar=False
+            list(inputs), batch_size=inner_batch, convert_to_tensor=True, device=str(self.device),
+            show_progress_bar=False,
         ).float()
 
     def _model_in_precision(self) -> torch.nn.Module:

@@ -247,7 +247,7 @@ if args.analysis and run_results.embeddings is not None:
         runs=run_results, labels=labels, valid_share=settings.valid_share, confidence=settings.confidence,
         seed=settings.seed,
         num_intervals=NUM_INTERVALS, threshold=CLASS_ACCURACY_THRESHOLD, parts=args.analysis,
-        sample_names=[str(sample) for sample in dsm.get_samples()], methods=args.compare,
+        sample_names=[str(sample) for sample in dsm.get_samples()], methods=args.compare, device=device,
     )
     written = visual.draw_analysis(
         analysed, labels=labels, out_dir=out_dir, confidence=settings.confidence, sample_kind=dsm.sample_kind,

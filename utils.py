@@ -3,6 +3,7 @@ reports skipped optimizer steps."""
 
 from __future__ import annotations
 
+import contextlib
 import cProfile
 import ctypes
 import ctypes.util
@@ -17,6 +18,7 @@ from types import TracebackType
 from typing import Any
 
 import pandas as pd
+import threadpoolctl
 import timm.utils
 import torch
 
@@ -28,6 +30,7 @@ __all__ = [
     "check_cuda_support",
     "cpu_has_fast_bf16",
     "get_device",
+    "torch_pool_only",
     "prefetch",
     "print_stats",
     "printable",
@@ -141,6 +144,22 @@ def printable(text: str) -> str:
     """``text`` with control characters (newlines, terminal escapes) spelt as escapes, so a label prints as one
     harmless line; ordinary text, accents included, is unchanged."""
     return "".join(char if char.isprintable() else repr(char)[1:-1] for char in str(text))
+
+
+@contextlib.contextmanager
+def torch_pool_only(*, active: bool = True) -> Iterator[None]:
+    """While torch works, NumPy's BLAS keeps one thread (threadpoolctl); ``active=False`` changes nothing.
+
+    torch (OpenMP) and NumPy/SciPy (OpenBLAS) each start a thread per core, and OpenBLAS keeps its threads spinning a
+    while after every call: code that alternates between them on a many-core machine runs two busy pools on the same
+    cores. Only for work that is torch's alone: limiting either pool under mixed work (the class-vector fits,
+    scikit-learn's t-SNE, whose OpenMP is torch's) made it slower on 2 cores.
+    """
+    if not active:
+        yield
+        return
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 def cpu_has_fast_bf16() -> bool:

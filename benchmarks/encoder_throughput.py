@@ -8,11 +8,13 @@ system allocator, and the largest difference and smallest cosine of the embeddin
 process. With ``--dataset`` each process also times the whole encode pass of the default variant (decoding
 and resizing files in DataLoader workers, or without workers in the main process, with and without the next batch
 prepared in a thread: ``utils.prefetch``) against its own model-forward rate on the same images; with ``--texts``
-the sentence encoder in fp32 and bf16::
+the sentence encoder in fp32 and bf16 on the CPU and, where CUDA is, in fp32, bf16 and fp16 there.
+``--text-model-shape`` builds the sentence model from a folder without its weights (random weights, the same
+architecture, so the same rate; the GPU check carries no 90 MB MiniLM)::
 
     python benchmarks/encoder_throughput.py --batches 6 --batch-size 32 [--compile] [--bf16] \\
         [--dataset ../shared/data/caltech101 --images 1024 --workers 0 2] \\
-        [--texts ../shared/data/trec/train.csv --text-model models/all-MiniLM-L6-v2]
+        [--texts ../shared/data/trec/train.csv --text-model models/all-MiniLM-L6-v2 | --text-model-shape FOLDER]
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--text-column", default="text", help="column of the sentences in --texts")
     parser.add_argument("--label-column", default="label", help="label column of --texts")
     parser.add_argument("--text-model", default=None, help="sentence-transformers folder (default: packaged MiniLM)")
+    parser.add_argument("--text-model-shape", default=None,
+                        help="sentence-transformers folder without weights: time its architecture, random weights")
     parser.add_argument("--sentences", type=int, default=2048, help="sentences of --texts to encode")
     parser.add_argument("--allocators", nargs="*", default=None,
                         help="system, tuned, tcmalloc, jemalloc (default: every one available)")
@@ -204,26 +208,46 @@ def encode_pass(args: argparse.Namespace, *, model: torch.nn.Module, transform) 
 
 
 def text_rates(args: argparse.Namespace) -> list[dict]:
-    """The sentence encoder's rate on the first ``--sentences`` texts of ``--texts``, in fp32 and bf16."""
+    """The sentence encoder's rate on the first ``--sentences`` texts of ``--texts``: fp32 and bf16 on the CPU, and
+    fp32, bf16 and fp16 on CUDA where there is one; embeddings against the CPU's fp32."""
     maker = banerjee.make_dataset_maker(dataset_path=args.texts, modality="text", text_column=args.text_column,
                                        label_column=args.label_column)
     texts = maker.get_texts()[: args.sentences]
-    folder = args.text_model or _packaged_minilm()
+    folder = _shaped_model(args.text_model_shape) if args.text_model_shape else args.text_model or _packaged_minilm()
     model = engine.create_text_model(model_name=folder)
     batches = [texts[start:start + 512] for start in range(0, len(texts), 512)]
     rows, baseline = [], None
-    for precision in ("fp32", "bf16"):
+    text_variants = [("cpu", "fp32"), ("cpu", "bf16")]
+    if torch.cuda.is_available():
+        text_variants += [("cuda", precision) for precision in ("fp32", "bf16", "fp16")]
+    for device, precision in text_variants:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            encoder = engine.TextEncoder(model=model, device="cpu", config=engine.EncoderConfig(
+            encoder = engine.TextEncoder(model=model, device=device, config=engine.EncoderConfig(
                 precision=precision, tune_allocator=args.child == "tuned"))
             speed, embeddings = forward_rate(encoder, batches)
         baseline = embeddings if baseline is None else baseline
-        rows.append(dict(variant=f"text {pathlib.Path(str(folder)).name} {precision}", rate=speed,
+        name = f"text {pathlib.Path(str(folder)).name}" + ("" if device == "cpu" else f" {device}")
+        rows.append(dict(variant=f"{name} {precision}", rate=speed,
                          difference=(embeddings - baseline).abs().max().item(),
                          cosine=torch.nn.functional.cosine_similarity(embeddings, baseline).min().item(),
                          warnings=[str(warning.message) for warning in caught]))
     return rows
+
+
+def _shaped_model(shape: str) -> pathlib.Path:
+    """A copy of the sentence-transformers folder ``shape`` (configuration and tokenizer, no weights) with random
+    weights of its architecture, seeded: a rate needs the shape, not the training."""
+    import shutil
+    import tempfile
+
+    from transformers import AutoConfig, AutoModel
+
+    folder = pathlib.Path(tempfile.mkdtemp()) / f"{pathlib.Path(shape).name}-random-weights"
+    shutil.copytree(shape, folder)
+    torch.manual_seed(0)
+    AutoModel.from_config(AutoConfig.from_pretrained(folder)).save_pretrained(folder)
+    return folder
 
 
 def _packaged_minilm() -> pathlib.Path:

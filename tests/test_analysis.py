@@ -436,3 +436,58 @@ def test_compared_classifiers_can_be_named_as_on_the_command_line():
     assert baselines.make_estimator("balanced").get_params()["prior"] == "balanced"
     with pytest.raises(ValueError, match="Unknown classifier 'svm'; use one of mean, decorrelated, balanced, knn1"):
         baselines.make_estimator("svm")
+
+
+def _analysis_on_device_against_the_cpu(device: str) -> None:
+    """The parts that compute in torch on a device give the CPU's figures: every classifier's accuracy (the probe
+    within its solver's tolerance), retrieval, the coverage check and the open-set scores."""
+    embeddings, targets = clusters(num_labels=6, per_class=25, spread=0.4, seed=5)
+    partitions = partitions_of(targets, runs=3)
+    names = ["mean", "decorrelated", "balanced", "knn1", "knn5", "kmeans2", "probe"]
+    columns = ["accuracy", "balanced_accuracy", "topk_accuracy"]
+    tables = [analysis.compare_prototypes(embeddings=embeddings, targets=targets, partitions=partitions, top_k=2,
+                                          methods=names, device=where).set_index("method")[columns]
+              for where in (None, device)]
+    assert (tables[0].loc["probe", "accuracy"] < 1.0) and (tables[0]["accuracy"].min() > 0.5)  # not trivial
+    pd.testing.assert_frame_equal(tables[0].drop(index="probe"), tables[1].drop(index="probe"))
+    np.testing.assert_allclose(tables[0].loc["probe"], tables[1].loc["probe"], atol=0.02)
+    retrieval = [analysis.retrieval_precision(embeddings=embeddings, targets=targets, partitions=partitions,
+                                              device=where) for where in (None, device)]
+    pd.testing.assert_frame_equal(*retrieval)
+    coverage = [analysis.ci_coverage(embeddings=embeddings, targets=targets, reference_runs=40, sample_runs=5,
+                                     trials=4, device=where) for where in (None, device)]
+    assert coverage[0] == pytest.approx(coverage[1], abs=1e-6)
+    open_sets = [analysis.open_set(embeddings=embeddings, targets=targets, partitions=partitions,
+                                   classifier=prototypes.make_classifier("decorrelated"), device=where)
+                 for where in (None, device)]
+    np.testing.assert_allclose(open_sets[0][0]["auroc"], open_sets[1][0]["auroc"], atol=1e-6)
+    assert open_sets[0][1]["classifier"] == open_sets[1][1]["classifier"]  # the device is no part of the method
+
+
+def test_analysis_in_torch_on_the_cpu_device_equals_the_default_path():
+    _analysis_on_device_against_the_cpu("cpu")
+
+
+@pytest.mark.cuda
+def test_analysis_on_cuda_equals_the_cpu():
+    _analysis_on_device_against_the_cpu("cuda")
+
+
+def test_torch_pool_only_holds_blas_at_one_thread_while_torch_works():
+    import threadpoolctl
+
+    import utils
+
+    def blas_threads() -> set[int]:
+        return {pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"}
+
+    before, torch_threads = blas_threads(), torch.get_num_threads()
+    with utils.torch_pool_only():
+        assert blas_threads() == {1} and torch.get_num_threads() == torch_threads
+    with utils.torch_pool_only(active=False):
+        assert blas_threads() == before
+    assert blas_threads() == before
+    assert baselines.works_in_torch(baselines.LinearProbe())
+    assert not baselines.works_in_torch(prototypes.DecorrelatedClassifier())
+    assert baselines.works_in_torch(prototypes.DecorrelatedClassifier(device="cuda"))
+    assert not baselines.works_in_torch(baselines.NearestNeighbourClassifier())  # a NumPy product on the CPU

@@ -298,7 +298,8 @@ def test_leave_one_out_class_mean_cosines_equal_refits_without_each_image():
     fitted = ClassMeanClassifier(normalize=True).fit(X, y)
     rows = np.searchsorted(fitted.classes_, y)
     counts = fitted.class_counts_[rows].astype(np.float32)
-    closed = prototypes._leave_one_out_cosines(features, rows, class_sums=fitted.class_sums_, counts=counts)
+    closed = prototypes._leave_one_out_cosines(features, rows, class_sums=fitted.class_sums_, counts=counts,
+                                               device=torch.device("cpu"))
     for i in range(1, len(y)):
         refit = ClassMeanClassifier(normalize=True).fit(np.delete(X, i, 0), np.delete(y, i))
         np.testing.assert_allclose(closed[i], refit.class_scores(X[i : i + 1])[0], atol=1e-5)
@@ -314,9 +315,10 @@ def test_leave_one_out_balanced_scores_are_refits_without_each_image():
     mu = features.mean(axis=0)
     eigenvalues, eigenvectors = np.linalg.eigh((features - mu).T @ (features - mu))
     projected = (features - mu) @ eigenvectors
+    rotated, inverse = eigenvectors.T @ (fitted.class_means_ - mu).T, 1 / (eigenvalues + 0.3)
     closed = prototypes._leave_one_out_whitened_cosines(
-        projected, projected**2, rows, rotated=eigenvectors.T @ (fitted.class_means_ - mu).T,
-        inverse=1 / (eigenvalues + 0.3), counts=fitted.class_counts_[rows].astype(np.float64),
+        projected @ (rotated * inverse[:, None]), projected**2 @ inverse, rows,
+        class_norms=(rotated**2 * inverse[:, None]).sum(axis=0), counts=fitted.class_counts_[rows].astype(np.float64),
     )
     assert closed[0, rows[0]] == -np.inf
     for i in (1, 9, 30):
@@ -422,3 +424,36 @@ def test_reject_needs_a_calibration_and_a_free_unknown_label():
         named.predict(X, reject=True)
     with pytest.raises(ValueError, match="true_positive_rate must lie strictly between 0 and 1"):
         named.calibrate(X, true_positive_rate=1.0)
+
+
+def _torch_path_against_numpy(device: str) -> None:
+    """Every decorrelated classifier fitted in torch on ``device`` equals the NumPy fit: same ridge, scores, unknown
+    scores and leave-one-out hits."""
+    X, y = gaussian_classes(samples_per_class=30, seed=40, dim=24, classes=5)
+    X_test, _ = gaussian_classes(samples_per_class=5, seed=41, dim=24, classes=5)
+    for params in ({}, {"prior": "balanced"}, {"unknown_score": "mahalanobis"}):
+        on_numpy = DecorrelatedClassifier(**params).fit(X, y)
+        on_torch = DecorrelatedClassifier(device=device, **params).fit(X, y)
+        assert on_torch.relative_alpha_ == on_numpy.relative_alpha_
+        np.testing.assert_allclose(on_torch.class_scores(X_test), on_numpy.class_scores(X_test), atol=1e-9)
+        np.testing.assert_allclose(on_torch.score_samples(X_test), on_numpy.score_samples(X_test), atol=1e-6)
+        np.testing.assert_array_equal(on_torch.leave_one_out_hits(X, y), on_numpy.leave_one_out_hits(X, y))
+
+
+def test_decorrelated_classifier_in_torch_equals_numpy_on_the_cpu():
+    _torch_path_against_numpy("cpu")
+
+
+@pytest.mark.cuda
+def test_decorrelated_classifier_on_cuda_equals_numpy():
+    _torch_path_against_numpy("cuda")
+
+
+def test_device_is_where_an_estimator_runs_not_what_it_is():
+    X, y = gaussian_classes(samples_per_class=10, seed=42)
+    half = len(y) // 2
+    on_torch = DecorrelatedClassifier(device="cpu").fit(X[:half], y[:half])
+    merged = prototypes.merge_statistics([on_torch, DecorrelatedClassifier().fit(X[half:], y[half:])])
+    np.testing.assert_allclose(merged.gram_, DecorrelatedClassifier().fit(X, y).gram_, atol=1e-9)
+    assert "device" not in prototypes.model_params(on_torch)
+    assert prototypes.model_params(on_torch) == prototypes.model_params(DecorrelatedClassifier())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 
@@ -115,6 +116,19 @@ def test_bf16_text_embeddings_come_from_a_cast_copy_close_to_fp32(text_encoder):
     assert torch.nn.functional.cosine_similarity(reference, rounded).min() >= 0.999
     assert next(text_encoder.model.parameters()).dtype == torch.float32  # the shared model is left as it was
     assert bf16.embedding_id == text_encoder.embedding_id + "+bf16-weights"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_sentences_on_cuda_embed_close_to_the_cpu(text_encoder, precision):
+    """On CUDA the whole loader batch is one inner batch, in fp32, bf16 or fp16; embeddings stay those of the CPU."""
+    sentences = [sentence for _, sentence in topic_sentences(per_class=10)]
+    cuda = engine.TextEncoder(model=copy.deepcopy(text_encoder.model), device="cuda",
+                              config=engine.EncoderConfig(precision=precision))
+    with torch.inference_mode():
+        reference, on_cuda = text_encoder._forward(sentences), cuda._forward(sentences)
+    assert on_cuda.dtype == torch.float32 and on_cuda.device.type == "cuda"
+    assert torch.nn.functional.cosine_similarity(reference, on_cuda.cpu()).min() >= 0.999
 
 
 def test_text_model_that_cannot_be_fetched_is_a_clear_error(monkeypatch):
