@@ -106,6 +106,7 @@ step analysis-cache 120 "^Accuracy:" python p1_similarity_search_rsch.py --datas
 step analysis 180 "^Total duration" python p1_similarity_search_rsch.py --dataset "$SMALL" "${COMMON[@]}" --cache-dir "$OUT/cache" --out "$OUT/analysis" --analysis
 TEXTS=(--texts "$HERE/trec.csv" --label-column coarse --text-model-shape "$HERE/minilm-shape")
 step throughput 180 "^tuned +(cuda|cpu) " python benchmarks/encoder_throughput.py "${THROUGHPUT[@]}" --allocators tuned "${TEXTS[@]}"
+grep -E "^tuned +text" "$OUT/throughput.log" | tr '|' '/' | sed 's/^tuned *\(.*\)$/| sentences | | | \1 |/' >> "$SUMMARY"
 step search 120 "^\\| +[0-9,]+ \\| torch" python benchmarks/search_backends.py --sizes "${SEARCH_SIZES[@]}" --budget 20
 if [ "$SUITE" = 1 ]; then
     PARALLEL=()
