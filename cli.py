@@ -43,10 +43,11 @@ __all__ = [
 
 # analysis.ANALYSIS_PARTS, named here to keep --help light
 ANALYSIS_PARTS = ("confusion", "retrieval", "prototypes", "tsne", "coverage", "openset")
-CLASSIFIER_NAMES = ("mean", "decorrelated", "balanced")  # prototypes.CLASSIFIERS, named here to keep --help light
+CLASSIFIER_NAMES = ("mean", "decorrelated", "balanced", "lda")  # prototypes.CLASSIFIERS, named here to keep --help light
 ESTIMATOR_NAMES = (*CLASSIFIER_NAMES, "knn1", "knn5", "kmeans2", "kmeans3", "probe")  # baselines.ESTIMATOR_NAMES
 DOWNLOADS = ("animal90", "caltech101", "digits")  # banerjee.DOWNLOADS, named here to keep --help light
 PRECISIONS = ("fp32", "bf16", "fp16")  # engine.PRECISIONS, named here to keep --help light
+SELECT_FOR = ("accuracy", "balanced")  # prototypes.SELECT_FOR, named here to keep --help light
 SEARCH_BACKENDS = ("torch", "faiss")  # classdb.BACKENDS, named here to keep --help light
 
 
@@ -113,7 +114,11 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
     experiment.add_argument("--classifier", choices=CLASSIFIER_NAMES, default=defaults["classifier"],
                             help="mean: the article's class mean (cosine); decorrelated: centred ridge prototypes, "
                                  "for a representative dataset; balanced: decorrelated with every class weighing the "
-                                 "same, for imbalanced classes and classes with few samples")
+                                 "same, for imbalanced classes and classes with few samples; lda: shrinkage linear "
+                                 "discriminant, nothing tuned on the images (see --select-for)")
+    experiment.add_argument("--select-for", choices=SELECT_FOR, default=defaults["select_for"],
+                            help="the metric the lda classifier's class prior serves: accuracy (each class weighed by "
+                                 "its share of the training samples, the default) or balanced (every class alike)")
     experiment.add_argument("--runs", type=int, default=defaults["runs"], help="number of random partitions")
     experiment.add_argument("--valid-share", type=float, default=defaults["valid_share"],
                             help="validation share of each class")
@@ -160,6 +165,8 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
     args = parser.parse_args(argv)
     if args.runs < 1 or args.top_k < 1:
         parser.error("--runs and --top-k must be at least 1.")
+    if args.select_for is not None and args.classifier != "lda":
+        parser.error(f"--select-for chooses the lda classifier's prior; --classifier {args.classifier} has none.")
     if args.short_run is not None and args.short_run < 1:
         parser.error(f"--short-run must be at least 1 batch, got {args.short_run}.")
     _check_shared_options(parser, args)

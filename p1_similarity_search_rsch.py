@@ -26,7 +26,8 @@ DEVICE = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
 PRECISION = "fp32"  # "fp32", "bf16" (fast only on CPUs with AVX512-BF16/AMX and on GPUs) or "fp16" (CUDA)
 COMPILE = False  # torch.compile the image model
 TUNE_ALLOCATOR = True  # keep activation buffers in glibc's heap between batches (utils.tune_allocator)
-CLASSIFIER = "mean"  # "mean" (the article) or "decorrelated"
+CLASSIFIER = "mean"  # "mean" (the article), "decorrelated", "balanced" or "lda"
+SELECT_FOR = None  # "lda" only: "accuracy" (None: the default) or "balanced", the metric its class prior serves
 RUNS = 20
 VALID_SHARE = 0.2
 TOPK = 4
@@ -60,7 +61,7 @@ args = cli.parse_script_args(
         model=MODEL_NAME, image_model=IMAGE_MODEL_NAME, text_model=TEXT_MODEL_NAME, weights=WEIGHTS,
         device=DEVICE, precision=PRECISION, compile=COMPILE, tune_allocator=TUNE_ALLOCATOR,
         batch_size=BATCH_SIZE, workers=NUM_WORKERS, decode=DECODE,
-        classifier=CLASSIFIER, runs=RUNS,
+        classifier=CLASSIFIER, select_for=SELECT_FOR, runs=RUNS,
         valid_share=VALID_SHARE, top_k=TOPK, confidence=CONFIDENCE, seed=RANDOM_SEED, reproducible=REPRODUCIBLE,
         caf_from=CAF_FROM, caf_rule=CAF_RULE, protocol=PROTOCOL,
         augment_encode=AUGMENT_ENCODE_DATA, augment_eval=AUGMENT_EVAL_DATA, short_run=SHORT_RUN_BATCHES,
@@ -78,6 +79,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import sklearn.base  # noqa: E402
 import torch  # noqa: E402
 
 import banerjee  # noqa: E402
@@ -101,7 +103,9 @@ if args.reproducible:
     randomness.set_determinism(seed=args.seed)
 settings = config.RunSettings(  # what every partition shares: both protocols, the stats and the analysis read it
     runs=args.runs, valid_share=args.valid_share, top_k=args.top_k, seed=args.seed, confidence=args.confidence,
-    classifier=args.classifier, short_run=args.short_run,
+    classifier=prototypes.make_classifier(args.classifier, **({} if args.select_for is None
+                                                              else {"select_for": args.select_for})),
+    short_run=args.short_run,
 )
 clock.mark("device start")
 
@@ -136,7 +140,7 @@ if settings.top_k > len(labels):
 clock.mark("dataset listing and image check")
 
 # %% The model, its preprocessing, the classifier and the encoder (none for an embedding set).
-classifier = prototypes.make_classifier(settings.classifier)
+classifier = sklearn.base.clone(settings.classifier)
 encoder = None if embedding_set else engine.create_encoder(
     modality=dsm.modality, model_name=model_name, weights=args.weights, device=device, classifier=classifier,
     config=engine.EncoderConfig(

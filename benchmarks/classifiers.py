@@ -117,6 +117,8 @@ def methods(args: argparse.Namespace) -> dict:
         "decorrelated, balanced prior": prototypes.make_classifier("balanced"),
         "balanced prior, alpha by OAS (closed form)": prototypes.DecorrelatedClassifier(alpha="oas",
                                                                                         prior="balanced"),
+        "lda (shrinkage discriminant), for accuracy": prototypes.make_classifier("lda"),
+        "lda, for balanced accuracy": prototypes.make_classifier("lda", select_for="balanced"),
     }
     if not args.skip_lda:
         from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
@@ -151,6 +153,7 @@ SUBSET_METHODS = {
     "balanced": prototypes.make_classifier("balanced"),
     "decorrelated, OAS": prototypes.DecorrelatedClassifier(alpha="oas"),
     "balanced, OAS": prototypes.DecorrelatedClassifier(alpha="oas", prior="balanced"),
+    "lda": prototypes.make_classifier("lda"),
 }
 
 

@@ -434,7 +434,7 @@ def test_compared_classifiers_can_be_named_as_on_the_command_line():
     pd.testing.assert_frame_equal(named[columns], given[columns])
     assert type(baselines.make_estimator("probe")) is baselines.LinearProbe
     assert baselines.make_estimator("balanced").get_params()["prior"] == "balanced"
-    with pytest.raises(ValueError, match="Unknown classifier 'svm'; use one of mean, decorrelated, balanced, knn1"):
+    with pytest.raises(ValueError, match="Unknown classifier 'svm'; use one of mean, decorrelated, balanced, lda, knn1"):
         baselines.make_estimator("svm")
 
 

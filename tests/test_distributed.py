@@ -82,7 +82,7 @@ def test_the_set_equals_the_single_process_encode_in_the_same_order(embedding_se
     assert (read.embeddings - embeddings).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["mean", "decorrelated", "balanced"])
+@pytest.mark.parametrize("name", ["mean", "decorrelated", "balanced", "lda"])
 def test_shard_statistics_merge_into_a_single_fit(embedding_set, name):
     out, _, _ = embedding_set
     read = distributed.read_embedding_set(out)

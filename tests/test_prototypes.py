@@ -9,7 +9,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.utils.estimator_checks import check_estimator
 
 import prototypes
-from prototypes import ClassMeanClassifier, DecorrelatedClassifier
+from prototypes import ClassMeanClassifier, DecorrelatedClassifier, DiscriminantClassifier
 
 ESTIMATORS = [
     ClassMeanClassifier(),
@@ -19,6 +19,7 @@ ESTIMATORS = [
     DecorrelatedClassifier(alpha="oas"),
     DecorrelatedClassifier(projection_dim=24, random_state=3),
     DecorrelatedClassifier(prior="balanced"),
+    DiscriminantClassifier(),
 ]
 # Estimators whose ridge strength depends on the statistics alone, so batches and removals predict exactly as fit.
 EXACT = [
@@ -29,6 +30,8 @@ EXACT = [
     DecorrelatedClassifier(alpha="oas", prior="balanced"),
     DecorrelatedClassifier(alpha=0.5, projection_dim=24, random_state=3),
     DecorrelatedClassifier(alpha=0.5, prior="balanced"),
+    DiscriminantClassifier(),
+    DiscriminantClassifier(select_for="balanced"),
 ]
 
 
@@ -209,8 +212,8 @@ def test_fixed_alpha_and_bad_parameters():
         DecorrelatedClassifier(alpha="aic").fit(X, y)
     with pytest.raises(ValueError, match="projection_dim must be a positive integer"):
         DecorrelatedClassifier(projection_dim=0).fit(X, y)
-    with pytest.raises(ValueError, match="Unknown classifier 'lda'"):
-        prototypes.make_classifier("lda")
+    with pytest.raises(ValueError, match="Unknown classifier 'qda'"):
+        prototypes.make_classifier("qda")
 
 
 def test_cosine_top_k_matches_manual_ranking_and_caps_k():
@@ -457,3 +460,65 @@ def test_device_is_where_an_estimator_runs_not_what_it_is():
     np.testing.assert_allclose(merged.gram_, DecorrelatedClassifier().fit(X, y).gram_, atol=1e-9)
     assert "device" not in prototypes.model_params(on_torch)
     assert prototypes.model_params(on_torch) == prototypes.model_params(DecorrelatedClassifier())
+
+
+
+def test_discriminant_without_shrinkage_or_prior_is_scikit_learns_lda():
+    """No shrinkage and no prior: the decisions of scikit-learn's LDA with uniform priors on the same unit vectors,
+    and its scores up to one positive factor (its covariance divides the scatter by another count)."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    X, y = gaussian_classes(samples_per_class=40, seed=43)
+    X_test, _ = gaussian_classes(samples_per_class=10, seed=44)
+    ours = DiscriminantClassifier(shrinkage=0.0, prior_strength=0.0).fit(X, y)
+    theirs = LinearDiscriminantAnalysis(solver="lsqr", priors=np.full(4, 0.25)).fit(prototypes.unit_rows(X), y)
+    unit = prototypes.unit_rows(X_test)
+    assert ours.predict(X_test).tolist() == theirs.predict(unit).tolist()
+    expected = theirs.decision_function(unit) - np.log(0.25)
+    factor = expected[0, 0] / ours.class_scores(X_test)[0, 0]
+    assert factor > 0
+    np.testing.assert_allclose(ours.class_scores(X_test) * factor, expected, rtol=1e-6)
+
+
+def test_discriminant_prior_strength_adds_the_log_share_of_each_class():
+    X, y = gaussian_classes(samples_per_class=30, seed=45)
+    keep = np.r_[np.arange(30), np.arange(30, 120, 3)]  # class 0 holds 30 images, the others 10
+    X, y = X[keep], y[keep]
+    accuracy = DiscriminantClassifier().fit(X, y)
+    balanced = DiscriminantClassifier(select_for="balanced").fit(X, y)
+    halfway = DiscriminantClassifier(prior_strength=0.5).fit(X, y)
+    assert (accuracy.prior_strength_, balanced.prior_strength_, halfway.prior_strength_) == (1.0, 0.0, 0.5)
+    shares = np.log(np.array([30, 10, 10, 10]) / 60)
+    np.testing.assert_allclose(accuracy.class_scores(X) - balanced.class_scores(X), np.tile(shares, (len(y), 1)),
+                               atol=1e-9)
+    np.testing.assert_allclose(halfway.bias_, (accuracy.bias_ + balanced.bias_) / 2, atol=1e-12)
+
+
+def test_discriminant_shrinkage_and_unknown_score_by_hand():
+    X, y = gaussian_classes(samples_per_class=12, seed=46, dim=30)  # 48 images in 30 dimensions: shrinkage matters
+    fitted = DiscriminantClassifier().fit(X, y)
+    unit = prototypes.unit_rows(X)
+    means = np.stack([unit[y == c].mean(axis=0) for c in range(4)])
+    covariance = sum((unit[y == c] - means[c]).T @ (unit[y == c] - means[c]) for c in range(4)) / (len(y) - 4)
+    scale = np.sqrt(np.diag(covariance))
+    correlation = covariance / np.outer(scale, scale)
+    eigenvalues = np.linalg.eigvalsh(correlation)
+    rho = prototypes.oas_shrinkage(eigenvalues, n_samples=len(y) - 4)
+    assert fitted.shrinkage_ == pytest.approx(rho, abs=1e-12) and 0.0 < rho < 1.0
+    shrunk = np.outer(scale, scale) * ((1 - rho) * correlation + rho * eigenvalues.mean() * np.eye(30))
+    inverse = np.linalg.inv(shrunk)
+    queries = prototypes.unit_rows(gaussian_classes(samples_per_class=3, seed=47, dim=30)[0])
+    expected_scores = queries @ inverse @ means.T - 0.5 * np.einsum("cf,fg,cg->c", means, inverse, means) + np.log(0.25)
+    np.testing.assert_allclose(fitted.class_scores(queries), expected_scores, rtol=1e-8, atol=1e-8)
+    distances = np.stack([np.einsum("nf,fg,ng->n", queries - m, inverse, queries - m) for m in means], axis=1)
+    np.testing.assert_allclose(fitted.score_samples(queries), -distances.min(axis=1), rtol=1e-8, atol=1e-8)
+
+
+def test_discriminant_parameters_are_checked():
+    X, y = gaussian_classes(samples_per_class=10, seed=48)
+    with pytest.raises(ValueError, match="shrinkage must be 'oas' or a number between 0 and 1, got 'lw'"):
+        DiscriminantClassifier(shrinkage="lw").fit(X, y)
+    with pytest.raises(ValueError, match="select_for must be one of 'accuracy', 'balanced', got 'f1'"):
+        DiscriminantClassifier(select_for="f1").fit(X, y)
+    with pytest.raises(ValueError, match="prior_strength must be None or a number between 0 and 1, got 2"):
+        DiscriminantClassifier(prior_strength=2).fit(X, y)

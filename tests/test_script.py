@@ -55,7 +55,7 @@ def test_decorrelated_classifier_run_equals_its_analysis_row(six_classes, lite0_
     assert compared.loc["decorrelated", "accuracy"] == pytest.approx(results["final_stats"]["accuracy"]["mean"])
     refused = run_script("--dataset", six_classes, "--compare", "mean,svm", cwd=tmp_path)
     assert refused.returncode == 2
-    assert "--compare: unknown classifier(s) svm; choose among mean, decorrelated, balanced, knn1" in refused.stderr
+    assert "--compare: unknown classifier(s) svm; choose among mean, decorrelated, balanced, lda, knn1" in refused.stderr
 
 
 def test_end_to_end_run_prints_intervals_and_writes_outputs(analysed_run):
@@ -115,8 +115,12 @@ def test_help_lists_defaults_without_importing_torch(tmp_path):
 
     result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
-    assert "--classifier {mean,decorrelated,balanced}" in result.stdout and "(default: mean)" in result.stdout
+    assert "--classifier {mean,decorrelated,balanced,lda}" in result.stdout and "(default: mean)" in result.stdout
     assert "--device DEVICE" in result.stdout and "(default: auto)" in result.stdout
+    refused = subprocess.run([sys.executable, str(SCRIPT), "--classifier", "balanced", "--select-for", "balanced"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2
+    assert "--select-for chooses the lda classifier's prior; --classifier balanced has none." in refused.stderr
     probe = subprocess.run([sys.executable, "-c", "import sys, cli; print('torch' in sys.modules)"],
                            capture_output=True, text=True, timeout=60, cwd=SCRIPT.parent)
     assert probe.stdout.strip() == "False"
