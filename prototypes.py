@@ -143,6 +143,12 @@ def _gram(features: np.ndarray, *, device: torch.device | None) -> np.ndarray:
     return (on_device.T @ on_device).cpu().numpy()
 
 
+def _within_class_scatter(*, gram: np.ndarray, class_sums: np.ndarray, class_counts: np.ndarray) -> np.ndarray:
+    """``sum_i (x_i - m_c(i))(x_i - m_c(i))^T = G_raw - sum_c S_c S_c^T / n_c``: from the raw Gram matrix and the
+    class sums alone."""
+    return gram - (class_sums.T / class_counts) @ class_sums
+
+
 def _eigh(matrix: np.ndarray, *, device: torch.device | None) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (ascending, clipped at zero: a scatter matrix has none below) and eigenvectors of a symmetric
     matrix, in torch on ``device`` or, for None, in NumPy: the one ``F x F`` decomposition every refit needs."""
@@ -506,9 +512,9 @@ class _GramStatistics(_ClassStatistics):
         self.n_samples_seen_ = self.n_samples_seen_ + sign * len(features)
 
     def within_class_scatter(self) -> np.ndarray:
-        """``sum_i (x_i - m_c(i))(x_i - m_c(i))^T = G_raw - sum_c S_c S_c^T / n_c``, ``[F, F]``: the images' scatter
-        about their own class means (a class removed without its images leaves them in it, uncentred)."""
-        return self.gram_ - (self.class_sums_.T / self.class_counts_) @ self.class_sums_
+        """The images' scatter about their own class means, ``[F, F]`` (see :func:`_within_class_scatter`; a class
+        removed without its images leaves them in it, uncentred)."""
+        return _within_class_scatter(gram=self.gram_, class_sums=self.class_sums_, class_counts=self.class_counts_)
 
 
 class _UnknownScore:
@@ -663,10 +669,7 @@ class _RidgeSelection:
     def _selection_weights(self, rows: np.ndarray) -> np.ndarray:
         """Per-image weights of the selection score: accuracy for the empirical prior, balanced accuracy (every
         class the same total weight) for the balanced one."""
-        if self.prior == "empirical":
-            return np.full(len(rows), 1.0 / len(rows))
-        counts = np.bincount(rows, minlength=len(self.classes_))
-        return 1.0 / (np.count_nonzero(counts) * counts[rows])
+        return _metric_weights(rows, balanced=self.prior == "balanced")
 
     def _leave_one_out_hits(
         self, features: np.ndarray, rows: np.ndarray, *, decomposition: dict[str, Any]
@@ -888,8 +891,16 @@ class DiscriminantClassifier(_GramStatistics):
     questions to several hundred each, accuracy and balanced accuracy both fall monotonically as ``tau`` leaves the
     end their metric names (docs/classifiers.md), so the ends are chosen by theory, not selected on the images.
 
+    ``check_against_mean`` (default True): on the images that start the estimator, a three-fold cross-validation
+    compares the discriminant with the cosine to each class's mean (the metric ``select_for`` names); unless the
+    discriminant wins by more than one standard error of the paired difference, the estimator scores by that cosine
+    (``uses_class_mean_``), kept through later changes like the decorrelated classifiers' ridge. Two candidates, not
+    twenty-six: no winner's curse to speak of. It guards the case where a covariance estimated from a hundred images
+    in a thousand dimensions only adds noise: two look-alike Caltech-101 classes of 50 images each
+    (docs/classifiers.md).
+
     :meth:`score_samples` is minus the smallest Mahalanobis distance to a class mean under the same shrunk
-    covariance. ``device`` as for :class:`DecorrelatedClassifier`. Memory: ``(C + F) x F`` float64; every change of
+    covariance (the best cosine where the class mean is used). ``device`` as for :class:`DecorrelatedClassifier`. Memory: ``(C + F) x F`` float64; every change of
     images or classes costs one ``F x F`` eigendecomposition. ``remove_class(label)`` without the images keeps them in
     the scatter, uncentred; with them (``remove_class(label, X)``) it equals a fit without them.
     """
@@ -900,11 +911,13 @@ class DiscriminantClassifier(_GramStatistics):
         shrinkage: float | str = "oas",
         select_for: str = "accuracy",
         prior_strength: float | None = None,
+        check_against_mean: bool = True,
         device: str | torch.device | None = None,
     ) -> None:
         self.shrinkage = shrinkage
         self.select_for = select_for
         self.prior_strength = prior_strength
+        self.check_against_mean = check_against_mean
         self.device = device
 
     def _start(self, *, n_features: int) -> None:
@@ -915,30 +928,77 @@ class DiscriminantClassifier(_GramStatistics):
         if self.prior_strength is not None and not 0.0 <= self.prior_strength <= 1.0:
             raise ValueError(f"prior_strength must be None or a number between 0 and 1, got {self.prior_strength!r}.")
         super()._start(n_features=n_features)
+        self.uses_class_mean_ = False
+
+    def _statistics_names(self) -> tuple[str, ...]:
+        return super()._statistics_names() + ("uses_class_mean_",)
+
+    def _set_shared(self, arrays: dict[str, np.ndarray]) -> None:
+        super()._set_shared(arrays)
+        self.uses_class_mean_ = bool(arrays.get("uses_class_mean", False))
 
     def _solve(self, selection: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
-        degrees = max(self.n_samples_seen_ - len(self.classes_), 1)
-        covariance = self.within_class_scatter() / degrees
-        scale = np.sqrt(np.clip(np.diag(covariance), 0.0, None))
-        scale = np.where(scale > 0, scale, 1.0)  # a feature that never varies within a class is left unscaled
-        eigenvalues, eigenvectors = _eigh(covariance / np.outer(scale, scale), device=compute_device(self.device))
-        self.shrinkage_ = (oas_shrinkage(eigenvalues, n_samples=degrees) if self.shrinkage == "oas"
-                           else float(self.shrinkage))
-        target = eigenvalues.mean() if eigenvalues.mean() > 0 else 1.0
-        # the whitening map q -> q / scale @ eigenvectors / sqrt(shrunk): S^-1 = whitening whitening^T
-        self.whitening_ = eigenvectors / scale[:, None] / np.sqrt((1 - self.shrinkage_) * eigenvalues
-                                                                  + self.shrinkage_ * target)
-        centres = self.class_means_ @ self.whitening_
-        weights = centres @ self.whitening_.T
         if self.prior_strength is not None:
             self.prior_strength_ = float(self.prior_strength)
         else:
             self.prior_strength_ = 1.0 if self.select_for == "accuracy" else 0.0
-        prior = np.log(self.class_counts_ / self.class_counts_.sum())
-        return weights, -0.5 * (centres**2).sum(axis=1) + self.prior_strength_ * prior
+        if selection is not None and self.check_against_mean:
+            self.uses_class_mean_ = not self._beats_the_class_mean(*selection)
+        weights, bias, self.whitening_, self.shrinkage_ = self._discriminant(
+            class_sums=self.class_sums_, class_counts=self.class_counts_, gram=self.gram_)
+        if self.uses_class_mean_:
+            return unit_rows(self.class_sums_), np.zeros(len(self.classes_))
+        return weights, bias
+
+    def _beats_the_class_mean(self, features: np.ndarray, rows: np.ndarray) -> bool:
+        """Whether the discriminant beats the cosine to the class means by more than one standard error over three
+        seeded, stratified folds of the starting images (weights as the metric ``select_for`` names). Each fold's
+        statistics are the whole ones minus its held-out images': one Gram matrix of a third of the images."""
+        folds = np.empty(len(rows), dtype=np.int64)
+        order = np.random.default_rng(0).permutation(len(rows))
+        for row in np.unique(rows):
+            members = order[rows[order] == row]
+            folds[members] = np.arange(len(members)) % 3
+        device = compute_device(self.device)
+        hits = np.zeros((2, len(rows)))
+        for fold in range(3):
+            held_out = folds == fold
+            counts = self.class_counts_ - np.bincount(rows[held_out], minlength=len(self.classes_))
+            present = np.flatnonzero(counts > 0)
+            if len(present) < 2 or not held_out.any():
+                return False  # too few images to tell: keep the article's class mean
+            sums = (self.class_sums_ - _sums_by_row(features[held_out], rows=rows[held_out],
+                                                    num_rows=len(self.classes_)))[present]
+            weights, bias, _, _ = self._discriminant(class_sums=sums, class_counts=counts[present],
+                                                     gram=self.gram_ - _gram(features[held_out], device=device))
+            queries = features[held_out]
+            for number, scores in enumerate((queries @ weights.T + bias, queries @ unit_rows(sums).T)):
+                hits[number, held_out] = present[scores.argmax(axis=1)] == rows[held_out]
+        return _beats(hits[0], hits[1], weights=_metric_weights(rows, balanced=self.select_for == "balanced"))
+
+    def _discriminant(
+        self, *, class_sums: np.ndarray, class_counts: np.ndarray, gram: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """``(weights, bias, whitening, shrinkage)`` of the discriminant on these statistics: the whitening map
+        ``q -> q / scale @ eigenvectors / sqrt(shrunk eigenvalues)`` has ``S^-1 = whitening whitening^T``."""
+        degrees = max(int(class_counts.sum()) - len(class_counts), 1)
+        covariance = _within_class_scatter(gram=gram, class_sums=class_sums, class_counts=class_counts) / degrees
+        scale = np.sqrt(np.clip(np.diag(covariance), 0.0, None))
+        scale = np.where(scale > 0, scale, 1.0)  # a feature that never varies within a class is left unscaled
+        eigenvalues, eigenvectors = _eigh(covariance / np.outer(scale, scale), device=compute_device(self.device))
+        shrinkage = oas_shrinkage(eigenvalues, n_samples=degrees) if self.shrinkage == "oas" else float(self.shrinkage)
+        target = eigenvalues.mean() if eigenvalues.mean() > 0 else 1.0
+        whitening = eigenvectors / scale[:, None] / np.sqrt((1 - shrinkage) * eigenvalues + shrinkage * target)
+        centres = (class_sums / class_counts[:, None]) @ whitening
+        prior = np.log(class_counts / class_counts.sum())
+        bias = -0.5 * (centres**2).sum(axis=1) + self.prior_strength_ * prior
+        return centres @ whitening.T, bias, whitening, shrinkage
 
     def _unknown_scores(self, X: np.ndarray) -> np.ndarray:
-        """Minus the smallest Mahalanobis distance to a class mean under the shrunk within-class covariance."""
+        """Minus the smallest Mahalanobis distance to a class mean under the shrunk within-class covariance; the best
+        cosine where the class mean is used."""
+        if self.uses_class_mean_:
+            return super()._unknown_scores(X)
         queries = _product(self._query_features(X), self.whitening_, device=compute_device(self.device))
         centres = self.class_means_ @ self.whitening_
         distances = (queries**2).sum(axis=1)[:, None] - 2 * queries @ centres.T + (centres**2).sum(axis=1)
@@ -1023,10 +1083,24 @@ def _one_standard_error_choice(relative: np.ndarray, *, hits: np.ndarray, weight
     scores = hits[:-1] @ weights
     best = np.flatnonzero(scores == scores.max())
     chosen = best[np.argmax(relative[best])]
-    difference = hits[chosen].astype(np.float64) - hits[-1]
+    return float(relative[chosen]) if _beats(hits[chosen], hits[-1], weights=weights) else float(np.inf)
+
+
+def _beats(hits: np.ndarray, other_hits: np.ndarray, *, weights: np.ndarray) -> bool:
+    """Whether ``hits`` beat ``other_hits`` (per image, same images) by more than one standard error of the weighted
+    paired difference: the rule both the ridge choice and the discriminant's check against the class mean apply."""
+    difference = np.asarray(hits, dtype=np.float64) - other_hits
     gain = float(difference @ weights)
-    standard_error = float(np.sqrt(np.sum(weights**2 * (difference - gain) ** 2)))
-    return float(relative[chosen]) if gain > standard_error else float(np.inf)
+    return gain > float(np.sqrt(np.sum(weights**2 * (difference - gain) ** 2)))
+
+
+def _metric_weights(rows: np.ndarray, *, balanced: bool) -> np.ndarray:
+    """Per-image weights whose weighted hits are the accuracy, or with ``balanced`` the balanced accuracy (every
+    class present the same total weight)."""
+    if not balanced:
+        return np.full(len(rows), 1.0 / len(rows))
+    counts = np.bincount(rows)
+    return 1.0 / (np.count_nonzero(counts) * counts[rows])
 
 
 def _leave_one_out_cosines(
@@ -1074,7 +1148,7 @@ def make_classifier(name: str, **params: Any) -> _ClassStatistics:
 # Shared statistics that add up over disjoint sets of images; the others must agree between the parts.
 ADDITIVE_SHARED = ("gram", "feature_sum", "n_samples_seen")
 # Fitted on the images that started each part: the first part's stand until chosen again over all images.
-FIRST_PART_WINS = ("relative_alpha", "unknown_moments")
+FIRST_PART_WINS = ("relative_alpha", "unknown_moments", "uses_class_mean")
 
 
 def merge_statistics(

@@ -58,6 +58,9 @@ def estimators() -> dict[str, tuple[sklearn.base.BaseEstimator, bool]]:
         "decorrelated, new classes by partial_fit": (prototypes.make_classifier("decorrelated"), True),
         "balanced, fit at once": (prototypes.make_classifier("balanced"), False),
         "balanced, new classes by partial_fit": (prototypes.make_classifier("balanced"), True),
+        "lda for balanced accuracy, fit at once": (prototypes.make_classifier("lda", select_for="balanced"), False),
+        "lda for balanced accuracy, new classes by partial_fit": (
+            prototypes.make_classifier("lda", select_for="balanced"), True),
     }
 
 

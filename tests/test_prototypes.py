@@ -470,7 +470,7 @@ def test_discriminant_without_shrinkage_or_prior_is_scikit_learns_lda():
 
     X, y = gaussian_classes(samples_per_class=40, seed=43)
     X_test, _ = gaussian_classes(samples_per_class=10, seed=44)
-    ours = DiscriminantClassifier(shrinkage=0.0, prior_strength=0.0).fit(X, y)
+    ours = DiscriminantClassifier(shrinkage=0.0, prior_strength=0.0, check_against_mean=False).fit(X, y)
     theirs = LinearDiscriminantAnalysis(solver="lsqr", priors=np.full(4, 0.25)).fit(prototypes.unit_rows(X), y)
     unit = prototypes.unit_rows(X_test)
     assert ours.predict(X_test).tolist() == theirs.predict(unit).tolist()
@@ -496,7 +496,7 @@ def test_discriminant_prior_strength_adds_the_log_share_of_each_class():
 
 def test_discriminant_shrinkage_and_unknown_score_by_hand():
     X, y = gaussian_classes(samples_per_class=12, seed=46, dim=30)  # 48 images in 30 dimensions: shrinkage matters
-    fitted = DiscriminantClassifier().fit(X, y)
+    fitted = DiscriminantClassifier(check_against_mean=False).fit(X, y)
     unit = prototypes.unit_rows(X)
     means = np.stack([unit[y == c].mean(axis=0) for c in range(4)])
     covariance = sum((unit[y == c] - means[c]).T @ (unit[y == c] - means[c]) for c in range(4)) / (len(y) - 4)
@@ -522,3 +522,23 @@ def test_discriminant_parameters_are_checked():
         DiscriminantClassifier(select_for="f1").fit(X, y)
     with pytest.raises(ValueError, match="prior_strength must be None or a number between 0 and 1, got 2"):
         DiscriminantClassifier(prior_strength=2).fit(X, y)
+
+
+def test_discriminant_keeps_the_class_mean_unless_it_wins_and_remembers_the_choice():
+    """Isotropic noise around the class means, few images in many dimensions: a covariance only adds noise, so the
+    three-fold check keeps the cosine to the class mean. Strong shared noise: the discriminant wins."""
+    rng = np.random.default_rng(49)
+    centres = rng.standard_normal((4, 64))
+    y = np.repeat(np.arange(4), 8)
+    X = centres[y] + 1.2 * rng.standard_normal((len(y), 64))
+    kept = DiscriminantClassifier().fit(X, y)
+    assert kept.uses_class_mean_
+    queries = rng.standard_normal((5, 64))
+    np.testing.assert_allclose(kept.class_scores(queries),
+                               ClassMeanClassifier(normalize=True).fit(X, y).class_scores(queries), atol=1e-12)
+    np.testing.assert_allclose(kept.score_samples(queries), kept.class_scores(queries).max(axis=1), atol=1e-12)
+    restored = DiscriminantClassifier().set_statistics(**kept.get_statistics())
+    assert restored.uses_class_mean_ and restored.partial_fit(X[:4], y[:4]).uses_class_mean_
+    X_shared, y_shared = gaussian_classes(samples_per_class=40, seed=50)
+    assert not DiscriminantClassifier().fit(X_shared, y_shared).uses_class_mean_
+    assert not DiscriminantClassifier(check_against_mean=False).fit(X, y).uses_class_mean_
