@@ -607,7 +607,7 @@ def separable_draws(seed: int):
     return draw
 
 
-@pytest.mark.parametrize(("name", "suffix"), [("balanced", "npz"), ("mean", "zip")])
+@pytest.mark.parametrize(("name", "suffix"), [("balanced", "npz"), ("mean", "zip"), ("lda", "npz")])
 def test_calibrated_store_marks_unknown_queries_and_keeps_its_threshold(tmp_path, name, suffix):
     draw = separable_draws(seed=40)
     db = ClassVectorStore(dim=DIM, **TOY, classifier=prototypes.make_classifier(name))
@@ -623,6 +623,10 @@ def test_calibrated_store_marks_unknown_queries_and_keeps_its_threshold(tmp_path
     assert rejected.known == [False] * 5 and len(rejected.labels) == 5  # the nearest classes are still given
     loaded = ClassVectorStore.load(path=db.save(path=tmp_path / f"store.{suffix}"))
     assert (loaded.threshold, loaded.threshold_stale) == (db.threshold, False)
+    assert loaded.metadata()["classifier"]["name"] == name
+    for key, value in db.classifier.get_statistics().items():  # lda's choice of scorer included
+        if suffix == "npz":  # a .zip keeps the article's class vectors in float32
+            assert np.array_equal(loaded.classifier.get_statistics()[key], value), key
     assert loaded.search(queries=far, reject=True).known == [False] * 5
     loaded.add_class(label="class 9", embeddings=draw(3, 2) + 2.0)
     assert loaded.threshold_stale
