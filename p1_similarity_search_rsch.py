@@ -83,6 +83,7 @@ import sklearn.base  # noqa: E402
 import torch  # noqa: E402
 
 import banerjee  # noqa: E402
+import baselines  # noqa: E402
 import config  # noqa: E402
 import cumacc  # noqa: E402
 import engine  # noqa: E402
@@ -101,10 +102,12 @@ allocator = utils.tune_allocator(enabled=args.tune_allocator)
 utils.check_cuda_support(inform=True)
 if args.reproducible:
     randomness.set_determinism(seed=args.seed)
+# the classifiers' fits and the analysis compute on a GPU; MPS has no float64, so elsewhere they stay on the CPU
+fit_device = device if device.type == "cuda" else None
 settings = config.RunSettings(  # what every partition shares: both protocols, the stats and the analysis read it
     runs=args.runs, valid_share=args.valid_share, top_k=args.top_k, seed=args.seed, confidence=args.confidence,
-    classifier=prototypes.make_classifier(args.classifier, **({} if args.select_for is None
-                                                              else {"select_for": args.select_for})),
+    classifier=baselines.on_device(prototypes.make_classifier(
+        args.classifier, **({} if args.select_for is None else {"select_for": args.select_for})), device=fit_device),
     short_run=args.short_run,
 )
 clock.mark("device start")
@@ -251,7 +254,7 @@ if args.analysis and run_results.embeddings is not None:
         runs=run_results, labels=labels, valid_share=settings.valid_share, confidence=settings.confidence,
         seed=settings.seed,
         num_intervals=NUM_INTERVALS, threshold=CLASS_ACCURACY_THRESHOLD, parts=args.analysis,
-        sample_names=[str(sample) for sample in dsm.get_samples()], methods=args.compare, device=device,
+        sample_names=[str(sample) for sample in dsm.get_samples()], methods=args.compare, device=fit_device,
     )
     written = visual.draw_analysis(
         analysed, labels=labels, out_dir=out_dir, confidence=settings.confidence, sample_kind=dsm.sample_kind,
