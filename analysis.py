@@ -710,7 +710,8 @@ def analyse_runs(
     global order) name the samples with the smallest margins; ``methods`` names the classifiers the ``prototypes``
     part compares (default: :func:`default_prototype_methods`); ``device`` is where the searches and the classifiers
     compute (the run's device: ``"cuda"`` puts the probe, the decorrelated fits, neighbours, retrieval and the
-    coverage check on the GPU; None: the CPU), torch's work alone with BLAS at one thread (:func:`utils.torch_pool_only`)."""
+    coverage check on the GPU; None: the CPU), torch's work alone with BLAS at one thread
+    (:func:`utils.torch_pool_only`)."""
     per_run = dict(targets_per_run=runs.targets_per_run, predictions_per_run=runs.predictions_per_run)
     embeddings, targets, partitions = runs.embeddings, runs.targets, runs.partitions
     last_valid = partitions[-1][1]

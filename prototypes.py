@@ -874,8 +874,9 @@ SELECT_FOR = ("accuracy", "balanced")  # the metric a DiscriminantClassifier's p
 
 
 class DiscriminantClassifier(_GramStatistics):
-    """Shrinkage linear discriminant analysis from the same additive statistics: nothing selected, so nothing to
-    overfit, and ``partial_fit``, ``remove_class`` and merged shards give exactly what one fit gives.
+    """Shrinkage linear discriminant analysis from the same additive statistics: closed forms and one choice against
+    the class mean, so little to overfit, and ``partial_fit``, ``remove_class`` and merged shards give exactly what
+    one fit gives.
 
     On L2-normalised features, with ``m_c`` the class means and ``n_c`` their image counts, a query ``q`` scores
     ``q^T S^-1 m_c - m_c^T S^-1 m_c / 2 + tau log(n_c / n)``. ``S`` is the pooled within-class covariance (the
@@ -900,9 +901,10 @@ class DiscriminantClassifier(_GramStatistics):
     (docs/classifiers.md).
 
     :meth:`score_samples` is minus the smallest Mahalanobis distance to a class mean under the same shrunk
-    covariance (the best cosine where the class mean is used). ``device`` as for :class:`DecorrelatedClassifier`. Memory: ``(C + F) x F`` float64; every change of
-    images or classes costs one ``F x F`` eigendecomposition. ``remove_class(label)`` without the images keeps them in
-    the scatter, uncentred; with them (``remove_class(label, X)``) it equals a fit without them.
+    covariance (the best cosine where the class mean is used). ``device`` as for :class:`DecorrelatedClassifier`.
+    Memory: ``(C + F) x F`` float64; every change of images or classes costs one ``F x F`` eigendecomposition (the
+    first fit four, with the check). ``remove_class(label)`` without the images keeps them in the scatter,
+    uncentred; with them (``remove_class(label, X)``) it equals a fit without them.
     """
 
     def __init__(
