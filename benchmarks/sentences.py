@@ -30,7 +30,8 @@ import banerjee  # noqa: E402
 import engine  # noqa: E402
 import protocol  # noqa: E402
 import prototypes  # noqa: E402
-from benchmarks.classifiers import packaged_minilm, print_table  # noqa: E402
+from benchmarks.classifiers import print_table  # noqa: E402
+from benchmarks.offline_models import packaged_minilm  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
