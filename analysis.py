@@ -134,7 +134,7 @@ def retrieval_precision(
     run in torch on ``device`` (None: the CPU), where the embeddings are copied once.
     """
     ks = sorted(set(int(k) for k in ks))
-    device = prototypes.compute_device(device) or torch.device("cpu")
+    device = prototypes.torch_device(device)
     embeddings, targets = embeddings.to(device), targets.to(device)
     if not ks or ks[0] < 1:
         raise ValueError(f"ks must be positive integers, got {ks}.")
@@ -483,7 +483,7 @@ def ci_coverage(
         embeddings=embeddings,
         targets=targets,
         valid_sets=tqdm(valid_sets, total=total, desc="[CI coverage] Partitions", leave=False),
-        device=prototypes.compute_device(device) or torch.device("cpu"),
+        device=prototypes.torch_device(device),
     )
     reference = metrics.mean_confidence_interval(accuracies[:reference_runs], confidence=confidence)
     groups = np.asarray(accuracies[reference_runs:]).reshape(trials, sample_runs)

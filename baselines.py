@@ -28,10 +28,6 @@ __all__ = ["BASELINES", "ESTIMATOR_NAMES", "KMeansPrototypeClassifier", "LinearP
 
 FLOAT_TYPES = (np.float32, np.float64)  # float32 embeddings are kept as they are: half the traffic
 
-def _torch_device(device: str | torch.device | None) -> torch.device:
-    return prototypes.compute_device(device) or torch.device("cpu")
-
-
 class NearestNeighbourClassifier(ClassifierMixin, BaseEstimator):
     """k nearest training images by cosine similarity, majority vote.
 
@@ -103,7 +99,7 @@ class KMeansPrototypeClassifier(ClassifierMixin, BaseEstimator):
         if self.prototypes_per_class < 1:
             raise ValueError(f"prototypes_per_class must be at least 1, got {self.prototypes_per_class}.")
         X, y = validate_data(self, X, y, dtype=FLOAT_TYPES)
-        unit = torch.from_numpy(prototypes.unit_rows(X)).to(_torch_device(self.device))
+        unit = torch.from_numpy(prototypes.unit_rows(X)).to(prototypes.torch_device(self.device))
         self.classes_, rows = np.unique(y, return_inverse=True)
         generator = torch.Generator().manual_seed(self.random_state)
         centres, owners = [], []
@@ -168,7 +164,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     def fit(self, X, y) -> LinearProbe:
         X, y = validate_data(self, X, y, dtype=FLOAT_TYPES)
         self.classes_, codes = np.unique(y, return_inverse=True)
-        device = _torch_device(self.device)
+        device = prototypes.torch_device(self.device)
         features = torch.from_numpy(prototypes.unit_rows(X)).float().to(device)
         targets = torch.from_numpy(codes).to(device)
         weights = torch.zeros(len(self.classes_), X.shape[1], requires_grad=True, device=device)

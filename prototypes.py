@@ -52,6 +52,7 @@ __all__ = [
     "predict_topk",
     "ranked_scores",
     "top_scores",
+    "torch_device",
     "unit_rows",
     "unknown_label",
 ]
@@ -129,6 +130,11 @@ def _sums_by_row(features: np.ndarray, *, rows: np.ndarray, num_rows: int) -> np
 def compute_device(device: str | torch.device | None) -> torch.device | None:
     """The torch device of an estimator's ``device`` parameter; None stays None, meaning NumPy on the CPU."""
     return None if device is None else torch.device(device)
+
+
+def torch_device(device: str | torch.device | None) -> torch.device:
+    """Where torch work of a ``device`` parameter runs: that device, or the CPU for None."""
+    return compute_device(device) or torch.device("cpu")
 
 
 def _on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -901,7 +907,8 @@ class DiscriminantClassifier(_GramStatistics):
     (docs/classifiers.md).
 
     :meth:`score_samples` is minus the smallest Mahalanobis distance to a class mean under the same shrunk
-    covariance (the best cosine where the class mean is used). ``device`` as for :class:`DecorrelatedClassifier`.
+    covariance (the best cosine where the class mean is used; ``shrinkage_`` and ``whitening_`` then stay unset, no
+    covariance being decomposed). ``device`` as for :class:`DecorrelatedClassifier`.
     Memory: ``(C + F) x F`` float64; every change of images or classes costs one ``F x F`` eigendecomposition (the
     first fit four, with the check). ``remove_class(label)`` without the images keeps them in the scatter,
     uncentred; with them (``remove_class(label, X)``) it equals a fit without them.
@@ -946,10 +953,10 @@ class DiscriminantClassifier(_GramStatistics):
             self.prior_strength_ = 1.0 if self.select_for == "accuracy" else 0.0
         if selection is not None and self.check_against_mean:
             self.uses_class_mean_ = not self._beats_the_class_mean(*selection)
+        if self.uses_class_mean_:  # no covariance to decompose: the cosine to the class means scores
+            return unit_rows(self.class_sums_), np.zeros(len(self.classes_))
         weights, bias, self.whitening_, self.shrinkage_ = self._discriminant(
             class_sums=self.class_sums_, class_counts=self.class_counts_, gram=self.gram_)
-        if self.uses_class_mean_:
-            return unit_rows(self.class_sums_), np.zeros(len(self.classes_))
         return weights, bias
 
     def _beats_the_class_mean(self, features: np.ndarray, rows: np.ndarray) -> bool:
