@@ -496,15 +496,16 @@ def _shard_hits(shard: Shard, merged: Any, decomposition: dict[str, Any]) -> tup
 
 
 def _shard_moments(shard: Shard, merged: Any, decomposition: dict[str, Any]) -> np.ndarray:
-    return merged.unknown_moments(shard.read()["embedding"], decomposition=decomposition)
+    return merged.unknown_moments(shard.read()["embedding"])
 
 
 def fit_shards(folder: str | os.PathLike, estimator: Any, *, use_ray: bool = True) -> Any:
     """``estimator`` fitted on every sample of the embedding set at ``folder`` without gathering the embeddings:
     each shard is fitted by a Ray task where it lies (``use_ray=False``: one after another here), the statistics
     merge exactly, and a leave-one-out ridge selection runs shard by shard against the merged statistics (one
-    eigendecomposition, shared), then the unknown score's moments. Classes are the label indexes of the manifest's
-    ``classes``."""
+    eigendecomposition, shared), then the combined unknown score's moments. Which unknown score (``"auto"``) is
+    the first shard's choice: choosing hides classes from sub-fits, which needs their images in one place, and a
+    shard is a random sample of them. Classes are the label indexes of the manifest's ``classes``."""
     shards = list_shards(folder)
     if use_ray:
         ray = require_ray()
@@ -527,6 +528,8 @@ def fit_shards(folder: str | os.PathLike, estimator: Any, *, use_ray: bool = Tru
         results = over_shards(_shard_hits)
         merged.select_alpha(np.concatenate([hits for hits, _ in results], axis=1),
                             np.concatenate([labels for _, labels in results]))
+    if merged.unknown_score_ != "combined":
+        return merged
     return merged.set_unknown_moments(np.sum(over_shards(_shard_moments), axis=0))
 
 

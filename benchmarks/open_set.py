@@ -84,6 +84,7 @@ def draw_scores(X: np.ndarray, y: np.ndarray, *, train, known, unknown) -> dict[
     samples kept at the threshold)}`` for one draw."""
     fitted = {name: prototypes.make_classifier(name).fit(X[train], y[train])
               for name in ("mean", "decorrelated", "balanced", "lda")}
+    combined = prototypes.make_classifier("decorrelated", unknown_score="combined").fit(X[train], y[train])
     within = prototypes.make_classifier("balanced", unknown_score="mahalanobis").set_statistics(
         **fitted["balanced"].get_statistics())
     correct = {name: model.predict(X[known]) == y[known] for name, model in fitted.items()}
@@ -107,17 +108,21 @@ def draw_scores(X: np.ndarray, y: np.ndarray, *, train, known, unknown) -> dict[
                                                                                      "balanced"),
         "Mahalanobis, total covariance (first part of the combined score)": (component(fitted["balanced"], 0),
                                                                             "balanced"),
-        COMBINED: (fitted["decorrelated"].score_samples, "decorrelated"),
-        "combined, balanced (balanced's score_samples)": (fitted["balanced"].score_samples, "balanced"),
+        COMBINED: (combined.score_samples, "decorrelated"),
+        AUTO: (fitted["decorrelated"].score_samples, "decorrelated"),
+        "chosen at fit, balanced (balanced's score_samples)": (fitted["balanced"].score_samples, "balanced"),
         "lda, best class score": (best_score["lda"], "lda"),
         LDA_SCORE: (fitted["lda"].score_samples, "lda"),
         "1-NN cosine to training samples": (nearest_images(X[train], 1), "mean"),
         "5-NN cosine to training samples": (nearest_images(X[train], 5), "mean"),
     }
+    tqdm.write(f"unknown score chosen at fit: decorrelated {fitted['decorrelated'].unknown_score_}, balanced "
+               f"{fitted['balanced'].unknown_score_}")
     return {name: judged(score, classifier) for name, (score, classifier) in scores.items()}
 
 
-COMBINED = "combined: both parts standardised and added (decorrelated's score_samples, the default)"
+COMBINED = "combined: both parts standardised and added (unknown_score='combined')"
+AUTO = "chosen at fit among combined, Mahalanobis and cosine (decorrelated's score_samples, the default)"
 LDA_SCORE = "lda: Mahalanobis under its shrunk covariance (lda's score_samples)"
 SINGLE = ("class mean", "decorrelated, best", "balanced, best", "Mahalanobis", "lda, best", "1-NN", "5-NN")
 
@@ -148,7 +153,7 @@ def main(argv: list[str]) -> None:
               f"{interval(name, lambda r: r[1])} | {interval(name, lambda r: r[2])} |")
     singles = [name for name in results[0] if name.startswith(SINGLE)]
     best = max(singles, key=lambda name: np.mean([result[name][0]["auroc"] for result in results]))
-    for default in (COMBINED, LDA_SCORE):
+    for default in (AUTO, COMBINED, LDA_SCORE):
         gain = metrics.paired_difference([result[default][0]["auroc"] for result in results],
                                          [result[best][0]["auroc"] for result in results])
         print(f"\nAUROC of {default.split(' (')[0]} minus the best single score ({best}), paired over the draws: "

@@ -92,13 +92,16 @@ def test_shard_statistics_merge_into_a_single_fit(embedding_set, name):
         expected, got = single.get_statistics(), merged.get_statistics()
         assert set(got) == set(expected)
         for key, value in expected.items():
-            # squared scores through an eigendecomposition of statistics summed in another order
-            tolerance = dict(rtol=1e-7, atol=0) if key == "unknown_moments" else dict(rtol=0, atol=1e-10)
+            if key == "unknown_score":  # the first shard's choice, here the single fit's
+                assert got[key] == value
+                continue
+            # squared float32 scores, summed over the images in another order
+            tolerance = dict(rtol=1e-5, atol=0) if key == "unknown_moments" else dict(rtol=0, atol=1e-10)
             np.testing.assert_allclose(got[key], value, err_msg=key, **tolerance)
         np.testing.assert_allclose(merged.decision_function(read.embeddings.numpy()),
                                    single.decision_function(read.embeddings.numpy()), atol=1e-10)
         np.testing.assert_allclose(merged.score_samples(read.embeddings.numpy()),
-                                   single.score_samples(read.embeddings.numpy()), rtol=1e-6, atol=1e-6)
+                                   single.score_samples(read.embeddings.numpy()), rtol=1e-5, atol=1e-5)
 
 
 def test_merge_refuses_estimators_with_other_parameters():
