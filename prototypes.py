@@ -907,20 +907,19 @@ class _RidgeSelection:
         # on a device, the projected images stay there for every candidate
         projected = (centred @ rotation if device is None
                      else _on_device(centred, device) @ _on_device(rotation, device))
-        squared = projected**2
         rotated32 = rotated.astype(np.float32)
         own = (np.arange(len(rows)), rows)
         counts = self.class_counts_[rows].astype(np.float64)
+        inverses = (1.0 / (eigenvalues + alphas[:, None])).astype(np.float32)  # [candidates, F]; zeros for inf
+        leverages = _product(projected**2, inverses.T, device=device)  # u_i K u_i of every candidate, [N, candidates]
         hits = []
-        for alpha in alphas:
+        for alpha, inverse, leverage in zip(alphas, inverses, leverages.T):
             if np.isinf(alpha):
                 fitted = _leave_one_out_cosines(features, rows, class_sums=self.class_sums_, counts=counts,
                                                 device=device)
             else:
-                inverse = (1.0 / (eigenvalues + alpha)).astype(np.float32)
                 weighted = rotated32 * inverse[:, None]
                 products = _product(projected, weighted, device=device)  # u_i K r_c, [N, C]
-                leverage = _product(squared, inverse, device=device)  # u_i K u_i, [N]
                 if self.prior == "empirical":
                     fitted = self._leave_one_out_ridge(products, leverage, own)
                 else:
@@ -1336,11 +1335,12 @@ def _leave_one_out_cosines(
     features: np.ndarray, rows: np.ndarray, *, class_sums: np.ndarray, counts: np.ndarray, device: torch.device
 ) -> np.ndarray:
     """Cosine of every training image to every class mean, its own class's mean computed without it (exact)."""
-    products = _product(features.astype(np.float32), class_sums.T.astype(np.float32), device=device)
+    features = features.astype(np.float32)
+    products = _product(features, class_sums.T.astype(np.float32), device=device)
     sums_squared = (class_sums**2).sum(axis=1).astype(np.float32)
     fitted = products / _safe_sqrt(sums_squared)
     own = (np.arange(len(rows)), rows)
-    own_product, own_squared = products[own], (features.astype(np.float32) ** 2).sum(axis=1)
+    own_product, own_squared = products[own], np.einsum("ij,ij->i", features, features)
     remaining = sums_squared[rows] - 2 * own_product + own_squared
     fitted[own] = np.where(counts > 1, (own_product - own_squared) / _safe_sqrt(remaining), -np.inf)
     return fitted
