@@ -27,18 +27,20 @@ backend (torch or FAISS) needs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterator, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Hashable, Sequence
+from typing import Any
 
 import numpy as np
-import scipy.linalg
 import sklearn.base
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.metrics import roc_auc_score
 from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
+
+import matrices
+import unknown_scores
+from matrices import compute_device, torch_device, unit_rows
 
 __all__ = [
     "CLASSIFIERS",
@@ -63,22 +65,6 @@ __all__ = [
 # matrix: relative values fit any number of images, since the eigenvalues grow with it.
 RELATIVE_ALPHAS = tuple(float(value) for value in np.logspace(-4, 2, 25))
 
-
-# Shrinkage of the covariance behind the decorrelated classifiers' Mahalanobis distances, as a multiple of its mean
-# eigenvalue: measured on Caltech-101 with 20 hidden classes (benchmarks/open_set.py), 0.3 to 10 score alike.
-UNKNOWN_SHRINKAGE = 1.0
-
-# The decorrelated classifiers' unknown scores: "combined" standardises and adds two that fail on different data
-# (a Mahalanobis distance under the total covariance, the best ridge score), "mahalanobis" is the shared
-# within-class Mahalanobis distance alone, "cosine" the best cosine to a class mean. ``unknown_score="auto"``
-# (default) chooses among them on the fitting images (ties: the earlier).
-UNKNOWN_CANDIDATES = ("combined", "mahalanobis", "cosine")
-UNKNOWN_SCORES = ("auto", *UNKNOWN_CANDIDATES)
-# The draws of that choice: this share of the classes hidden (Caltech-101: 20 of 101), seeded by ``random_state``;
-# each sample of queries capped, so the choice costs about two float32 sub-fits whatever the set's size.
-UNKNOWN_CHOICE_DRAWS = 2
-UNKNOWN_HIDDEN_SHARE = 0.2
-UNKNOWN_CHOICE_QUERIES = 500
 
 # Fitted attributes of :meth:`_ClassStatistics.calibrate`, saved with the statistics when present (estimators
 # calibrated before ``calibration_count_`` existed lack it).
@@ -125,241 +111,6 @@ def cosine_top_k(
     return top_scores(similarity, top_k)
 
 
-def unit_rows(X: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero): cosine similarity becomes a dot product."""
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    return X / np.where(norms > 0, norms, 1.0)
-
-
-def _sums_by_row(features: np.ndarray, *, rows: np.ndarray, num_rows: int) -> np.ndarray:
-    """``[num_rows, F]`` sums of the ``features`` rows that belong to each row index (float64)."""
-    sums = torch.zeros(num_rows, features.shape[1], dtype=torch.float64)
-    return sums.index_add_(0, torch.from_numpy(rows), torch.tensor(features, dtype=torch.float64)).numpy()
-
-
-def compute_device(device: str | torch.device | None) -> torch.device | None:
-    """The torch device of an estimator's ``device`` parameter; None stays None, meaning NumPy on the CPU."""
-    return None if device is None else torch.device(device)
-
-
-def torch_device(device: str | torch.device | None) -> torch.device:
-    """Where torch work of a ``device`` parameter runs: that device, or the CPU for None."""
-    return compute_device(device) or torch.device("cpu")
-
-
-def _on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array)).to(device)
-
-
-def _gram(features: np.ndarray, *, device: torch.device | None) -> np.ndarray:
-    """``features.T @ features``, in torch on ``device`` or, for None, in NumPy."""
-    if device is None:
-        return features.T @ features
-    on_device = _on_device(features, device)
-    return (on_device.T @ on_device).cpu().numpy()
-
-
-def _within_class_scatter(*, gram: np.ndarray, class_sums: np.ndarray, class_counts: np.ndarray) -> np.ndarray:
-    """``sum_i (x_i - m_c(i))(x_i - m_c(i))^T = G_raw - sum_c S_c S_c^T / n_c``: from the raw Gram matrix and the
-    class sums alone."""
-    return gram - (class_sums.T / class_counts) @ class_sums
-
-
-class _Statistics(NamedTuple):
-    """The additive statistics of a :class:`_GramStatistics` estimator, or of a sub-fit made from them by
-    subtraction (:meth:`without`): all the unknown scores need."""
-
-    gram: np.ndarray
-    feature_sum: np.ndarray
-    class_sums: np.ndarray
-    class_counts: np.ndarray
-    n_samples: int
-
-    @property
-    def mean(self) -> np.ndarray:
-        return self.feature_sum / max(self.n_samples, 1)
-
-    def class_means(self) -> np.ndarray:
-        return self.class_sums / self.class_counts[:, None]
-
-    def centred_gram(self) -> np.ndarray:
-        return self.gram - self.n_samples * np.outer(self.mean, self.mean)
-
-    def mean_eigenvalue(self) -> float:
-        """The centred Gram matrix's mean eigenvalue (its trace over the dimension; 1 for a matrix of zeros): what
-        relative ridge strengths multiply."""
-        scale = float(np.trace(self.gram) - self.n_samples * self.mean @ self.mean) / len(self.gram)
-        return scale if scale > 0 else 1.0
-
-    def without(self, features: np.ndarray, rows: np.ndarray, *, device: torch.device | None) -> _Statistics:
-        """The statistics of a fit without these fitted images (class ``rows``); classes left empty are dropped.
-        One Gram matrix of the removed images, in the features' precision."""
-        counts = self.class_counts - np.bincount(rows, minlength=len(self.class_counts))
-        sums = self.class_sums - _sums_by_row(features, rows=rows, num_rows=len(counts))
-        present = counts > 0
-        return _Statistics(gram=self.gram - _gram(features, device=device),
-                           feature_sum=self.feature_sum - features.sum(axis=0), class_sums=sums[present],
-                           class_counts=counts[present], n_samples=self.n_samples - len(features))
-
-
-def _shrunk_whitener(
-    scatter: np.ndarray, *, n_samples: int, device: torch.device | None
-) -> Callable[[np.ndarray], np.ndarray]:
-    """Rows ``x -> L^-1 x`` with ``L L^T`` the covariance ``scatter / n_samples`` shrunk towards its mean eigenvalue
-    (:data:`UNKNOWN_SHRINKAGE`): squared distances between whitened rows are Mahalanobis distances. One Cholesky
-    factor, in the precision of ``scatter``, in torch on ``device`` or, for None, in SciPy."""
-    covariance = scatter / max(n_samples, 1)
-    scale = float(np.trace(covariance)) / len(covariance)
-    shrunk = covariance + UNKNOWN_SHRINKAGE * (scale if scale > 0 else 1.0) * np.eye(len(covariance),
-                                                                                     dtype=covariance.dtype)
-    if device is None:
-        factor = scipy.linalg.cholesky(shrunk, lower=True, check_finite=False)
-        return lambda rows: scipy.linalg.solve_triangular(factor, rows.T, lower=True, check_finite=False).T
-    on_device = torch.linalg.cholesky(_on_device(shrunk, device))
-    return lambda rows: torch.linalg.solve_triangular(
-        on_device, _on_device(rows.T, device).to(on_device.dtype), upper=False).T.cpu().numpy()
-
-
-def _mahalanobis_scores(
-    features: np.ndarray, *, centres: np.ndarray, whiten: Callable[[np.ndarray], np.ndarray]
-) -> np.ndarray:
-    """Minus the smallest squared distance of each whitened row to a whitened class centre: higher = nearer a known
-    class."""
-    queries, centres = whiten(features), whiten(centres)
-    squared = np.einsum("ij,ij->i", queries, queries)  # no [N, F] temporary
-    distances = squared[:, None] - 2 * queries @ centres.T + (centres**2).sum(axis=1)
-    return -distances.min(axis=1)
-
-
-def _within_class_mahalanobis(
-    features: np.ndarray, *, statistics: _Statistics, device: torch.device | None
-) -> np.ndarray:
-    """Mahalanobis scores under the shared within-class covariance (``unknown_score="mahalanobis"``), in the
-    features' precision."""
-    scatter = _within_class_scatter(gram=statistics.gram, class_sums=statistics.class_sums,
-                                    class_counts=statistics.class_counts)
-    whiten = _shrunk_whitener(scatter.astype(features.dtype), n_samples=statistics.n_samples, device=device)
-    return _mahalanobis_scores(features, centres=statistics.class_means().astype(features.dtype), whiten=whiten)
-
-
-def _best_cosines(features: np.ndarray, class_sums: np.ndarray) -> np.ndarray:
-    """The best cosine of each L2-normalised row to a class mean (``unknown_score="cosine"``)."""
-    return (features @ unit_rows(class_sums).T.astype(features.dtype)).max(axis=1)
-
-
-def _unknown_components(
-    features: np.ndarray, *, statistics: _Statistics, alpha: float, device: torch.device | None
-) -> np.ndarray:
-    """``[N, 2]``: Mahalanobis scores under the total covariance, and the best ridge-regression score onto one-hot
-    labels at ``alpha`` (the best cosine for ``inf``): the two parts of the combined unknown score, in the
-    features' precision (float32 suffices for moments and for ranking, the covariance being shrunk)."""
-    dtype = features.dtype
-    mean, centred_gram = statistics.mean.astype(dtype), statistics.centred_gram().astype(dtype)
-    whiten = _shrunk_whitener(centred_gram, n_samples=statistics.n_samples, device=device)
-    mahalanobis = _mahalanobis_scores(features, centres=statistics.class_means().astype(dtype), whiten=whiten)
-    if np.isinf(alpha):
-        return np.column_stack([mahalanobis, _best_cosines(features, statistics.class_sums)])
-    centred_sums = (statistics.class_sums - statistics.class_counts[:, None] * statistics.mean).astype(dtype)
-    ridge = centred_gram + float(alpha) * np.eye(len(centred_gram), dtype=dtype)
-    directions = _solve_positive(ridge, centred_sums.T, device=device)
-    ridge = _product(features, directions, device=device) - mean @ directions  # (x - mean) K P, no [N, F] temporary
-    return np.column_stack([mahalanobis, ridge.max(axis=1)])
-
-
-def _moments(components: np.ndarray) -> np.ndarray:
-    """``[parts, 3]``: count, sum and sum of squares of each column, additive over images (float64 sums)."""
-    components = components.astype(np.float64)
-    return np.column_stack([np.full(components.shape[1], float(len(components))), components.sum(axis=0),
-                            (components**2).sum(axis=0)])
-
-
-def _standardised_sum(components: np.ndarray, moments: np.ndarray) -> np.ndarray:
-    """The combined unknown score: each column standardised by the mean and standard deviation its ``moments``
-    (:func:`_moments`) give, added."""
-    counts, sums, squares = moments.T
-    means = sums / counts
-    deviations = np.sqrt(np.maximum(squares / counts - means**2, 0.0))
-    return ((components - means) / np.where(deviations > 0, deviations, 1.0)).sum(axis=1)
-
-
-def _unknown_choice_draws(
-    rows: np.ndarray, *, generator: np.random.RandomState
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """``(removed mask, known, unknown, fitting)`` image indexes of each draw that chooses the unknown score.
-    :data:`UNKNOWN_HIDDEN_SHARE` of the classes are hidden (at least one; two kept): their images are removed and
-    are the unknown queries. Known queries are held out from the other classes, at most a third of each, and
-    removed too; the moments of a sub-fit are taken over the images left (``fitting``). Each sample is capped at
-    :data:`UNKNOWN_CHOICE_QUERIES` images, so the cost does not grow with the set."""
-    counts = np.bincount(rows)
-    present = np.flatnonzero(counts)
-    hidden_count = min(max(1, round(UNKNOWN_HIDDEN_SHARE * len(present))), len(present) - 2)
-    if hidden_count < 1:
-        return
-    starts = np.cumsum(counts) - counts
-    for _ in range(UNKNOWN_CHOICE_DRAWS):
-        hidden = np.isin(rows, generator.choice(present, hidden_count, replace=False))
-        shuffled = generator.permutation(len(rows))
-        by_class = shuffled[np.argsort(rows[shuffled], kind="stable")]
-        rank = np.empty(len(rows), dtype=np.int64)
-        rank[by_class] = np.arange(len(rows)) - starts[rows[by_class]]
-        known = _at_most(np.flatnonzero(~hidden & (rank < counts[rows] // 3)), generator=generator)
-        if not len(known):
-            continue
-        removed = hidden.copy()
-        removed[known] = True
-        yield (removed, known, _at_most(np.flatnonzero(hidden), generator=generator),
-               _at_most(np.flatnonzero(~removed), generator=generator))
-
-
-def _clear_winner(aurocs: np.ndarray, *, errors: np.ndarray) -> int:
-    """Of ``aurocs`` ``[draws, candidates]`` with their standard ``errors``, the candidate with the best mean if it
-    beats the first in every draw by more than one standard error of that draw's difference; else the first."""
-    best = int(np.argmax(aurocs.mean(axis=0)))
-    gains, noise = aurocs[:, best] - aurocs[:, 0], np.sqrt(errors[:, best] ** 2 + errors[:, 0] ** 2)
-    return best if (gains > noise).all() else 0
-
-
-def _auroc_standard_error(auroc: float, *, positives: int, negatives: int) -> float:
-    """Hanley and McNeil's (1982) standard error of an AUROC from these numbers of known and unknown queries: a
-    closed form, conservative for the difference of two scores on the same queries (their errors correlate)."""
-    first, second = auroc / (2 - auroc), 2 * auroc**2 / (1 + auroc)
-    variance = (auroc * (1 - auroc) + (positives - 1) * (first - auroc**2)
-                + (negatives - 1) * (second - auroc**2)) / (positives * negatives)
-    return float(np.sqrt(max(variance, 0.0)))
-
-
-def _at_most(indexes: np.ndarray, *, generator: np.random.RandomState) -> np.ndarray:
-    """A seeded sample of :data:`UNKNOWN_CHOICE_QUERIES` of ``indexes``, or all of them where they are fewer."""
-    if len(indexes) <= UNKNOWN_CHOICE_QUERIES:
-        return indexes
-    return np.sort(generator.choice(indexes, UNKNOWN_CHOICE_QUERIES, replace=False))
-
-
-def _solve_positive(matrix: np.ndarray, right: np.ndarray, *, device: torch.device | None) -> np.ndarray:
-    """``matrix^-1 right`` for a positive definite ``matrix``, in torch on ``device`` or, for None, in SciPy."""
-    if device is None:
-        return scipy.linalg.cho_solve(scipy.linalg.cho_factor(matrix, check_finite=False), right, check_finite=False)
-    return torch.linalg.solve(_on_device(matrix, device), _on_device(right, device)).cpu().numpy()
-
-
-def _eigh(matrix: np.ndarray, *, device: torch.device | None) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (ascending, clipped at zero: a scatter matrix has none below) and eigenvectors of a symmetric
-    matrix, in torch on ``device`` or, for None, in NumPy: the one ``F x F`` decomposition every refit needs."""
-    if device is None:
-        eigenvalues, eigenvectors = np.linalg.eigh(matrix)
-        return eigenvalues.clip(min=0.0), eigenvectors
-    eigenvalues, eigenvectors = torch.linalg.eigh(_on_device(matrix, device))
-    return eigenvalues.clamp(min=0.0).cpu().numpy(), eigenvectors.cpu().numpy()
-
-
-def _product(left: np.ndarray | torch.Tensor, right: np.ndarray, *, device: torch.device | None) -> np.ndarray:
-    """``left @ right`` in torch on ``device`` (``left`` may already live there) or, for None, in NumPy."""
-    if device is None:
-        return left @ right
-    left = left if isinstance(left, torch.Tensor) else _on_device(left, device)
-    return (left @ _on_device(right, device).to(left.dtype)).cpu().numpy()
-
-
 class _ClassStatistics(ClassifierMixin, BaseEstimator):
     """Per-class feature sums and counts, kept sorted by label, plus the shared statistics of subclasses.
 
@@ -389,7 +140,7 @@ class _ClassStatistics(ClassifierMixin, BaseEstimator):
         features = self._sample_features(X)
         self._grow_classes(np.unique(y))
         rows = np.searchsorted(self.classes_, y)
-        self.class_sums_ = self.class_sums_ + _sums_by_row(features, rows=rows, num_rows=len(self.classes_))
+        self.class_sums_ = self.class_sums_ + matrices.sums_by_row(features, rows=rows, num_rows=len(self.classes_))
         self.class_counts_ = self.class_counts_ + np.bincount(rows, minlength=len(self.classes_))
         self._update_shared(features, sign=1)
         self._refresh(selection=(features, rows) if first else None)
@@ -409,7 +160,7 @@ class _ClassStatistics(ClassifierMixin, BaseEstimator):
         if (counts < 0).any():
             raise ValueError("More images to remove than a class holds: these images were not all fitted.")
         features = self._sample_features(X)
-        self.class_sums_ = self.class_sums_ - _sums_by_row(features, rows=rows, num_rows=len(self.classes_))
+        self.class_sums_ = self.class_sums_ - matrices.sums_by_row(features, rows=rows, num_rows=len(self.classes_))
         self.class_counts_ = counts
         self._update_shared(features, sign=-1)
         self._keep_classes(counts > 0)
@@ -700,131 +451,16 @@ class _GramStatistics(_ClassStatistics):
         self.n_features_in_ = size
 
     def _update_shared(self, features: np.ndarray, *, sign: int) -> None:
-        self.gram_ = self.gram_ + sign * _gram(features, device=compute_device(self.device))
+        self.gram_ = self.gram_ + sign * matrices.gram(features, device=compute_device(self.device))
         self.feature_sum_ = self.feature_sum_ + sign * features.sum(axis=0)
         self.n_samples_seen_ = self.n_samples_seen_ + sign * len(features)
 
     def within_class_scatter(self) -> np.ndarray:
-        """The images' scatter about their own class means, ``[F, F]`` (see :func:`_within_class_scatter`; a class
+        """The images' scatter about their own class means, ``[F, F]`` (see
+        :func:`matrices.within_class_scatter`; a class
         removed without its images leaves them in it, uncentred)."""
-        return _within_class_scatter(gram=self.gram_, class_sums=self.class_sums_, class_counts=self.class_counts_)
-
-
-class _UnknownScore:
-    """The decorrelated classifiers' score for queries of no known class, from the same additive statistics as the
-    class vectors, so stores and merges keep it. ``unknown_score="auto"`` chooses it when the estimator starts, by
-    hiding classes from sub-fits of those statistics (:meth:`_choose_unknown_score`); the choice
-    (``unknown_score_``) and the combined score's standardisation (``unknown_moments_``) are then kept through later
-    changes, like the ridge strength."""
-
-    def _unknown_scores(self, X: np.ndarray) -> np.ndarray:
-        """What ``unknown_score_`` names (see :data:`UNKNOWN_CANDIDATES`):
-
-        * ``"combined"``: the two :meth:`unknown_components`, each standardised by its mean and standard deviation
-          over the images that started the estimator (``unknown_moments_``), added;
-        * ``"mahalanobis"``: :meth:`within_class_mahalanobis`, also the score of estimators restored from
-          statistics saved without ``unknown_moments`` (whose threshold was set on it);
-        * ``"cosine"``: the best cosine to a class mean, the article's own score.
-        """
-        features = self._query_features(X)
-        if self.unknown_score_ == "cosine":
-            return _best_cosines(features, self.class_sums_)
-        if self.unknown_score_ == "mahalanobis":
-            return self.within_class_mahalanobis(features)
-        return _standardised_sum(self.unknown_components(features), self.unknown_moments_)
-
-    def _statistics(self) -> _Statistics:
-        return _Statistics(gram=self.gram_, feature_sum=self.feature_sum_, class_sums=self.class_sums_,
-                           class_counts=self.class_counts_, n_samples=self.n_samples_seen_)
-
-    def unknown_components(self, features: np.ndarray) -> np.ndarray:
-        """``[N, 2]`` for :meth:`query_features` rows: minus the smallest Mahalanobis distance to a class mean under
-        the total covariance (shrunk towards its mean eigenvalue), and the best ridge-regression score onto one-hot
-        labels at ``alpha_`` (the plain class mean's best cosine where ``alpha_`` is ``inf``)."""
-        return _unknown_components(features, statistics=self._statistics(), alpha=self.alpha_,
-                                   device=compute_device(self.device))
-
-    def unknown_moments(self, X: Any) -> np.ndarray:
-        """``[2, 3]`` (count, sum, sum of squares) of each :meth:`unknown_components` over the images ``X``, computed
-        in float32 (standardising constants need no more): additive, so shards scored apart against merged statistics sum to the moments of a single fit (see
-        :meth:`set_unknown_moments`)."""
-        check_is_fitted(self)
-        return _moments(self.unknown_components(self.query_features(X).astype(np.float32)))
-
-    def set_unknown_moments(self, moments: np.ndarray) -> DecorrelatedClassifier:
-        """Install :meth:`unknown_moments` summed over every fitted image (what ``fit`` computes itself)."""
-        moments = np.asarray(moments, dtype=np.float64)
-        if moments.shape != (2, 3) or (moments[:, 0] < 1).any():
-            raise ValueError(f"the unknown-score moments must be 2 x 3 with counts of at least 1, got "
-                             f"{moments.tolist()}.")
-        self.unknown_moments_ = moments
-        if hasattr(self, "threshold_"):
-            self.threshold_stale_ = True
-        return self
-
-    def within_class_mahalanobis(self, features: np.ndarray) -> np.ndarray:
-        """Minus the smallest Mahalanobis distance of :meth:`query_features` rows to a class mean under the shared
-        within-class covariance, shrunk towards its mean eigenvalue (OpenOOD's MDS family on L2-normalised
-        features): a query far from every class in the directions the classes do not vary along scores low.
-
-        The within-class scatter comes from the additive statistics, ``G_raw - sum_c S_c S_c^T / n_c``, so adding
-        or removing a class keeps it exact (a class removed without its images leaves them in it, uncentred).
-        """
-        return _within_class_mahalanobis(features, statistics=self._statistics(), device=compute_device(self.device))
-
-    def _start_unknown_score(self, features: np.ndarray, rows: np.ndarray) -> None:
-        """Fix the unknown score on the images that start the estimator: the named one, or for ``"auto"`` the
-        choice of :meth:`_choose_unknown_score`; the combined score's moments over those images."""
-        self.unknown_score_ = (self.unknown_score if self.unknown_score != "auto"
-                               else self._choose_unknown_score(features, rows))
-        if self.unknown_score_ == "combined":
-            self.unknown_moments_ = _moments(self.unknown_components(features.astype(np.float32)))
-
-    def _saved_unknown_score(self, arrays: dict[str, np.ndarray]) -> str:
-        """The unknown score of restored statistics: a named ``unknown_score`` wins, ``"auto"`` takes the saved
-        choice. Statistics saved before the choice existed keep the score their threshold was set on: the
-        within-class Mahalanobis distance where they lack the combined score's moments."""
-        fallback = "combined" if "unknown_moments" in arrays else "mahalanobis"
-        if self.unknown_score != "auto":
-            return fallback if self.unknown_score == "combined" else self.unknown_score
-        if "unknown_score" not in arrays:
-            return fallback
-        choice = str(np.asarray(arrays["unknown_score"]))
-        if choice not in UNKNOWN_CANDIDATES:
-            raise ValueError(f"the statistics' unknown score {choice!r} is none of "
-                             f"{', '.join(map(repr, UNKNOWN_CANDIDATES))}")
-        if choice == "combined" and "unknown_moments" not in arrays:
-            raise ValueError("the statistics' combined unknown score lacks its moments (unknown_moments)")
-        return choice
-
-    def _choose_unknown_score(self, features: np.ndarray, rows: np.ndarray) -> str:
-        """The candidate of :data:`UNKNOWN_CANDIDATES` with the best mean AUROC over :data:`UNKNOWN_CHOICE_DRAWS`
-        draws seeded by ``random_state``, if it beats the first (``"combined"``) in every draw by more than one
-        standard error of that draw's difference; else, and where no draw is possible, the first. Each draw scores
-        held-out images of fitted classes (known) and images of hidden classes (unknown) against the statistics
-        minus all of them, at the chosen relative ridge, in float32 (:func:`_unknown_choice_draws`).
-
-        Every draw must agree because which classes are hidden moves the AUROCs more than the queries' own noise:
-        on Caltech-101 the three candidates trade places from draw to draw within 0.01, and a rule on the mean
-        gain followed that noise to the best cosine, 0.004 below the combined score on new classes."""
-        statistics, device = self._statistics(), compute_device(self.device)
-        features = features.astype(np.float32)
-        aurocs, errors = [], []
-        generator = check_random_state(self.random_state)
-        for removed, known, unknown, fitting in _unknown_choice_draws(rows, generator=generator):
-            kept = statistics.without(features[removed], rows[removed], device=device)
-            queries = features[np.concatenate([known, unknown])]
-            components = _unknown_components(np.concatenate([features[fitting], queries]), statistics=kept,
-                                             alpha=self.relative_alpha_ * kept.mean_eigenvalue(), device=device)
-            scores = {"combined": _standardised_sum(components[len(fitting):], _moments(components[:len(fitting)])),
-                      "mahalanobis": _within_class_mahalanobis(queries, statistics=kept, device=device),
-                      "cosine": _best_cosines(queries, kept.class_sums)}
-            truth = np.r_[np.ones(len(known)), np.zeros(len(unknown))]
-            aurocs.append([roc_auc_score(truth, scores[name]) for name in UNKNOWN_CANDIDATES])
-            errors.append([_auroc_standard_error(auroc, positives=len(known), negatives=len(unknown))
-                           for auroc in aurocs[-1]])
-        return UNKNOWN_CANDIDATES[_clear_winner(np.asarray(aurocs), errors=np.asarray(errors))] if aurocs else (
-            UNKNOWN_CANDIDATES[0])
+        return matrices.within_class_scatter(gram=self.gram_, class_sums=self.class_sums_,
+                                             class_counts=self.class_counts_)
 
 
 class _RidgeSelection:
@@ -840,7 +476,7 @@ class _RidgeSelection:
         centred_gram = self.gram_ - n * np.outer(mean, mean)
         centred_sums = self.class_sums_ - self.class_counts_[:, None] * mean
         targets = centred_sums if self.prior == "empirical" else centred_sums / self.class_counts_[:, None]
-        eigenvalues, eigenvectors = _eigh(centred_gram, device=compute_device(self.device))
+        eigenvalues, eigenvectors = matrices.eigh(centred_gram, device=compute_device(self.device))
         scale = eigenvalues.mean() if eigenvalues.mean() > 0 else 1.0
         return dict(mean=mean, eigenvalues=eigenvalues, eigenvectors=eigenvectors,
                     rotated=eigenvectors.T @ targets.T, scale=scale)
@@ -906,12 +542,13 @@ class _RidgeSelection:
         centred, rotation = (features - mean).astype(np.float32), eigenvectors.astype(np.float32)
         # on a device, the projected images stay there for every candidate
         projected = (centred @ rotation if device is None
-                     else _on_device(centred, device) @ _on_device(rotation, device))
+                     else matrices.on_device(centred, device) @ matrices.on_device(rotation, device))
         rotated32 = rotated.astype(np.float32)
         own = (np.arange(len(rows)), rows)
         counts = self.class_counts_[rows].astype(np.float64)
         inverses = (1.0 / (eigenvalues + alphas[:, None])).astype(np.float32)  # [candidates, F]; zeros for inf
-        leverages = _product(projected**2, inverses.T, device=device)  # u_i K u_i of every candidate, [N, candidates]
+        # u_i K u_i of every candidate, [N, candidates]
+        leverages = matrices.product(projected**2, inverses.T, device=device)
         hits = []
         for alpha, inverse, leverage in zip(alphas, inverses, leverages.T):
             if np.isinf(alpha):
@@ -919,7 +556,7 @@ class _RidgeSelection:
                                                 device=device)
             else:
                 weighted = rotated32 * inverse[:, None]
-                products = _product(projected, weighted, device=device)  # u_i K r_c, [N, C]
+                products = matrices.product(projected, weighted, device=device)  # u_i K r_c, [N, C]
                 if self.prior == "empirical":
                     fitted = self._leave_one_out_ridge(products, leverage, own)
                 else:
@@ -943,7 +580,7 @@ class _RidgeSelection:
         return fitted
 
 
-class DecorrelatedClassifier(_RidgeSelection, _UnknownScore, _GramStatistics):
+class DecorrelatedClassifier(_RidgeSelection, unknown_scores.UnknownScoreMixin, _GramStatistics):
     """Training-free decorrelated class prototypes: closed-form ridge regression onto the classes.
 
     Features are L2-normalised embeddings, optionally ``relu(x @ R)`` with a seeded Gaussian ``R`` of
@@ -1035,8 +672,8 @@ class DecorrelatedClassifier(_RidgeSelection, _UnknownScore, _GramStatistics):
                              "prior='empirical'; use alpha='loo' or a number with prior='balanced'.")
         if not len(self.relative_alphas) or min(self.relative_alphas) <= 0:
             raise ValueError(f"relative_alphas must be positive numbers, got {self.relative_alphas}.")
-        if self.unknown_score not in UNKNOWN_SCORES:
-            raise ValueError(f"unknown_score must be one of {', '.join(map(repr, UNKNOWN_SCORES))}, got "
+        if self.unknown_score not in unknown_scores.UNKNOWN_SCORES:
+            raise ValueError(f"unknown_score must be one of {', '.join(map(repr, unknown_scores.UNKNOWN_SCORES))}, got "
                              f"{self.unknown_score!r}.")
         super()._start(n_features=n_features)
 
@@ -1196,10 +833,10 @@ class DiscriminantClassifier(_GramStatistics):
             present = np.flatnonzero(counts > 0)
             if len(present) < 2 or not held_out.any():
                 return False  # too few images to tell: keep the article's class mean
-            sums = (self.class_sums_ - _sums_by_row(features[held_out], rows=rows[held_out],
+            sums = (self.class_sums_ - matrices.sums_by_row(features[held_out], rows=rows[held_out],
                                                     num_rows=len(self.classes_)))[present]
             weights, bias, _, _ = self._discriminant(class_sums=sums, class_counts=counts[present],
-                                                     gram=self.gram_ - _gram(features[held_out], device=device))
+                                                     gram=self.gram_ - matrices.gram(features[held_out], device=device))
             queries = features[held_out]
             for number, scores in enumerate((queries @ weights.T + bias, queries @ unit_rows(sums).T)):
                 hits[number, held_out] = present[scores.argmax(axis=1)] == rows[held_out]
@@ -1211,10 +848,12 @@ class DiscriminantClassifier(_GramStatistics):
         """``(weights, bias, whitening, shrinkage)`` of the discriminant on these statistics: the whitening map
         ``q -> q / scale @ eigenvectors / sqrt(shrunk eigenvalues)`` has ``S^-1 = whitening whitening^T``."""
         degrees = max(int(class_counts.sum()) - len(class_counts), 1)
-        covariance = _within_class_scatter(gram=gram, class_sums=class_sums, class_counts=class_counts) / degrees
+        scatter = matrices.within_class_scatter(gram=gram, class_sums=class_sums, class_counts=class_counts)
+        covariance = scatter / degrees
         scale = np.sqrt(np.clip(np.diag(covariance), 0.0, None))
         scale = np.where(scale > 0, scale, 1.0)  # a feature that never varies within a class is left unscaled
-        eigenvalues, eigenvectors = _eigh(covariance / np.outer(scale, scale), device=compute_device(self.device))
+        eigenvalues, eigenvectors = matrices.eigh(covariance / np.outer(scale, scale),
+                                                  device=compute_device(self.device))
         shrinkage = oas_shrinkage(eigenvalues, n_samples=degrees) if self.shrinkage == "oas" else float(self.shrinkage)
         target = eigenvalues.mean() if eigenvalues.mean() > 0 else 1.0
         whitening = eigenvectors / scale[:, None] / np.sqrt((1 - shrinkage) * eigenvalues + shrinkage * target)
@@ -1229,8 +868,9 @@ class DiscriminantClassifier(_GramStatistics):
         if self.uses_class_mean_:
             return super()._unknown_scores(X)
         device = compute_device(self.device)
-        return _mahalanobis_scores(self._query_features(X), centres=self.class_means_,
-                                   whiten=lambda rows: _product(rows, self.whitening_, device=device))
+        return unknown_scores.mahalanobis_scores(
+            self._query_features(X), centres=self.class_means_,
+            whiten=lambda rows: matrices.product(rows, self.whitening_, device=device))
 
 
 def oas_shrinkage(eigenvalues: np.ndarray, *, n_samples: int) -> float:
@@ -1336,7 +976,7 @@ def _leave_one_out_cosines(
 ) -> np.ndarray:
     """Cosine of every training image to every class mean, its own class's mean computed without it (exact)."""
     features = features.astype(np.float32)
-    products = _product(features, class_sums.T.astype(np.float32), device=device)
+    products = matrices.product(features, class_sums.T.astype(np.float32), device=device)
     sums_squared = (class_sums**2).sum(axis=1).astype(np.float32)
     fitted = products / _safe_sqrt(sums_squared)
     own = (np.arange(len(rows)), rows)

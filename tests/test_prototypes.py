@@ -13,6 +13,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.estimator_checks import check_estimator
 
 import prototypes
+import unknown_scores
 from prototypes import ClassMeanClassifier, DecorrelatedClassifier, DiscriminantClassifier
 
 ESTIMATORS = [
@@ -452,14 +453,14 @@ def test_auto_unknown_score_leaves_combined_only_where_another_separates_hidden_
 
 def test_the_default_unknown_score_gives_way_only_to_a_win_in_every_draw_beyond_its_noise():
     errors = np.full((2, 3), 0.01)
-    assert prototypes._clear_winner(np.array([[0.80, 0.85, 0.70], [0.80, 0.83, 0.70]]), errors=errors) == 1
+    assert unknown_scores.clear_winner(np.array([[0.80, 0.85, 0.70], [0.80, 0.83, 0.70]]), errors=errors) == 1
     # best on the mean, but one draw is a tie: the noise of which classes were hidden, not a win
-    assert prototypes._clear_winner(np.array([[0.80, 0.90, 0.70], [0.80, 0.81, 0.70]]), errors=errors) == 0
+    assert unknown_scores.clear_winner(np.array([[0.80, 0.90, 0.70], [0.80, 0.81, 0.70]]), errors=errors) == 0
     # each draw's difference has a standard error of 0.01 * sqrt(2) = 0.0141
-    assert prototypes._clear_winner(np.array([[0.80, 0.815, 0.70], [0.80, 0.816, 0.70]]), errors=errors) == 1
-    assert prototypes._clear_winner(np.array([[0.80, 0.815, 0.70], [0.80, 0.816, 0.70]]), errors=errors * 1.1) == 0
+    assert unknown_scores.clear_winner(np.array([[0.80, 0.815, 0.70], [0.80, 0.816, 0.70]]), errors=errors) == 1
+    assert unknown_scores.clear_winner(np.array([[0.80, 0.815, 0.70], [0.80, 0.816, 0.70]]), errors=errors * 1.1) == 0
     # Hanley and McNeil by hand: (0.09 + 499 (0.9/1.1 - 0.81) + 499 (1.62/1.9 - 0.81)) / 500^2 = 1.0179e-4
-    assert prototypes._auroc_standard_error(0.9, positives=500, negatives=500) == pytest.approx(0.010089, abs=1e-6)
+    assert unknown_scores.auroc_standard_error(0.9, positives=500, negatives=500) == pytest.approx(0.010089, abs=1e-6)
 
 
 def test_unknown_score_choice_scores_each_draw_as_a_refit_without_the_drawn_images(monkeypatch):
@@ -470,16 +471,16 @@ def test_unknown_score_choice_scores_each_draw_as_a_refit_without_the_drawn_imag
         computed.append(roc_auc_score(truth, scores))
         return computed[-1]
 
-    monkeypatch.setattr(prototypes, "roc_auc_score", recorded)
+    monkeypatch.setattr(unknown_scores, "roc_auc_score", recorded)
     fitted = DecorrelatedClassifier(random_state=5).fit(X, y)
     rows = np.searchsorted(fitted.classes_, y)
-    draws = list(prototypes._unknown_choice_draws(rows, generator=check_random_state(5)))
-    assert len(computed) == len(draws) * len(prototypes.UNKNOWN_CANDIDATES) == 6
+    draws = list(unknown_scores.choice_draws(rows, generator=check_random_state(5)))
+    assert len(computed) == len(draws) * len(unknown_scores.UNKNOWN_CANDIDATES) == 6
     for number, (removed, known, unknown, fitting) in enumerate(draws):
         assert removed[unknown].all() and removed[known].all() and not removed[fitting].any()
         assert len(np.unique(y[unknown])) == 2 and not np.isin(y[known], y[unknown]).any()
         scale = DecorrelatedClassifier(alpha=1.0).fit(X[~removed], y[~removed]).decomposition()["scale"]
-        for column, name in enumerate(prototypes.UNKNOWN_CANDIDATES):
+        for column, name in enumerate(unknown_scores.UNKNOWN_CANDIDATES):
             refit = DecorrelatedClassifier(alpha=fitted.relative_alpha_ * scale, unknown_score=name)
             refit.fit(X[~removed], y[~removed])
             assert computed[number * 3 + column] == pytest.approx(auroc_of(refit, X[known], X[unknown]), abs=2e-3)
