@@ -89,3 +89,9 @@ def cholesky_whitener(matrix: np.ndarray, *, device: torch.device | None) -> Cal
     factor_on_device = torch.linalg.cholesky(on_device(matrix, device))
     return lambda rows: torch.linalg.solve_triangular(
         factor_on_device, on_device(rows.T, device).to(factor_on_device.dtype), upper=False).T.cpu().numpy()
+
+
+def safe_sqrt(values: np.ndarray) -> np.ndarray:
+    """Square roots for dividing by: a zero (a class mean at the global mean) divides by one instead."""
+    roots = np.sqrt(np.maximum(values, 0.0))
+    return np.where(roots > 0, roots, 1.0)

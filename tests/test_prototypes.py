@@ -13,6 +13,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.estimator_checks import check_estimator
 
 import prototypes
+import ridge_selection
 import unknown_scores
 from prototypes import ClassMeanClassifier, DecorrelatedClassifier, DiscriminantClassifier
 
@@ -306,7 +307,7 @@ def test_leave_one_out_class_mean_cosines_equal_refits_without_each_image():
     fitted = ClassMeanClassifier(normalize=True).fit(X, y)
     rows = np.searchsorted(fitted.classes_, y)
     counts = fitted.class_counts_[rows].astype(np.float32)
-    closed = prototypes._leave_one_out_cosines(features, rows, class_sums=fitted.class_sums_, counts=counts,
+    closed = ridge_selection.leave_one_out_cosines(features, rows, class_sums=fitted.class_sums_, counts=counts,
                                                device=torch.device("cpu"))
     for i in range(1, len(y)):
         refit = ClassMeanClassifier(normalize=True).fit(np.delete(X, i, 0), np.delete(y, i))
@@ -324,7 +325,7 @@ def test_leave_one_out_balanced_scores_are_refits_without_each_image():
     eigenvalues, eigenvectors = np.linalg.eigh((features - mu).T @ (features - mu))
     projected = (features - mu) @ eigenvectors
     rotated, inverse = eigenvectors.T @ (fitted.class_means_ - mu).T, 1 / (eigenvalues + 0.3)
-    closed = prototypes._leave_one_out_whitened_cosines(
+    closed = ridge_selection.leave_one_out_whitened_cosines(
         projected @ (rotated * inverse[:, None]), projected**2 @ inverse, rows,
         class_norms=(rotated**2 * inverse[:, None]).sum(axis=0), counts=fitted.class_counts_[rows].astype(np.float64),
     )
