@@ -30,7 +30,7 @@ UNKNOWN_SHRINKAGE = 1.0
 # The decorrelated classifiers' unknown scores: "combined" standardises and adds two that fail on different data
 # (a Mahalanobis distance under the total covariance, the best ridge score), "mahalanobis" is the shared
 # within-class Mahalanobis distance alone, "cosine" the best cosine to a class mean. ``unknown_score="auto"``
-# (default) chooses among them on the fitting images (ties: the earlier).
+# (default) chooses among them on the fitting images, keeping the first unless another clearly beats it.
 UNKNOWN_CANDIDATES = ("combined", "mahalanobis", "cosine")
 UNKNOWN_SCORES = ("auto", *UNKNOWN_CANDIDATES)
 # The draws of that choice: this share of the classes hidden (Caltech-101: 20 of 101), seeded by ``random_state``;
@@ -41,8 +41,8 @@ UNKNOWN_CHOICE_QUERIES = 500
 
 
 class Statistics(NamedTuple):
-    """The additive statistics of a :class:`_GramStatistics` estimator, or of a sub-fit made from them by
-    subtraction (:meth:`without`): all the unknown scores need."""
+    """The additive statistics of a Gram-matrix estimator (``prototypes._GramStatistics``), or of a sub-fit made from
+    them by subtraction (:meth:`without`): all the unknown scores need."""
 
     gram: np.ndarray
     feature_sum: np.ndarray
@@ -73,8 +73,8 @@ class Statistics(NamedTuple):
         sums = self.class_sums - matrices.sums_by_row(features, rows=rows, num_rows=len(counts))
         present = counts > 0
         return Statistics(gram=self.gram - matrices.gram(features, device=device),
-                           feature_sum=self.feature_sum - features.sum(axis=0), class_sums=sums[present],
-                           class_counts=counts[present], n_samples=self.n_samples - len(features))
+                          feature_sum=self.feature_sum - features.sum(axis=0), class_sums=sums[present],
+                          class_counts=counts[present], n_samples=self.n_samples - len(features))
 
 
 def _shrunk_whitener(
@@ -107,7 +107,7 @@ def _within_class_mahalanobis(
     """Mahalanobis scores under the shared within-class covariance (``unknown_score="mahalanobis"``), in the
     features' precision."""
     scatter = matrices.within_class_scatter(gram=statistics.gram, class_sums=statistics.class_sums,
-                                    class_counts=statistics.class_counts)
+                                            class_counts=statistics.class_counts)
     whiten = _shrunk_whitener(scatter.astype(features.dtype), n_samples=statistics.n_samples, device=device)
     return mahalanobis_scores(features, centres=statistics.class_means().astype(features.dtype), whiten=whiten)
 
@@ -133,8 +133,8 @@ def _unknown_components(
     ridge = centred_gram + float(alpha) * np.eye(len(centred_gram), dtype=dtype)
     directions = matrices.solve_positive(ridge, centred_sums.T, device=device)
     # (x - mean) K P without an [N, F] temporary
-    ridge = matrices.product(features, directions, device=device) - mean @ directions
-    return np.column_stack([mahalanobis, ridge.max(axis=1)])
+    ridge_scores = matrices.product(features, directions, device=device) - mean @ directions
+    return np.column_stack([mahalanobis, ridge_scores.max(axis=1)])
 
 
 def _moments(components: np.ndarray) -> np.ndarray:
@@ -211,7 +211,11 @@ class UnknownScoreMixin:
     class vectors, so stores and merges keep it. ``unknown_score="auto"`` chooses it when the estimator starts, by
     hiding classes from sub-fits of those statistics (:meth:`_choose_unknown_score`); the choice
     (``unknown_score_``) and the combined score's standardisation (``unknown_moments_``) are then kept through later
-    changes, like the ridge strength."""
+    changes, like the ridge strength.
+
+    The host estimator keeps the Gram statistics (``gram_``, ``feature_sum_``, ``class_sums_``, ``class_counts_``,
+    ``n_samples_seen_``), ``alpha_`` and ``relative_alpha_``, and the parameters ``unknown_score``,
+    ``random_state`` and ``device``."""
 
     def _unknown_scores(self, X: np.ndarray) -> np.ndarray:
         """What ``unknown_score_`` names (see :data:`UNKNOWN_CANDIDATES`):
@@ -231,7 +235,7 @@ class UnknownScoreMixin:
 
     def _statistics(self) -> Statistics:
         return Statistics(gram=self.gram_, feature_sum=self.feature_sum_, class_sums=self.class_sums_,
-                           class_counts=self.class_counts_, n_samples=self.n_samples_seen_)
+                          class_counts=self.class_counts_, n_samples=self.n_samples_seen_)
 
     def unknown_components(self, features: np.ndarray) -> np.ndarray:
         """``[N, 2]`` for :meth:`query_features` rows: minus the smallest Mahalanobis distance to a class mean under
@@ -319,5 +323,6 @@ class UnknownScoreMixin:
             aurocs.append([roc_auc_score(truth, scores[name]) for name in UNKNOWN_CANDIDATES])
             errors.append([auroc_standard_error(auroc, positives=len(known), negatives=len(unknown))
                            for auroc in aurocs[-1]])
-        return UNKNOWN_CANDIDATES[clear_winner(np.asarray(aurocs), errors=np.asarray(errors))] if aurocs else (
-            UNKNOWN_CANDIDATES[0])
+        if not aurocs:
+            return UNKNOWN_CANDIDATES[0]
+        return UNKNOWN_CANDIDATES[clear_winner(np.asarray(aurocs), errors=np.asarray(errors))]
