@@ -495,7 +495,7 @@ def _shard_hits(shard: Shard, merged: Any, decomposition: dict[str, Any]) -> tup
     return merged.leave_one_out_hits(part["embedding"], part["label"], decomposition=decomposition), part["label"]
 
 
-def _shard_moments(shard: Shard, merged: Any, decomposition: dict[str, Any]) -> np.ndarray:
+def _shard_moments(shard: Shard, merged: Any) -> np.ndarray:
     return merged.unknown_moments(shard.read()["embedding"])
 
 
@@ -515,17 +515,16 @@ def fit_shards(folder: str | os.PathLike, estimator: Any, *, use_ray: bool = Tru
     merged = prototypes.merge_statistics(states, into=estimator)
     if not isinstance(merged, prototypes.DecorrelatedClassifier):
         return merged
-    decomposition = merged.decomposition()
 
-    def over_shards(task: Any) -> list[Any]:
-        """``task(shard, merged, decomposition)`` for every shard, as Ray tasks or here."""
+    def over_shards(task: Any, *shared: Any) -> list[Any]:
+        """``task(shard, merged, *shared)`` for every shard, as Ray tasks (the shared values put once) or here."""
         if not use_ray:
-            return [task(shard, merged, decomposition) for shard in shards]
-        shared, shared_decomposition = ray.put(merged), ray.put(decomposition)
-        return ray.get([ray.remote(task).remote(shard, shared, shared_decomposition) for shard in shards])
+            return [task(shard, merged, *shared) for shard in shards]
+        references = [ray.put(value) for value in (merged, *shared)]
+        return ray.get([ray.remote(task).remote(shard, *references) for shard in shards])
 
     if merged.alpha == "loo":
-        results = over_shards(_shard_hits)
+        results = over_shards(_shard_hits, merged.decomposition())
         merged.select_alpha(np.concatenate([hits for hits, _ in results], axis=1),
                             np.concatenate([labels for _, labels in results]))
     if merged.unknown_score_ != "combined":
