@@ -456,12 +456,11 @@ class _GramStatistics(_ClassStatistics):
         self.feature_sum_ = self.feature_sum_ + sign * features.sum(axis=0)
         self.n_samples_seen_ = self.n_samples_seen_ + sign * len(features)
 
-    def within_class_scatter(self) -> np.ndarray:
-        """The images' scatter about their own class means, ``[F, F]`` (see
-        :func:`matrices.within_class_scatter`; a class
-        removed without its images leaves them in it, uncentred)."""
-        return matrices.within_class_scatter(gram=self.gram_, class_sums=self.class_sums_,
-                                             class_counts=self.class_counts_)
+    def _statistics(self) -> unknown_scores.Statistics:
+        """The additive statistics as one tuple, from which a sub-fit without some images is a subtraction
+        (:meth:`unknown_scores.Statistics.without`)."""
+        return unknown_scores.Statistics(gram=self.gram_, feature_sum=self.feature_sum_, class_sums=self.class_sums_,
+                                         class_counts=self.class_counts_, n_samples=self.n_samples_seen_)
 
 
 class DecorrelatedClassifier(ridge_selection.RidgeSelectionMixin, unknown_scores.UnknownScoreMixin, _GramStatistics):
@@ -711,20 +710,18 @@ class DiscriminantClassifier(_GramStatistics):
         for row in np.unique(rows):
             members = order[rows[order] == row]
             folds[members] = np.arange(len(members)) % 3
-        device = compute_device(self.device)
+        device, statistics = compute_device(self.device), self._statistics()
         hits = np.zeros((2, len(rows)))
         for fold in range(3):
             held_out = folds == fold
-            counts = self.class_counts_ - np.bincount(rows[held_out], minlength=len(self.classes_))
-            present = np.flatnonzero(counts > 0)
+            present = np.unique(rows[~held_out])  # the classes the fold's statistics keep, in order
             if len(present) < 2 or not held_out.any():
                 return False  # too few images to tell: keep the article's class mean
-            sums = (self.class_sums_ - matrices.sums_by_row(features[held_out], rows=rows[held_out],
-                                                    num_rows=len(self.classes_)))[present]
-            weights, bias, _, _ = self._discriminant(class_sums=sums, class_counts=counts[present],
-                                                     gram=self.gram_ - matrices.gram(features[held_out], device=device))
+            kept = statistics.without(features[held_out], rows[held_out], device=device)
+            weights, bias, _, _ = self._discriminant(class_sums=kept.class_sums, class_counts=kept.class_counts,
+                                                     gram=kept.gram)
             queries = features[held_out]
-            for number, scores in enumerate((queries @ weights.T + bias, queries @ unit_rows(sums).T)):
+            for number, scores in enumerate((queries @ weights.T + bias, queries @ unit_rows(kept.class_sums).T)):
                 hits[number, held_out] = present[scores.argmax(axis=1)] == rows[held_out]
         weights = ridge_selection.metric_weights(rows, balanced=self.select_for == "balanced")
         return ridge_selection.beats(hits[0], hits[1], weights=weights)

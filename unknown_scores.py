@@ -42,7 +42,7 @@ UNKNOWN_CHOICE_QUERIES = 500
 
 class Statistics(NamedTuple):
     """The additive statistics of a Gram-matrix estimator (``prototypes._GramStatistics``), or of a sub-fit made from
-    them by subtraction (:meth:`without`): all the unknown scores need."""
+    them by subtraction (:meth:`without`, also the discriminant's folds): all the unknown scores need."""
 
     gram: np.ndarray
     feature_sum: np.ndarray
@@ -213,9 +213,8 @@ class UnknownScoreMixin:
     (``unknown_score_``) and the combined score's standardisation (``unknown_moments_``) are then kept through later
     changes, like the ridge strength.
 
-    The host estimator keeps the Gram statistics (``gram_``, ``feature_sum_``, ``class_sums_``, ``class_counts_``,
-    ``n_samples_seen_``), ``alpha_`` and ``relative_alpha_``, and the parameters ``unknown_score``,
-    ``random_state`` and ``device``."""
+    The host estimator gives its Gram statistics as one :class:`Statistics` (``_statistics()``), keeps ``alpha_``
+    and ``relative_alpha_``, and has the parameters ``unknown_score``, ``random_state`` and ``device``."""
 
     def _unknown_scores(self, X: np.ndarray) -> np.ndarray:
         """What ``unknown_score_`` names (see :data:`UNKNOWN_CANDIDATES`):
@@ -232,10 +231,6 @@ class UnknownScoreMixin:
         if self.unknown_score_ == "mahalanobis":
             return self.within_class_mahalanobis(features)
         return _standardised_sum(self.unknown_components(features), self.unknown_moments_)
-
-    def _statistics(self) -> Statistics:
-        return Statistics(gram=self.gram_, feature_sum=self.feature_sum_, class_sums=self.class_sums_,
-                          class_counts=self.class_counts_, n_samples=self.n_samples_seen_)
 
     def unknown_components(self, features: np.ndarray) -> np.ndarray:
         """``[N, 2]`` for :meth:`query_features` rows: minus the smallest Mahalanobis distance to a class mean under
