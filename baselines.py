@@ -28,6 +28,7 @@ __all__ = ["BASELINES", "ESTIMATOR_NAMES", "KMeansPrototypeClassifier", "LinearP
 
 FLOAT_TYPES = (np.float32, np.float64)  # float32 embeddings are kept as they are: half the traffic
 
+
 class NearestNeighbourClassifier(ClassifierMixin, BaseEstimator):
     """k nearest training images by cosine similarity, majority vote.
 
