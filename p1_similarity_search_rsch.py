@@ -50,7 +50,7 @@ PROFILE = False
 CLASS_ACCURACY_THRESHOLD = 0.8
 NUM_INTERVALS = 20
 
-import cli  # noqa: E402  (light: --help answers before torch is imported)
+from simsearch import cli  # noqa: E402  (light: --help answers before torch is imported)
 
 clock = cli.PhaseClock()  # --profile prints where the run's wall time went, imports and start-up included
 cli.install_error_boundary()  # a user error ends the script with one line, not a traceback
@@ -82,17 +82,15 @@ import pandas as pd  # noqa: E402
 import sklearn.base  # noqa: E402
 import torch  # noqa: E402
 
-import banerjee  # noqa: E402
-import baselines  # noqa: E402
-import config  # noqa: E402
+import banerjee  # noqa: E402  (the original's names: the package's modules, see simsearch/originals.py)
 import cumacc  # noqa: E402
 import engine  # noqa: E402
-import protocol  # noqa: E402
-import prototypes  # noqa: E402
 import randomness  # noqa: E402
 import store  # noqa: E402
 import utils  # noqa: E402
 import visual  # noqa: E402
+from simsearch import config, protocol  # noqa: E402
+from simsearch.classifiers import registry  # noqa: E402
 
 clock.mark("imports")
 started = time.perf_counter()
@@ -102,23 +100,22 @@ allocator = utils.tune_allocator(enabled=args.tune_allocator)
 utils.check_cuda_support(inform=True)
 if args.reproducible:
     randomness.set_determinism(seed=args.seed)
-# the classifiers' fits and the analysis compute on a GPU; MPS has no float64, so elsewhere they stay on the CPU
-fit_device = device if device.type == "cuda" else None
+fit_device = registry.fit_device(device)  # the classifiers' fits and the analysis: on a CUDA device, else the CPU
 settings = config.RunSettings(  # what every partition shares: both protocols, the stats and the analysis read it
     runs=args.runs, valid_share=args.valid_share, top_k=args.top_k, seed=args.seed, confidence=args.confidence,
-    classifier=baselines.on_device(prototypes.make_classifier(
-        args.classifier, **({} if args.select_for is None else {"select_for": args.select_for})), device=fit_device),
+    classifier=registry.make_estimator(
+        args.classifier, device=fit_device, **({} if args.select_for is None else {"select_for": args.select_for})),
     short_run=args.short_run,
 )
 clock.mark("device start")
 
 # %% The dataset (images or sentences) and the model name, checked before the samples are listed.
 embedding_set = None
-if args.embeddings:  # an embedding set of `python -m distributed`: the samples' embeddings, no encoder needed
-    import distributed
+if args.embeddings:  # an embedding set of `python -m simsearch distributed`: the samples' embeddings, no encoder needed
+    from simsearch import distributed
 
     embedding_set = distributed.read_embedding_set(args.embeddings)
-    dsm = distributed.EmbeddingSetMaker(embedding_set, folder=args.embeddings)
+    dsm = embedding_set.listing()
     model_name = embedding_set.manifest["model_name"]
 else:
     dataset_path = cli.resolve_dataset(
@@ -182,8 +179,9 @@ try:
                 encode_transform=encode_transform, eval_transform=query_transform,
                 augment_seed=settings.seed if args.augment_encode or args.augment_eval else None, **common,
             )
-except KeyboardInterrupt:
-    raise SystemExit(f"Interrupted. Finished partitions are kept in {run_log}; rerun with --resume to go on.")
+except KeyboardInterrupt as interrupt:
+    raise SystemExit(f"Interrupted. Finished partitions are kept in {run_log}; rerun with --resume to go on."
+                     ) from interrupt
 clock.mark("encoding and partitions")
 if args.profile:
     print(f"Profile written to {profiler.dump(filename=out_dir / 'profile', sort_by='cumulative')}")
@@ -248,7 +246,7 @@ clock.mark("stats, CAF and results")
 if args.analysis and run_results.embeddings is None:
     print("--analysis needs the per-sample embeddings of the cached protocol; skipped.")
 if args.analysis and run_results.embeddings is not None:
-    import analysis
+    from simsearch import analysis
 
     analysed = analysis.analyse_runs(
         runs=run_results, labels=labels, valid_share=settings.valid_share, confidence=settings.confidence,

@@ -7,14 +7,13 @@ products and eigendecompositions the same figures need on this CPU, at its measu
 once (:func:`product_floor`). Then the whole ``analysis.analyse_runs`` as the script calls it, part by part, with
 its total (target: at most 60 s on Caltech-101, 20 partitions) beside the floor plus the measured t-SNE::
 
-    python benchmarks/analysis_speed.py --embeddings .cache/embeddings-<key>.pt --runs 20
+    python -m benchmarks.analysis_speed --embeddings .cache/embeddings-<key>.pt --runs 20
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import pathlib
 import sys
 import time
 from types import SimpleNamespace
@@ -26,11 +25,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import Normalizer
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import analysis  # noqa: E402
-import baselines  # noqa: E402
-import prototypes  # noqa: E402
+from simsearch import analysis
+from simsearch.classifiers import (
+    baselines,
+    prototypes,
+)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

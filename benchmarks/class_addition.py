@@ -9,8 +9,8 @@ and, for the decorrelated family, also the store's way (old classes fitted, the 
 accuracy and the balanced accuracy (the mean of the per-class accuracies), each with its Student-t interval over
 the draws::
 
-    python benchmarks/class_addition.py --dataset ../shared/data/caltech101 --weights FILE --draws 5
-    python benchmarks/class_addition.py --dataset ../shared/data/trec/train.csv --label-column coarse,fine
+    python -m benchmarks.class_addition --dataset ../shared/data/caltech101 --weights FILE --draws 5
+    python -m benchmarks.class_addition --dataset ../shared/data/trec/train.csv --label-column coarse,fine
 
 New classes are drawn among those with at least ``max(K)`` training samples, so every K sees the same classes.
 """
@@ -28,13 +28,14 @@ import numpy as np
 import sklearn.base
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.classifiers import add_embedding_arguments, load_embeddings
+from simsearch import (
+    analysis,
+    metrics,
+)
+from simsearch.classifiers import prototypes
 
-import analysis  # noqa: E402
-import metrics  # noqa: E402
-import prototypes  # noqa: E402
-from benchmarks.classifiers import add_embedding_arguments, load_embeddings  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -5,8 +5,8 @@ in one run, accuracy with its Student-t interval, the paired gain over the class
 gain has its own, much narrower interval), the share of the class mean's errors removed, and seconds per
 partition (fit + predict) on this machine::
 
-    python benchmarks/classifiers.py --embeddings .cache/embeddings-<key>.pt --runs 20
-    python benchmarks/classifiers.py --dataset DIR --model tf_efficientnet_lite0 --weights FILE --cache-dir .cache
+    python -m benchmarks.classifiers --embeddings .cache/embeddings-<key>.pt --runs 20
+    python -m benchmarks.classifiers --dataset DIR --model tf_efficientnet_lite0 --weights FILE --cache-dir .cache
 
 ``--subsets 10x20`` adds the small-set check: ``--subset-draws`` random draws of 10 classes x 20 images taken
 from the same embeddings (no re-encoding), each scored over ``--runs`` partitions, to show whether the
@@ -26,14 +26,17 @@ import time
 import numpy as np
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.offline_models import packaged_minilm
+from simsearch import (
+    analysis,
+    metrics,
+)
+from simsearch.classifiers import (
+    baselines,
+    prototypes,
+)
 
-import analysis  # noqa: E402
-import baselines  # noqa: E402
-import metrics  # noqa: E402
-import prototypes  # noqa: E402
-from benchmarks.offline_models import packaged_minilm  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -79,8 +82,8 @@ def load_embeddings(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tenso
 
     import banerjee
     import engine
-    import protocol
     import store
+    from simsearch import protocol
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # repeated sentences are skipped

@@ -5,7 +5,7 @@ Prints each path's encode rate, the smallest and mean per-image cosine between t
 accuracy of each with its Student-t interval and the paired difference; the claim to check before making the
 tensor path a default is that the difference sits inside the PIL path's interval::
 
-    python benchmarks/decode_paths.py --dataset ../shared/data/caltech101 --per-class 15 --runs 20
+    python -m benchmarks.decode_paths --dataset ../shared/data/caltech101 --per-class 15 --runs 20
 """
 
 from __future__ import annotations
@@ -18,18 +18,18 @@ import time
 
 import numpy as np
 import torch
+from grid_rerun import per_class_subset
+
+import banerjee
+import engine
+from benchmarks.offline_models import lite_weights
+from simsearch import (
+    config,
+    metrics,
+    protocol,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import banerjee  # noqa: E402
-import config  # noqa: E402
-import engine  # noqa: E402
-import metrics  # noqa: E402
-import protocol  # noqa: E402
-from grid_rerun import per_class_subset  # noqa: E402
-from offline_models import lite_weights  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -12,7 +12,7 @@ per image. Every variant also encodes the dataset's first ``--probe-share`` of s
 two timings split each run into ``start-up s`` and the ``steady`` images/s of the pass once running
 (``(N - n) / (T_N - T_n)``): the steady ratio is what a dataset many times larger sees::
 
-    python benchmarks/distributed_encode.py --dataset ../shared/data/caltech101 [--weights FILE] [--actors 1 2]
+    python -m benchmarks.distributed_encode --dataset ../shared/data/caltech101 [--weights FILE] [--actors 1 2]
 
 On N GPUs with one actor each, images/s scale with N up to the rate at which the nodes read and decode files: a
 paper estimate is N times the per-actor rate printed here for a GPU actor.
@@ -29,14 +29,14 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import banerjee  # noqa: E402
-import distributed  # noqa: E402
-import engine  # noqa: E402
-import protocol  # noqa: E402
-import prototypes  # noqa: E402
-from offline_models import lite_weights  # noqa: E402
+import banerjee
+import engine
+from benchmarks.offline_models import lite_weights
+from simsearch import (
+    distributed,
+    protocol,
+)
+from simsearch.classifiers import prototypes
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -107,7 +107,8 @@ def main(argv: list[str]) -> None:
                          tuple(timings), f"max |diff| {difference:.1e}, {len(manifest['shards'])} shards"))
             print(f"local Ray, {actors} actor(s): {sizes[1] / timings[1]:.1f} images/s", flush=True)
         print(f"\nprobe: the first {sizes[0]} images; start-up and steady rate from the two runs of each variant")
-        print(f"{'encode':34s} {'images/s':>9s} {'ratio':>6s} {'start-up s':>10s} {'steady/s':>9s} {'ratio':>6s}  outputs")
+        print(f"{'encode':34s} {'images/s':>9s} {'ratio':>6s} {'start-up s':>10s} {'steady/s':>9s} {'ratio':>6s}  "
+              "outputs")
         baseline_rate, baseline_steady = None, None
         for name, seconds, (probe_seconds, _), outputs in rows:
             start_up, steady = start_up_and_steady(probe=(sizes[0], probe_seconds), full=(sizes[1], seconds))

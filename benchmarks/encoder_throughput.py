@@ -12,7 +12,7 @@ the sentence encoder in fp32 and bf16 on the CPU and, where CUDA is, in fp32, bf
 ``--text-model-shape`` builds the sentence model from a folder without its weights (random weights, the same
 architecture, so the same rate; the GPU check carries no 90 MB MiniLM)::
 
-    python benchmarks/encoder_throughput.py --batches 6 --batch-size 32 [--compile] [--bf16] \\
+    python -m benchmarks.encoder_throughput --batches 6 --batch-size 32 [--compile] [--bf16] \\
         [--dataset ../shared/data/caltech101 --images 1024 --workers 0 2] \\
         [--texts ../shared/data/trec/train.csv --text-model models/all-MiniLM-L6-v2 | --text-model-shape FOLDER]
 """
@@ -32,13 +32,11 @@ import warnings
 
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import banerjee  # noqa: E402
-import engine  # noqa: E402
-import protocol  # noqa: E402
-import utils  # noqa: E402
-from offline_models import lite_weights, packaged_minilm  # noqa: E402
+import banerjee
+import engine
+import utils
+from benchmarks.offline_models import lite_weights, packaged_minilm
+from simsearch import protocol
 
 PRELOADS = {"tcmalloc": "libtcmalloc_minimal.so.4", "jemalloc": "libjemalloc.so.2"}
 LIBRARY_FOLDERS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib")

@@ -101,13 +101,13 @@ COMMON=(--model tf_efficientnet_lite0 --weights "$LITE0" --device "$DEVICE" --ru
 step main-small-cold 120 "^Total duration" python p1_similarity_search_rsch.py --dataset "$SMALL" "${COMMON[@]}" --out "$OUT/main-small"
 step main-large-pil 180 "^Encoding duration" python p1_similarity_search_rsch.py --dataset "$LARGE" "${COMMON[@]}" --out "$OUT/main-large-pil"
 step main-large-tensor 180 "^Encoding duration" python p1_similarity_search_rsch.py --dataset "$LARGE" "${COMMON[@]}" --decode tensor --out "$OUT/main-large-tensor"
-step decode-paths 180 "per-image cosine" python benchmarks/decode_paths.py --dataset "$SMALL" --per-class 0 --device "$DEVICE"
+step decode-paths 180 "per-image cosine" python -m benchmarks.decode_paths --dataset "$SMALL" --per-class 0 --device "$DEVICE"
 step analysis-cache 120 "^Accuracy:" python p1_similarity_search_rsch.py --dataset "$SMALL" "${COMMON[@]}" --cache-dir "$OUT/cache" --out "$OUT/analysis"
 step analysis 180 "^Total duration" python p1_similarity_search_rsch.py --dataset "$SMALL" "${COMMON[@]}" --cache-dir "$OUT/cache" --out "$OUT/analysis" --analysis
 TEXTS=(--texts "$HERE/trec.csv" --label-column coarse --text-model-shape "$HERE/minilm-shape")
-step throughput 180 "^tuned +(cuda|cpu) " python benchmarks/encoder_throughput.py "${THROUGHPUT[@]}" --allocators tuned "${TEXTS[@]}"
+step throughput 180 "^tuned +(cuda|cpu) " python -m benchmarks.encoder_throughput "${THROUGHPUT[@]}" --allocators tuned "${TEXTS[@]}"
 grep -E "^tuned +text" "$OUT/throughput.log" | tr '|' '/' | sed 's/^tuned *\(.*\)$/| sentences | | | \1 |/' >> "$SUMMARY"
-step search 120 "^\\| +[0-9,]+ \\| torch" python benchmarks/search_backends.py --sizes "${SEARCH_SIZES[@]}" --budget 20
+step search 120 "^\\| +[0-9,]+ \\| torch" python -m benchmarks.search_backends --sizes "${SEARCH_SIZES[@]}" --budget 20
 if [ "$SUITE" = 1 ]; then
     PARALLEL=()
     if python -c 'import xdist' 2> /dev/null; then

@@ -6,7 +6,7 @@ Lite1, offline weights) and two classifiers make 8 cells. The first ``grid.run_g
 second, same settings, reads embeddings and finished cells back. Printed: both times and their ratio (target:
 the warm rerun at most 5 % of the cold run), then the grid's Markdown table::
 
-    python benchmarks/grid_rerun.py --dataset ../shared/data/caltech101 --per-class 20 --runs 20
+    python -m benchmarks.grid_rerun --dataset ../shared/data/caltech101 --per-class 20 --runs 20
 """
 
 from __future__ import annotations
@@ -17,10 +17,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import grid  # noqa: E402
-from offline_models import lite_weights  # noqa: E402
+from benchmarks.offline_models import lite_weights
+from simsearch import grid
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

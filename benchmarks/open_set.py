@@ -7,9 +7,9 @@ score (higher = known) the table gives the AUROC, the FPR at 95 % TPR (threshold
 ``calibrate`` does) and the known-class accuracy of the classifier behind it, with Student-t intervals over the
 draws::
 
-    python benchmarks/open_set.py --embeddings .cache/embeddings-<key>.pt --draws 5
-    python benchmarks/open_set.py --dataset ../shared/data/trec/train.csv --label-column coarse --hidden-share 0.17
-    python benchmarks/open_set.py --dataset ../shared/data/caltech101 --weights FILE --hide-together Faces,Faces_easy
+    python -m benchmarks.open_set --embeddings .cache/embeddings-<key>.pt --draws 5
+    python -m benchmarks.open_set --dataset ../shared/data/trec/train.csv --label-column coarse --hidden-share 0.17
+    python -m benchmarks.open_set --dataset ../shared/data/caltech101 --weights FILE --hide-together Faces,Faces_easy
 
 ``--hide-together`` names classes of one concept (label names with ``--dataset``, else label indexes): they are
 hidden together or not at all (see ``analysis.hidden_class_draws``).
@@ -27,13 +27,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.classifiers import add_embedding_arguments, load_embeddings
+from simsearch import (
+    analysis,
+    metrics,
+)
+from simsearch.classifiers import prototypes
 
-import analysis  # noqa: E402
-import metrics  # noqa: E402
-import prototypes  # noqa: E402
-from benchmarks.classifiers import add_embedding_arguments, load_embeddings  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

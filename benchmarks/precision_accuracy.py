@@ -4,7 +4,7 @@ Every precision encodes the same images (``--per-class`` images of every class o
 with ``--per-class 0``) and is scored on the same ``--runs`` partitions with the same classifier, so the paired
 difference to fp32 has its own narrow interval; the claim to check is that it sits inside fp32's interval::
 
-    python benchmarks/precision_accuracy.py --dataset ../shared/data/caltech101 --precisions fp32 bf16 --runs 20
+    python -m benchmarks.precision_accuracy --dataset ../shared/data/caltech101 --precisions fp32 bf16 --runs 20
 """
 
 from __future__ import annotations
@@ -18,19 +18,19 @@ import warnings
 
 import numpy as np
 import torch
+from grid_rerun import per_class_subset
+
+import banerjee
+import engine
+from benchmarks.offline_models import lite_weights
+from simsearch import (
+    config,
+    metrics,
+    protocol,
+)
+from simsearch.classifiers import prototypes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import banerjee  # noqa: E402
-import config  # noqa: E402
-import engine  # noqa: E402
-import metrics  # noqa: E402
-import protocol  # noqa: E402
-import prototypes  # noqa: E402
-from grid_rerun import per_class_subset  # noqa: E402
-from offline_models import lite_weights  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

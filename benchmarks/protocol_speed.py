@@ -3,7 +3,7 @@
 Both run side by side in one invocation, each in its own child process so that peak RSS is measured per protocol,
 on the same data, model, partitions and machine::
 
-    python benchmarks/protocol_speed.py --dataset ../shared/data/caltech101 --per-class 8 --runs 20
+    python -m benchmarks.protocol_speed --dataset ../shared/data/caltech101 --per-class 8 --runs 20
 
 Without ``--dataset`` a small separable class-folder set is generated. ``--original-runs`` times fewer original
 partitions and extrapolates linearly to ``--runs`` (each original partition costs the same work).
@@ -24,7 +24,6 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -56,8 +55,7 @@ def subset(dataset: pathlib.Path, per_class: int) -> pathlib.Path:
 
 
 def generated() -> pathlib.Path:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import CLASS_STYLES, make_class_folders
+    from tests.conftest import CLASS_STYLES, make_class_folders
 
     root = pathlib.Path(tempfile.mkdtemp(prefix="protocol-speed-"))
     return make_class_folders(root, classes=list(CLASS_STYLES), images_per_class=20)
@@ -68,9 +66,8 @@ def run_phase(args: argparse.Namespace) -> dict:
     import torch
 
     import banerjee
-    import config
     import engine
-    import protocol
+    from simsearch import config, protocol
 
     torch.manual_seed(0)
     maker = banerjee.DatasetMaker(dataset_path=args.dataset, check_images=False)
@@ -119,7 +116,7 @@ def main(argv: list[str]) -> None:
         print(json.dumps(run_phase(args)))
         return
     if args.weights is None:
-        from offline_models import lite_weights
+        from benchmarks.offline_models import lite_weights
 
         args.weights = lite_weights(0)
     temporary = None

@@ -5,8 +5,8 @@ this measures where that happens on the machine at hand. Class vectors are rando
 vector plus Gaussian noise, so the planted class is the right answer; the default noise is strong enough that among
 1,000,000 classes a random class often scores as high, so top-1 agreement is tested on near-ties, not easy cases.
 
-    /work/venv/bin/python benchmarks/search_backends.py                       # 100 / 10,000 / 1,000,000 classes
-    /work/venv/bin/python benchmarks/search_backends.py --sizes 100 10000 --queries 2000 --cpu
+    /work/venv/bin/python -m benchmarks.search_backends                       # 100 / 10,000 / 1,000,000 classes
+    /work/venv/bin/python -m benchmarks.search_backends --sizes 100 10000 --queries 2000 --cpu
 
 Memory: the 1,000,000 x 448 float32 corpus is 1.8 GB; with FAISS's normalised copy and index the peak is ~6 GB.
 """
@@ -14,7 +14,6 @@ Memory: the 1,000,000 x 448 float32 corpus is 1.8 GB; with FAISS's normalised co
 from __future__ import annotations
 
 import argparse
-import pathlib
 import resource
 import sys
 import time
@@ -24,10 +23,8 @@ import faiss
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import classdb  # noqa: E402
-import utils  # noqa: E402
+import utils
+from simsearch.classdb import vector_store
 
 
 def synthetic_classes(*, num_classes: int, dim: int, generator: torch.Generator, chunk: int = 100_000) -> torch.Tensor:
@@ -49,7 +46,7 @@ def noisy_queries(
 
 def time_search(
     *,
-    backend: classdb.TorchBackend | classdb.FaissBackend,
+    backend: vector_store.TorchBackend | vector_store.FaissBackend,
     queries: torch.Tensor,
     top_k: int,
     repeats: int,
@@ -91,9 +88,9 @@ def run(
         corpus = synthetic_classes(num_classes=size, dim=dim, generator=generator)
         queries, planted = noisy_queries(corpus=corpus, num_queries=num_queries, noise=noise, generator=generator)
         top1 = {}
-        for name in classdb.BACKENDS:
+        for name in vector_store.BACKENDS:
             started = time.perf_counter()
-            backend = classdb.make_backend(
+            backend = vector_store.make_backend(
                 name=name, weights=torch.nn.functional.normalize(corpus, dim=1), device=device
             )
             build_s = time.perf_counter() - started
@@ -113,7 +110,7 @@ def run(
             )
             del backend
         agreement = float((top1["torch"] == top1["faiss"]).float().mean())
-        for row in rows[-len(classdb.BACKENDS) :]:
+        for row in rows[-len(vector_store.BACKENDS) :]:
             row["top1_agreement"] = agreement
             row["peak_rss_gib"] = peak_rss_gib()
         print(

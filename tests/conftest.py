@@ -15,7 +15,6 @@ from PIL import Image, ImageDraw
 matplotlib.use("Agg")
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 

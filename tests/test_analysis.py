@@ -13,10 +13,9 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-import analysis
-import baselines
 import banerjee
-import prototypes
+from simsearch import analysis
+from simsearch.classifiers import baselines, prototypes, registry
 
 
 def clusters(
@@ -300,7 +299,7 @@ def test_analyse_runs_computes_only_the_parts_asked_for():
 
 
 def test_script_and_analysis_name_the_same_parts():
-    import cli
+    from simsearch import cli
 
     assert cli.ANALYSIS_PARTS == analysis.ANALYSIS_PARTS
 
@@ -419,7 +418,7 @@ def test_open_set_tells_far_hidden_classes_apart(classifier):
 
 
 def test_compared_classifiers_can_be_named_as_on_the_command_line():
-    """Names of baselines.ESTIMATOR_NAMES give the same rows as the estimators they stand for."""
+    """Names of registry.ESTIMATOR_NAMES give the same rows as the estimators they stand for."""
     embeddings, targets = clusters(num_labels=4, per_class=12, spread=0.6)
     partitions = partitions_of(targets, runs=3)
     named = analysis.compare_prototypes(embeddings=embeddings, targets=targets, partitions=partitions, top_k=2,
@@ -432,10 +431,11 @@ def test_compared_classifiers_can_be_named_as_on_the_command_line():
     assert list(named.index) == ["knn5", "mean", "kmeans2"]
     columns = ["accuracy", "balanced_accuracy", "topk_accuracy", "gain"]
     pd.testing.assert_frame_equal(named[columns], given[columns])
-    assert type(baselines.make_estimator("probe")) is baselines.LinearProbe
-    assert baselines.make_estimator("balanced").get_params()["prior"] == "balanced"
-    with pytest.raises(ValueError, match="Unknown classifier 'svm'; use one of mean, decorrelated, balanced, lda, knn1"):
-        baselines.make_estimator("svm")
+    assert type(registry.make_estimator("probe")) is baselines.LinearProbe
+    assert registry.make_estimator("balanced").get_params()["prior"] == "balanced"
+    with pytest.raises(ValueError, match="Unknown classifier 'svm'; use one of mean, decorrelated, balanced, lda, "
+                                         "knn1"):
+        registry.make_estimator("svm")
 
 
 def _analysis_on_device_against_the_cpu(device: str) -> None:

@@ -35,13 +35,11 @@ from conftest import CLASS_STYLES, REPO_ROOT, make_class_folders, run_script, sc
 from PIL import Image
 
 import banerjee
-import config
-import classdb
-import cli_store
 import engine
-import cli
-import protocol
 import store
+from simsearch import cli, config, protocol
+from simsearch.classdb import commands, vector_store
+from simsearch.classdb.files import ClassDBError
 
 RED, GREEN, BLUE, WHITE = (220, 30, 30), (30, 180, 40), (30, 60, 220), (255, 255, 255)
 
@@ -816,7 +814,7 @@ def test_atomic_path_discards_partial_output_on_error(tmp_path):
 
 def toy_class_store_zip(folder: pathlib.Path) -> pathlib.Path:
     """A saved class vector store of a made-up 8-dimensional model, three classes of two images each."""
-    db = classdb.ClassVectorStore(
+    db = vector_store.ClassVectorStore(
         dim=8, model_name="toy", model_id="toy+sha256:000000000000", transform_config={"input_size": [3, 8, 8]}
     )
     db.add_classes(embeddings=torch.randn(6, 8, generator=torch.Generator().manual_seed(0)),
@@ -828,8 +826,8 @@ def test_class_store_zip_of_another_model_is_refused(tmp_path):
     path = toy_class_store_zip(tmp_path)
     lite0_id = "tf_efficientnet_lite0+sha256:579344248a93"
     expected = f"{path} was built with model 'toy+sha256:000000000000', not with '{lite0_id}'"
-    with pytest.raises(classdb.ModelMismatchError, match=re.escape(expected)) as info:
-        classdb.ClassVectorStore.load(path=path, model_id=lite0_id)
+    with pytest.raises(vector_store.ModelMismatchError, match=re.escape(expected)) as info:
+        vector_store.ClassVectorStore.load(path=path, model_id=lite0_id)
     assert "--model toy with the same --weights file" in str(info.value)
 
 
@@ -837,7 +835,8 @@ def test_class_store_zip_of_another_model_is_refused(tmp_path):
     ("key", "value", "message"),
     [
         ("dim", 1280, "its content does not match the checksum written with it; the file was edited"),
-        ("dim-without-checksum", 1280, r"class sums \[3, 8\] do not fit a store of dimension 1280; the file is damaged"),
+        ("dim-without-checksum", 1280,
+         r"class sums \[3, 8\] do not fit a store of dimension 1280; the file is damaged"),
         ("counts", [2, 0, 2], "its content does not match the checksum written with it; the file was edited"),
         ("counts", [2.5, 2, 2], "its content does not match the checksum written with it; the file was edited"),
         ("counts", [2.0, 2, 2], "its content does not match the checksum written with it; the file was edited"),
@@ -856,9 +855,9 @@ def test_tampered_class_store_zip_is_refused(tmp_path, key, value, message):
             metadata["version"] = 2
         return json.dumps({**metadata, key.removesuffix("-without-checksum"): value})
 
-    edit_zip_member(path, classdb.METADATA_MEMBER, edit)
-    with pytest.raises(classdb.ClassDBError, match=message) as info:
-        classdb.ClassVectorStore.load(path=path)
+    edit_zip_member(path, vector_store.METADATA_MEMBER, edit)
+    with pytest.raises(ClassDBError, match=message) as info:
+        vector_store.ClassVectorStore.load(path=path)
     assert str(path) in str(info.value)
 
 
@@ -1032,7 +1031,7 @@ def lock_held_elsewhere(path: pathlib.Path):
 def test_second_writer_of_a_class_store_stops_with_a_clear_message(tmp_path, monkeypatch, capsys):
     path = toy_class_store_zip(tmp_path)
     before = path.read_bytes()
-    monkeypatch.setattr(cli_store, "LOCK_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(commands, "LOCK_TIMEOUT_S", 0.3)
     with lock_held_elsewhere(path):
         assert cli.class_store_main(["remove-class", "--store", str(path), "cat"]) == 1
     error = capsys.readouterr().err
@@ -1073,16 +1072,16 @@ def test_second_run_into_the_same_out_stops_and_an_earlier_log_is_kept(image_fol
 
 def test_class_store_zip_with_relabelled_rows_is_refused(tmp_path):
     path = toy_class_store_zip(tmp_path)
-    edit_zip_member(path, classdb.METADATA_MEMBER,
+    edit_zip_member(path, vector_store.METADATA_MEMBER,
                     lambda text: json.dumps({**json.loads(text), "labels": ["dog", "cat", "owl"]}))
-    with pytest.raises(classdb.ClassDBError, match="does not match the checksum written with it"):
-        classdb.ClassVectorStore.load(path=path)
+    with pytest.raises(ClassDBError, match="does not match the checksum written with it"):
+        vector_store.ClassVectorStore.load(path=path)
     path = toy_class_store_zip(tmp_path)  # a version 2 store written before checksums: the labels still tell
-    edit_zip_member(path, classdb.METADATA_MEMBER, lambda text: json.dumps(
+    edit_zip_member(path, vector_store.METADATA_MEMBER, lambda text: json.dumps(
         {**{key: value for key, value in json.loads(text).items() if key != "checksum"}, "version": 2,
          "labels": ["dog", "cat", "owl"]}))
-    with pytest.raises(classdb.ClassDBError, match="target column differ .* wrong names"):
-        classdb.ClassVectorStore.load(path=path)
+    with pytest.raises(ClassDBError, match="target column differ .* wrong names"):
+        vector_store.ClassVectorStore.load(path=path)
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
@@ -1098,9 +1097,9 @@ def test_class_store_zip_with_bad_counts_is_refused(tmp_path, key, value, messag
         metadata["version"] = 2
         return json.dumps({**metadata, key: value})
 
-    edit_zip_member(path, classdb.METADATA_MEMBER, edit)
-    with pytest.raises(classdb.ClassDBError, match=message):
-        classdb.ClassVectorStore.load(path=path)
+    edit_zip_member(path, vector_store.METADATA_MEMBER, edit)
+    with pytest.raises(ClassDBError, match=message):
+        vector_store.ClassVectorStore.load(path=path)
 
 
 # ===============================================================================================================
@@ -1110,9 +1109,8 @@ def test_class_store_zip_with_bad_counts_is_refused(tmp_path, key, value, messag
 
 def boundary_call(statement: str) -> subprocess.CompletedProcess:
     """A script that installs the error boundary, imports the package's leaves, then runs ``statement``."""
-    code = f"import cli, utils, store\ncli.install_error_boundary()\n{statement}\n"
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=pathlib.Path(cli.__file__).parent)
+    code = f"from simsearch import cli\nimport utils, store\ncli.install_error_boundary()\n{statement}\n"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
 
 
 @pytest.mark.parametrize(("statement", "line"), [
@@ -1135,7 +1133,7 @@ def test_error_boundary_keeps_the_traceback_of_a_bug():
 def test_every_package_error_is_a_user_error():
     import utils
 
-    for error in (banerjee.DatasetError, store.StoreError, classdb.ClassDBError, classdb.ModelMismatchError,
+    for error in (banerjee.DatasetError, store.StoreError, ClassDBError, vector_store.ModelMismatchError,
                   engine.ModelError, protocol.RunLogError):
         assert issubclass(error, utils.UserError) and issubclass(error, ValueError)
         assert cli.is_user_error(error("x"))
@@ -1322,7 +1320,7 @@ def test_printable_spells_control_characters_and_keeps_other_text():
 
 def test_class_store_output_and_csv_cannot_inject_lines_escapes_or_formulas(tmp_path, capsys):
     evil = "=cmd|' /C calc'!A0\x1b[2J\nfake line"
-    db = classdb.ClassVectorStore(dim=4, model_name="toy", model_id="toy+sha256:0", transform_config={})
+    db = vector_store.ClassVectorStore(dim=4, model_name="toy", model_id="toy+sha256:0", transform_config={})
     db.add_classes(embeddings=torch.eye(4)[:2], labels=[evil, "cat"])
     path = db.save(path=tmp_path / "classes.npz")
     assert cli.class_store_main(["info", "--store", str(path)]) == 0
@@ -1334,10 +1332,10 @@ def test_class_store_output_and_csv_cannot_inject_lines_escapes_or_formulas(tmp_
 
 
 def test_predictions_csv_neutralises_formula_labels(tmp_path):
-    db = classdb.ClassVectorStore(dim=4, model_name="toy", model_id="toy+sha256:0", transform_config={})
+    db = vector_store.ClassVectorStore(dim=4, model_name="toy", model_id="toy+sha256:0", transform_config={})
     db.add_classes(embeddings=torch.eye(4)[:2], labels=["=1+1", "cat"])
     result = db.search(queries=torch.eye(4)[:1], top_k=2, model_id="toy+sha256:0")
-    cli_store._write_predictions(path=tmp_path / "p.csv", names=["@image.png"], result=result)
+    commands._write_predictions(path=tmp_path / "p.csv", names=["@image.png"], result=result)
     rows = list(csv.reader((tmp_path / "p.csv").read_text(encoding="utf-8").splitlines()))
     assert rows[1][:2] == ["'@image.png", "'=1+1"] and rows[1][3] == "cat"
 
@@ -1350,18 +1348,18 @@ def test_temporary_file_of_a_killed_store_write_is_removed_by_the_next_writer(tm
     other.write_bytes(b"someone else's")
     assert cli.class_store_main(["remove-class", "--store", str(path), "cat"]) == 0
     assert not leftover.exists() and other.exists()
-    assert classdb.ClassVectorStore.load(path=path).labels == ["dog", "owl"]
+    assert vector_store.ClassVectorStore.load(path=path).labels == ["dog", "owl"]
 
 
 @pytest.mark.parametrize("suffix", [".zip", ".npz"])
 def test_store_member_above_the_unpacked_size_limit_is_refused_before_reading(tmp_path, monkeypatch, suffix):
-    db = classdb.ClassVectorStore(dim=4, model_name="toy", model_id="toy+sha256:0", transform_config={})
+    db = vector_store.ClassVectorStore(dim=4, model_name="toy", model_id="toy+sha256:0", transform_config={})
     db.add_classes(embeddings=torch.eye(4), labels=["a", "b", "c", "d"])
     path = db.save(path=tmp_path / f"classes{suffix}")
     monkeypatch.setattr(store, "MAX_UNPACKED_BYTES", 64)
     with pytest.raises(store.StoreError, match=rf"{re.escape(str(path))}: member .* would unpack to [\d,]+ bytes, "
                                                r"above the limit of 64 \(store.MAX_UNPACKED_BYTES\)"):
-        classdb.ClassVectorStore.load(path=path)
+        vector_store.ClassVectorStore.load(path=path)
 
 
 def test_zip_bomb_in_an_embeddings_file_is_refused(tmp_path, monkeypatch):
@@ -1434,7 +1432,7 @@ def test_a_folder_that_cannot_hold_the_lock_file_says_what_to_do(tmp_path, monke
 def test_analysis_tables_keep_labels_and_paths_that_are_not_utf8(tmp_path):
     """pandas 3 stores text as Arrow strings, which refuse surrogate-escaped names: the analysis tables keep them as
     Python strings, and the CSV writer puts the folder's own bytes back."""
-    import analysis
+    from simsearch import analysis
 
     label, path = os.fsdecode(b"caf\xe9"), os.fsdecode(b"data/caf\xe9/1.jpg")
     labels = [label, "green square"]
@@ -1462,7 +1460,7 @@ def test_analysis_tables_keep_labels_and_paths_that_are_not_utf8(tmp_path):
 
 def calibrated_toy_store(folder: pathlib.Path, *, suffix: str) -> pathlib.Path:
     """The toy store of :func:`toy_class_store_zip`, calibrated on six held-out vectors, saved as ``suffix``."""
-    db = classdb.ClassVectorStore.load(path=toy_class_store_zip(folder))
+    db = vector_store.ClassVectorStore.load(path=toy_class_store_zip(folder))
     db.calibrate(embeddings=torch.randn(6, 8, generator=torch.Generator().manual_seed(1)))
     return db.save(path=folder / f"calibrated{suffix}")
 
@@ -1475,9 +1473,9 @@ def rewrite_npz(path: pathlib.Path, edit: Callable[[dict, dict], None], *, recom
         statistics = {name: arrays[name] for name in arrays.files if name != "metadata"}
     edit(metadata, statistics)
     if recompute_checksum:
-        import classdb_files
+        from simsearch.classdb import files
 
-        metadata["checksum"] = classdb_files._checksum(statistics, metadata=metadata)
+        metadata["checksum"] = files._checksum(statistics, metadata=metadata)
     with path.open("wb") as stream:
         np.savez_compressed(stream, metadata=np.array(json.dumps(metadata)), **statistics)
 
@@ -1491,9 +1489,9 @@ def test_a_zip_stores_checksum_covers_its_threshold(tmp_path, threshold):
         metadata["calibration"]["threshold"] = threshold
         return json.dumps(metadata)
 
-    edit_zip_member(path, classdb.METADATA_MEMBER, edit)
-    with pytest.raises(classdb.ClassDBError, match="does not match the checksum written with it"):
-        classdb.ClassVectorStore.load(path=path)
+    edit_zip_member(path, vector_store.METADATA_MEMBER, edit)
+    with pytest.raises(ClassDBError, match="does not match the checksum written with it"):
+        vector_store.ClassVectorStore.load(path=path)
 
 
 @pytest.mark.parametrize(("suffix", "value", "shown"), [
@@ -1501,7 +1499,7 @@ def test_a_zip_stores_checksum_covers_its_threshold(tmp_path, threshold):
 ])
 def test_a_threshold_that_is_not_one_number_is_refused_in_one_line(tmp_path, suffix, value, shown):
     """Written by a forger who also recomputes the checksum, so the type check itself must refuse it."""
-    import classdb_files
+    from simsearch.classdb import files
 
     path = calibrated_toy_store(tmp_path, suffix=suffix)
     if suffix == ".npz":
@@ -1509,25 +1507,25 @@ def test_a_threshold_that_is_not_one_number_is_refused_in_one_line(tmp_path, suf
                     recompute_checksum=True)
     else:
         with zipfile.ZipFile(path) as archive:
-            (table,) = [name for name in archive.namelist() if name != classdb.METADATA_MEMBER]
+            (table,) = [name for name in archive.namelist() if name != vector_store.METADATA_MEMBER]
             table_bytes = archive.read(table)
 
         def edit(text: str) -> str:
             metadata = json.loads(text)
             metadata["calibration"]["threshold"] = value
-            return json.dumps({**metadata, "checksum": classdb_files._zip_checksum(table_bytes, metadata=metadata)})
+            return json.dumps({**metadata, "checksum": files._zip_checksum(table_bytes, metadata=metadata)})
 
-        edit_zip_member(path, classdb.METADATA_MEMBER, edit)
-    with pytest.raises(classdb.ClassDBError, match=f"calibration's threshold must be one finite number, got {shown}"):
-        classdb.ClassVectorStore.load(path=path)
+        edit_zip_member(path, vector_store.METADATA_MEMBER, edit)
+    with pytest.raises(ClassDBError, match=f"calibration's threshold must be one finite number, got {shown}"):
+        vector_store.ClassVectorStore.load(path=path)
 
 
 def test_a_class_mean_threshold_outside_the_cosine_range_is_refused_even_with_a_forged_checksum(tmp_path):
     path = calibrated_toy_store(tmp_path, suffix=".npz")
     rewrite_npz(path, lambda _, statistics: statistics.update(threshold=np.asarray(-5.0)), recompute_checksum=True)
-    with pytest.raises(classdb.ClassDBError, match=r"threshold -5 lies outside the range of this classifier's unknown "
+    with pytest.raises(ClassDBError, match=r"threshold -5 lies outside the range of this classifier's unknown "
                                                    r"scores \[-1, 1\]"):
-        classdb.ClassVectorStore.load(path=path)
+        vector_store.ClassVectorStore.load(path=path)
 
 
 def test_a_calibrated_npz_without_its_checksum_is_refused_whatever_version_it_claims(tmp_path):
@@ -1539,43 +1537,43 @@ def test_a_calibrated_npz_without_its_checksum_is_refused_whatever_version_it_cl
         statistics["threshold"] = np.asarray(0.999)
 
     rewrite_npz(path, edit, recompute_checksum=False)
-    with pytest.raises(classdb.ClassDBError, match=f"{re.escape(str(path))} has no checksum, which every class store "
+    with pytest.raises(ClassDBError, match=f"{re.escape(str(path))} has no checksum, which every class store "
                                                    "of format version 2 with a threshold is written with"):
-        classdb.ClassVectorStore.load(path=path)
+        vector_store.ClassVectorStore.load(path=path)
 
 
 def test_a_current_zip_without_its_checksum_is_refused(tmp_path):
     path = toy_class_store_zip(tmp_path)
     with zipfile.ZipFile(path) as archive:
-        (table,) = [name for name in archive.namelist() if name != classdb.METADATA_MEMBER]
+        (table,) = [name for name in archive.namelist() if name != vector_store.METADATA_MEMBER]
         text = archive.read(table).decode()
     header, *rows = text.splitlines()
     label, *values = rows[0].split(",")
     rows[0] = ",".join([label, *(repr(float(value) * 50) for value in values)])  # one class pulled far away
     edit_zip_member(path, table, lambda _: "\n".join([header, *rows]) + "\n")
-    edit_zip_member(path, classdb.METADATA_MEMBER,
-                    lambda text: json.dumps({key: value for key, value in json.loads(text).items() if key != "checksum"}))
-    with pytest.raises(classdb.ClassDBError, match="has no checksum, which every class store of format version 3 is "
+    edit_zip_member(path, vector_store.METADATA_MEMBER,
+                    lambda text: json.dumps({key: value for key, value in json.loads(text).items()
+                                             if key != "checksum"}))
+    with pytest.raises(ClassDBError, match="has no checksum, which every class store of format version 3 is "
                                                    "written with"):
-        classdb.ClassVectorStore.load(path=path)
+        vector_store.ClassVectorStore.load(path=path)
 
 
 def test_the_word_unknown_is_reserved_for_rejections():
-    db = classdb.ClassVectorStore(dim=8, model_name="toy", model_id="toy")
-    with pytest.raises(classdb.ClassDBError, match="The label 'unknown' is reserved for queries of no known class"):
+    db = vector_store.ClassVectorStore(dim=8, model_name="toy", model_id="toy")
+    with pytest.raises(ClassDBError, match="The label 'unknown' is reserved for queries of no known class"):
         db.add_class(label="unknown", embeddings=torch.ones(2, 8))
     db.add_class(label="cat", embeddings=torch.ones(2, 8))
-    with pytest.raises(classdb.ClassDBError, match="reserved"):
+    with pytest.raises(ClassDBError, match="reserved"):
         db.rename_class(label="cat", new_label="unknown")
     assert db.labels == ["cat"]
 
 
-@pytest.mark.parametrize("module", ["classdb", "cli_store"])
-def test_store_modules_run_the_store_commands_when_run_as_modules(tmp_path, module):
+def test_the_package_runs_the_store_commands_when_run_as_a_module(tmp_path):
     path = toy_class_store_zip(tmp_path)
-    completed = subprocess.run([sys.executable, "-m", module, "info", "--store", str(path)], capture_output=True,
-                               text=True, cwd=REPO_ROOT)
+    completed = subprocess.run([sys.executable, "-m", "simsearch", "store", "info", "--store", str(path)],
+                               capture_output=True, text=True, cwd=REPO_ROOT)
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.startswith(f"{path}: 3 classes, 6 images, mean classifier")
-    bare = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True, cwd=REPO_ROOT)
+    bare = subprocess.run([sys.executable, "-m", "simsearch", "store"], capture_output=True, text=True, cwd=REPO_ROOT)
     assert bare.returncode == 2 and "error: the following arguments are required: command" in bare.stderr

@@ -13,14 +13,13 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-
-import classdb
-import classdb_files
-import cli
-import prototypes
-import store
-from classdb import ClassDBError, ClassVectorStore, ModelMismatchError
 from conftest import REPO_ROOT, make_class_folders
+
+import store
+from simsearch import cli
+from simsearch.classdb import files, vector_store
+from simsearch.classdb.vector_store import ClassDBError, ClassVectorStore, ModelMismatchError
+from simsearch.classifiers import prototypes
 
 DIM = 16
 TOY = {"model_name": "toy", "model_id": "toy+sha256:000000000000", "transform_config": {"input_size": (3, 8, 8)}}
@@ -152,10 +151,10 @@ def test_backends_agree_on_top1(num_classes):
     picks = torch.randint(num_classes, (300,), generator=torch.Generator().manual_seed(4))
     queries = corpus[picks] + 0.5 * random_vectors(300, seed=5, dim=64)
     weights, bias = corpus, torch.linspace(-0.1, 0.1, num_classes)  # a bias, as the decorrelated classifier has
-    exact = classdb.make_backend(name="torch", weights=weights, bias=bias, device="cpu").search(
+    exact = vector_store.make_backend(name="torch", weights=weights, bias=bias, device="cpu").search(
         queries=queries, top_k=5
     )
-    approx = classdb.make_backend(name="faiss", weights=weights, bias=bias).search(queries=queries, top_k=5)
+    approx = vector_store.make_backend(name="faiss", weights=weights, bias=bias).search(queries=queries, top_k=5)
     assert torch.equal(exact[1][:, 0], approx[1][:, 0])
     torch.testing.assert_close(exact[0], approx[0], rtol=0, atol=1e-4)
     torch.testing.assert_close(exact[0][:, 0], (queries @ corpus.T + bias).max(dim=1).values, rtol=0, atol=1e-4)
@@ -164,7 +163,7 @@ def test_backends_agree_on_top1(num_classes):
 
 def test_faiss_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)
-    with pytest.raises(classdb.ClassDBError, match="pip install faiss-cpu"):
+    with pytest.raises(ClassDBError, match="pip install faiss-cpu"):
         filled_store().search(queries=random_vectors(1, seed=0), backend="faiss")
 
 
@@ -229,7 +228,7 @@ def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
         path = db.save(path=tmp_path / f"classes{suffix}")
         before = path.read_bytes()
         db.add_class(label=f"new{suffix}", embeddings=random_vectors(2, seed=0))
-        monkeypatch.setattr(classdb_files.json, "dumps", lambda *args, **kwargs: 1 / 0)
+        monkeypatch.setattr(files.json, "dumps", lambda *args, **kwargs: 1 / 0)
         with pytest.raises(ZeroDivisionError):
             db.save(path=path)
         monkeypatch.undo()
@@ -244,7 +243,7 @@ def test_damaged_files_are_reported(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ClassDBError, match="Is the file complete"):
         ClassVectorStore.load(path=path)
-    with pytest.raises(FileNotFoundError, match="python -m engine build"):
+    with pytest.raises(FileNotFoundError, match="python -m simsearch store build"):
         ClassVectorStore.load(path=tmp_path / "missing.zip")
 
 
@@ -259,9 +258,9 @@ def test_edited_stores_are_refused_by_their_checksum(tmp_path):
     zipped = filled_store().save(path=tmp_path / "classes.zip")
     with zipfile.ZipFile(zipped) as archive:
         members = {name: archive.read(name) for name in archive.namelist()}
-    metadata = json.loads(members[classdb.METADATA_MEMBER])
+    metadata = json.loads(members[vector_store.METADATA_MEMBER])
     metadata["counts"][0] = 8000
-    members[classdb.METADATA_MEMBER] = json.dumps(metadata).encode()
+    members[vector_store.METADATA_MEMBER] = json.dumps(metadata).encode()
     with zipfile.ZipFile(zipped, "w") as archive:
         for name, data in members.items():
             archive.writestr(name, data)
@@ -329,7 +328,7 @@ def test_unrelated_class_does_not_change_accuracy_on_the_others(shape_embeddings
     db.remove_class(label="red circle")
     known = [i for i in known if labels[i] != "red circle"]
     assert accuracy() == (1.0, [labels[i] for i in known])
-    for backend in classdb.BACKENDS:
+    for backend in vector_store.BACKENDS:
         result = db.search(queries=embeddings, top_k=2, backend=backend, device="cpu")
         assert [row[0] for row in result.labels] == [row[0] for row in db.search(queries=embeddings, top_k=2).labels]
 
@@ -375,7 +374,7 @@ def test_decorrelated_store_scores_are_the_classifiers_on_both_backends():
     db = decorrelated_store()
     queries = random_vectors(9, seed=23)
     expected = db.classifier.class_scores(queries.double().numpy())
-    for backend in classdb.BACKENDS:
+    for backend in vector_store.BACKENDS:
         result = db.search(queries=queries, top_k=2, backend=backend, device="cpu")
         assert [row[0] for row in result.labels] == [db.labels[i] for i in expected.argmax(axis=1)]
         np.testing.assert_allclose(result.scores[:, 0].numpy(), expected.max(axis=1), atol=1e-4)
@@ -725,8 +724,8 @@ def test_classify_writes_its_csv_even_when_the_reader_closes_the_output(cli_setu
 
     dataset, built, model_args = cli_setup
     csv_path = tmp_path / "predictions.csv"
-    command = [sys.executable, "-m", "engine", "classify", "--store", str(built), str(dataset), "--csv", str(csv_path),
-               *model_args]
+    command = [sys.executable, "-m", "simsearch", "store", "classify", "--store", str(built), str(dataset), "--csv",
+               str(csv_path), *model_args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT)
     process.stdout.close()  # as `| head -1` does once it has its line, here before the first one
     _, errors = process.communicate(timeout=300)

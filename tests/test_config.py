@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import cli
-import config
+from simsearch import cli, config
 
 
 @pytest.mark.parametrize(("device_type", "cpu_count", "expected"), [

@@ -14,10 +14,9 @@ import torch
 from PIL import Image
 
 import banerjee
-import decoding
 import engine
-import protocol
 import store
+from simsearch import decoding, protocol
 
 
 def embed(encoder, folder: pathlib.Path, *, decode: str, cache=None) -> torch.Tensor:

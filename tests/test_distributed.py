@@ -16,22 +16,20 @@ import pytest
 import torch
 
 import banerjee
-import config
-import cli
 import engine
-import protocol
-import prototypes
 import utils
+from simsearch import cli, config, protocol
+from simsearch.classifiers import prototypes
 
 ray = __import__("ray") if os.environ.get("CI") else pytest.importorskip("ray")  # CI installs the extra
-import distributed  # noqa: E402
+from simsearch import distributed  # noqa: E402
 
 REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_the_package_imports_without_ray_and_names_the_extra_to_install():
     blocked = ("import sys; sys.modules['ray'] = None\n"
-               "import cli, distributed, engine, prototypes\n"
+               "import engine\nfrom simsearch import cli, distributed\nfrom simsearch.classifiers import prototypes\n"
                "try:\n    distributed.require_ray()\n"
                "except Exception as error:\n    print(type(error).__name__, error)\n")
     completed = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, cwd=REPOSITORY,
@@ -120,7 +118,7 @@ def test_the_protocol_on_the_set_gives_the_cached_protocols_results(embedding_se
         encoder=engine.Encoder(model=lite0_model, device="cpu"), maker=maker,
         transform=engine.eval_transform(lite0_model)[1], **common)
     from_set = protocol.run_cached_protocol(
-        encoder=None, maker=distributed.EmbeddingSetMaker(read, folder=out), transform=None,
+        encoder=None, maker=read.listing(), transform=None,
         embeddings=(read.embeddings, read.targets), **common)
     assert [run.valid_indexes for run in from_set] == [run.valid_indexes for run in encoded]
     assert [run.accuracy for run in from_set] == pytest.approx([run.accuracy for run in encoded], abs=1e-12)
@@ -206,15 +204,15 @@ def test_the_script_runs_on_an_embedding_set_as_on_the_dataset(embedding_set, im
 
 def test_a_class_store_built_from_the_set_equals_one_built_from_the_images(embedding_set, image_folder,
                                                                            lite0_weights, tmp_path, capsys):
-    import classdb
-    import cli
+    from simsearch import cli
+    from simsearch.classdb import vector_store
 
     out, _, _ = embedding_set
     assert cli.class_store_main(["build", "--embeddings", str(out), "--out", str(tmp_path / "set.npz")]) == 0
     assert cli.class_store_main(["build", "--dataset", str(image_folder), "--model", "tf_efficientnet_lite0",
                                  "--weights", str(lite0_weights), "--out", str(tmp_path / "images.npz")]) == 0
-    from_set = classdb.ClassVectorStore.load(path=tmp_path / "set.npz")
-    from_images = classdb.ClassVectorStore.load(path=tmp_path / "images.npz")
+    from_set = vector_store.ClassVectorStore.load(path=tmp_path / "set.npz")
+    from_images = vector_store.ClassVectorStore.load(path=tmp_path / "images.npz")
     assert from_set.labels == from_images.labels and from_set.model_id == from_images.model_id
     assert from_set.transform_config == from_images.transform_config
     np.testing.assert_allclose(from_set.classifier.class_sums_, from_images.classifier.class_sums_, atol=1e-4)
@@ -224,7 +222,7 @@ def test_a_class_store_built_from_the_set_equals_one_built_from_the_images(embed
 
 def test_the_grid_scores_an_embedding_set_as_it_scores_the_dataset(embedding_set, image_folder, lite0_weights,
                                                                    tmp_path):
-    import grid
+    from simsearch import grid
 
     out, _, _ = embedding_set
     settings = grid.GridSettings(runs=3, valid_share=0.3, top_k=2)
@@ -337,8 +335,8 @@ def test_actors_the_cluster_cannot_place_are_refused_before_any_work(local_ray, 
 def test_an_address_where_no_cluster_answers_is_refused_within_the_timeout(image_folder, tmp_path):
     started = __import__("time").perf_counter()
     completed = subprocess.run(
-        [sys.executable, "-m", "distributed", str(image_folder), "--out", str(tmp_path / "set"), "--address",
-         "127.0.0.1:1"], capture_output=True, text=True, cwd=REPOSITORY, timeout=120,
+        [sys.executable, "-m", "simsearch", "distributed", str(image_folder), "--out", str(tmp_path / "set"),
+         "--address", "127.0.0.1:1"], capture_output=True, text=True, cwd=REPOSITORY, timeout=120,
         env={**os.environ, "RAY_ADDRESS": ""},
     )
     assert completed.returncode == 1, completed.stderr[-2000:]

@@ -12,9 +12,9 @@ from PIL import Image
 
 import banerjee
 import engine
-import protocol
-import prototypes
 import utils
+from simsearch import protocol
+from simsearch.classifiers import prototypes
 
 
 def test_offline_lite0_weights_are_the_genuine_imagenet_ones(lite0_model, lite0_weights):
@@ -154,7 +154,7 @@ def test_precisions_the_device_cannot_run_are_refused_by_name():
 
 
 def test_script_names_the_engines_precisions():
-    import cli
+    from simsearch import cli
 
     assert cli.PRECISIONS == tuple(engine.PRECISIONS)
 

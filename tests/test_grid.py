@@ -10,14 +10,11 @@ import pytest
 from conftest import topic_sentences
 
 import banerjee
-import baselines
-import cli
 import engine
-import grid
-import protocol
-import prototypes
 import store
 import utils
+from simsearch import cli, grid, protocol
+from simsearch.classifiers import baselines, prototypes
 
 SETTINGS = grid.GridSettings(runs=3, valid_share=0.3, top_k=2, seed=5)
 
@@ -79,7 +76,8 @@ def test_every_cell_of_a_dataset_sees_the_partitions_of_the_research_protocol(gr
     encoder = engine.Encoder(model=lite0_model, device="cpu")
     direct = protocol.run_cached_protocol(
         encoder=encoder, maker=maker, transform=engine.eval_transform(lite0_model)[1], batch_size=16, workers=0,
-        settings=SETTINGS.run_settings(prototypes.DecorrelatedClassifier()), cache=store.EmbeddingCache(folder / "cache"),
+        settings=SETTINGS.run_settings(prototypes.DecorrelatedClassifier()),
+        cache=store.EmbeddingCache(folder / "cache"),
     )
     row = table[(table.dataset == image_folder.name) & (table.classifier == "decorrelated")].iloc[0]
     assert row["accuracy"] == pytest.approx(np.mean([run.accuracy for run in direct]))
@@ -112,7 +110,7 @@ def test_a_chosen_baseline_pairs_the_differences_with_it(grid_run, image_folder)
 
 
 def test_a_baseline_classifier_is_a_cell_like_any_other(grid_run, image_folder, lite0_model):
-    """``knn1`` (baselines.ESTIMATOR_NAMES) runs on the partitions of the research protocol, as the class means do."""
+    """``knn1`` (registry.ESTIMATOR_NAMES) runs on the partitions of the research protocol, as the class means do."""
     folder, models, _ = grid_run
     table = grid.run_grid(datasets=[image_folder], models=models[:1], classifiers=["mean", "knn1"],
                           out=folder / "baseline-out", cache_dir=folder / "cache", settings=SETTINGS)

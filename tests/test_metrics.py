@@ -8,7 +8,7 @@ import pytest
 import scipy.stats
 import torch
 
-import metrics
+from simsearch import metrics
 
 
 @pytest.mark.parametrize("n", [2, 3, 5, 20, 100])

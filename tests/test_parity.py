@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import REPO_ROOT
 
 import cumacc
-import metrics
 import randomness
 import store
 import utils
 import visual
-from conftest import REPO_ROOT
+from simsearch import metrics
 
 ORIGINAL = REPO_ROOT.parent / "shared" / "seeds" / "original"
 pytestmark = pytest.mark.skipif(not ORIGINAL.is_dir(), reason="../shared/seeds/original is absent")
@@ -131,7 +131,7 @@ def test_class_vectors_and_evaluation_equal_the_original_encoders(image_folder, 
 
     import banerjee
     import engine
-    import protocol
+    from simsearch import protocol
 
     maker = banerjee.DatasetMaker(dataset_path=image_folder)
     _, transform = engine.eval_transform(lite0_model)

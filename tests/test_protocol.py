@@ -10,11 +10,10 @@ import pytest
 import torch
 
 import banerjee
-import config
 import engine
-import protocol
-import prototypes
 import store
+from simsearch import config, protocol
+from simsearch.classifiers import prototypes
 
 
 @pytest.fixture(scope="module")

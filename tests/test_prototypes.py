@@ -12,10 +12,8 @@ from sklearn.metrics import roc_auc_score
 from sklearn.utils import check_random_state
 from sklearn.utils.estimator_checks import check_estimator
 
-import prototypes
-import ridge_selection
-import unknown_scores
-from prototypes import ClassMeanClassifier, DecorrelatedClassifier, DiscriminantClassifier
+from simsearch.classifiers import prototypes, ridge_selection, unknown_scores
+from simsearch.classifiers.prototypes import ClassMeanClassifier, DecorrelatedClassifier, DiscriminantClassifier
 
 ESTIMATORS = [
     ClassMeanClassifier(),

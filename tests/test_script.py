@@ -11,7 +11,6 @@ import sys
 
 import pandas as pd
 import pytest
-
 from conftest import CLASS_STYLES, make_class_folders, run_script
 
 
@@ -55,7 +54,8 @@ def test_decorrelated_classifier_run_equals_its_analysis_row(six_classes, lite0_
     assert compared.loc["decorrelated", "accuracy"] == pytest.approx(results["final_stats"]["accuracy"]["mean"])
     refused = run_script("--dataset", six_classes, "--compare", "mean,svm", cwd=tmp_path)
     assert refused.returncode == 2
-    assert "--compare: unknown classifier(s) svm; choose among mean, decorrelated, balanced, lda, knn1" in refused.stderr
+    assert ("--compare: unknown classifier(s) svm; choose among mean, decorrelated, balanced, lda, knn1"
+            in refused.stderr)
 
 
 def test_end_to_end_run_prints_intervals_and_writes_outputs(analysed_run):
@@ -121,20 +121,19 @@ def test_help_lists_defaults_without_importing_torch(tmp_path):
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2
     assert "--select-for chooses the lda classifier's prior; --classifier balanced has none." in refused.stderr
-    probe = subprocess.run([sys.executable, "-c", "import sys, cli; print('torch' in sys.modules)"],
+    probe = subprocess.run([sys.executable, "-c", "import sys, simsearch.cli; print('torch' in sys.modules)"],
                            capture_output=True, text=True, timeout=60, cwd=SCRIPT.parent)
     assert probe.stdout.strip() == "False"
 
 
 def test_cli_names_are_the_modules_own():
-    import baselines
-    import classdb
-    import cli
-    import prototypes
+    from simsearch import cli
+    from simsearch.classdb import vector_store
+    from simsearch.classifiers import prototypes, registry
 
     assert cli.CLASSIFIER_NAMES == tuple(prototypes.CLASSIFIERS)
-    assert cli.ESTIMATOR_NAMES == baselines.ESTIMATOR_NAMES
-    assert cli.SEARCH_BACKENDS == classdb.BACKENDS
+    assert cli.ESTIMATOR_NAMES == registry.ESTIMATOR_NAMES
+    assert cli.SEARCH_BACKENDS == vector_store.BACKENDS
 
 
 def test_store_command_help_answers_before_torch_loads():
@@ -143,8 +142,8 @@ def test_store_command_help_answers_before_torch_loads():
 
     from conftest import REPO_ROOT
 
-    probe = ("import runpy, sys; sys.argv = ['engine', '--help']\n"
-             "try:\n    runpy.run_module('engine', run_name='__main__')\n"
+    probe = ("import runpy, sys; sys.argv = ['simsearch', 'store', '--help']\n"
+             "try:\n    runpy.run_module('simsearch', run_name='__main__')\n"
              "except SystemExit:\n    print('torch loaded:', 'torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert "{build,add-class,update-class,remove-class,rename-class,classify,calibrate,info,import}" in result.stdout

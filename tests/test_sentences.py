@@ -10,15 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import SHARED_DATA, TOPIC_WORDS, run_script, topic_sentences
 
 import banerjee
-import config
-import classdb
-import cli
 import engine
-import protocol
-import prototypes
-from conftest import SHARED_DATA, TOPIC_WORDS, run_script, topic_sentences
+from simsearch import cli, config, protocol
+from simsearch.classdb import vector_store
+from simsearch.classifiers import prototypes
 
 
 def write_table(path, rows, *, sep=",", columns=("topic", "sentence")):
@@ -189,7 +187,7 @@ def test_text_store_build_add_classify_and_refuse_images(topics_csv, minilm_fold
                                         "The singer hit a high note.\n", encoding="utf-8")
     assert cli.class_store_main(["add-class", "--store", str(store_path), "--texts", str(tmp_path / "music.txt"),
                                  "--label", "music", *model]) == 0
-    db = classdb.ClassVectorStore.load(path=store_path)
+    db = vector_store.ClassVectorStore.load(path=store_path)
     assert db.modality == "text" and db.labels == ["cooking", "music", "sports", "weather"]
     assert db.counts.tolist() == [15, 3, 15, 15]
     (tmp_path / "queries.txt").write_text("Simmer the beans until soft.\n\nA drummer joined the band on stage.\n",
@@ -201,7 +199,7 @@ def test_text_store_build_add_classify_and_refuse_images(topics_csv, minilm_fold
     image_model = ["--model", "tf_efficientnet_lite0"]
     assert cli.class_store_main(["classify", "--store", str(store_path), str(image_folder), *image_model]) == 1
     assert "No texts found in" in capsys.readouterr().err
-    with pytest.raises(classdb.ModelMismatchError, match="holds text classes, not image ones"):
+    with pytest.raises(vector_store.ModelMismatchError, match="holds text classes, not image ones"):
         db.check_model(modality="image")
 
 

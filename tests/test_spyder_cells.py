@@ -14,7 +14,6 @@ import re
 import sys
 
 import pytest
-
 from conftest import REPO_ROOT, SCRIPT, topic_sentences
 
 pytest.importorskip("spyder_kernels")

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import os
-import pathlib
 import pstats
 import subprocess
 import sys
@@ -9,6 +8,7 @@ import threading
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 
 import utils
 
@@ -31,7 +31,8 @@ def test_resolve_device_refuses_what_the_machine_lacks_in_one_line(monkeypatch):
     assert utils.resolve_device("auto") == torch.device("cpu") == utils.resolve_device("cpu")
     with pytest.raises(utils.UserError, match=r"^--device cuda:1: this machine has 0 CUDA device\(s\)\. Use --device"):
         utils.resolve_device("cuda:1")
-    with pytest.raises(utils.UserError, match="--device 'gpu7' is not a device name; use auto, cpu, cuda, cuda:N or mps"):
+    with pytest.raises(utils.UserError,
+                       match="--device 'gpu7' is not a device name; use auto, cpu, cuda, cuda:N or mps"):
         utils.resolve_device("gpu7")
     with pytest.raises(utils.UserError, match="--device mps: Apple's Metal backend is not available here"):
         utils.resolve_device("mps")
@@ -77,7 +78,7 @@ def test_the_tuned_allocator_keeps_freed_buffers_instead_of_faulting_them_in_aga
     results = {}
     for switch in ("on", "off"):
         completed = subprocess.run([sys.executable, "-c", probe, switch], capture_output=True, text=True, check=True,
-                                   cwd=pathlib.Path(utils.__file__).parent, env={**os.environ, "PYTHONPATH": "."})
+                                   cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": "."})
         tuned, faults = completed.stdout.split()
         results[switch] = (tuned == "True", int(faults))
     assert results["on"][0] and not results["off"][0]
@@ -104,7 +105,7 @@ def test_the_allocator_environment_reaches_a_thread_that_allocated_before_the_tu
     faults = {}
     for name, extra in (("mallopt", {}), ("environment", utils.allocator_environment())):
         completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                                   cwd=pathlib.Path(utils.__file__).parent,
+                                   cwd=REPO_ROOT,
                                    env={**os.environ, "PYTHONPATH": ".", **extra})
         faults[name] = int(completed.stdout)
     assert utils.allocator_environment()["MALLOC_MMAP_THRESHOLD_"] == str(utils.ALLOCATOR_THRESHOLD)

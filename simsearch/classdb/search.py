@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
-import prototypes
-import utils
-from classdb_files import ClassDBError
+from simsearch import utils
+from simsearch.classdb.files import ClassDBError
+from simsearch.classifiers import prototypes
 
 __all__ = ["BACKENDS", "FaissBackend", "TorchBackend", "make_backend"]
 

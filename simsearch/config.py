@@ -101,7 +101,7 @@ class GridSettings:
     device: str = "cpu"  # resolved: the grid's --device auto becomes the device it found
     precision: str = "fp32"
 
-    def run_settings(self, classifier: str) -> RunSettings:
+    def run_settings(self, classifier: Any) -> RunSettings:
         """The settings of one cell's partitions: the grid's, with one classifier."""
         return RunSettings(runs=self.runs, valid_share=self.valid_share, top_k=self.top_k, seed=self.seed,
                            confidence=self.confidence, classifier=classifier)

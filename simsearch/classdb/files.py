@@ -24,8 +24,7 @@ from typing import Any
 
 import numpy as np
 
-import store
-import utils
+from simsearch import store, utils
 
 __all__ = ["ClassDBError", "FORMAT", "FORMAT_VERSION", "METADATA_MEMBER", "file_kind", "read", "write"]
 
@@ -71,7 +70,7 @@ def read(path: PathLike) -> tuple[dict[str, Any], Statistics]:
     path = pathlib.Path(path)
     kind = file_kind(path)
     if not path.is_file():
-        raise FileNotFoundError(f"No class vector store at {path}: create one with `python -m engine build`.")
+        raise FileNotFoundError(f"No class vector store at {path}: create one with `python -m simsearch store build`.")
     return _read_zip(path) if kind == "zip" else _read_npz(path)
 
 
@@ -136,13 +135,14 @@ def _read_zip(path: pathlib.Path) -> tuple[dict[str, Any], Statistics]:
         if METADATA_MEMBER not in archive.namelist():
             raise ClassDBError(
                 f"{path} has no {METADATA_MEMBER}: it is a plain store.save_embeddings file that records no model "
-                f"or image counts. Import it with `python -m engine import --embeddings {path} --store NEW.zip "
-                "--model M` (or ClassVectorStore.import_embeddings)."
+                f"or image counts. Import it with `python -m simsearch store import --embeddings {path} "
+                "--store NEW.zip --model M` (or ClassVectorStore.import_embeddings)."
             )
         try:
             metadata = json.loads(archive.read(METADATA_MEMBER))
         except json.JSONDecodeError as error:
-            raise ClassDBError(f"{path}: {METADATA_MEMBER} is not valid JSON ({error}); the file is damaged.") from error
+            raise ClassDBError(f"{path}: {METADATA_MEMBER} is not valid JSON ({error}); the file is damaged.") \
+                from error
         tables = [name for name in archive.namelist() if name != METADATA_MEMBER]
         table = archive.read(tables[0]) if len(tables) == 1 else b""
     version = _version(metadata, path=path)

@@ -23,7 +23,7 @@ import PIL.Image
 import torch
 import torchvision
 
-import banerjee
+from simsearch import datasets
 
 __all__ = ["DECODERS", "TensorPipeline", "collate_encoded", "tensor_pipeline"]
 
@@ -42,7 +42,7 @@ class EncodedItem:
     def __call__(self, path: pathlib.Path) -> tuple[str, torch.Tensor, str]:
         if _device_decodable(path):
             return JPEG, torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8), str(path)
-        return PIXELS, self.pil_transform(banerjee.load_rgb_image(path)), str(path)
+        return PIXELS, self.pil_transform(datasets.load_rgb_image(path)), str(path)
 
 
 def _device_decodable(path: pathlib.Path) -> bool:
@@ -97,7 +97,7 @@ class TensorPipeline:
             (image,) = _decode_jpegs([data], self.device)
         except RuntimeError:
             self.fallbacks += 1
-            return self.pil_transform(banerjee.load_rgb_image(path)).to(self.device)
+            return self.pil_transform(datasets.load_rgb_image(path)).to(self.device)
         self.decoded += 1
         return self.geometry(image)
 

@@ -1,29 +1,22 @@
 """The class-store commands of the command line: build, edit, calibrate and query a :mod:`classdb` store.
 
-``cli.class_store_parser`` parses them and ``cli.class_store_main`` (``python -m engine``, ``similarity-classdb``)
-runs :func:`run_command` inside the error boundary::
+``cli.class_store_parser`` parses them and ``cli.class_store_main`` (``python -m simsearch store``,
+``similarity-classdb``) runs :func:`run_command` inside the error boundary::
 
-    python -m engine build --dataset DIR --model M [--weights FILE] --out store.npz [--classifier balanced]
-    python -m engine add-class --store store.zip --images DIR --label NAME
-    python -m engine update-class --store store.zip --images DIR --label NAME
-    python -m engine remove-class --store store.zip NAME
-    python -m engine rename-class --store store.zip OLD NEW
-    python -m engine calibrate --store store.npz --dataset DIR
-    python -m engine classify --store store.zip IMAGE_OR_DIR [--top-k 4] [--csv predictions.csv]
-    python -m engine build --dataset questions.csv --label-column coarse --model MINILM_DIR --out questions.npz
-    python -m engine classify --store questions.npz queries.txt        # a text store: one query per line
-    python -m engine info --store store.zip
-    python -m engine import --embeddings original.zip --store store.zip --model M [--weights FILE]
+    python -m simsearch store build --dataset DIR --model M [--weights FILE] --out store.npz [--classifier balanced]
+    python -m simsearch store add-class --store store.zip --images DIR --label NAME
+    python -m simsearch store update-class --store store.zip --images DIR --label NAME
+    python -m simsearch store remove-class --store store.zip NAME
+    python -m simsearch store rename-class --store store.zip OLD NEW
+    python -m simsearch store calibrate --store store.npz --dataset DIR
+    python -m simsearch store classify --store store.zip IMAGE_OR_DIR [--top-k 4] [--csv predictions.csv]
+    python -m simsearch store build --dataset questions.csv --label-column coarse --model MINILM_DIR --out questions.npz
+    python -m simsearch store classify --store questions.npz queries.txt        # a text store: one query per line
+    python -m simsearch store info --store store.zip
+    python -m simsearch store import --embeddings original.zip --store store.zip --model M [--weights FILE]
 """
 
 from __future__ import annotations
-
-if __name__ == "__main__":  # ``python -m cli_store``: the class store's commands, as ``python -m engine`` runs them
-    import runpy as _runpy
-    import sys as _sys
-
-    _sys.argv[1:1] = ["store"]
-    _runpy.run_module("cli", run_name="__main__", alter_sys=True)
 
 import argparse
 import dataclasses
@@ -35,17 +28,14 @@ from typing import Any
 import numpy as np
 import torch
 
-import banerjee
-import classdb
-import engine
-import metrics
-import prototypes
-import store
-import utils
+from simsearch import datasets, encoders, metrics, store, utils
+from simsearch.classdb import vector_store
+from simsearch.classdb.files import ClassDBError
+from simsearch.classifiers import registry
 
 __all__ = ["COMMANDS", "run_command"]
 
-PathLike = classdb.PathLike
+PathLike = vector_store.PathLike
 
 
 @dataclasses.dataclass
@@ -57,20 +47,20 @@ class _Model:
     id: str
     transform_config: dict[str, Any]
     transform: Any
-    encoder: engine.Encoder
+    encoder: encoders.Encoder
     batch_size: int
 
     @classmethod
     def create(cls, *, modality: str, model_name: str, weights: str | None, cpu: bool, batch_size: int) -> _Model:
-        encoder = engine.create_encoder(
+        encoder = encoders.create_encoder(
             modality=modality, model_name=model_name, weights=weights, device=utils.get_device(force_cpu=cpu)
         )
-        transform = None if modality == "text" else engine.eval_transform(encoder.model)[1]
+        transform = None if modality == "text" else encoders.eval_transform(encoder.model)[1]
         return cls(
             modality=modality,
             name=model_name,
-            id=engine.model_id(encoder.model),
-            transform_config=store.plain_json(engine.preprocessing_config(encoder)),
+            id=encoders.model_id(encoder.model),
+            transform_config=store.plain_json(encoders.preprocessing_config(encoder)),
             transform=transform,
             encoder=encoder,
             batch_size=batch_size,
@@ -83,7 +73,7 @@ class _Model:
             images=samples, transform=self.transform, batch_size=self.batch_size, inform=True
         )
 
-    def check(self, db: classdb.ClassVectorStore, *, path: pathlib.Path) -> None:
+    def check(self, db: vector_store.ClassVectorStore, *, path: pathlib.Path) -> None:
         db.check_model(
             model_id=self.id, transform_config=self.transform_config, modality=self.modality,
             source="--model/--weights", where=str(path),
@@ -106,7 +96,7 @@ def _samples(path: PathLike, *, modality: str) -> tuple[list[str], list[pathlib.
         lines = path.read_text(encoding="utf-8").splitlines()
         named = [(f"{path.name}:{number}", line.strip()) for number, line in enumerate(lines, 1) if line.strip()]
     if not named:
-        raise classdb.ClassDBError(f"No texts found in {path} (a folder of .txt files, or a file with one text per line).")
+        raise ClassDBError(f"No texts found in {path} (a folder of .txt files, or a file with one text per line).")
     return [name for name, _ in named], [text for _, text in named]
 
 
@@ -114,26 +104,26 @@ def _image_files(path: pathlib.Path) -> list[pathlib.Path]:
     """``path`` itself if it is a file, else every image under the folder (sorted, hidden files skipped)."""
     if path.is_file():
         return [path]
-    names, _ = banerjee.list_image_files(path)
+    names, _ = datasets.list_image_files(path)
     if not names:
-        raise classdb.ClassDBError(f"No images ({', '.join(banerjee.IMAGE_EXTENSIONS)}) found under {path}.")
+        raise ClassDBError(f"No images ({', '.join(datasets.IMAGE_EXTENSIONS)}) found under {path}.")
     return [path / name for name in names]
 
 
-def _open(args: argparse.Namespace) -> tuple[pathlib.Path, classdb.ClassVectorStore]:
+def _open(args: argparse.Namespace) -> tuple[pathlib.Path, vector_store.ClassVectorStore]:
     path = pathlib.Path(args.store)
-    return path, classdb.ClassVectorStore.load(path=path)
+    return path, vector_store.ClassVectorStore.load(path=path)
 
 
-def _model_for(args: argparse.Namespace, *, modality: str, db: classdb.ClassVectorStore | None = None) -> _Model:
+def _model_for(args: argparse.Namespace, *, modality: str, db: vector_store.ClassVectorStore | None = None) -> _Model:
     model_name = args.model or (db.model_name if db is not None else None)
     if model_name is None:
-        raise classdb.ClassDBError(
+        raise ClassDBError(
             "Name the encoder with --model (a timm model name such as tf_efficientnet_lite0 for images, a "
             "sentence-transformers name or folder for texts)."
         )
     if db is not None and modality == "image" and args.weights is None and "+sha256:" in db.model_id:
-        raise classdb.ClassDBError(
+        raise ClassDBError(
             f"{args.store} was built from a local weights file ({db.model_id}): pass that file with --weights."
         )
     return _Model.create(
@@ -141,7 +131,7 @@ def _model_for(args: argparse.Namespace, *, modality: str, db: classdb.ClassVect
     )
 
 
-def _summary(db: classdb.ClassVectorStore) -> str:
+def _summary(db: vector_store.ClassVectorStore) -> str:
     return (f"{len(db)} classes, {int(db.counts.sum())} {db.modality}s, {db.classifier_name} classifier, "
             f"model {db.model_id}")
 
@@ -149,9 +139,9 @@ def _summary(db: classdb.ClassVectorStore) -> str:
 def _new_store_path(args: argparse.Namespace) -> pathlib.Path:
     """Where a command that creates a store writes it: checked before any slow work, never replaced by accident."""
     path = pathlib.Path(args.store)
-    classdb.file_kind(path)
+    vector_store.file_kind(path)
     if path.exists() and not args.force:
-        raise classdb.ClassDBError(
+        raise ClassDBError(
             f"{path} already exists: pass --force to replace it, or edit it with add-class/update-class/remove-class."
         )
     return path
@@ -159,24 +149,24 @@ def _new_store_path(args: argparse.Namespace) -> pathlib.Path:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     path = _new_store_path(args)
-    classifier = args.classifier or ("mean" if classdb.file_kind(path) == "zip" else "balanced")
-    if classifier != "mean" and classdb.file_kind(path) == "zip":
-        raise classdb.ClassDBError(f"A '{classifier}' store needs the .npz format: use --out {path.with_suffix('.npz')}.")
+    classifier = args.classifier or ("mean" if vector_store.file_kind(path) == "zip" else "balanced")
+    if classifier != "mean" and vector_store.file_kind(path) == "zip":
+        raise ClassDBError(f"A '{classifier}' store needs the .npz format: use --out {path.with_suffix('.npz')}.")
     if not 0.0 <= args.calibrate_share < 1.0:
-        raise classdb.ClassDBError(f"--calibrate-share must lie in [0, 1), got {args.calibrate_share}.")
+        raise ClassDBError(f"--calibrate-share must lie in [0, 1), got {args.calibrate_share}.")
     if args.embeddings is not None:
         maker, model, embeddings = _from_embedding_set(args)
     else:
-        maker = banerjee.make_dataset_maker(
+        maker = datasets.make_dataset_maker(
             dataset_path=args.dataset, modality=args.modality, text_column=args.text_column,
             label_column=args.label_column,
         )
         model = _model_for(args, modality=maker.modality)
         embeddings = model.embed(maker.get_samples())
     labels = np.array(maker.get_labels(), dtype=str)[maker.get_image_labels().numpy()]
-    db = classdb.ClassVectorStore(
+    db = vector_store.ClassVectorStore(
         dim=embeddings.shape[1], model_name=model.name, model_id=model.id, transform_config=model.transform_config,
-        classifier=prototypes.make_classifier(classifier), modality=maker.modality,
+        classifier=registry.make_estimator(classifier, class_vectors=True), modality=maker.modality,
     )
     held_out = np.zeros(0, dtype=np.int64)
     if args.calibrate_share > 0:
@@ -198,33 +188,33 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _from_embedding_set(args: argparse.Namespace) -> tuple[banerjee.SampleListing, _Model, torch.Tensor]:
-    """The listing, model identity and embeddings of a ``python -m distributed`` embedding set: a store built from
-    it equals one built from the dataset, without encoding."""
-    import distributed
+def _from_embedding_set(args: argparse.Namespace) -> tuple[datasets.SampleListing, _Model, torch.Tensor]:
+    """The listing, model identity and embeddings of a ``python -m simsearch distributed`` embedding set: a store
+    built from it equals one built from the dataset, without encoding."""
+    from simsearch import distributed
 
     embedding_set = distributed.read_embedding_set(args.embeddings)
     manifest = embedding_set.manifest
     if manifest["precision"] != "fp32":
-        raise classdb.ClassDBError(f"{args.embeddings} was encoded in {manifest['precision']}; the store's commands encode "
+        raise ClassDBError(f"{args.embeddings} was encoded in {manifest['precision']}; the store's commands encode "
                            "queries in fp32, so build it from an fp32 embedding set.")
     if args.model is not None and args.model != manifest["model_name"]:
-        raise classdb.ClassDBError(f"{args.embeddings} was encoded by {manifest['model_id']}, not by --model {args.model}.")
+        raise ClassDBError(f"{args.embeddings} was encoded by {manifest['model_id']}, not by --model {args.model}.")
     model = _Model(modality=manifest["modality"], name=manifest["model_name"], id=manifest["model_id"],
                    transform_config=manifest["transform_config"], transform=None, encoder=None,
                    batch_size=args.batch_size)
-    return distributed.EmbeddingSetMaker(embedding_set, folder=args.embeddings), model, embedding_set.embeddings
+    return embedding_set.listing(), model, embedding_set.embeddings
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     path, db = _open(args)
-    maker = banerjee.make_dataset_maker(
+    maker = datasets.make_dataset_maker(
         dataset_path=args.dataset, text_column=args.text_column, label_column=args.label_column
     )
     strangers = sorted(set(maker.get_labels()) - set(db.labels))
     if strangers:
         shown = ", ".join(repr(label) for label in strangers[:5]) + (" ..." if len(strangers) > 5 else "")
-        raise classdb.ClassDBError(f"{args.dataset} holds classes the store does not know ({shown}): calibration needs "
+        raise ClassDBError(f"{args.dataset} holds classes the store does not know ({shown}): calibration needs "
                            "samples of the store's own classes.")
     model = _model_for(args, modality=db.modality, db=db)
     model.check(db, path=path)
@@ -236,7 +226,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _note_small_calibration(db: classdb.ClassVectorStore) -> None:
+def _note_small_calibration(db: vector_store.ClassVectorStore) -> None:
     """Warn on stderr when the threshold rests on too few samples for its stated share to hold within 5 points
     (at 95 % confidence) on new samples of the same classes."""
     count = getattr(db.classifier, "calibration_count_", None)
@@ -251,12 +241,12 @@ def _note_small_calibration(db: classdb.ClassVectorStore) -> None:
               "(`calibrate --dataset DIR`).", file=sys.stderr)
 
 
-def _note_stale_threshold(db: classdb.ClassVectorStore, *, path: pathlib.Path) -> None:
+def _note_stale_threshold(db: vector_store.ClassVectorStore, *, path: pathlib.Path) -> None:
     """Say on stderr when the unknown-query threshold no longer fits the classes (the store holds no samples to
     recalibrate on by itself)."""
     if db.threshold is not None and db.threshold_stale:
         print(f"note: the threshold for unknown queries of {path} was set before its classes last changed, so it may "
-              "keep fewer or more known samples than it says; run `python -m engine calibrate --store "
+              "keep fewer or more known samples than it says; run `python -m simsearch store calibrate --store "
               f"{path} --dataset DIR` with samples of its classes that it does not hold.", file=sys.stderr)
 
 
@@ -264,7 +254,7 @@ def _counted(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def _threshold_line(db: classdb.ClassVectorStore) -> str:
+def _threshold_line(db: vector_store.ClassVectorStore) -> str:
     if db.threshold is None:
         return "no threshold for unknown queries (run `calibrate`)"
     note = " (STALE: the classes changed since; run `calibrate`)" if db.threshold_stale else ""
@@ -326,7 +316,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_import(args: argparse.Namespace) -> int:
     path = _new_store_path(args)
     model = _model_for(args, modality="image")
-    db = classdb.ClassVectorStore.import_embeddings(
+    db = vector_store.ClassVectorStore.import_embeddings(
         path=args.embeddings, model_name=model.name, model_id=model.id, transform_config=model.transform_config
     )
     db.save(path=path)
@@ -366,7 +356,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_predictions(*, path: pathlib.Path, names: list[str], result: classdb.SearchResult) -> None:
+def _write_predictions(*, path: pathlib.Path, names: list[str], result: vector_store.SearchResult) -> None:
     """One row per image: ``image, label_1, score_1, ..., label_k, score_k``; with rejection also ``known`` and
     ``unknown_score`` (the labels are then the nearest classes)."""
     top_k = result.scores.shape[1]

@@ -38,10 +38,8 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-import matrices
-import ridge_selection
-import unknown_scores
-from matrices import compute_device, torch_device, unit_rows
+from simsearch.classifiers import matrices, ridge_selection, unknown_scores
+from simsearch.classifiers.matrices import compute_device, torch_device, unit_rows
 
 __all__ = [
     "CLASSIFIERS",

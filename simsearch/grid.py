@@ -9,19 +9,12 @@ Nothing is computed twice. Embeddings go through :class:`store.EmbeddingCache`; 
 small JSON file in ``OUT/cells`` under a key of everything that determines it (embedding key, classifier,
 partitions, top-k), so a rerun of the same grid only lists the datasets and loads the models.
 
-    python -m grid --datasets DIR_A DIR_B --models tf_efficientnet_lite0=lite0.pth tf_efficientnet_lite1=lite1.pth \
+    python -m simsearch grid --datasets DIR_A DIR_B \
+        --models tf_efficientnet_lite0=lite0.pth tf_efficientnet_lite1=lite1.pth \
         --classifiers mean decorrelated --cache-dir .cache --out grid-results
 """
 
 from __future__ import annotations
-
-if __name__ == "__main__":  # ``python -m grid``: the grid's options live on the command-line floor; it is
-    # launched by name (``python -m cli grid``), as a console script is, before torch loads
-    import runpy as _runpy
-    import sys as _sys
-
-    _sys.argv[1:1] = ["grid"]
-    _runpy.run_module("cli", run_name="__main__", alter_sys=True)
 
 import collections
 import dataclasses
@@ -36,13 +29,10 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-import banerjee
-import engine
-import metrics
-import protocol
-import store
-import utils
-from config import GridSettings
+from simsearch import encoders, metrics, protocol, store, utils
+from simsearch.classifiers import registry
+from simsearch.config import GridSettings, RunSettings
+from simsearch.datasets import SampleListing, detect_modality, make_dataset_maker
 
 __all__ = ["GridSettings", "ModelSpec", "markdown_table", "parse_model_spec", "run_grid"]
 
@@ -60,12 +50,14 @@ class ModelSpec:
     def label(self) -> str:
         return pathlib.Path(self.name).name if self.modality == "text" else self.name
 
+DEFAULT_SETTINGS = GridSettings()
+
 
 def parse_model_spec(text: str, *, modality: str) -> ModelSpec:
     """``NAME`` or ``NAME=WEIGHTS_FILE`` (weights for timm image models only)."""
     name, _, weights = text.partition("=")
     if weights and modality == "text":
-        raise engine.ModelError(f"{text}: a text model takes no weights file; pass its folder as the name.")
+        raise encoders.ModelError(f"{text}: a text model takes no weights file; pass its folder as the name.")
     return ModelSpec(name=name, weights=weights or None, modality=modality)
 
 
@@ -76,7 +68,7 @@ def run_grid(
     classifiers: Sequence[str],
     out: str | pathlib.Path,
     cache_dir: str | pathlib.Path,
-    settings: GridSettings = GridSettings(),
+    settings: GridSettings = DEFAULT_SETTINGS,
     baseline: tuple[str, str] | None = None,
     embedding_sets: Sequence[str | pathlib.Path] = (),
 ) -> pd.DataFrame:
@@ -88,10 +80,10 @@ def run_grid(
     """
     out = pathlib.Path(out)
     cache = store.EmbeddingCache(cache_dir)
-    modalities = [banerjee.detect_modality(dataset) for dataset in datasets]
+    modalities = [detect_modality(dataset) for dataset in datasets]
     for dataset, modality in zip(datasets, modalities):  # before any slow work
         if not any(model.modality == modality for model in models):
-            raise engine.ModelError(f"No {modality} model given for {dataset}.")
+            raise encoders.ModelError(f"No {modality} model given for {dataset}.")
     _check_distinct(datasets=datasets, models=models, classifiers=classifiers)
     lock = store.acquire_writer_lock(out / "grid.csv", timeout=0)  # a second grid into the same folder stops here
     try:
@@ -112,7 +104,7 @@ def _check_distinct(
         if count > 1:
             given = ", ".join(model.name + (f"={model.weights}" if model.weights else "") for model in models
                               if (model.modality, model.label) == (modality, label))
-            raise engine.ModelError(
+            raise encoders.ModelError(
                 f"The {modality} models {given} would share the table label '{label}'; run one grid per model "
                 "(a text model folder takes its folder name as label: give the folders distinct names)."
             )
@@ -139,7 +131,7 @@ def _run_cells(
     for folder in embedding_sets:
         cells += _embedding_set_cells(folder=folder, classifiers=classifiers, settings=settings, out=out)
     for dataset, modality in zip(datasets, modalities):
-        maker = banerjee.make_dataset_maker(dataset_path=dataset, modality=modality)
+        maker = make_dataset_maker(dataset_path=dataset, modality=modality)
         for model in (model for model in models if model.modality == modality):
             cells += _model_cells(
                 maker=maker, model=model, classifiers=classifiers, settings=settings, cache=cache, out=out
@@ -154,7 +146,7 @@ def _run_cells(
 
 def _model_cells(
     *,
-    maker: banerjee.SampleListing,
+    maker: SampleListing,
     model: ModelSpec,
     classifiers: Sequence[str],
     settings: GridSettings,
@@ -162,11 +154,11 @@ def _model_cells(
     out: pathlib.Path,
 ) -> list[dict[str, Any]]:
     """The cells of one model on one dataset: read back when done before, else computed and saved."""
-    encoder = engine.create_encoder(
+    encoder = encoders.create_encoder(
         modality=maker.modality, model_name=model.name, weights=model.weights, device=settings.device,
-        config=engine.EncoderConfig(topk=settings.top_k, precision=settings.precision),
+        config=encoders.EncoderConfig(topk=settings.top_k, precision=settings.precision),
     )
-    transform = engine.eval_transform(encoder.model)[1] if maker.modality == "image" else None
+    transform = encoders.eval_transform(encoder.model)[1] if maker.modality == "image" else None
     embedding_key = protocol.embedding_key(encoder=encoder, maker=maker, transform=transform)
     encoding_record = out / "cells" / f"encoding-{embedding_key}.json"
 
@@ -174,7 +166,7 @@ def _model_cells(
         freshly_encoded = not cache.path(embedding_key).exists()
         runs = protocol.run_cached_protocol(
             encoder=encoder, maker=maker, transform=transform, batch_size=settings.batch_size,
-            workers=settings.workers, cache=cache, settings=settings.run_settings(classifier),
+            workers=settings.workers, cache=cache, settings=_run_settings(classifier, settings=settings),
         )
         if freshly_encoded:
             store.write_json(encoding_record, {"samples_per_second": len(runs.targets) / runs.encode_seconds})
@@ -191,18 +183,19 @@ def _embedding_set_cells(
     *, folder: str | pathlib.Path, classifiers: Sequence[str], settings: GridSettings, out: pathlib.Path
 ) -> list[dict[str, Any]]:
     """The cells of an embedding set of :mod:`distributed` (one model on one dataset), without the encoder."""
-    import distributed
+    from simsearch import distributed
 
     embedding_set = distributed.read_embedding_set(folder)
     manifest = embedding_set.manifest
-    maker = distributed.EmbeddingSetMaker(embedding_set, folder=folder)
+    maker = embedding_set.listing()
     embedding_key = store.cache_key(model_id=manifest["model_id"], transform=manifest["preprocessing"],
                                     fingerprint=maker.get_fingerprint())
 
     def runs_of(classifier: str) -> protocol.Runs:
         return protocol.run_cached_protocol(
             encoder=None, maker=maker, transform=None, batch_size=settings.batch_size, workers=settings.workers,
-            embeddings=(embedding_set.embeddings, embedding_set.targets), settings=settings.run_settings(classifier),
+            embeddings=(embedding_set.embeddings, embedding_set.targets),
+            settings=_run_settings(classifier, settings=settings),
         )
 
     label = pathlib.Path(manifest["model_name"]).name if manifest["modality"] == "text" else manifest["model_name"]
@@ -211,9 +204,15 @@ def _embedding_set_cells(
                              rate=lambda: manifest["num_samples"] / max(manifest["encode_seconds"], 1e-9))
 
 
+def _run_settings(classifier: str, *, settings: GridSettings) -> RunSettings:
+    """One cell's partitions: the grid's settings with ``classifier``, fitting where the grid's encoder runs (on
+    CUDA; else on the CPU)."""
+    return settings.run_settings(registry.make_estimator(classifier, device=registry.fit_device(settings.device)))
+
+
 def _classifier_cells(
     *,
-    maker: banerjee.SampleListing,
+    maker: SampleListing,
     label: str,
     embedding_key: str,
     classifiers: Sequence[str],
@@ -281,7 +280,7 @@ def _with_differences(cells: pd.DataFrame, *, baseline: tuple[str, str] | None, 
     for _, group in cells.groupby("dataset_path", sort=False):  # two datasets may share a folder name
         chosen = group if baseline is None else group[(group.model == baseline[0]) & (group.classifier == baseline[1])]
         if chosen.empty:
-            raise engine.ModelError(
+            raise encoders.ModelError(
                 f"Baseline {baseline[0]} with {baseline[1]} is not a cell of dataset {group.dataset.iloc[0]}."
             )
         reference = np.asarray(chosen.iloc[0]["accuracies"])

@@ -15,16 +15,15 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import sklearn.base
 import torch
 import torch.nn.functional as F
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import validate_data
 
-import prototypes
+from simsearch.classifiers import prototypes
 
-__all__ = ["BASELINES", "ESTIMATOR_NAMES", "KMeansPrototypeClassifier", "LinearProbe", "NearestNeighbourClassifier",
-           "linear_probe", "make_estimator", "on_device", "works_in_torch"]
+__all__ = ["BASELINES", "KMeansPrototypeClassifier", "LinearProbe", "NearestNeighbourClassifier", "linear_probe",
+           "works_in_torch"]
 
 FLOAT_TYPES = (np.float32, np.float64)  # float32 embeddings are kept as they are: half the traffic
 
@@ -209,19 +208,6 @@ BASELINES: dict[str, tuple[type, dict[str, Any]]] = {
     "kmeans3": (KMeansPrototypeClassifier, {"prototypes_per_class": 3}),
     "probe": (LinearProbe, {}),
 }
-ESTIMATOR_NAMES = (*prototypes.CLASSIFIERS, *BASELINES)
-
-
-def make_estimator(name: str, *, device: str | torch.device | None = None) -> Any:
-    """A fresh estimator by command-line name: a class-vector classifier (:func:`prototypes.make_classifier`) or a
-    baseline, so the grid and ``--analysis prototypes`` can name any of them; ``device`` where it computes (see
-    :func:`on_device`)."""
-    if name in prototypes.CLASSIFIERS:
-        return on_device(prototypes.make_classifier(name), device=device)
-    if name not in BASELINES:
-        raise ValueError(f"Unknown classifier '{name}'; use one of {', '.join(ESTIMATOR_NAMES)}.")
-    kind, params = BASELINES[name]
-    return kind(**params, device=device)
 
 
 def works_in_torch(estimator: Any) -> bool:
@@ -229,12 +215,3 @@ def works_in_torch(estimator: Any) -> bool:
     device), so NumPy's BLAS threads can wait (:func:`utils.torch_pool_only`)."""
     return estimator.get_params().get("device") is not None or isinstance(estimator, (LinearProbe,
                                                                                        KMeansPrototypeClassifier))
-
-
-def on_device(estimator: Any, *, device: str | torch.device | None) -> Any:
-    """A fresh copy of ``estimator`` that computes on ``device`` where it has a ``device`` parameter (the baselines
-    here, the decorrelated classifiers); any other estimator, unchanged, computes where it always does. The article's
-    class mean costs a few products per partition: it stays in NumPy."""
-    if device is None or "device" not in estimator.get_params():
-        return estimator
-    return sklearn.base.clone(estimator).set_params(device=device)

@@ -1,25 +1,20 @@
 """A class vector database that can be edited one class at a time and saved: the persisted, editable store.
 
-The store persists a :mod:`prototypes` estimator (in the files of :mod:`classdb_files`): each class is the running
-sum (float64) and count of its image embeddings, so its mean can be grown with new images later and comes out
-exactly as if all images had been averaged at once. Classes are independent rows: adding, updating, renaming or removing one never changes another,
-which is the point of replacing a fine-tuned classifier head with a table of class vectors when classes come and
+The store persists a :mod:`~simsearch.classifiers.prototypes` estimator (in the files of
+:mod:`simsearch.classdb.files`): each class is the running sum (float64) and count of its image embeddings, so its
+mean can be grown with new images later and comes out exactly as if all images had been averaged at once. Classes
+are independent rows: adding, updating, renaming or removing one never changes another, which is the point of
+replacing a fine-tuned classifier head with a table of class vectors when classes come and
 go between releases. A ``balanced`` or ``decorrelated`` store also keeps the shared Gram matrix of all images
 (``.npz`` only); ``balanced``, the command line's default for a ``.npz`` store, finds a class added with a single
 image (see docs/classifiers.md, *Adding a class with a few examples*).
 
-The commands that build, edit and query a store from the command line (``python -m engine build|add-class|...``)
-live in :mod:`cli_store`; this module knows nothing of them.
+The commands that build, edit and query a store from the command line
+(``python -m simsearch store build|add-class|...``) live in :mod:`simsearch.classdb.commands`; this module knows
+nothing of them.
 """
 
 from __future__ import annotations
-
-if __name__ == "__main__":  # ``python -m classdb``: the class store's commands, as ``python -m engine`` runs them
-    import runpy as _runpy
-    import sys as _sys
-
-    _sys.argv[1:1] = ["store"]
-    _runpy.run_module("cli", run_name="__main__", alter_sys=True)
 
 import dataclasses
 import difflib
@@ -32,17 +27,17 @@ from typing import Any
 import numpy as np
 import torch
 
-import classdb_files
-import prototypes
-import store
-from classdb_search import BACKENDS, FaissBackend, TorchBackend, make_backend
+from simsearch import store
+from simsearch.classdb import files
+from simsearch.classdb.search import BACKENDS, FaissBackend, TorchBackend, make_backend
+from simsearch.classifiers import prototypes, registry
 
 __all__ = ["BACKENDS", "ClassDBError", "ClassVectorStore", "FaissBackend", "ModelMismatchError", "SearchResult",
            "TorchBackend", "file_kind", "make_backend"]
 
-METADATA_MEMBER = classdb_files.METADATA_MEMBER
-ClassDBError = classdb_files.ClassDBError
-file_kind = classdb_files.file_kind
+METADATA_MEMBER = files.METADATA_MEMBER
+ClassDBError = files.ClassDBError
+file_kind = files.file_kind
 
 PathLike = str | os.PathLike
 Vectors = torch.Tensor | np.ndarray
@@ -75,8 +70,8 @@ class _ModelIdentity:
     def metadata(self) -> dict[str, Any]:
         """What a file needs to know to refuse vectors from another model or preprocessing, and to rebuild."""
         return {
-            "format": classdb_files.FORMAT,
-            "version": classdb_files.FORMAT_VERSION,
+            "format": files.FORMAT,
+            "version": files.FORMAT_VERSION,
             "dim": self.dim,
             "model_name": self.model_name,
             "model_id": self.model_id,
@@ -335,12 +330,12 @@ class ClassVectorStore(_ModelIdentity, _Calibration):
         exact across sessions.
         """
         path = pathlib.Path(path)
-        if classdb_files.file_kind(path) == "zip" and self.classifier_name != "mean":
+        if files.file_kind(path) == "zip" and self.classifier_name != "mean":
             raise ClassDBError(
                 f"A '{self.classifier_name}' store keeps a Gram matrix that the .zip format (a CSV of class means) "
                 f"cannot hold: save it as {path.with_suffix('.npz')}."
             )
-        return classdb_files.write(path, metadata=self.metadata(), statistics=self._statistics())
+        return files.write(path, metadata=self.metadata(), statistics=self._statistics())
 
     @classmethod
     def load(
@@ -352,7 +347,7 @@ class ClassVectorStore(_ModelIdentity, _Calibration):
     ) -> ClassVectorStore:
         """Read a store written by :meth:`save`; given ``model_id``/``transform_config``, refuse other models' files."""
         path = pathlib.Path(path)
-        metadata, statistics = classdb_files.read(path)
+        metadata, statistics = files.read(path)
         loaded = cls._from_metadata(metadata, path=path)
         loaded._fill(statistics, path=path)
         loaded.check_model(
@@ -418,7 +413,7 @@ class ClassVectorStore(_ModelIdentity, _Calibration):
     def _from_metadata(cls, metadata: dict[str, Any], *, path: pathlib.Path) -> ClassVectorStore:
         described = metadata.get("classifier", {"name": "mean", "params": {}})
         try:
-            classifier = prototypes.make_classifier(described["name"], **described["params"])
+            classifier = registry.make_estimator(described["name"], class_vectors=True, **described["params"])
             return cls(
                 dim=int(metadata["dim"]),
                 model_name=str(metadata["model_name"]),

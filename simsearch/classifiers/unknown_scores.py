@@ -19,9 +19,8 @@ from sklearn.metrics import roc_auc_score
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
-import matrices
-from matrices import compute_device, unit_rows
-
+from simsearch.classifiers import matrices
+from simsearch.classifiers.matrices import compute_device, unit_rows
 
 # Shrinkage of the covariance behind the decorrelated classifiers' Mahalanobis distances, as a multiple of its mean
 # eigenvalue: measured on Caltech-101 with 20 hidden classes (benchmarks/open_set.py), 0.3 to 10 score alike.

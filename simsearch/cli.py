@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import config
+from simsearch import config
+from simsearch.errors import UserError
 
 __all__ = [
     "check_output_folder",
@@ -43,9 +44,9 @@ __all__ = [
 
 # analysis.ANALYSIS_PARTS, named here to keep --help light
 ANALYSIS_PARTS = ("confusion", "retrieval", "prototypes", "tsne", "coverage", "openset")
-CLASSIFIER_NAMES = ("mean", "decorrelated", "balanced", "lda")  # prototypes.CLASSIFIERS, named here to keep --help light
+CLASSIFIER_NAMES = ("mean", "decorrelated", "balanced", "lda")  # prototypes.CLASSIFIERS, named to keep --help light
 ESTIMATOR_NAMES = (*CLASSIFIER_NAMES, "knn1", "knn5", "kmeans2", "kmeans3", "probe")  # baselines.ESTIMATOR_NAMES
-DOWNLOADS = ("animal90", "caltech101", "digits")  # banerjee.DOWNLOADS, named here to keep --help light
+DOWNLOADS = ("animal90", "caltech101", "digits")  # datasets.DOWNLOADS, named here to keep --help light
 PRECISIONS = ("fp32", "bf16", "fp16")  # engine.PRECISIONS, named here to keep --help light
 SELECT_FOR = ("accuracy", "balanced")  # prototypes.SELECT_FOR, named here to keep --help light
 SEARCH_BACKENDS = ("torch", "faiss")  # classdb.BACKENDS, named here to keep --help light
@@ -84,8 +85,8 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
                       help="CSV/TSV label column (several, comma-separated, are joined with ':')")
     data.add_argument("--strict", action="store_true", help="stop on unreadable samples instead of skipping them")
     data.add_argument("--embeddings", default=None, metavar="DIR",
-                      help="an embedding set of `python -m distributed` instead of --dataset: the protocol, statistics "
-                           "and analyses run on it without the encoder")
+                      help="an embedding set of `python -m simsearch distributed` instead of --dataset: the protocol, "
+                           "statistics and analyses run on it without the encoder")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default=defaults["model"],
                        help=f"timm model for images (None: {defaults['image_model']}); sentence-transformers name or "
@@ -242,12 +243,12 @@ def resolve_dataset(
     download_per_class: int | None = None,
 ) -> pathlib.Path:
     """The dataset (class-folder root or sentence file): the given path, or the folder a download leaves
-    (:func:`banerjee.download_dataset`)."""
+    (:func:`datasets.download_dataset`)."""
     if download:
-        import banerjee
+        from simsearch import datasets
 
         root = pathlib.Path(download_dir or pathlib.Path.home() / ".cache" / "similarity-search")
-        return banerjee.download_dataset(download, root=root, kaggle_dataset=kaggle_dataset,
+        return datasets.download_dataset(download, root=root, kaggle_dataset=kaggle_dataset,
                                          per_class=download_per_class)
     path = pathlib.Path(dataset).expanduser()
     if not path.exists():
@@ -326,7 +327,8 @@ def _open_unit_interval(text: str) -> float:
 
 
 def class_store_parser() -> argparse.ArgumentParser:
-    """The class-store commands' options (``python -m engine``, ``similarity-classdb``), importable without torch."""
+    """The class-store commands' options (``python -m simsearch store``, ``similarity-classdb``), importable without
+    torch."""
     model_options = argparse.ArgumentParser(add_help=False)
     model_options.add_argument(
         "--model",
@@ -342,7 +344,7 @@ def class_store_parser() -> argparse.ArgumentParser:
     store_option.add_argument("--store", required=True, help="class vector store file (.zip or .npz)")
 
     parser = argparse.ArgumentParser(
-        prog="python -m engine",
+        prog="python -m simsearch store",
         description="Build, edit and query a class vector database of images or texts (one class-vector classifier).",
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -354,7 +356,8 @@ def class_store_parser() -> argparse.ArgumentParser:
         help="folder with one sub-folder of images (or .txt files) per class, or a CSV/TSV file of labelled texts",
     )
     source.add_argument("--embeddings", metavar="DIR",
-                        help="an fp32 embedding set of `python -m distributed` instead of --dataset (no encoding)")
+                        help="an fp32 embedding set of `python -m simsearch distributed` instead of --dataset (no "
+                             "encoding)")
     build.add_argument("--modality", choices=("auto", "image", "text"), default="auto",
                        help="auto: text for a CSV/TSV file or folders of .txt files (default)")
     build.add_argument("--text-column", default="text", help="CSV/TSV column of the texts (default text)")
@@ -436,10 +439,7 @@ def class_store_parser() -> argparse.ArgumentParser:
 def is_user_error(error: BaseException) -> bool:
     """True for errors a user can fix: the package's ``utils.UserError`` family and operating-system errors (a
     missing, unreadable or read-only path, a full disk). Anything else is a bug and keeps its traceback."""
-    if isinstance(error, OSError):
-        return True
-    utils = sys.modules.get("utils")  # not loaded yet: no package code has run, so no package error either
-    return utils is not None and isinstance(error, utils.UserError)
+    return isinstance(error, (OSError, UserError))
 
 
 def report_user_error(error: BaseException) -> None:
@@ -490,17 +490,17 @@ def class_store_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "top_k", 1) < 1 or getattr(args, "batch_size", 1) < 1:
         parser.error("--top-k and --batch-size must be at least 1.")
-    import cli_store
+    from simsearch.classdb import commands
 
-    return reporting_user_errors(lambda: cli_store.run_command(args))
+    return reporting_user_errors(lambda: commands.run_command(args))
 
 
 def grid_parser() -> argparse.ArgumentParser:
-    """Options of the model x dataset x classifier grid (``python -m grid``, ``similarity-grid``); the defaults are
-    ``config.GridSettings``'s."""
+    """Options of the model x dataset x classifier grid (``python -m simsearch grid``, ``similarity-grid``); the
+    defaults are ``config.GridSettings``'s."""
     grid_defaults = config.GridSettings()
     parser = argparse.ArgumentParser(
-        prog="python -m grid", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m simsearch grid", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Several models, datasets and classifiers on identical partitions per dataset: one CSV and one "
                     "Markdown table with accuracy, top-k, paired differences to a baseline, encoding rate and "
                     "embedding size. Embeddings and finished cells are reused on a rerun.",
@@ -508,8 +508,8 @@ def grid_parser() -> argparse.ArgumentParser:
     parser.add_argument("--datasets", nargs="+", default=[],
                         help="class-folder datasets (images or .txt files) or CSV/TSV files of labelled sentences")
     parser.add_argument("--embeddings", nargs="+", default=[], metavar="DIR",
-                        help="embedding sets of `python -m distributed` (a model on a dataset each), run without the "
-                             "encoder")
+                        help="embedding sets of `python -m simsearch distributed` (a model on a dataset each), run "
+                             "without the encoder")
     parser.add_argument("--models", nargs="*", default=[], metavar="NAME[=WEIGHTS]",
                         help="timm image models, each with an optional local weights file")
     parser.add_argument("--text-models", nargs="*", default=[], metavar="NAME_OR_FOLDER",
@@ -521,10 +521,13 @@ def grid_parser() -> argparse.ArgumentParser:
                         help="the cell each dataset's differences are paired with (default: its first model with "
                              "the first classifier)")
     parser.add_argument("--runs", type=int, default=grid_defaults.runs, help="random partitions per dataset")
-    parser.add_argument("--valid-share", type=float, default=grid_defaults.valid_share, help="validation share of each class")
+    parser.add_argument("--valid-share", type=float, default=grid_defaults.valid_share,
+                        help="validation share of each class")
     parser.add_argument("--top-k", type=int, default=grid_defaults.top_k, help="k of the top-k accuracy")
-    parser.add_argument("--seed", type=int, default=grid_defaults.seed, help="seed of the partitions, the same for every cell")
-    parser.add_argument("--confidence", type=float, default=grid_defaults.confidence, help="confidence of the Student-t intervals")
+    parser.add_argument("--seed", type=int, default=grid_defaults.seed,
+                        help="seed of the partitions, the same for every cell")
+    parser.add_argument("--confidence", type=float, default=grid_defaults.confidence,
+                        help="confidence of the Student-t intervals")
     parser.add_argument("--batch-size", type=_count_or_auto(1), default=config.AUTO,
                         help="samples per encoding batch (auto: 256 on CUDA, 32 on a CPU)")
     parser.add_argument("--workers", type=_count_or_auto(0), default=config.AUTO,
@@ -550,8 +553,7 @@ def grid_main(argv: list[str] | None = None) -> int:
     baseline = tuple(args.baseline.rsplit(":", 1)) if args.baseline else None
     if baseline is not None and (len(baseline) != 2 or baseline[1] not in ESTIMATOR_NAMES):
         parser.error(f"--baseline {args.baseline}: give MODEL:CLASSIFIER, e.g. tf_efficientnet_lite0:mean.")
-    import grid
-    import utils
+    from simsearch import grid, utils
 
     def run() -> int:
         device = utils.resolve_device(args.device)
@@ -578,9 +580,9 @@ def grid_main(argv: list[str] | None = None) -> int:
 
 
 def distributed_parser() -> argparse.ArgumentParser:
-    """Options of the distributed encode (``python -m distributed``, ``similarity-distributed``)."""
+    """Options of the distributed encode (``python -m simsearch distributed``, ``similarity-distributed``)."""
     parser = argparse.ArgumentParser(
-        prog="python -m distributed", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m simsearch distributed", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Encode a class-folder image dataset or a CSV/TSV of labelled texts on a Ray cluster (or a local "
                     "Ray) into a Parquet embedding set with a manifest; --embeddings DIR of the research script, the "
                     "grid and the class store read it without the encoder.",
@@ -626,11 +628,10 @@ def distributed_main(argv: list[str] | None = None) -> int:
         parser.error(f"--cpus-per-actor must be at least 1, got {args.cpus_per_actor:g}.")
 
     def run() -> int:
-        import banerjee
-        import distributed
+        from simsearch import datasets, distributed
 
         distributed.init_ray(address=args.address, num_cpus=args.num_cpus)  # first: an unreachable cluster is refused
-        maker = banerjee.make_dataset_maker(
+        maker = datasets.make_dataset_maker(
             dataset_path=args.dataset, modality=args.modality, text_column=args.text_column,
             label_column=args.label_column, strict=args.strict,
         )
@@ -654,41 +655,58 @@ def distributed_main(argv: list[str] | None = None) -> int:
     return reporting_user_errors(run)
 
 
-def run_distributed() -> None:
-    """Console entry point ``similarity-distributed``: the distributed encode (same as ``python -m distributed``)."""
-    sys.exit(distributed_main())
+def research_script_main(argv: list[str] | None = None) -> int:
+    """Run the research script end to end with these options, as ``python p1_similarity_search_rsch.py`` does.
+
+    The script is the checkout's own file where there is one (a clone, an editable install), else the copy the
+    package was built with; its imports of the original's names resolve to this package's modules either way.
+    """
+    import runpy
+
+    from simsearch import originals
+
+    originals.install_names()
+    script = originals.research_script()
+    saved_argv = sys.argv
+    sys.argv = [str(script), *(sys.argv[1:] if argv is None else argv)]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = saved_argv
+    return 0
+
+
+COMMAND_FAMILIES: dict[str, Callable[[list[str]], int]] = {
+    "run": research_script_main, "store": class_store_main, "grid": grid_main, "distributed": distributed_main,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m simsearch run|store|grid|distributed ...``: the research script, the class store, the grid and
+    the distributed encode."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in COMMAND_FAMILIES:
+        print(f"usage: python -m simsearch {{{','.join(COMMAND_FAMILIES)}}} ... (--help after one for its options)",
+              file=sys.stderr)
+        return 2
+    return COMMAND_FAMILIES[argv[0]](argv[1:])
 
 
 def run_research_script() -> None:
-    """Console entry point ``similarity-search``: the research script, end to end, with the command-line options."""
-    import runpy
-
-    runpy.run_module("p1_similarity_search_rsch", run_name="__main__")
+    """Console entry point ``similarity-search``: the research script (``python -m simsearch run``)."""
+    sys.exit(research_script_main())
 
 
 def run_class_store() -> None:
-    """Console entry point ``similarity-classdb``: the class-store commands (same as ``python -m engine``)."""
+    """Console entry point ``similarity-classdb``: the class-store commands (``python -m simsearch store``)."""
     sys.exit(class_store_main())
 
 
 def run_grid() -> None:
-    """Console entry point ``similarity-grid``: the model x dataset x classifier grid (same as ``python -m grid``)."""
+    """Console entry point ``similarity-grid``: the model x dataset x classifier grid (``python -m simsearch grid``)."""
     sys.exit(grid_main())
 
 
-COMMAND_FAMILIES = {"store": "class_store_main", "grid": "grid_main", "distributed": "distributed_main"}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m cli store|grid|distributed ...``: the command families of the store (``python -m engine``), the
-    grid (``python -m grid``) and the distributed encode (``python -m distributed``)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] not in COMMAND_FAMILIES:
-        print(f"usage: python -m cli {{{','.join(COMMAND_FAMILIES)}}} ... (the research script: python "
-              "p1_similarity_search_rsch.py)", file=sys.stderr)
-        return 2
-    return globals()[COMMAND_FAMILIES[argv[0]]](argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def run_distributed() -> None:
+    """Console entry point ``similarity-distributed``: the distributed encode (``python -m simsearch distributed``)."""
+    sys.exit(distributed_main())

@@ -9,19 +9,11 @@ shard against the merged statistics.
 
 Ray (``pip install -e .[distributed]``) is imported only by the functions that need it::
 
-    python -m distributed DATASET --out embeddings/caltech --weights lite0.pth --actors 2
-    RAY_ADDRESS=auto python -m distributed DATASET --out s3-or-shared-folder/ --actors 8 --gpus-per-actor 1
+    python -m simsearch distributed DATASET --out embeddings/caltech --weights lite0.pth --actors 2
+    RAY_ADDRESS=auto python -m simsearch distributed DATASET --out s3-or-shared-folder/ --actors 8 --gpus-per-actor 1
 """
 
 from __future__ import annotations
-
-if __name__ == "__main__":  # ``python -m distributed``: the distributed encode's options live on the command-line
-    # floor; it is launched by name (``python -m cli distributed``), as a console script is, before Ray and torch load
-    import runpy as _runpy
-    import sys as _sys
-
-    _sys.argv[1:1] = ["distributed"]
-    _runpy.run_module("cli", run_name="__main__", alter_sys=True)
 
 import concurrent.futures
 import dataclasses
@@ -39,16 +31,12 @@ import numpy as np
 import sklearn.base
 import torch
 
-import banerjee
-import engine
-import prototypes
-import store
-import utils
+from simsearch import datasets, encoders, store, utils
+from simsearch.classifiers import prototypes
 
 __all__ = [
     "EmbeddingSet",
     "EmbeddingSetError",
-    "EmbeddingSetMaker",
     "EncoderSpec",
     "MANIFEST",
     "Shard",
@@ -151,19 +139,19 @@ class EncoderSpec:
     compile: bool = False
     tune_allocator: bool = True
 
-    def build(self, *, device: str) -> tuple[engine.Encoder, Any, Any]:
+    def build(self, *, device: str) -> tuple[encoders.Encoder, Any, Any]:
         """``(encoder, per-sample transform, batch transform)``; texts have no transforms."""
-        config = engine.EncoderConfig(precision=self.precision, compile=self.compile,
+        config = encoders.EncoderConfig(precision=self.precision, compile=self.compile,
                                       tune_allocator=self.tune_allocator)
-        encoder = engine.create_encoder(modality=self.modality, model_name=self.model_name, weights=self.weights,
+        encoder = encoders.create_encoder(modality=self.modality, model_name=self.model_name, weights=self.weights,
                                         device=device, config=config)
         if self.modality == "text":
             return encoder, None, None
-        return encoder, *engine.split_normalization(engine.eval_transform(encoder.model)[1])
+        return encoder, *encoders.split_normalization(encoders.eval_transform(encoder.model)[1])
 
-    def preprocessing(self, encoder: engine.Encoder) -> str:
+    def preprocessing(self, encoder: encoders.Encoder) -> str:
         """The preprocessing as text, as the embedding cache keys it."""
-        return "" if self.modality == "text" else repr(engine.eval_transform(encoder.model)[1])
+        return "" if self.modality == "text" else repr(encoders.eval_transform(encoder.model)[1])
 
 
 class _EmbedBatch:
@@ -183,7 +171,7 @@ class _EmbedBatch:
                          if decoders > 1 else None)
 
     def _load(self, name: str) -> torch.Tensor:
-        return self.sample_transform(banerjee.load_rgb_image(name))
+        return self.sample_transform(datasets.load_rgb_image(name))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [str(name) for name in batch["name"]]
@@ -198,20 +186,20 @@ class _EmbedBatch:
                 "embedding": embeddings.cpu().numpy().astype(np.float32)}
 
 
-def _samples(maker: banerjee.SampleListing) -> list[dict[str, Any]]:
+def _samples(maker: datasets.SampleListing) -> list[dict[str, Any]]:
     """One row per sample in the maker's global order: file path (images) or text, and label index."""
     names = [str(sample) for sample in maker.get_samples()]
     labels = maker.get_image_labels().tolist()
     return [{"index": index, "label": label, "name": name} for index, (name, label) in enumerate(zip(names, labels))]
 
 
-def _fingerprint_digest(maker: banerjee.SampleListing) -> str:
+def _fingerprint_digest(maker: datasets.SampleListing) -> str:
     return hashlib.sha256(json.dumps(maker.get_fingerprint()).encode()).hexdigest()
 
 
 def encode_dataset(
     *,
-    maker: banerjee.SampleListing,
+    maker: datasets.SampleListing,
     spec: EncoderSpec,
     out: str | os.PathLike,
     actors: int = 1,
@@ -236,7 +224,7 @@ def encode_dataset(
     check_cluster_fits(ray, actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor)
     encoder, _, _ = spec.build(device="cpu")  # the driver's copy names the model and weights, as the cache does
     expected = {"model_id": encoder.embedding_id, "preprocessing": spec.preprocessing(encoder),
-                "transform_config": store.plain_json(engine.preprocessing_config(encoder)),
+                "transform_config": store.plain_json(encoders.preprocessing_config(encoder)),
                 "fingerprint": _fingerprint_digest(maker)}
     if (out / MANIFEST).is_file():
         manifest = _read_manifest(out)
@@ -321,7 +309,7 @@ def _read_manifest(folder: pathlib.Path) -> dict[str, Any]:
     if not path.is_file():
         hint = " (its shards are from a run that did not finish)" if (folder / SHARDS).exists() else ""
         raise EmbeddingSetError(f"{folder} is not an embedding set: it has no {MANIFEST}{hint}. Encode it with "
-                                "python -m distributed.")
+                                "python -m simsearch distributed.")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -330,7 +318,7 @@ def _read_manifest(folder: pathlib.Path) -> dict[str, Any]:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         older = " (written by an earlier version whose shards are not pinned by checksums)" if found == 1 else ""
         raise EmbeddingSetError(f"{path} is not an embedding set manifest of format {FORMAT}{older}; remove "
-                                f"{folder} and encode the set again with python -m distributed.")
+                                f"{folder} and encode the set again with python -m simsearch distributed.")
     wrong = [key for key, kind in MANIFEST_KEYS.items() if type(manifest.get(key)) is not kind]
     if "shards" not in wrong and not all(_is_shard_entry(entry) for entry in manifest["shards"]):
         wrong.append("shards")
@@ -358,9 +346,21 @@ class EmbeddingSet:
     manifest: dict[str, Any]
 
     def describe(self) -> dict[str, Any]:
-        """The model fields of :meth:`engine.Encoder.describe`, as far as the set knows them."""
+        """The model fields of :meth:`encoders.Encoder.describe`, as far as the set knows them."""
         return {"model_name": self.manifest["model_id"], "num_trainable_params": "unknown (embedding set)",
                 "embedding_dim": self.manifest["embedding_dim"]}
+
+    def listing(self) -> datasets.ListedSamples:
+        """The samples the set was encoded from, listed as the dataset lists them (same classes, same global
+        order), so the protocol draws the same partitions as on the dataset without reading a sample."""
+        manifest = self.manifest
+        starts = np.concatenate([[0], np.cumsum(manifest["counts"])]).tolist()
+        return datasets.ListedSamples(
+            modality=manifest["modality"], dataset_path=manifest["dataset"],
+            classes={label: self.names[starts[row]:starts[row + 1]] for row, label in enumerate(manifest["classes"])},
+            fingerprint=f"embedding-set:{manifest['fingerprint']}",
+            skipped=[(pathlib.Path(item["path"]), item["reason"]) for item in manifest["skipped"]],
+        )
 
 
 def _read_shard(path: pathlib.Path, entry: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -410,7 +410,7 @@ def read_embedding_set(folder: str | os.PathLike, *, model_id: str | None = None
     manifest = _read_manifest(folder)
     if model_id is not None and manifest["model_id"] != model_id:
         raise EmbeddingSetError(f"{folder} was encoded by {manifest['model_id']}, not by {model_id}; encode the "
-                                "dataset with this model (python -m distributed) or pick the matching model.")
+                                "dataset with this model (python -m simsearch distributed) or pick the matching model.")
     missing = [entry["name"] for entry in manifest["shards"] if not (folder / SHARDS / entry["name"]).is_file()]
     if missing:
         raise EmbeddingSetError(f"{folder} lacks {len(missing)} of its {len(manifest['shards'])} shards "
@@ -432,34 +432,6 @@ def read_embedding_set(folder: str | os.PathLike, *, model_id: str | None = None
     names = np.concatenate([part["name"] for part in parts])[order].tolist()
     return EmbeddingSet(embeddings=embeddings, targets=targets, names=[str(name) for name in names],
                         manifest=manifest)
-
-
-class EmbeddingSetMaker(banerjee.SampleListing):
-    """A dataset maker over an embedding set's listing, so the protocol draws the same partitions as on the
-    dataset itself (classes and samples in the same global order) without reading a sample."""
-
-    def __init__(self, embedding_set: EmbeddingSet, *, folder: str | os.PathLike) -> None:
-        manifest = embedding_set.manifest
-        self.modality = manifest["modality"]
-        self.sample_kind = "text" if self.modality == "text" else "image"
-        self._part_class = banerjee.TextDataset if self.modality == "text" else banerjee.Animal90
-        self._dataset_path = pathlib.Path(manifest["dataset"])
-        self._folder = pathlib.Path(folder)
-        self._strict = False
-        starts = np.concatenate([[0], np.cumsum(manifest["counts"])]).tolist()
-        self._labels = [(label, starts[row], starts[row + 1]) for row, label in enumerate(manifest["classes"])]
-        self._images = list(zip(embedding_set.names, embedding_set.targets.tolist()))
-        self._image_labels = embedding_set.targets.clone()
-        self.skipped = [(pathlib.Path(item["path"]), item["reason"]) for item in manifest["skipped"]]
-        self._fingerprint = manifest["fingerprint"]
-
-    def get_samples(self) -> list[pathlib.Path] | list[str]:
-        """The samples the set was encoded from: image paths, or texts."""
-        names = [name for name, _ in self._images]
-        return names if self.modality == "text" else [pathlib.Path(name) for name in names]
-
-    def get_fingerprint(self) -> list[tuple[str, int, int]]:
-        return [(f"embedding-set:{self._fingerprint}", len(self._images), 0)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,16 +29,8 @@ import sklearn.base
 import torch
 from tqdm import tqdm
 
-import banerjee
-import baselines
-import config
-import decoding
-import engine
-import metrics
-import prototypes
-import randomness
-import store
-import utils
+from simsearch import config, datasets, decoding, encoders, metrics, randomness, store, utils
+from simsearch.classifiers import prototypes, registry
 
 __all__ = [
     "Run",
@@ -210,7 +202,7 @@ def make_loader(
 
 
 def embedding_key(
-    *, encoder: engine.Encoder, maker: banerjee.SampleListing, transform: Callable, decode: str = "pil"
+    *, encoder: encoders.Encoder, maker: datasets.SampleListing, transform: Callable, decode: str = "pil"
 ) -> str:
     """The cache key of a dataset's embeddings: model, weights and precision, preprocessing (the decoder included:
     the tensor path's pixels differ slightly from PIL's), and the sample files."""
@@ -221,8 +213,8 @@ def embedding_key(
 
 def embed_all_images(
     *,
-    encoder: engine.Encoder,
-    maker: banerjee.SampleListing,
+    encoder: encoders.Encoder,
+    maker: datasets.SampleListing,
     transform: Callable,
     batch_size: int,
     workers: int,
@@ -237,7 +229,7 @@ def embed_all_images(
     """
     if decode not in decoding.DECODERS:
         raise ValueError(f"Unknown decoder {decode!r}; use one of {', '.join(decoding.DECODERS)}.")
-    image_transform, batch_transform = engine.split_normalization(transform)
+    image_transform, batch_transform = encoders.split_normalization(transform)
     pipeline = decoding.tensor_pipeline(image_transform, device=encoder.device, normalize=batch_transform) \
         if decode == "tensor" else None
     key = embedding_key(encoder=encoder, maker=maker, transform=transform, decode="tensor" if pipeline else "pil")
@@ -410,7 +402,7 @@ def _json_line(run: Run) -> str:
 
 def _partitions(
     *,
-    maker: banerjee.SampleListing,
+    maker: datasets.SampleListing,
     runs: int,
     valid_share: float,
     generator: torch.Generator,
@@ -444,19 +436,19 @@ def _partitions(
         yield run, train_indexes, valid_indexes, log.append
 
 
-def check_validation_samples(*, maker: banerjee.SampleListing, valid_share: float) -> None:
+def check_validation_samples(*, maker: datasets.SampleListing, valid_share: float) -> None:
     """Refuse, before any encoding, a split that gives no class a validation sample: nothing could be measured."""
     largest = int(torch.bincount(maker.get_image_labels()).max()) if maker.get_num_images() else 0
     if int(largest * valid_share) == 0:
         needed = math.ceil(100 / max(largest, 1)) / 100
-        raise banerjee.DatasetError(
+        raise datasets.DatasetError(
             f"No class of {maker.dataset_path} is large enough to get a validation sample at --valid-share "
             f"{valid_share} (the largest has {largest} samples), so there is nothing to measure. Raise --valid-share "
             f"to at least {needed:g}, or add samples."
         )
 
 
-def _warn_about_uninformative_classes(*, maker: banerjee.SampleListing, valid_share: float) -> None:
+def _warn_about_uninformative_classes(*, maker: datasets.SampleListing, valid_share: float) -> None:
     """Say when the accuracy cannot mean what it seems: one class only, or classes that are never validated."""
     if maker.get_num_labels() == 1:
         warnings.warn(
@@ -477,8 +469,8 @@ def _warn_about_uninformative_classes(*, maker: banerjee.SampleListing, valid_sh
 
 def run_cached_protocol(
     *,
-    encoder: engine.Encoder | None,
-    maker: banerjee.SampleListing,
+    encoder: encoders.Encoder | None,
+    maker: datasets.SampleListing,
     transform: Callable | None,
     settings: config.RunSettings,
     batch_size: int,
@@ -535,8 +527,8 @@ def run_cached_protocol(
 
 def run_original_protocol(
     *,
-    encoder: engine.Encoder,
-    maker: banerjee.SampleListing,
+    encoder: encoders.Encoder,
+    maker: datasets.SampleListing,
     encode_transform: Callable,
     eval_transform: Callable,
     settings: config.RunSettings,
@@ -583,17 +575,14 @@ def run_original_protocol(
 
 
 def _prepare(
-    *, settings: config.RunSettings, maker: banerjee.SampleListing, encoder: engine.Encoder | None
+    *, settings: config.RunSettings, maker: datasets.SampleListing, encoder: encoders.Encoder | None
 ) -> tuple[Any, torch.Generator]:
     """What both protocols start from: the shares checked, the unfitted classifier and the partitions' generator."""
     check_validation_samples(maker=maker, valid_share=settings.valid_share)
     if encoder is not None and encoder.config.short_run_batches != settings.short_run:
         raise ValueError(f"The encoder stops after {encoder.config.short_run_batches} batches but the settings' "
                          f"short_run is {settings.short_run}: build the encoder from the same settings.")
-    classifier = settings.classifier
-    if isinstance(classifier, str):
-        classifier = baselines.make_estimator(classifier)
-    return classifier, randomness.make_torch_generator(seed=settings.seed)
+    return registry.make_estimator(settings.classifier), randomness.make_torch_generator(seed=settings.seed)
 
 
 def run_table(runs: Runs) -> list[dict[str, Any]]:
@@ -607,9 +596,9 @@ def run_table(runs: Runs) -> list[dict[str, Any]]:
 
 
 def final_stats(
-    *, runs: Runs, model: dict[str, Any], maker: banerjee.SampleListing, confidence: float, total_seconds: float
+    *, runs: Runs, model: dict[str, Any], maker: datasets.SampleListing, confidence: float, total_seconds: float
 ) -> dict[str, Any]:
-    """The experiment's summary: model (:meth:`engine.Encoder.describe`, or an embedding set's), data, intervals
+    """The experiment's summary: model (:meth:`encoders.Encoder.describe`, or an embedding set's), data, intervals
     and where the time went (saved in ``results.json``)."""
     return {
         **model,
@@ -635,7 +624,7 @@ def describe_final_stats(stats: dict[str, Any]) -> dict[str, Any]:
     """The printed lines of :func:`final_stats`."""
     note = "; SHORT RUN: truncated encoding passes, not a result" if stats["short_run"] else ""
     return {
-        **engine.describe_model(stats),
+        **encoders.describe_model(stats),
         "Dataset": f"{stats['dataset']} ({stats['num_labels']} classes, {stats['modality']})",
         f"Validation {stats['modality']}s per partition": stats["num_valid_samples"],
         "Partitions": f"{stats['runs']} ({stats['protocol']} protocol{note})",

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-import matrices
-from matrices import compute_device
+from simsearch.classifiers import matrices
+from simsearch.classifiers.matrices import compute_device
 
 
 class RidgeSelectionMixin:

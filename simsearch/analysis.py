@@ -27,12 +27,8 @@ from sklearn.manifold import TSNE
 from sklearn.metrics import confusion_matrix, roc_auc_score
 from tqdm import tqdm
 
-import banerjee
-import baselines
-import cumacc
-import metrics
-import prototypes
-import utils
+from simsearch import cumacc, datasets, metrics, utils
+from simsearch.classifiers import baselines, prototypes, registry
 
 __all__ = [
     "ANALYSIS_PARTS",
@@ -61,6 +57,8 @@ Partition = tuple[torch.Tensor, torch.Tensor]
 
 
 # --- Confusions ----------------------------------------------------------------------------------------------------
+
+CPU = torch.device("cpu")
 
 
 def confusion_over_partitions(
@@ -332,7 +330,7 @@ def default_prototype_methods() -> dict[str, Any]:
         "class mean (raw, original)": prototypes.ClassMeanClassifier(),
         "class mean (L2-normalised)": prototypes.ClassMeanClassifier(normalize=True),
         "decorrelated prototypes": prototypes.DecorrelatedClassifier(),
-        "decorrelated, balanced prior": prototypes.make_classifier("balanced"),
+        "decorrelated, balanced prior": registry.make_estimator("balanced"),
         "1-NN images": baselines.NearestNeighbourClassifier(k=1),
         "5-NN images": baselines.NearestNeighbourClassifier(k=5),
         "k-means, 2 per class": baselines.KMeansPrototypeClassifier(prototypes_per_class=2),
@@ -355,17 +353,16 @@ def compare_prototypes(
     same partitions.
 
     ``methods`` maps names to unfitted scikit-learn classifiers, or lists command-line names
-    (``baselines.ESTIMATOR_NAMES``: the class-vector classifiers and the baselines). Identical partitions pair the results: ``gain`` is
-    the mean per-partition accuracy difference to the first method (the original class mean by default) with its
-    own half width ``gain_ci``, far narrower than the spread of either method, so small real differences show;
-    ``error_reduction`` is ``gain`` over the first method's error rate. ``seconds`` is the mean fit-plus-predict
-    time per partition. Every method with a ``device`` parameter computes on ``device`` (:func:`baselines.on_device`),
-    torch's work alone with BLAS at one thread (:func:`utils.torch_pool_only`).
+    (``registry.ESTIMATOR_NAMES``: the class-vector classifiers and the baselines). Identical partitions pair the
+    results: ``gain`` is the mean per-partition accuracy difference to the first method (the original class mean
+    by default) with its own half width ``gain_ci``, far narrower than the spread of either method, so small real
+    differences show; ``error_reduction`` is ``gain`` over the first method's error rate. ``seconds`` is the mean
+    fit-plus-predict time per partition. Every method with a ``device`` parameter computes on ``device``
+    (:func:`registry.make_estimator`), torch's work alone with BLAS at one thread (:func:`utils.torch_pool_only`).
     """
     methods = default_prototype_methods() if methods is None else methods
-    if not isinstance(methods, Mapping):
-        methods = {name: baselines.make_estimator(name) for name in methods}
-    methods = {name: baselines.on_device(method, device=device) for name, method in methods.items()}
+    named = methods.items() if isinstance(methods, Mapping) else zip(methods, methods)
+    methods = {name: registry.make_estimator(method, device=device) for name, method in named}
     if not methods:
         raise ValueError("methods is empty: give at least one classifier to compare (or None for the defaults).")
     X, y = embeddings.float().numpy(), targets.numpy()
@@ -412,14 +409,14 @@ def compare_prototypes(
 def random_partitions(
     *, targets: torch.Tensor, valid_share: float, runs: int, generator: torch.Generator
 ) -> Iterator[Partition]:
-    """``runs`` random (train, valid) splits by ``banerjee.split_class_members`` with no test part.
+    """``runs`` random (train, valid) splits by ``datasets.split_class_members`` with no test part.
 
     For a dataset's own label tensor the same generator state gives the same partitions as
     ``DatasetMaker.split_indexes``, without needing the dataset on disk.
     """
     classes = [torch.nonzero(targets == label).flatten() for label in torch.unique(targets)]
     for _ in range(runs):
-        train, valid, _ = banerjee.split_class_members(
+        train, valid, _ = datasets.split_class_members(
             class_members=classes, valid_share=valid_share, test_share=0.0, generator=generator
         )
         yield train, valid
@@ -430,7 +427,7 @@ def _leave_out_accuracies(
     embeddings: torch.Tensor,
     targets: torch.Tensor,
     valid_sets: Iterable[torch.Tensor],
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = CPU,
 ) -> list[float]:
     """Top-1 accuracy of the article's class mean for many validation sets, training on the rest.
 
@@ -606,7 +603,7 @@ def open_set(
     :func:`compare_prototypes`.
     """
     X, y = embeddings.double().numpy(), targets.numpy()
-    working = baselines.on_device(classifier, device=device)
+    working = registry.make_estimator(classifier, device=device)
     rows, scores = [], (np.zeros(0), np.zeros(0))
     draws = hidden_class_draws(targets=y, partitions=partitions, hidden_share=hidden_share, seed=seed,
                                together=together)
