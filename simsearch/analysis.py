@@ -511,7 +511,7 @@ def open_set_scores(
 
     ``auroc``: the chance that a random known query outscores a random unknown one; ``fpr``: the share of unknown
     queries kept at the threshold that keeps ``true_positive_rate`` of the known ones (OpenOOD's FPR@95), with that
-    ``threshold`` (the rule of :meth:`prototypes._ClassStatistics.calibrate`).
+    ``threshold`` (the rule of :meth:`prototypes._LinearClassVectors.calibrate`).
     """
     known, unknown = np.asarray(known, dtype=np.float64), np.asarray(unknown, dtype=np.float64)
     if not len(known) or not len(unknown):

@@ -143,8 +143,7 @@ def test_removal_without_images_keeps_them_as_unlabelled_background():
     cheap = DecorrelatedClassifier().fit(X, y).remove_class(3)
     assert cheap.classes_.tolist() == [0, 1, 2] and cheap.n_samples_seen_ == len(y)
     background = DecorrelatedClassifier().fit(X, y)
-    background.class_sums_, background.class_counts_ = background.class_sums_[:3], background.class_counts_[:3]
-    background.classes_ = background.classes_[:3]
+    background.statistics_ = background.statistics_.keep(np.arange(4) < 3)  # the class's sums alone dropped
     background._refresh()
     np.testing.assert_allclose(cheap.class_scores(X_test), background.class_scores(X_test), atol=1e-12)
     assert np.array_equal(
@@ -478,7 +477,7 @@ def test_unknown_score_choice_scores_each_draw_as_a_refit_without_the_drawn_imag
     for number, (removed, known, unknown, fitting) in enumerate(draws):
         assert removed[unknown].all() and removed[known].all() and not removed[fitting].any()
         assert len(np.unique(y[unknown])) == 2 and not np.isin(y[known], y[unknown]).any()
-        scale = DecorrelatedClassifier(alpha=1.0).fit(X[~removed], y[~removed]).decomposition()["scale"]
+        scale = DecorrelatedClassifier(alpha=1.0).fit(X[~removed], y[~removed]).decomposition().scale
         for column, name in enumerate(unknown_scores.UNKNOWN_CANDIDATES):
             refit = DecorrelatedClassifier(alpha=fitted.relative_alpha_ * scale, unknown_score=name)
             refit.fit(X[~removed], y[~removed])
@@ -489,7 +488,7 @@ def test_statistics_without_some_images_equal_a_fit_without_them():
     X, y = gaussian_classes(samples_per_class=12, seed=5, classes=5)
     fitted = DecorrelatedClassifier().fit(X, y)
     removed = (y == 2) | (np.arange(len(y)) % 4 == 0)
-    sub = fitted._statistics().without(fitted.query_features(X)[removed], np.searchsorted(fitted.classes_, y)[removed],
+    sub = fitted.statistics_.without(fitted.query_features(X)[removed], np.searchsorted(fitted.classes_, y)[removed],
                                        device=None)
     refit = DecorrelatedClassifier().fit(X[~removed], y[~removed])
     assert sub.class_counts.tolist() == refit.class_counts_.tolist() and sub.n_samples == refit.n_samples_seen_
@@ -607,7 +606,7 @@ def test_discriminant_shrinkage_and_unknown_score_by_hand():
     scale = np.sqrt(np.diag(covariance))
     correlation = covariance / np.outer(scale, scale)
     eigenvalues = np.linalg.eigvalsh(correlation)
-    rho = prototypes.oas_shrinkage(eigenvalues, n_samples=len(y) - 4)
+    rho = ridge_selection.oas_shrinkage(eigenvalues, n_samples=len(y) - 4)
     assert fitted.shrinkage_ == pytest.approx(rho, abs=1e-12) and 0.0 < rho < 1.0
     shrunk = np.outer(scale, scale) * ((1 - rho) * correlation + rho * eigenvalues.mean() * np.eye(30))
     inverse = np.linalg.inv(shrunk)

@@ -27,7 +27,8 @@ backend (torch or FAISS) needs.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+import dataclasses
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,8 +39,10 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from simsearch.classifiers import matrices, ridge_selection, unknown_scores
+from simsearch.classifiers import discriminant, matrices, ridge_selection, statistics, unknown_scores
 from simsearch.classifiers.matrices import compute_device, torch_device, unit_rows
+from simsearch.classifiers.ridge_selection import ALPHA_RULES
+from simsearch.classifiers.statistics import Statistics
 
 __all__ = [
     "CLASSIFIERS",
@@ -65,7 +68,7 @@ __all__ = [
 RELATIVE_ALPHAS = tuple(float(value) for value in np.logspace(-4, 2, 25))
 
 
-# Fitted attributes of :meth:`_ClassStatistics.calibrate`, saved with the statistics when present (estimators
+# Fitted attributes of :meth:`_LinearClassVectors.calibrate`, saved with the statistics when present (estimators
 # calibrated before ``calibration_count_`` existed lack it).
 CALIBRATION_NAMES = ("threshold_", "true_positive_rate_", "threshold_stale_", "calibration_count_")
 
@@ -110,165 +113,61 @@ def cosine_top_k(
     return top_scores(similarity, top_k)
 
 
-class _ClassStatistics(ClassifierMixin, BaseEstimator):
-    """Per-class feature sums and counts, kept sorted by label, plus the shared statistics of subclasses.
+# --- Parameter constraints: declared once per estimator, checked when a fit starts ---------------------------------
 
-    Subclasses define ``_sample_features`` (what is summed), ``_query_features`` (what is scored) and
-    ``_solve`` (weights and bias from the statistics); ``_update_shared`` adds or subtracts shared statistics.
-    """
 
-    def fit(self, X: Any, y: Any) -> _ClassStatistics:
-        """Statistics of ``X`` ``[n, d]`` with labels ``y`` ``[n]``; forgets anything fitted before."""
-        for name in [name for name in vars(self) if name.endswith("_") and not name.startswith("__")]:
-            delattr(self, name)
-        return self.partial_fit(X, y)
+@dataclasses.dataclass(frozen=True)
+class Constraint:
+    """The values a parameter admits (``admits``) and how an error names them (``description``)."""
 
-    def partial_fit(self, X: Any, y: Any, classes: Sequence[Hashable] | None = None) -> _ClassStatistics:
-        """Add images of existing or new classes; equal to ``fit`` on all images seen (float64 statistics).
+    description: str
+    admits: Callable[[Any], bool]
 
-        ``classes`` is accepted for scikit-learn's incremental API: it only checks that ``y`` stays inside it,
-        since a class here exists once it has an image.
-        """
-        first = not hasattr(self, "classes_")
-        X, y = validate_data(self, X, y, reset=first, dtype=np.float64)
-        check_classification_targets(y)
-        if classes is not None and not np.isin(y, np.asarray(classes)).all():
-            raise ValueError(f"Labels {sorted(set(np.setdiff1d(y, classes).tolist()))} are not in `classes`.")
-        if first:
-            self._start(n_features=X.shape[1])
-        features = self._sample_features(X)
-        self._grow_classes(np.unique(y))
-        rows = np.searchsorted(self.classes_, y)
-        self.class_sums_ = self.class_sums_ + matrices.sums_by_row(features, rows=rows, num_rows=len(self.classes_))
-        self.class_counts_ = self.class_counts_ + np.bincount(rows, minlength=len(self.classes_))
-        self._update_shared(features, sign=1)
-        self._refresh(selection=(features, rows) if first else None)
-        return self
 
-    def remove_samples(self, X: Any, y: Any) -> _ClassStatistics:
-        """Subtract images fitted earlier (the inverse of ``partial_fit``); a class left with no image is dropped.
+def one_of(*choices: Any) -> Constraint:
+    return Constraint(f"one of {', '.join(map(repr, choices))}", lambda value: value in choices)
 
-        The caller vouches that these exact images were fitted with these labels: the statistics cannot tell.
-        """
-        check_is_fitted(self)
-        X, y = validate_data(self, X, y, reset=False, dtype=np.float64)
-        rows = np.searchsorted(self.classes_, y).clip(max=len(self.classes_) - 1)
-        if not np.array_equal(self.classes_[rows], y):
-            raise ValueError(f"Labels {sorted(set(np.setdiff1d(y, self.classes_).tolist()))} were never fitted.")
-        counts = self.class_counts_ - np.bincount(rows, minlength=len(self.classes_))
-        if (counts < 0).any():
-            raise ValueError("More images to remove than a class holds: these images were not all fitted.")
-        features = self._sample_features(X)
-        self.class_sums_ = self.class_sums_ - matrices.sums_by_row(features, rows=rows, num_rows=len(self.classes_))
-        self.class_counts_ = counts
-        self._update_shared(features, sign=-1)
-        self._keep_classes(counts > 0)
-        return self
 
-    def remove_class(self, label: Hashable, X: Any = None) -> _ClassStatistics:
-        """Drop class ``label``; the other classes' statistics stay bit-for-bit the same.
-
-        Given the class's images ``X``, also subtract them from the shared statistics, so the result equals a fit
-        without them. See the subclass for what removal without ``X`` keeps.
-        """
-        row = self._row(label)
-        if X is not None:
-            X = validate_data(self, X, reset=False, dtype=np.float64)
-            if len(X) != self.class_counts_[row]:
-                raise ValueError(
-                    f"Class {label!r} holds {self.class_counts_[row]} images but {len(X)} were given to remove."
-                )
-            return self.remove_samples(X, np.full(len(X), self.classes_[row], dtype=self.classes_.dtype))
-        self._keep_classes(np.arange(len(self.classes_)) != row)
-        return self
-
-    def rename_class(self, label: Hashable, new_label: Hashable) -> _ClassStatistics:
-        """Give class ``label`` the name ``new_label``, keeping its statistics."""
-        row = self._row(label)
-        if new_label in self.classes_.tolist():
-            raise ValueError(f"Class {new_label!r} already exists; remove it first or choose another name.")
-        names = self.classes_.tolist()
-        names[row] = new_label
+def check_parameters(estimator: Any) -> None:
+    """Refuse the first parameter outside its declared constraint (``_parameter_constraints``), naming it."""
+    for name, constraint in estimator._parameter_constraints.items():
+        value = getattr(estimator, name)
         try:
-            order = np.array(sorted(range(len(names)), key=names.__getitem__))
-        except TypeError as error:
-            raise ValueError(f"New label {new_label!r} cannot be ordered with the other labels: {error}") from error
-        self.classes_ = np.array([names[index] for index in order])
-        self.class_sums_, self.class_counts_ = self.class_sums_[order], self.class_counts_[order]
-        self.weights_, self.bias_ = self.weights_[order], self.bias_[order]  # a new name changes no statistic
-        return self
+            admitted = bool(constraint.admits(value))
+        except (TypeError, ValueError):
+            admitted = False
+        if not admitted:
+            raise ValueError(f"{name} must be {constraint.description}, got {value!r}.")
 
-    def get_statistics(self) -> dict[str, np.ndarray]:
-        """The fitted state as plain arrays (no pickles): a file can hold it, :meth:`set_statistics` restore it."""
-        check_is_fitted(self)
-        names = self._statistics_names() + tuple(name for name in CALIBRATION_NAMES if hasattr(self, name))
-        return {name.rstrip("_"): np.asarray(getattr(self, name)) for name in names}
 
-    def set_statistics(self, **arrays: np.ndarray) -> _ClassStatistics:
-        """Install a state written by :meth:`get_statistics`, checked first: it may come from a damaged file."""
-        missing = [name.rstrip("_") for name in self._statistics_names() if name.rstrip("_") not in arrays]
-        if missing:
-            raise ValueError(f"the statistics lack {', '.join(missing)}")
-        classes, sums = np.asarray(arrays["classes"]), np.asarray(arrays["class_sums"])
-        counts = np.asarray(arrays["class_counts"])
-        if classes.ndim != 1 or len(set(classes.tolist())) != len(classes):
-            raise ValueError(
-                f"class labels must be distinct, got {len(classes)} labels, {len(set(classes.tolist()))} distinct"
-            )
-        if sums.ndim != 2 or sums.shape[0] != len(classes) or counts.shape != classes.shape:
-            raise ValueError(
-                f"{len(classes)} labels do not fit class sums of shape {list(sums.shape)} and counts of shape "
-                f"{list(counts.shape)}"
-            )
-        if counts.dtype.kind not in "iu" or (len(counts) and counts.min() < 1):
-            raise ValueError("every class needs an image count of at least 1 (a whole number)")
-        for name, value in arrays.items():
-            if name == "relative_alpha" and np.asarray(value).shape == () and value == np.inf:
-                continue  # the plain class mean, chosen by leave-one-out
-            if np.asarray(value).dtype.kind == "f" and not np.isfinite(value).all():
-                raise ValueError(f"the statistics '{name}' hold values that are not finite numbers")
-        order = np.argsort(classes, kind="stable")
-        self.classes_, self.class_sums_ = classes[order], sums[order].astype(np.float64)
-        self.class_counts_ = counts[order].astype(np.int64)
-        self._set_shared(arrays)
-        self._refresh()
-        for name in [name for name in CALIBRATION_NAMES if hasattr(self, name)]:
-            delattr(self, name)
-        if "threshold" in arrays:
-            self._set_calibration(arrays)
-        return self
+FRACTION = Constraint("a number between 0 and 1", lambda value: 0.0 <= value <= 1.0)
 
-    def _set_calibration(self, arrays: dict[str, np.ndarray]) -> None:
-        """Install a saved threshold, refusing values that are not one number in the unknown score's range."""
-        threshold = _calibration_number(arrays, "threshold")
-        low, high = self.unknown_score_range
-        if not low <= threshold <= high:
-            raise ValueError(f"the calibration threshold {threshold:g} lies outside the range of this classifier's "
-                             f"unknown scores [{low:g}, {high:g}]")
-        rate = _calibration_number(arrays, "true_positive_rate")
-        if not 0.0 < rate < 1.0:
-            raise ValueError(f"the calibration's true positive rate must lie between 0 and 1, got {rate}")
-        self.threshold_, self.true_positive_rate_ = threshold, rate
-        self.threshold_stale_ = bool(arrays.get("threshold_stale", False))
-        if "calibration_count" in arrays:
-            count = _calibration_number(arrays, "calibration_count")
-            if count != int(count) or count < 1:
-                raise ValueError(f"the calibration's sample count must be a whole number of at least 1, got {count:g}")
-            self.calibration_count_ = int(count)
 
-    def _statistics_names(self) -> tuple[str, ...]:
-        return ("classes_", "class_sums_", "class_counts_")
+def _calibration(arrays: dict[str, np.ndarray], *, score_range: tuple[float, float]) -> dict[str, Any]:
+    """The fitted calibration attributes of a saved state, refusing values that are not one number each, or a
+    threshold outside the unknown score's range."""
+    threshold = _calibration_number(arrays, "threshold")
+    low, high = score_range
+    if not low <= threshold <= high:
+        raise ValueError(f"the calibration threshold {threshold:g} lies outside the range of this classifier's "
+                         f"unknown scores [{low:g}, {high:g}]")
+    rate = _calibration_number(arrays, "true_positive_rate")
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"the calibration's true positive rate must lie between 0 and 1, got {rate}")
+    calibration = {"threshold_": threshold, "true_positive_rate_": rate,
+                   "threshold_stale_": bool(arrays.get("threshold_stale", False))}
+    if "calibration_count" in arrays:
+        count = _calibration_number(arrays, "calibration_count")
+        if count != int(count) or count < 1:
+            raise ValueError(f"the calibration's sample count must be a whole number of at least 1, got {count:g}")
+        calibration["calibration_count_"] = int(count)
+    return calibration
 
-    unknown_score_range = (-np.inf, np.inf)  # where :meth:`score_samples`, and so a sound threshold, can lie
 
-    def _set_shared(self, arrays: dict[str, np.ndarray]) -> None:
-        self.n_features_in_ = self.class_sums_.shape[1]
-
-    @property
-    def class_means_(self) -> np.ndarray:
-        """Mean feature vector of each class ``[C, F]``, in ``classes_`` order."""
-        check_is_fitted(self)
-        return self.class_sums_ / self.class_counts_[:, None]
+class _LinearClassVectors(ClassifierMixin, BaseEstimator):
+    """Queries scored linearly by fitted class vectors ``weights_`` and ``bias_`` over ``classes_`` (as scikit-learn's
+    ``LinearClassifierMixin`` scores ``coef_`` and ``intercept_``), and told from queries of no known class by a
+    threshold on :meth:`score_samples` that :meth:`calibrate` sets. A subclass defines ``_query_features``."""
 
     def class_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """``(weights [C, F], bias [C])`` with ``class_scores(X) = query_features(X) @ weights.T + bias``."""
@@ -286,10 +185,6 @@ class _ClassStatistics(ClassifierMixin, BaseEstimator):
         """Score of every class for every query, ``[N, C]``; higher is more similar."""
         self.class_vectors()  # fitted, with classes
         return self._scores_of_features(self.query_features(X))
-
-    def _scores_of_features(self, features: np.ndarray) -> np.ndarray:
-        return linear_scores(features=torch.from_numpy(features), weights=torch.from_numpy(self.weights_),
-                             bias=torch.from_numpy(self.bias_)).numpy()
 
     def decision_function(self, X: Any) -> np.ndarray:
         """``class_scores``; for two classes scikit-learn's 1-d form (positive means ``classes_[1]``)."""
@@ -325,7 +220,7 @@ class _ClassStatistics(ClassifierMixin, BaseEstimator):
             raise ValueError("No classes left: fit or partial_fit some images first.")
         return self._unknown_scores(validate_data(self, X, reset=False, dtype=np.float64))
 
-    def calibrate(self, X: Any, *, true_positive_rate: float = 0.95) -> _ClassStatistics:
+    def calibrate(self, X: Any, *, true_positive_rate: float = 0.95) -> _ClassVectorEstimator:
         """Set ``threshold_`` so that at least ``true_positive_rate`` of ``X``, images of the known classes that
         were not fitted (validation images), score at or above it: ``predict(X, reject=True)`` then keeps them.
 
@@ -341,10 +236,146 @@ class _ClassStatistics(ClassifierMixin, BaseEstimator):
         self.calibration_count_ = len(scores)
         return self
 
-    def _start(self, *, n_features: int) -> None:
-        self.classes_ = np.array([])
-        self.class_sums_ = np.zeros((0, self._num_features(n_features)))
-        self.class_counts_ = np.zeros(0, dtype=np.int64)
+    def _scores_of_features(self, features: np.ndarray) -> np.ndarray:
+        return linear_scores(features=torch.from_numpy(features), weights=torch.from_numpy(self.weights_),
+                             bias=torch.from_numpy(self.bias_)).numpy()
+
+    def _unknown_scores(self, X: np.ndarray) -> np.ndarray:
+        """The best class score: for the class mean, the cosine to the nearest class mean."""
+        return self._scores_of_features(self._query_features(X)).max(axis=1)
+
+
+class _ClassVectorEstimator(_LinearClassVectors):
+    """Additive statistics (``statistics_``, one :class:`~simsearch.classifiers.statistics.Statistics`) and the
+    class vectors solved from them after every change, so prediction never changes the estimator.
+
+    A subclass declares ``_parameter_constraints`` and ``shared_statistics`` (the Gram matrix too), and defines
+    ``_sample_features`` (what is summed), ``_query_features`` (what is scored) and ``_solve`` (weights and bias
+    from the statistics); ``_choice_names`` / ``_set_choices`` save and restore what it chose when it started.
+    """
+
+    _parameter_constraints: dict[str, Constraint] = {}
+    shared_statistics = False
+    unknown_score_range = (-np.inf, np.inf)  # where :meth:`score_samples`, and so a sound threshold, can lie
+
+    def fit(self, X: Any, y: Any) -> _ClassVectorEstimator:
+        """Statistics of ``X`` ``[n, d]`` with labels ``y`` ``[n]``; forgets anything fitted before."""
+        for name in [name for name in vars(self) if name.endswith("_") and not name.startswith("__")]:
+            delattr(self, name)
+        return self.partial_fit(X, y)
+
+    def partial_fit(self, X: Any, y: Any, classes: Sequence[Hashable] | None = None) -> _ClassVectorEstimator:
+        """Add images of existing or new classes; equal to ``fit`` on all images seen (float64 statistics).
+
+        ``classes`` is accepted for scikit-learn's incremental API: it only checks that ``y`` stays inside it,
+        since a class here exists once it has an image.
+        """
+        first = not hasattr(self, "statistics_")
+        X, y = validate_data(self, X, y, reset=first, dtype=np.float64)
+        check_classification_targets(y)
+        if classes is not None and not np.isin(y, np.asarray(classes)).all():
+            raise ValueError(f"Labels {sorted(set(np.setdiff1d(y, classes).tolist()))} are not in `classes`.")
+        if first:
+            check_parameters(self)
+            self.statistics_ = Statistics.empty(self._start(n_features=X.shape[1]), shared=self.shared_statistics)
+        features = self._sample_features(X)
+        self.statistics_ = self.statistics_.add(features, y, device=self._compute_device())
+        self._refresh(selection=(features, self.statistics_.rows_of(y)) if first else None)
+        return self
+
+    def remove_samples(self, X: Any, y: Any) -> _ClassVectorEstimator:
+        """Subtract images fitted earlier (the inverse of ``partial_fit``); a class left with no image is dropped.
+
+        The caller vouches that these exact images were fitted with these labels: the statistics cannot tell.
+        """
+        check_is_fitted(self)
+        X, y = validate_data(self, X, y, reset=False, dtype=np.float64)
+        self.statistics_ = self.statistics_.remove(self._sample_features(X), y, device=self._compute_device())
+        self._refresh()
+        return self
+
+    def remove_class(self, label: Hashable, X: Any = None) -> _ClassVectorEstimator:
+        """Drop class ``label``; the other classes' statistics stay bit-for-bit the same.
+
+        Given the class's images ``X``, also subtract them from the shared statistics, so the result equals a fit
+        without them. See the subclass for what removal without ``X`` keeps.
+        """
+        row = self._row(label)
+        if X is not None:
+            X = validate_data(self, X, reset=False, dtype=np.float64)
+            if len(X) != self.class_counts_[row]:
+                raise ValueError(
+                    f"Class {label!r} holds {self.class_counts_[row]} images but {len(X)} were given to remove."
+                )
+            return self.remove_samples(X, np.full(len(X), self.classes_[row], dtype=self.classes_.dtype))
+        self.statistics_ = self.statistics_.keep(np.arange(len(self.classes_)) != row)
+        self._refresh()
+        return self
+
+    def rename_class(self, label: Hashable, new_label: Hashable) -> _ClassVectorEstimator:
+        """Give class ``label`` the name ``new_label``, keeping its statistics and class vector."""
+        self._row(label)
+        self.statistics_, order = self.statistics_.renamed(label, new_label)
+        self.weights_, self.bias_ = self.weights_[order], self.bias_[order]  # a new name changes no statistic
+        return self
+
+    def get_statistics(self) -> dict[str, np.ndarray]:
+        """The fitted state as plain arrays (no pickles): a file can hold it, :meth:`set_statistics` restore it."""
+        check_is_fitted(self)
+        names = self._choice_names() + tuple(name for name in CALIBRATION_NAMES if hasattr(self, name))
+        return {**self.statistics_.to_arrays(), **{name.rstrip("_"): np.asarray(getattr(self, name)) for name in names}}
+
+    def set_statistics(self, **arrays: np.ndarray) -> _ClassVectorEstimator:
+        """Install a state written by :meth:`get_statistics`, checked first: it may come from a damaged file."""
+        missing = [name.rstrip("_") for name in self._choice_names() if name.rstrip("_") not in arrays]
+        if missing:
+            raise ValueError(f"the statistics lack {', '.join(missing)}")
+        fitted = Statistics.from_arrays(arrays, shared=self.shared_statistics)
+        for name, value in arrays.items():
+            if name == "relative_alpha" and np.asarray(value).shape == () and value == np.inf:
+                continue  # the plain class mean, chosen by leave-one-out
+            if np.asarray(value).dtype.kind == "f" and not np.isfinite(value).all():
+                raise ValueError(f"the statistics '{name}' hold values that are not finite numbers")
+        self.statistics_, self.n_features_in_ = fitted, fitted.class_sums.shape[1]
+        self._set_choices(arrays)
+        self._refresh()
+        for name in [name for name in CALIBRATION_NAMES if hasattr(self, name)]:
+            delattr(self, name)
+        if "threshold" in arrays:
+            for name, value in _calibration(arrays, score_range=self.unknown_score_range).items():
+                setattr(self, name, value)
+        return self
+
+    @property
+    def classes_(self) -> np.ndarray:
+        return self.statistics_.classes
+
+    @property
+    def class_sums_(self) -> np.ndarray:
+        return self.statistics_.class_sums
+
+    @property
+    def class_counts_(self) -> np.ndarray:
+        return self.statistics_.class_counts
+
+    @property
+    def class_means_(self) -> np.ndarray:
+        """Mean feature vector of each class ``[C, F]``, in ``classes_`` order."""
+        check_is_fitted(self)
+        return self.statistics_.class_means()
+
+    def _start(self, *, n_features: int) -> int:
+        """The number of features the statistics sum, for ``n_features`` input features."""
+        return n_features
+
+    def _choice_names(self) -> tuple[str, ...]:
+        return ()
+
+    def _set_choices(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore what the estimator chose when it started (see :meth:`_choice_names`)."""
+
+    def _compute_device(self) -> torch.device | None:
+        return compute_device(getattr(self, "device", None))
 
     def _row(self, label: Hashable) -> int:
         check_is_fitted(self)
@@ -353,27 +384,9 @@ class _ClassStatistics(ClassifierMixin, BaseEstimator):
             raise ValueError(f"Unknown class {label!r}; the classifier has {len(names)} classes.")
         return names.index(label)
 
-    def _grow_classes(self, labels: np.ndarray) -> None:
-        merged = np.union1d(self.classes_, labels) if len(self.classes_) else labels
-        if len(merged) == len(self.classes_):
-            return
-        positions = np.searchsorted(merged, self.classes_)
-        sums = np.zeros((len(merged), self.class_sums_.shape[1]))
-        counts = np.zeros(len(merged), dtype=np.int64)
-        sums[positions], counts[positions] = self.class_sums_, self.class_counts_
-        self.classes_, self.class_sums_, self.class_counts_ = merged, sums, counts
-
-    def _keep_classes(self, keep: np.ndarray) -> None:
-        self.classes_ = self.classes_[keep]
-        self.class_sums_, self.class_counts_ = self.class_sums_[keep], self.class_counts_[keep]
-        self._refresh()
-
     def _refresh(self, *, selection: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-        """Recompute the scoring weights after every change, so prediction never changes the estimator.
-
-        ``selection`` holds the features and class rows of the images that started the estimator, for
-        subclasses that tune a parameter on them.
-        """
+        """Solve the class vectors after every change. ``selection`` holds the features and class rows of the
+        images that started the estimator, for subclasses that choose something on them."""
         if hasattr(self, "threshold_"):
             self.threshold_stale_ = True  # the scores it was set on have changed
         if not len(self.classes_):
@@ -381,24 +394,14 @@ class _ClassStatistics(ClassifierMixin, BaseEstimator):
             return
         self.weights_, self.bias_ = self._solve(selection)
 
-    def _num_features(self, n_features: int) -> int:
-        return n_features
-
-    def _unknown_scores(self, X: np.ndarray) -> np.ndarray:
-        """The best class score: for the class mean, the cosine to the nearest class mean."""
-        return self._scores_of_features(self._query_features(X)).max(axis=1)
-
-    def _update_shared(self, features: np.ndarray, *, sign: int) -> None:
-        """Add (``sign=1``) or subtract (``-1``) shared statistics; none for a plain class mean."""
-
-
-class ClassMeanClassifier(_ClassStatistics):
+class ClassMeanClassifier(_ClassVectorEstimator):
     """The article's classifier: each class is the mean of its embeddings, a query takes the most cosine-similar.
 
     ``normalize=True`` averages L2-normalised embeddings instead, so images with large norms do not pull the mean
     towards them. Memory: ``C x d`` float64 sums. ``remove_class`` is always exact.
     """
 
+    _parameter_constraints = {"normalize": one_of(False, True)}
     unknown_score_range = (-1.0 - 1e-6, 1.0 + 1e-6)  # a cosine, with rounding
 
     def __init__(self, *, normalize: bool = False) -> None:
@@ -414,18 +417,25 @@ class ClassMeanClassifier(_ClassStatistics):
         return unit_rows(self.class_sums_), np.zeros(len(self.classes_))
 
 
-class _GramStatistics(_ClassStatistics):
+class _GramStatistics(_ClassVectorEstimator):
     """Class sums plus the shared second moments of L2-normalised features: the raw Gram matrix ``gram_``
     (``sum x x^T``), the feature sum and the image count, all additive. Whatever a covariance-based classifier needs
     (the centred Gram matrix, the within-class scatter) follows from them, so ``partial_fit``, ``remove_class`` and
     merged shards stay exact. Subclasses keep ``device`` (see :class:`DecorrelatedClassifier`)."""
 
-    def _start(self, *, n_features: int) -> None:
-        super()._start(n_features=n_features)
-        size = self.class_sums_.shape[1]
-        self.gram_ = np.zeros((size, size))
-        self.feature_sum_ = np.zeros(size)
-        self.n_samples_seen_ = 0
+    shared_statistics = True
+
+    @property
+    def gram_(self) -> np.ndarray:
+        return self.statistics_.gram
+
+    @property
+    def feature_sum_(self) -> np.ndarray:
+        return self.statistics_.feature_sum
+
+    @property
+    def n_samples_seen_(self) -> int:
+        return self.statistics_.n_samples
 
     def _query_features(self, X: np.ndarray) -> np.ndarray:
         return unit_rows(X)
@@ -433,35 +443,11 @@ class _GramStatistics(_ClassStatistics):
     def _sample_features(self, X: np.ndarray) -> np.ndarray:
         return self._query_features(X)
 
-    def _statistics_names(self) -> tuple[str, ...]:
-        return super()._statistics_names() + ("gram_", "feature_sum_", "n_samples_seen_")
 
-    def _set_shared(self, arrays: dict[str, np.ndarray]) -> None:
-        size = self.class_sums_.shape[1]
-        gram, feature_sum = np.asarray(arrays["gram"], np.float64), np.asarray(arrays["feature_sum"], np.float64)
-        seen = np.asarray(arrays["n_samples_seen"])
-        if gram.shape != (size, size) or feature_sum.shape != (size,):
-            raise ValueError(
-                f"Gram matrix {list(gram.shape)} or feature sum {list(feature_sum.shape)} do not fit {size} features"
-            )
-        if seen.shape != () or seen.dtype.kind not in "iu" or int(seen) < int(self.class_counts_.sum()):
-            raise ValueError("n_samples_seen must be a whole number no smaller than the images of all classes")
-        self.gram_, self.feature_sum_, self.n_samples_seen_ = gram, feature_sum, int(seen)
-        self.n_features_in_ = size
-
-    def _update_shared(self, features: np.ndarray, *, sign: int) -> None:
-        self.gram_ = self.gram_ + sign * matrices.gram(features, device=compute_device(self.device))
-        self.feature_sum_ = self.feature_sum_ + sign * features.sum(axis=0)
-        self.n_samples_seen_ = self.n_samples_seen_ + sign * len(features)
-
-    def _statistics(self) -> unknown_scores.Statistics:
-        """The additive statistics as one tuple, from which a sub-fit without some images is a subtraction
-        (:meth:`unknown_scores.Statistics.without`)."""
-        return unknown_scores.Statistics(gram=self.gram_, feature_sum=self.feature_sum_, class_sums=self.class_sums_,
-                                         class_counts=self.class_counts_, n_samples=self.n_samples_seen_)
+PRIORS = ("empirical", "balanced")
 
 
-class DecorrelatedClassifier(ridge_selection.RidgeSelectionMixin, unknown_scores.UnknownScoreMixin, _GramStatistics):
+class DecorrelatedClassifier(_GramStatistics):
     """Training-free decorrelated class prototypes: closed-form ridge regression onto the classes.
 
     Features are L2-normalised embeddings, optionally ``relu(x @ R)`` with a seeded Gaussian ``R`` of
@@ -475,46 +461,38 @@ class DecorrelatedClassifier(ridge_selection.RidgeSelectionMixin, unknown_scores
       query and class mean (ranked as the cosine; the query's own norm, equal for all classes, is left out). Every
       class weighs the same whatever its image count.
 
-    The ridge strength ``alpha``:
-
-    * ``"loo"`` (default): chosen on the images that start the estimator (``fit``, or a first ``partial_fit``)
-      among ``relative_alphas`` times the mean eigenvalue of ``G`` *and the plain class mean* (cosine to the mean
-      feature of each class, the limit of a ridge with nothing to decorrelate; ``alpha_`` and
-      ``relative_alpha_`` are then ``inf``). Each candidate is scored by exact leave-one-out on those images, in
-      closed form from one eigendecomposition: accuracy for the empirical prior, balanced accuracy (every class
-      the same weight) for the balanced prior. The best ridge (ties: the stronger) is kept only if it beats the
-      class mean by more than one standard error of the paired difference, so on a set where decorrelation does
-      not clearly help the estimator falls back to the class mean. Later changes keep the chosen relative
-      strength.
-    * ``"gcv"`` (empirical prior only): generalised cross-validation of the ridge fit, from the statistics alone and
-      re-chosen after every change, so ``partial_fit`` in batches predicts exactly as ``fit`` (it favours stronger
-      ridges than leave-one-out accuracy does, costing a little accuracy).
-    * ``"oas"``: Oracle Approximating Shrinkage of the feature covariance (:func:`oas_relative_ridge`), a closed
-      form re-derived after every change; as accurate as leave-one-out on large classes and faster, but far too
-      weak a ridge on a hundred images in a thousand dimensions (docs/classifiers.md), so not the default.
-    * a positive number: that absolute value.
-
-    ``alpha_`` holds the absolute value in use, ``relative_alpha_`` its multiple of the mean eigenvalue.
+    The ridge strength ``alpha`` (``alpha_``, and ``relative_alpha_`` as a multiple of the mean eigenvalue of ``G``):
+    ``"loo"`` (default) chooses among ``relative_alphas`` and the plain class mean by exact leave-one-out on the
+    images that start the estimator, keeping a ridge only where it beats the class mean by more than one standard
+    error, and keeps that choice through later changes; ``"gcv"`` (empirical prior only) and ``"oas"`` re-derive it
+    from the statistics after every change; a positive number is used as it is (:func:`ridge_selection.relative_ridge`
+    and docs/classifiers.md say more).
 
     ``unknown_score`` is what :meth:`score_samples` computes: ``"combined"`` (a Mahalanobis distance plus the best
     ridge score, standardised by ``unknown_moments_``), ``"mahalanobis"`` (the shared within-class one alone),
     ``"cosine"`` (the best cosine to a class mean), or ``"auto"`` (default): one of them chosen on the images that
-    start the estimator by hiding classes from sub-fits (:meth:`_choose_unknown_score`, seeded by ``random_state``).
-    ``unknown_score_`` holds the score in use, kept through later changes like the ridge strength.
+    start the estimator by hiding classes from sub-fits (:func:`unknown_scores.choose_unknown_score`, seeded by
+    ``random_state``). ``unknown_score_`` holds the score in use, kept through later changes like the ridge.
 
-    ``device`` is where the Gram matrix, its eigendecompositions and the leave-one-out products, the ``F x F`` and
-    ``N x F`` work of a fit, are computed: None (default) in NumPy on the CPU, whose OpenBLAS ran them 1.3 to 2 times
-    faster than torch's CPU kernels on a 2-core EPYC; a torch device name (``"cuda"``) in torch there. It is where
-    the estimator runs, not what it is: statistics, stores and merges ignore it (:data:`RUN_TIME_PARAMS`).
+    ``device`` is where the Gram matrix, its eigendecompositions and the leave-one-out products are computed: None
+    (default) in NumPy on the CPU, whose OpenBLAS ran them 1.3 to 2 times faster than torch's CPU kernels on a 2-core
+    EPYC; a torch device name (``"cuda"``) in torch there. Statistics, stores and merges ignore it
+    (:data:`RUN_TIME_PARAMS`).
 
-    Memory: ``(C + F) x F`` float64 with ``F`` the feature size (d, or ``projection_dim``); every change of
-    images or classes costs one ``F x F`` eigendecomposition (a rename costs none), and the first fit with
-    ``unknown_score="auto"`` two sub-fits' Gram matrices and six Cholesky factorisations besides (0.6 s of a
-    2 s Caltech-101 fit on 2 CPU cores). ``remove_class(label)``
-    without the images drops the class's sums and keeps its images in ``G`` as unlabelled background (as if they
-    had been fitted with a label of "none of these"); ``remove_class(label, X)`` with the class's images
-    subtracts them too, which equals a fit without them.
+    Memory: ``(C + F) x F`` float64 with ``F`` the feature size (d, or ``projection_dim``); every change of images or
+    classes costs one ``F x F`` eigendecomposition (a rename none). ``remove_class(label)`` without the images drops
+    the class's sums and keeps its images in ``G`` as unlabelled background; ``remove_class(label, X)`` subtracts
+    them too, which equals a fit without them.
     """
+
+    _parameter_constraints = {
+        "alpha": Constraint("'loo', 'gcv', 'oas' or a positive number",
+                            lambda value: value in ALPHA_RULES if isinstance(value, str) else value > 0),
+        "prior": one_of(*PRIORS),
+        "relative_alphas": Constraint("positive numbers", lambda value: len(value) > 0 and min(value) > 0),
+        "projection_dim": Constraint("a positive integer or None", lambda value: value is None or int(value) >= 1),
+        "unknown_score": one_of(*unknown_scores.UNKNOWN_SCORES),
+    }
 
     def __init__(
         self,
@@ -535,49 +513,93 @@ class DecorrelatedClassifier(ridge_selection.RidgeSelectionMixin, unknown_scores
         self.unknown_score = unknown_score
         self.device = device
 
-    def _num_features(self, n_features: int) -> int:
-        if self.projection_dim is None:
-            return n_features
-        if int(self.projection_dim) < 1:
-            raise ValueError(f"projection_dim must be a positive integer or None, got {self.projection_dim}.")
-        self.projection_ = check_random_state(self.random_state).standard_normal((n_features, self.projection_dim))
-        return int(self.projection_dim)
+    def decomposition(self) -> ridge_selection.Decomposition:
+        """The centred statistics in the eigenbasis of the centred Gram matrix (one ``F x F`` eigendecomposition)."""
+        return ridge_selection.decomposition(self.statistics_, prior=self.prior, device=self._compute_device())
 
-    def _start(self, *, n_features: int) -> None:
-        if isinstance(self.alpha, str) and self.alpha not in ALPHA_RULES:
-            raise ValueError(f"alpha must be 'loo', 'gcv', 'oas' or a positive number, got {self.alpha!r}.")
-        if not isinstance(self.alpha, str) and not self.alpha > 0:
-            raise ValueError(f"alpha must be 'loo', 'gcv', 'oas' or a positive number, got {self.alpha!r}.")
-        if self.prior not in PRIORS:
-            raise ValueError(f"prior must be one of {', '.join(map(repr, PRIORS))}, got {self.prior!r}.")
+    def leave_one_out_hits(
+        self, X: Any, y: Any, *, decomposition: ridge_selection.Decomposition | None = None
+    ) -> np.ndarray:
+        """``[candidates + 1, n]``: whether each fitted image of ``X`` (labels ``y``) is classified right with itself
+        left out of the *current* statistics, for every relative ridge strength and, last, the plain class mean
+        (:func:`ridge_selection.leave_one_out_hits`); :meth:`select_alpha` chooses from the hits of every image as
+        ``fit`` does. ``decomposition`` (computed once for all shards) saves an eigendecomposition per call."""
+        check_is_fitted(self)
+        X, y = validate_data(self, X, y, reset=False, dtype=np.float64)
+        return ridge_selection.leave_one_out_hits(
+            self.statistics_, self._sample_features(X), self.statistics_.rows_of(y),
+            relative_alphas=np.asarray(self.relative_alphas, dtype=np.float64), prior=self.prior,
+            decomposed=decomposition or self.decomposition(), device=self._compute_device())
+
+    def select_alpha(self, hits: np.ndarray, y: Any) -> DecorrelatedClassifier:
+        """Choose the ridge strength from :meth:`leave_one_out_hits` of every fitted image (labels ``y``, in the
+        same order), by the rule ``fit`` applies with ``alpha="loo"``, and refresh the weights."""
+        check_is_fitted(self)
+        rows = np.searchsorted(self.classes_, np.asarray(y)).clip(max=len(self.classes_) - 1)
+        hits = np.asarray(hits, dtype=bool)
+        if hits.shape != (len(self.relative_alphas) + 1, len(rows)):
+            raise ValueError(f"hits of shape {list(hits.shape)} do not fit {len(self.relative_alphas) + 1} "
+                             f"candidates and {len(rows)} labels.")
+        if int(self.class_counts_.sum()) != len(rows):
+            raise ValueError(f"the selection needs the hits of all {int(self.class_counts_.sum())} fitted images, "
+                             f"got {len(rows)}.")
+        self.relative_alpha_ = ridge_selection.one_standard_error_choice(
+            np.asarray(self.relative_alphas, dtype=np.float64), hits=hits,
+            weights=ridge_selection.selection_weights(rows, prior=self.prior))
+        self._refresh()
+        return self
+
+    def unknown_components(self, features: np.ndarray) -> np.ndarray:
+        """``[N, 2]`` for :meth:`query_features` rows: the two parts of the combined unknown score at ``alpha_``
+        (:func:`unknown_scores.unknown_components`)."""
+        return unknown_scores.unknown_components(features, statistics=self.statistics_, alpha=self.alpha_,
+                                                 device=self._compute_device())
+
+    def unknown_moments(self, X: Any) -> np.ndarray:
+        """``[2, 3]`` (count, sum, sum of squares) of each :meth:`unknown_components` over the images ``X``, in
+        float32: additive, so shards scored apart against merged statistics sum to the moments of a single fit."""
+        check_is_fitted(self)
+        return unknown_scores.moments(self.unknown_components(self.query_features(X).astype(np.float32)))
+
+    def set_unknown_moments(self, moments: np.ndarray) -> DecorrelatedClassifier:
+        """Install :meth:`unknown_moments` summed over every fitted image (what ``fit`` computes itself)."""
+        self.unknown_moments_ = unknown_scores.checked_moments(moments)
+        if hasattr(self, "threshold_"):
+            self.threshold_stale_ = True
+        return self
+
+    def within_class_mahalanobis(self, features: np.ndarray) -> np.ndarray:
+        """Minus the smallest Mahalanobis distance of :meth:`query_features` rows to a class mean under the shared
+        within-class covariance (:func:`unknown_scores.within_class_mahalanobis`)."""
+        return unknown_scores.within_class_mahalanobis(features, statistics=self.statistics_,
+                                                       device=self._compute_device())
+
+    def _start(self, *, n_features: int) -> int:
         if self.prior == "balanced" and self.alpha == "gcv":
             raise ValueError("alpha='gcv' scores a ridge regression onto one-hot labels, which needs "
                              "prior='empirical'; use alpha='loo' or a number with prior='balanced'.")
-        if not len(self.relative_alphas) or min(self.relative_alphas) <= 0:
-            raise ValueError(f"relative_alphas must be positive numbers, got {self.relative_alphas}.")
-        if self.unknown_score not in unknown_scores.UNKNOWN_SCORES:
-            raise ValueError(f"unknown_score must be one of {', '.join(map(repr, unknown_scores.UNKNOWN_SCORES))}, got "
-                             f"{self.unknown_score!r}.")
-        super()._start(n_features=n_features)
+        if self.projection_dim is None:
+            return n_features
+        self.projection_ = check_random_state(self.random_state).standard_normal((n_features, self.projection_dim))
+        return int(self.projection_dim)
 
     def _query_features(self, X: np.ndarray) -> np.ndarray:
         unit = unit_rows(X)
         return unit if self.projection_dim is None else np.maximum(unit @ self.projection_, 0.0)
 
-    def _statistics_names(self) -> tuple[str, ...]:
+    def _choice_names(self) -> tuple[str, ...]:
         projection = ("projection_",) if self.projection_dim is not None else ()
         moments = ("unknown_moments_",) if hasattr(self, "unknown_moments_") else ()
         choice = ("unknown_score_",) if hasattr(self, "unknown_score_") else ()
-        return super()._statistics_names() + ("relative_alpha_",) + projection + moments + choice
+        return ("relative_alpha_",) + projection + moments + choice
 
-    def _set_shared(self, arrays: dict[str, np.ndarray]) -> None:
-        super()._set_shared(arrays)
+    def _set_choices(self, arrays: dict[str, np.ndarray]) -> None:
         self.relative_alpha_ = float(arrays["relative_alpha"])
         if "unknown_moments" in arrays:
             self.set_unknown_moments(arrays["unknown_moments"])
         elif hasattr(self, "unknown_moments_"):
             del self.unknown_moments_
-        self.unknown_score_ = self._saved_unknown_score(arrays)
+        self.unknown_score_ = unknown_scores.saved_unknown_score(arrays, requested=self.unknown_score)
         if self.projection_dim is not None:
             self.projection_ = np.asarray(arrays["projection"], np.float64)
             if self.projection_.shape[1] != self.class_sums_.shape[1]:
@@ -586,36 +608,29 @@ class DecorrelatedClassifier(ridge_selection.RidgeSelectionMixin, unknown_scores
             self.n_features_in_ = self.projection_.shape[0]
 
     def _solve(self, selection: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
-        decomposition = self.decomposition()
-        mean, eigenvalues, eigenvectors, rotated, scale = (
-            decomposition[name] for name in ("mean", "eigenvalues", "eigenvectors", "rotated", "scale"))
-        relative = np.asarray(self.relative_alphas, dtype=np.float64)
-        if not isinstance(self.alpha, str):
-            self.relative_alpha_ = float(self.alpha) / scale
-        elif self.alpha == "gcv":
-            errors = [self._gcv(value * scale, eigenvalues, rotated) for value in relative]
-            self.relative_alpha_ = float(relative[int(np.argmin(errors))])
-        elif self.alpha == "oas":
-            self.relative_alpha_ = oas_relative_ridge(eigenvalues, n_samples=self.n_samples_seen_)
-        elif selection is not None:
-            hits = self._leave_one_out_hits(*selection, decomposition=decomposition)
-            self.relative_alpha_ = ridge_selection.one_standard_error_choice(
-                relative, hits=hits, weights=self._selection_weights(selection[1])
-            )
-        self.alpha_ = float(self.alpha) if not isinstance(self.alpha, str) else self.relative_alpha_ * scale
-        if selection is not None:
-            self._start_unknown_score(*selection)
+        decomposed, device = self.decomposition(), self._compute_device()
+        self.relative_alpha_ = ridge_selection.relative_ridge(
+            alpha=self.alpha, prior=self.prior, relative_alphas=np.asarray(self.relative_alphas, dtype=np.float64),
+            statistics=self.statistics_, decomposed=decomposed, selection=selection,
+            previous=getattr(self, "relative_alpha_", None), device=device)
+        self.alpha_ = float(self.alpha) if not isinstance(self.alpha, str) else self.relative_alpha_ * decomposed.scale
+        if selection is not None:  # the unknown score, fixed on the images that start the estimator
+            self.unknown_score_ = (self.unknown_score if self.unknown_score != "auto" else
+                                   unknown_scores.choose_unknown_score(
+                                       self.statistics_, *selection, relative_alpha=self.relative_alpha_,
+                                       random_state=self.random_state, device=device))
+            if self.unknown_score_ == "combined":
+                self.unknown_moments_ = unknown_scores.moments(self.unknown_components(selection[0].astype(np.float32)))
         if np.isinf(self.alpha_):
             return unit_rows(self.class_sums_), np.zeros(len(self.classes_))
-        directions = rotated / (eigenvalues + self.alpha_)[:, None]
-        if self.prior == "balanced":
-            directions = directions / matrices.safe_sqrt((rotated * directions).sum(axis=0))
-        weights = eigenvectors @ directions
-        return weights.T, -(mean @ weights)
+        return ridge_selection.ridge_class_vectors(decomposed, alpha=self.alpha_, prior=self.prior)
+
+    def _unknown_scores(self, X: np.ndarray) -> np.ndarray:
+        return unknown_scores.query_scores(
+            self._query_features(X), score=self.unknown_score_, statistics=self.statistics_, alpha=self.alpha_,
+            moments_of_start=getattr(self, "unknown_moments_", None), device=self._compute_device())
 
 
-PRIORS = ("empirical", "balanced")
-ALPHA_RULES = ("loo", "gcv", "oas")
 SELECT_FOR = ("accuracy", "balanced")  # the metric a DiscriminantClassifier's prior serves
 
 
@@ -625,34 +640,40 @@ class DiscriminantClassifier(_GramStatistics):
     one fit gives.
 
     On L2-normalised features, with ``m_c`` the class means and ``n_c`` their image counts, a query ``q`` scores
-    ``q^T S^-1 m_c - m_c^T S^-1 m_c / 2 + tau log(n_c / n)``. ``S`` is the pooled within-class covariance (the
-    scatter about each image's own class mean over ``n - C`` degrees of freedom), standardised by its diagonal and
-    shrunk towards the identity there by Oracle Approximating Shrinkage (:func:`oas_shrinkage`; ``shrinkage`` a number
-    in [0, 1] fixes it): scikit-learn's ``LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto")`` does the same
-    with Ledoit-Wolf per class, whose fourth moments additive statistics cannot keep.
+    ``q^T S^-1 m_c - m_c^T S^-1 m_c / 2 + tau log(n_c / n)`` (:func:`discriminant.discriminant`). ``S`` is the pooled
+    within-class covariance, standardised by its diagonal and shrunk towards the identity there by Oracle
+    Approximating Shrinkage (``shrinkage`` a number in [0, 1] fixes it): scikit-learn's
+    ``LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto")`` does the same with Ledoit-Wolf per class, whose
+    fourth moments additive statistics cannot keep.
 
     ``tau``, the prior's strength (``prior_strength_``): 1 weighs each class by its share of the training images,
     the decision that makes fewest errors when queries come in the same shares (``select_for="accuracy"``, default);
     0 weighs every class alike, the decision for the mean of the per-class accuracies (``select_for="balanced"``).
-    ``prior_strength`` (a number in [0, 1]) overrides that choice. On TREC's 50 fine classes, from a handful of
-    questions to several hundred each, accuracy and balanced accuracy both fall monotonically as ``tau`` leaves the
-    end their metric names (docs/classifiers.md), so the ends are chosen by theory, not selected on the images.
+    ``prior_strength`` (a number in [0, 1]) overrides that choice. On TREC's 50 fine classes accuracy and balanced
+    accuracy both fall monotonically as ``tau`` leaves the end their metric names (docs/classifiers.md), so the ends
+    are chosen by theory, not selected on the images.
 
     ``check_against_mean`` (default True): on the images that start the estimator, a three-fold cross-validation
-    compares the discriminant with the cosine to each class's mean (the metric ``select_for`` names); unless the
-    discriminant wins by more than one standard error of the paired difference, the estimator scores by that cosine
-    (``uses_class_mean_``), kept through later changes like the decorrelated classifiers' ridge. Two candidates, not
-    twenty-six: no winner's curse to speak of. It guards the case where a covariance estimated from a hundred images
-    in a thousand dimensions only adds noise: two look-alike Caltech-101 classes of 50 images each
-    (docs/classifiers.md).
+    compares the discriminant with the cosine to each class's mean (:func:`discriminant.beats_the_class_mean`);
+    unless the discriminant wins by more than one standard error, the estimator scores by that cosine
+    (``uses_class_mean_``), kept through later changes. It guards the case where a covariance estimated from a
+    hundred images in a thousand dimensions only adds noise (docs/classifiers.md).
 
     :meth:`score_samples` is minus the smallest Mahalanobis distance to a class mean under the same shrunk
-    covariance (the best cosine where the class mean is used; ``shrinkage_`` and ``whitening_`` then stay unset, no
-    covariance being decomposed). ``device`` as for :class:`DecorrelatedClassifier`.
-    Memory: ``(C + F) x F`` float64; every change of images or classes costs one ``F x F`` eigendecomposition (the
-    first fit four, with the check). ``remove_class(label)`` without the images keeps them in the scatter,
-    uncentred; with them (``remove_class(label, X)``) it equals a fit without them.
+    covariance (the best cosine where the class mean is used; ``shrinkage_`` and ``whitening_`` then stay unset).
+    ``device`` as for :class:`DecorrelatedClassifier`. Memory: ``(C + F) x F`` float64; every change of images or
+    classes costs one ``F x F`` eigendecomposition (the first fit four, with the check). ``remove_class(label)``
+    without the images keeps them in the scatter, uncentred; with them it equals a fit without them.
     """
+
+    _parameter_constraints = {
+        "shrinkage": Constraint("'oas' or a number between 0 and 1",
+                                lambda value: value == "oas" or (not isinstance(value, str) and 0.0 <= value <= 1.0)),
+        "select_for": one_of(*SELECT_FOR),
+        "prior_strength": Constraint("None or a number between 0 and 1",
+                                     lambda value: value is None or FRACTION.admits(value)),
+        "check_against_mean": one_of(False, True),
+    }
 
     def __init__(
         self,
@@ -669,21 +690,10 @@ class DiscriminantClassifier(_GramStatistics):
         self.check_against_mean = check_against_mean
         self.device = device
 
-    def _start(self, *, n_features: int) -> None:
-        if self.shrinkage != "oas" and (isinstance(self.shrinkage, str) or not 0.0 <= self.shrinkage <= 1.0):
-            raise ValueError(f"shrinkage must be 'oas' or a number between 0 and 1, got {self.shrinkage!r}.")
-        if self.select_for not in SELECT_FOR:
-            raise ValueError(f"select_for must be one of {', '.join(map(repr, SELECT_FOR))}, got {self.select_for!r}.")
-        if self.prior_strength is not None and not 0.0 <= self.prior_strength <= 1.0:
-            raise ValueError(f"prior_strength must be None or a number between 0 and 1, got {self.prior_strength!r}.")
-        super()._start(n_features=n_features)
-        self.uses_class_mean_ = False
+    def _choice_names(self) -> tuple[str, ...]:
+        return ("uses_class_mean_",)
 
-    def _statistics_names(self) -> tuple[str, ...]:
-        return super()._statistics_names() + ("uses_class_mean_",)
-
-    def _set_shared(self, arrays: dict[str, np.ndarray]) -> None:
-        super()._set_shared(arrays)
+    def _set_choices(self, arrays: dict[str, np.ndarray]) -> None:
         self.uses_class_mean_ = bool(arrays.get("uses_class_mean", False))
 
     def _solve(self, selection: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
@@ -691,93 +701,25 @@ class DiscriminantClassifier(_GramStatistics):
             self.prior_strength_ = float(self.prior_strength)
         else:
             self.prior_strength_ = 1.0 if self.select_for == "accuracy" else 0.0
-        if selection is not None and self.check_against_mean:
-            self.uses_class_mean_ = not self._beats_the_class_mean(*selection)
+        if selection is not None:
+            self.uses_class_mean_ = self.check_against_mean and not discriminant.beats_the_class_mean(
+                self.statistics_, *selection, shrinkage=self.shrinkage, prior_strength=self.prior_strength_,
+                balanced=self.select_for == "balanced", device=self._compute_device())
         if self.uses_class_mean_:  # no covariance to decompose: the cosine to the class means scores
             return unit_rows(self.class_sums_), np.zeros(len(self.classes_))
-        weights, bias, self.whitening_, self.shrinkage_ = self._discriminant(
-            class_sums=self.class_sums_, class_counts=self.class_counts_, gram=self.gram_)
-        return weights, bias
-
-    def _beats_the_class_mean(self, features: np.ndarray, rows: np.ndarray) -> bool:
-        """Whether the discriminant beats the cosine to the class means by more than one standard error over three
-        seeded, stratified folds of the starting images (weights as the metric ``select_for`` names). Each fold's
-        statistics are the whole ones minus its held-out images': one Gram matrix of a third of the images."""
-        folds = np.empty(len(rows), dtype=np.int64)
-        order = np.random.default_rng(0).permutation(len(rows))
-        for row in np.unique(rows):
-            members = order[rows[order] == row]
-            folds[members] = np.arange(len(members)) % 3
-        device, statistics = compute_device(self.device), self._statistics()
-        hits = np.zeros((2, len(rows)))
-        for fold in range(3):
-            held_out = folds == fold
-            present = np.unique(rows[~held_out])  # the classes the fold's statistics keep, in order
-            if len(present) < 2 or not held_out.any():
-                return False  # too few images to tell: keep the article's class mean
-            kept = statistics.without(features[held_out], rows[held_out], device=device)
-            weights, bias, _, _ = self._discriminant(class_sums=kept.class_sums, class_counts=kept.class_counts,
-                                                     gram=kept.gram)
-            queries = features[held_out]
-            for number, scores in enumerate((queries @ weights.T + bias, queries @ unit_rows(kept.class_sums).T)):
-                hits[number, held_out] = present[scores.argmax(axis=1)] == rows[held_out]
-        weights = ridge_selection.metric_weights(rows, balanced=self.select_for == "balanced")
-        return ridge_selection.beats(hits[0], hits[1], weights=weights)
-
-    def _discriminant(
-        self, *, class_sums: np.ndarray, class_counts: np.ndarray, gram: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-        """``(weights, bias, whitening, shrinkage)`` of the discriminant on these statistics: the whitening map
-        ``q -> q / scale @ eigenvectors / sqrt(shrunk eigenvalues)`` has ``S^-1 = whitening whitening^T``."""
-        degrees = max(int(class_counts.sum()) - len(class_counts), 1)
-        scatter = matrices.within_class_scatter(gram=gram, class_sums=class_sums, class_counts=class_counts)
-        covariance = scatter / degrees
-        scale = np.sqrt(np.clip(np.diag(covariance), 0.0, None))
-        scale = np.where(scale > 0, scale, 1.0)  # a feature that never varies within a class is left unscaled
-        eigenvalues, eigenvectors = matrices.eigh(covariance / np.outer(scale, scale),
-                                                  device=compute_device(self.device))
-        shrinkage = oas_shrinkage(eigenvalues, n_samples=degrees) if self.shrinkage == "oas" else float(self.shrinkage)
-        target = eigenvalues.mean() if eigenvalues.mean() > 0 else 1.0
-        whitening = eigenvectors / scale[:, None] / np.sqrt((1 - shrinkage) * eigenvalues + shrinkage * target)
-        centres = (class_sums / class_counts[:, None]) @ whitening
-        prior = np.log(class_counts / class_counts.sum())
-        bias = -0.5 * (centres**2).sum(axis=1) + self.prior_strength_ * prior
-        return centres @ whitening.T, bias, whitening, shrinkage
+        fitted = discriminant.discriminant(self.statistics_, shrinkage=self.shrinkage,
+                                           prior_strength=self.prior_strength_, device=self._compute_device())
+        self.whitening_, self.shrinkage_ = fitted.whitening, fitted.shrinkage
+        return fitted.weights, fitted.bias
 
     def _unknown_scores(self, X: np.ndarray) -> np.ndarray:
         """Minus the smallest Mahalanobis distance to a class mean under the shrunk within-class covariance; the best
         cosine where the class mean is used."""
         if self.uses_class_mean_:
             return super()._unknown_scores(X)
-        device = compute_device(self.device)
         return unknown_scores.mahalanobis_scores(
             self._query_features(X), centres=self.class_means_,
-            whiten=lambda rows: matrices.product(rows, self.whitening_, device=device))
-
-
-def oas_shrinkage(eigenvalues: np.ndarray, *, n_samples: int) -> float:
-    """Oracle Approximating Shrinkage (Chen et al. 2010; scikit-learn's ``oas``): the weight ``rho`` in [0, 1] of the
-    target ``mean(eigenvalues) I`` in ``(1 - rho) S + rho mean(eigenvalues) I``, for a covariance ``S`` of these
-    eigenvalues estimated from ``n_samples``. It depends on ``trace(S)``, ``trace(S^2)``, ``n_samples`` and the
-    dimension only: a closed form, so nothing is selected among candidates (no winner's curse)."""
-    dimension = len(eigenvalues)
-    covariance = np.asarray(eigenvalues, dtype=np.float64)
-    mu = covariance.mean()
-    mean_square = (covariance**2).sum() / dimension**2  # the mean of the squared entries of S
-    denominator = (n_samples + 1) * (mean_square - mu**2 / dimension)
-    return 1.0 if denominator <= 0 else float(min((mean_square + mu**2) / denominator, 1.0))
-
-
-def oas_relative_ridge(eigenvalues: np.ndarray, *, n_samples: int) -> float:
-    """The ridge, as a multiple of the mean eigenvalue of the centred Gram matrix ``G``, that Oracle Approximating
-    Shrinkage (Chen et al. 2010; scikit-learn's ``oas``) puts on the covariance ``S = G / n``:
-    ``(1 - rho) S + rho mu I`` is ``(1 - rho) / n`` times ``G + alpha I`` with
-    ``alpha / mean eig(G) = rho / (1 - rho)``.
-
-    ``partial_fit``, ``remove_class`` and merged shards give it exactly as a full fit does (:func:`oas_shrinkage`).
-    """
-    shrinkage = oas_shrinkage(np.asarray(eigenvalues, dtype=np.float64) / max(n_samples, 1), n_samples=n_samples)
-    return np.inf if shrinkage >= 1.0 else shrinkage / (1.0 - shrinkage)
+            whiten=lambda rows: matrices.product(rows, self.whitening_, device=self._compute_device()))
 
 
 # Parameters that say where an estimator computes, not what it computes: a store or a merge leaves them out, so a
@@ -791,7 +733,7 @@ def model_params(estimator: Any) -> dict[str, Any]:
 
 
 # Command-line names: an estimator class and the parameters that make the name.
-CLASSIFIERS: dict[str, tuple[type[_ClassStatistics], dict[str, Any]]] = {
+CLASSIFIERS: dict[str, tuple[type[_ClassVectorEstimator], dict[str, Any]]] = {
     "mean": (ClassMeanClassifier, {}),
     "decorrelated": (DecorrelatedClassifier, {}),
     "balanced": (DecorrelatedClassifier, {"prior": "balanced"}),
@@ -799,7 +741,7 @@ CLASSIFIERS: dict[str, tuple[type[_ClassStatistics], dict[str, Any]]] = {
 }
 
 
-def make_classifier(name: str, **params: Any) -> _ClassStatistics:
+def make_classifier(name: str, **params: Any) -> _ClassVectorEstimator:
     """A fresh estimator by its command-line name (``mean``, ``decorrelated``, ``balanced`` or ``lda``); ``params``
     win."""
     if name not in CLASSIFIERS:
@@ -808,30 +750,28 @@ def make_classifier(name: str, **params: Any) -> _ClassStatistics:
     return kind(**{**preset, **params})
 
 
-# Shared statistics that add up over disjoint sets of images; the others must agree between the parts.
-ADDITIVE_SHARED = ("gram", "feature_sum", "n_samples_seen")
 # Fitted on the images that started each part: the first part's stand until chosen again over all images.
 FIRST_PART_WINS = ("relative_alpha", "unknown_moments", "unknown_score", "uses_class_mean")
 
 
 def merge_statistics(
-    parts: Sequence[_ClassStatistics | dict[str, np.ndarray]], *, into: _ClassStatistics | None = None
-) -> _ClassStatistics:
+    parts: Sequence[_ClassVectorEstimator | dict[str, np.ndarray]], *, into: _ClassVectorEstimator | None = None
+) -> _ClassVectorEstimator:
     """One estimator holding the sum of the fitted ``parts``' statistics (same class and parameters, fitted on
     disjoint images, e.g. the shards of a dataset on several machines): equal to one fit on all their images up to
-    float64 rounding, for any set of classes per part.
+    float64 rounding, for any set of classes per part (:func:`statistics.merge`).
 
-    A part is a fitted estimator or its :meth:`~_ClassStatistics.get_statistics` (what crosses a network); ``into``
-    is the unfitted estimator to fill (default: a copy of the first part). With ``alpha="loo"`` the statistics are
-    exact but the ridge strength is the first part's until :meth:`DecorrelatedClassifier.select_alpha` chooses it
-    from the hits of every image (:meth:`~DecorrelatedClassifier.leave_one_out_hits` against the merged statistics,
-    shard by shard), and so are the unknown score's moments until
+    A part is a fitted estimator or its :meth:`~_ClassVectorEstimator.get_statistics` (what crosses a network);
+    ``into`` is the unfitted estimator to fill (default: a copy of the first part). With ``alpha="loo"`` the
+    statistics are exact but the ridge strength is the first part's until :meth:`DecorrelatedClassifier.select_alpha`
+    chooses it from the hits of every image (:meth:`~DecorrelatedClassifier.leave_one_out_hits` against the merged
+    statistics, shard by shard), and so are the unknown score's moments until
     :meth:`~DecorrelatedClassifier.set_unknown_moments` installs their sum over the shards. A calibration threshold
     is not kept: it was set on scores the merge changes.
     """
     if not parts:
         raise ValueError("merge_statistics needs at least one fitted estimator or its statistics.")
-    estimators = [part for part in parts if isinstance(part, _ClassStatistics)]
+    estimators = [part for part in parts if isinstance(part, _ClassVectorEstimator)]
     template = into if into is not None else (estimators[0] if estimators else None)
     if template is None:
         raise ValueError("merge_statistics needs `into` (the estimator to fill) when the parts are statistics.")
@@ -839,28 +779,19 @@ def merge_statistics(
         if type(part) is not type(template) or model_params(part) != model_params(template):
             raise ValueError(f"Cannot merge {part!r} into {template!r}: the estimators differ in class or "
                              "parameters.")
-    states = [part.get_statistics() if isinstance(part, _ClassStatistics) else part for part in parts]
-    classes = np.unique(np.concatenate([state["classes"] for state in states]))
-    sums = np.zeros((len(classes), states[0]["class_sums"].shape[1]))
-    counts = np.zeros(len(classes), dtype=np.int64)
-    for state in states:
-        positions = np.searchsorted(classes, state["classes"])
-        sums[positions] += state["class_sums"]
-        counts[positions] += state["class_counts"]
-    merged = {"classes": classes, "class_sums": sums, "class_counts": counts}
+    states = [part.get_statistics() if isinstance(part, _ClassVectorEstimator) else part for part in parts]
+    merged = statistics.merge([Statistics.from_arrays(state, shared=template.shared_statistics)
+                               for state in states]).to_arrays()
     for name in set(states[0]) - set(merged) - {name.rstrip("_") for name in CALIBRATION_NAMES}:
-        if name in ADDITIVE_SHARED:
-            merged[name] = sum(state[name] for state in states)
-        elif name not in FIRST_PART_WINS and any(not np.array_equal(state[name], states[0][name]) for state in states):
+        if name not in FIRST_PART_WINS and any(not np.array_equal(state[name], states[0][name]) for state in states):
             raise ValueError(f"Cannot merge estimators whose '{name}' differs (e.g. another random_state).")
-        else:
-            merged[name] = states[0][name]
+        merged[name] = states[0][name]
     return sklearn.base.clone(template).set_statistics(**merged)
 
 
 def classifier_name(estimator: Any) -> str:
     """The command-line name of an estimator of this module: the most specific one whose parameters it has."""
-    params = estimator.get_params() if isinstance(estimator, _ClassStatistics) else {}
+    params = estimator.get_params() if isinstance(estimator, _ClassVectorEstimator) else {}
     names = [
         name for name, (kind, preset) in CLASSIFIERS.items()
         if type(estimator) is kind and all(params.get(key) == value for key, value in preset.items())
@@ -877,7 +808,7 @@ def ranked_scores(estimator: Any, X: Any, top_k: int) -> tuple[np.ndarray, np.nd
     Estimators of this module rank by their own scores; others by ``decision_function`` (its binary 1-d form is
     expanded) or else ``predict_proba``.
     """
-    if isinstance(estimator, _ClassStatistics):
+    if isinstance(estimator, _ClassVectorEstimator):
         scores, indexes = estimator.top_k(X, top_k)
         return scores, estimator.classes_[indexes]
     if hasattr(estimator, "decision_function"):

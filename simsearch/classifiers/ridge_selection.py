@@ -1,140 +1,155 @@
 """How the decorrelated classifiers choose their ridge on their own training images, and the rules every
-estimator's choice shares.
+estimator's choice shares: functions of the additive statistics (:class:`~simsearch.classifiers.statistics.Statistics`).
 
-One eigendecomposition of the centred Gram matrix gives exact leave-one-out hits for every candidate ridge, the
-plain class mean among them (:class:`RidgeSelectionMixin`); a candidate is kept only if it beats the class mean by
-more than one standard error of the paired difference (:func:`beats`, also the discriminant's check against the
-class mean), scored with the weights of the metric the user names (:func:`metric_weights`). Split from the
-estimator so that a distributed fit can run the selection shard by shard.
+One eigendecomposition of the centred Gram matrix (:func:`decomposition`) gives exact leave-one-out hits for every
+candidate ridge, the plain class mean among them (:func:`leave_one_out_hits`); a candidate is kept only if it beats
+the class mean by more than one standard error of the paired difference (:func:`beats`, also the discriminant's
+check against the class mean), scored with the weights of the metric the user names (:func:`metric_weights`).
+Functions of the statistics, so a distributed fit runs the selection shard by shard against merged statistics.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from sklearn.utils.validation import check_is_fitted, validate_data
 
 from simsearch.classifiers import matrices
-from simsearch.classifiers.matrices import compute_device
+from simsearch.classifiers.statistics import Statistics
+
+ALPHA_RULES = ("loo", "gcv", "oas")
 
 
-class RidgeSelectionMixin:
-    """How the decorrelated classifiers choose their ridge ``alpha_`` on the training images alone: one
-    eigendecomposition of the centred Gram matrix, then exact leave-one-out hits (or GCV) for every candidate, the
-    plain class mean among them. Split from the estimator so that a distributed fit can run it shard by shard."""
+class Decomposition(NamedTuple):
+    """The centred statistics in the eigenbasis of the centred Gram matrix: what every ridge strength and the
+    leave-one-out selection are computed from."""
 
-    def decomposition(self) -> dict[str, Any]:
-        """The centred statistics in the eigenbasis of the centred Gram matrix: what every ridge strength and the
-        leave-one-out selection are computed from (one ``F x F`` eigendecomposition)."""
-        n = self.n_samples_seen_
-        mean = self.feature_sum_ / n
-        centred_gram = self.gram_ - n * np.outer(mean, mean)
-        centred_sums = self.class_sums_ - self.class_counts_[:, None] * mean
-        targets = centred_sums if self.prior == "empirical" else centred_sums / self.class_counts_[:, None]
-        eigenvalues, eigenvectors = matrices.eigh(centred_gram, device=compute_device(self.device))
-        scale = eigenvalues.mean() if eigenvalues.mean() > 0 else 1.0
-        return dict(mean=mean, eigenvalues=eigenvalues, eigenvectors=eigenvectors,
-                    rotated=eigenvectors.T @ targets.T, scale=scale)
+    mean: np.ndarray  # [F]
+    eigenvalues: np.ndarray  # [F], ascending
+    eigenvectors: np.ndarray  # [F, F]
+    rotated: np.ndarray  # [F, C]: the ridge targets (centred class sums, or means for the balanced prior)
+    scale: float  # the mean eigenvalue, which relative ridge strengths multiply
 
-    def leave_one_out_hits(self, X: Any, y: Any, *, decomposition: dict[str, Any] | None = None) -> np.ndarray:
-        """``[candidates + 1, n]``: whether each image of ``X`` (labels ``y``) is classified right with itself left
-        out of the *current* statistics, for every relative ridge strength and, last, the plain class mean.
 
-        The images must be among those fitted. Computed image by image against the whole statistics, so the
-        shards of a dataset fitted apart and merged (:func:`merge_statistics`) give, stacked, the hits of a single
-        fit; :meth:`select_alpha` then chooses from them as ``fit`` does. ``decomposition`` (:meth:`decomposition`,
-        computed once for all shards) saves an eigendecomposition per call.
-        """
-        check_is_fitted(self)
-        X, y = validate_data(self, X, y, reset=False, dtype=np.float64)
-        rows = np.searchsorted(self.classes_, y).clip(max=len(self.classes_) - 1)
-        if not np.array_equal(self.classes_[rows], y):
-            raise ValueError(f"Labels {sorted(set(np.setdiff1d(y, self.classes_).tolist()))} were never fitted.")
-        return self._leave_one_out_hits(self._sample_features(X), rows,
-                                        decomposition=decomposition or self.decomposition())
+def decomposition(statistics: Statistics, *, prior: str, device: torch.device | None) -> Decomposition:
+    """One ``F x F`` eigendecomposition of the centred Gram matrix, with the ridge targets of ``prior``."""
+    mean = statistics.mean
+    centred_sums = statistics.class_sums - statistics.class_counts[:, None] * mean
+    targets = centred_sums if prior == "empirical" else centred_sums / statistics.class_counts[:, None]
+    eigenvalues, eigenvectors = matrices.eigh(statistics.centred_gram(), device=device)
+    scale = eigenvalues.mean() if eigenvalues.mean() > 0 else 1.0
+    return Decomposition(mean=mean, eigenvalues=eigenvalues, eigenvectors=eigenvectors,
+                         rotated=eigenvectors.T @ targets.T, scale=float(scale))
 
-    def select_alpha(self, hits: np.ndarray, y: Any) -> RidgeSelectionMixin:
-        """Choose the ridge strength from :meth:`leave_one_out_hits` of every fitted image (labels ``y``, in the
-        same order), by the rule ``fit`` applies with ``alpha="loo"``, and refresh the weights."""
-        check_is_fitted(self)
-        rows = np.searchsorted(self.classes_, np.asarray(y)).clip(max=len(self.classes_) - 1)
-        hits = np.asarray(hits, dtype=bool)
-        if hits.shape != (len(self.relative_alphas) + 1, len(rows)):
-            raise ValueError(f"hits of shape {list(hits.shape)} do not fit {len(self.relative_alphas) + 1} "
-                             f"candidates and {len(rows)} labels.")
-        if int(self.class_counts_.sum()) != len(rows):
-            raise ValueError(f"the selection needs the hits of all {int(self.class_counts_.sum())} fitted images, "
-                             f"got {len(rows)}.")
-        self.relative_alpha_ = one_standard_error_choice(
-            np.asarray(self.relative_alphas, dtype=np.float64), hits=hits, weights=self._selection_weights(rows)
-        )
-        self._refresh()
-        return self
 
-    def _gcv(self, alpha: float, eigenvalues: np.ndarray, rotated: np.ndarray) -> float:
-        """Generalised cross-validation error of the ridge fit, from the statistics alone (no images needed)."""
-        n = self.n_samples_seen_
-        target_energy = float(np.sum(self.class_counts_ - self.class_counts_**2 / n))
-        explained = np.sum((rotated**2).sum(axis=1) * (eigenvalues + 2 * alpha) / (eigenvalues + alpha) ** 2)
-        residual = max(target_energy - float(explained), 0.0)
-        degrees = 1.0 + float(np.sum(eigenvalues / (eigenvalues + alpha)))
-        return n * residual / (n - degrees) ** 2 if degrees < n else np.inf
+def relative_ridge(
+    *,
+    alpha: float | str,
+    prior: str,
+    relative_alphas: np.ndarray,
+    statistics: Statistics,
+    decomposed: Decomposition,
+    selection: tuple[np.ndarray, np.ndarray] | None,
+    previous: float | None,
+    device: torch.device | None,
+) -> float:
+    """The ridge strength as a multiple of the mean eigenvalue, by the rule ``alpha`` names (see
+    ``DecorrelatedClassifier``): a number as it is; ``"gcv"`` and ``"oas"`` from the statistics alone, after every
+    change; ``"loo"`` on the starting images ``selection`` (features, class rows), kept (``previous``) after."""
+    if not isinstance(alpha, str):
+        return float(alpha) / decomposed.scale
+    if alpha == "gcv":
+        errors = [gcv_error(statistics, value * decomposed.scale, decomposed) for value in relative_alphas]
+        return float(relative_alphas[int(np.argmin(errors))])
+    if alpha == "oas":
+        return oas_relative_ridge(decomposed.eigenvalues, n_samples=statistics.n_samples)
+    if selection is None:
+        return previous
+    hits = leave_one_out_hits(statistics, *selection, relative_alphas=relative_alphas, prior=prior,
+                              decomposed=decomposed, device=device)
+    return one_standard_error_choice(relative_alphas, hits=hits, weights=selection_weights(selection[1], prior=prior))
 
-    def _selection_weights(self, rows: np.ndarray) -> np.ndarray:
-        """Per-image weights of the selection score: accuracy for the empirical prior, balanced accuracy (every
-        class the same total weight) for the balanced one."""
-        return metric_weights(rows, balanced=self.prior == "balanced")
 
-    def _leave_one_out_hits(
-        self, features: np.ndarray, rows: np.ndarray, *, decomposition: dict[str, Any]
-    ) -> np.ndarray:
-        """``[candidates, images]``: whether each training image is classified right with itself left out, for each
-        candidate ridge strength (last: ``inf``, the plain class mean). Exact; float32 products suffice to rank."""
-        mean, eigenvalues, eigenvectors, rotated = (
-            decomposition[name] for name in ("mean", "eigenvalues", "eigenvectors", "rotated"))
-        alphas = np.append(np.asarray(self.relative_alphas, dtype=np.float64), np.inf) * decomposition["scale"]
-        device = compute_device(self.device)
-        centred, rotation = (features - mean).astype(np.float32), eigenvectors.astype(np.float32)
-        # on a device, the projected images stay there for every candidate
-        projected = (centred @ rotation if device is None
-                     else matrices.on_device(centred, device) @ matrices.on_device(rotation, device))
-        rotated32 = rotated.astype(np.float32)
-        own = (np.arange(len(rows)), rows)
-        counts = self.class_counts_[rows].astype(np.float64)
-        inverses = (1.0 / (eigenvalues + alphas[:, None])).astype(np.float32)  # [candidates, F]; zeros for inf
-        # u_i K u_i of every candidate, [N, candidates]
-        leverages = matrices.product(projected**2, inverses.T, device=device)
-        hits = []
-        for alpha, inverse, leverage in zip(alphas, inverses, leverages.T):
-            if np.isinf(alpha):
-                fitted = leave_one_out_cosines(features, rows, class_sums=self.class_sums_, counts=counts,
-                                                device=device)
+def ridge_class_vectors(
+    decomposed: Decomposition, *, alpha: float, prior: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(weights [C, F], bias [C])`` of the ridge at absolute strength ``alpha`` (finite)."""
+    directions = decomposed.rotated / (decomposed.eigenvalues + alpha)[:, None]
+    if prior == "balanced":
+        directions = directions / matrices.safe_sqrt((decomposed.rotated * directions).sum(axis=0))
+    weights = decomposed.eigenvectors @ directions
+    return weights.T, -(decomposed.mean @ weights)
+
+
+def gcv_error(statistics: Statistics, alpha: float, decomposed: Decomposition) -> float:
+    """Generalised cross-validation error of the ridge fit, from the statistics alone (no images needed)."""
+    n, counts, eigenvalues = statistics.n_samples, statistics.class_counts, decomposed.eigenvalues
+    target_energy = float(np.sum(counts - counts**2 / n))
+    explained = np.sum((decomposed.rotated**2).sum(axis=1) * (eigenvalues + 2 * alpha) / (eigenvalues + alpha) ** 2)
+    residual = max(target_energy - float(explained), 0.0)
+    degrees = 1.0 + float(np.sum(eigenvalues / (eigenvalues + alpha)))
+    return n * residual / (n - degrees) ** 2 if degrees < n else np.inf
+
+
+def selection_weights(rows: np.ndarray, *, prior: str) -> np.ndarray:
+    """Per-image weights of the selection score: accuracy for the empirical prior, balanced accuracy (every class
+    the same total weight) for the balanced one."""
+    return metric_weights(rows, balanced=prior == "balanced")
+
+
+def leave_one_out_hits(
+    statistics: Statistics,
+    features: np.ndarray,
+    rows: np.ndarray,
+    *,
+    relative_alphas: np.ndarray,
+    prior: str,
+    decomposed: Decomposition,
+    device: torch.device | None,
+) -> np.ndarray:
+    """``[candidates + 1, images]``: whether each fitted image (its features and class row) is classified right with
+    itself left out of ``statistics``, for each relative ridge strength and, last, the plain class mean. Exact;
+    float32 products suffice to rank. Image by image against the whole statistics, so the shards of a dataset
+    fitted apart and merged give, stacked, the hits of a single fit."""
+    alphas = np.append(np.asarray(relative_alphas, dtype=np.float64), np.inf) * decomposed.scale
+    centred, rotation = (features - decomposed.mean).astype(np.float32), decomposed.eigenvectors.astype(np.float32)
+    # on a device, the projected images stay there for every candidate
+    projected = (centred @ rotation if device is None
+                 else matrices.on_device(centred, device) @ matrices.on_device(rotation, device))
+    rotated32 = decomposed.rotated.astype(np.float32)
+    counts = statistics.class_counts[rows].astype(np.float64)
+    inverses = (1.0 / (decomposed.eigenvalues + alphas[:, None])).astype(np.float32)  # [candidates, F]; 0 for inf
+    leverages = matrices.product(projected**2, inverses.T, device=device)  # u_i K u_i of every candidate
+    hits = []
+    for alpha, inverse, leverage in zip(alphas, inverses, leverages.T):
+        if np.isinf(alpha):
+            fitted = leave_one_out_cosines(features, rows, class_sums=statistics.class_sums, counts=counts,
+                                           device=device)
+        else:
+            weighted = rotated32 * inverse[:, None]
+            products = matrices.product(projected, weighted, device=device)  # u_i K r_c, [N, C]
+            if prior == "empirical":
+                fitted = leave_one_out_ridge(products, leverage, rows, statistics=statistics)
             else:
-                weighted = rotated32 * inverse[:, None]
-                products = matrices.product(projected, weighted, device=device)  # u_i K r_c, [N, C]
-                if self.prior == "empirical":
-                    fitted = self._leave_one_out_ridge(products, leverage, own)
-                else:
-                    fitted = leave_one_out_whitened_cosines(products, leverage, rows, counts=counts,
-                                                             class_norms=(rotated32 * weighted).sum(axis=0))
-            hits.append(fitted.argmax(axis=1) == rows)
-        return np.asarray(hits)
+                fitted = leave_one_out_whitened_cosines(products, leverage, rows, counts=counts,
+                                                        class_norms=(rotated32 * weighted).sum(axis=0))
+        hits.append(fitted.argmax(axis=1) == rows)
+    return np.asarray(hits)
 
-    def _leave_one_out_ridge(
-        self, products: np.ndarray, leverage: np.ndarray, own: tuple[np.ndarray, np.ndarray]
-    ) -> np.ndarray:
-        """Ridge scores of every training image with itself left out, up to a positive factor per image, from its
-        centred ridge products with the class sums and its leverage (see :meth:`_leave_one_out_hits`).
 
-        Leaving image ``i`` out turns its fitted one-hot scores ``f_i`` into ``(f_i - h_i y_i) / (1 - h_i)`` with
-        ``h_i`` its leverage; the positive factor does not change the argmax, so it is dropped.
-        """
-        prior = (self.class_counts_ / self.n_samples_seen_).astype(np.float32)
-        fitted = products + prior
-        fitted[own] -= leverage + 1.0 / self.n_samples_seen_
-        return fitted
+def leave_one_out_ridge(
+    products: np.ndarray, leverage: np.ndarray, rows: np.ndarray, *, statistics: Statistics
+) -> np.ndarray:
+    """Ridge scores of every training image with itself left out, up to a positive factor per image, from its
+    centred ridge products with the class sums and its leverage (see :func:`leave_one_out_hits`).
+
+    Leaving image ``i`` out turns its fitted one-hot scores ``f_i`` into ``(f_i - h_i y_i) / (1 - h_i)`` with
+    ``h_i`` its leverage; the positive factor does not change the argmax, so it is dropped.
+    """
+    fitted = products + (statistics.class_counts / statistics.n_samples).astype(np.float32)
+    fitted[np.arange(len(rows)), rows] -= leverage + 1.0 / statistics.n_samples
+    return fitted
 
 
 def leave_one_out_whitened_cosines(
@@ -206,7 +221,7 @@ def metric_weights(rows: np.ndarray, *, balanced: bool) -> np.ndarray:
 
 
 def leave_one_out_cosines(
-    features: np.ndarray, rows: np.ndarray, *, class_sums: np.ndarray, counts: np.ndarray, device: torch.device
+    features: np.ndarray, rows: np.ndarray, *, class_sums: np.ndarray, counts: np.ndarray, device: torch.device | None
 ) -> np.ndarray:
     """Cosine of every training image to every class mean, its own class's mean computed without it (exact)."""
     features = features.astype(np.float32)
@@ -218,3 +233,25 @@ def leave_one_out_cosines(
     remaining = sums_squared[rows] - 2 * own_product + own_squared
     fitted[own] = np.where(counts > 1, (own_product - own_squared) / matrices.safe_sqrt(remaining), -np.inf)
     return fitted
+
+
+def oas_shrinkage(eigenvalues: np.ndarray, *, n_samples: int) -> float:
+    """Oracle Approximating Shrinkage (Chen et al. 2010; scikit-learn's ``oas``): the weight ``rho`` in [0, 1] of the
+    target ``mean(eigenvalues) I`` in ``(1 - rho) S + rho mean(eigenvalues) I``, for a covariance ``S`` of these
+    eigenvalues estimated from ``n_samples``. It depends on ``trace(S)``, ``trace(S^2)``, ``n_samples`` and the
+    dimension only: a closed form, so nothing is selected among candidates (no winner's curse)."""
+    dimension = len(eigenvalues)
+    covariance = np.asarray(eigenvalues, dtype=np.float64)
+    mu = covariance.mean()
+    mean_square = (covariance**2).sum() / dimension**2  # the mean of the squared entries of S
+    denominator = (n_samples + 1) * (mean_square - mu**2 / dimension)
+    return 1.0 if denominator <= 0 else float(min((mean_square + mu**2) / denominator, 1.0))
+
+
+def oas_relative_ridge(eigenvalues: np.ndarray, *, n_samples: int) -> float:
+    """The ridge, as a multiple of the mean eigenvalue of the centred Gram matrix ``G``, that Oracle Approximating
+    Shrinkage puts on the covariance ``S = G / n``: ``(1 - rho) S + rho mu I`` is ``(1 - rho) / n`` times
+    ``G + alpha I`` with ``alpha / mean eig(G) = rho / (1 - rho)``. A function of the statistics, so
+    ``partial_fit``, ``remove_class`` and merged shards give it exactly as a full fit does."""
+    shrinkage = oas_shrinkage(np.asarray(eigenvalues, dtype=np.float64) / max(n_samples, 1), n_samples=n_samples)
+    return np.inf if shrinkage >= 1.0 else shrinkage / (1.0 - shrinkage)

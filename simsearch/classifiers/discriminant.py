@@ -1,0 +1,83 @@
+"""The shrinkage linear discriminant of ``prototypes.DiscriminantClassifier`` as functions of the additive statistics
+(:class:`~simsearch.classifiers.statistics.Statistics`): the discriminant itself, and its check against the class
+mean on folds made by subtraction."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from simsearch.classifiers import matrices, ridge_selection
+from simsearch.classifiers.matrices import unit_rows
+from simsearch.classifiers.statistics import Statistics
+
+CHECK_FOLDS = 3
+
+
+class Discriminant(NamedTuple):
+    """Class vectors ``weights [C, F]``, ``bias [C]``; the whitening map ``q -> q @ whitening`` (``S^-1 = whitening
+    whitening^T``) and the shrinkage in use."""
+
+    weights: np.ndarray
+    bias: np.ndarray
+    whitening: np.ndarray
+    shrinkage: float
+
+
+def discriminant(
+    statistics: Statistics, *, shrinkage: float | str, prior_strength: float, device: torch.device | None
+) -> Discriminant:
+    """``q^T S^-1 m_c - m_c^T S^-1 m_c / 2 + prior_strength log(n_c / n)``, with ``S`` the pooled within-class
+    covariance (``n - C`` degrees of freedom) standardised by its diagonal and shrunk towards the identity there by
+    Oracle Approximating Shrinkage (``shrinkage="oas"``) or by the ``shrinkage`` given."""
+    class_counts = statistics.class_counts
+    degrees = max(int(class_counts.sum()) - len(class_counts), 1)
+    covariance = statistics.within_class_scatter() / degrees
+    scale = np.sqrt(np.clip(np.diag(covariance), 0.0, None))
+    scale = np.where(scale > 0, scale, 1.0)  # a feature that never varies within a class is left unscaled
+    eigenvalues, eigenvectors = matrices.eigh(covariance / np.outer(scale, scale), device=device)
+    weight = (ridge_selection.oas_shrinkage(eigenvalues, n_samples=degrees) if shrinkage == "oas"
+              else float(shrinkage))
+    target = eigenvalues.mean() if eigenvalues.mean() > 0 else 1.0
+    whitening = eigenvectors / scale[:, None] / np.sqrt((1 - weight) * eigenvalues + weight * target)
+    centres = statistics.class_means() @ whitening
+    prior = np.log(class_counts / class_counts.sum())
+    bias = -0.5 * (centres**2).sum(axis=1) + prior_strength * prior
+    return Discriminant(weights=centres @ whitening.T, bias=bias, whitening=whitening, shrinkage=weight)
+
+
+def beats_the_class_mean(
+    statistics: Statistics,
+    features: np.ndarray,
+    rows: np.ndarray,
+    *,
+    shrinkage: float | str,
+    prior_strength: float,
+    balanced: bool,
+    device: torch.device | None,
+) -> bool:
+    """Whether the discriminant beats the cosine to the class means by more than one standard error over three
+    seeded, stratified folds of the fitted images ``features`` (class ``rows``), scored as accuracy or, with
+    ``balanced``, balanced accuracy. Each fold's statistics are the whole ones minus its held-out images': one Gram
+    matrix of a third of the images, no refit."""
+    folds = np.empty(len(rows), dtype=np.int64)
+    order = np.random.default_rng(0).permutation(len(rows))
+    for row in np.unique(rows):
+        members = order[rows[order] == row]
+        folds[members] = np.arange(len(members)) % CHECK_FOLDS
+    hits = np.zeros((2, len(rows)))
+    for fold in range(CHECK_FOLDS):
+        held_out = folds == fold
+        present = np.unique(rows[~held_out])  # the classes the fold's statistics keep, in order
+        if len(present) < 2 or not held_out.any():
+            return False  # too few images to tell: keep the article's class mean
+        kept = statistics.without(features[held_out], rows[held_out], device=device)
+        fitted = discriminant(kept, shrinkage=shrinkage, prior_strength=prior_strength, device=device)
+        queries = features[held_out]
+        for number, scores in enumerate((queries @ fitted.weights.T + fitted.bias,
+                                         queries @ unit_rows(kept.class_sums).T)):
+            hits[number, held_out] = present[scores.argmax(axis=1)] == rows[held_out]
+    weights = ridge_selection.metric_weights(rows, balanced=balanced)
+    return ridge_selection.beats(hits[0], hits[1], weights=weights)
