@@ -79,7 +79,6 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import sklearn.base  # noqa: E402
 import torch  # noqa: E402
 
 import banerjee  # noqa: E402  (the original's names: the package's modules, see simsearch/originals.py)
@@ -139,10 +138,9 @@ if settings.top_k > len(labels):
     raise SystemExit(f"--top-k {settings.top_k} exceeds the {len(labels)} classes of {dsm.dataset_path}.")
 clock.mark("dataset listing and image check")
 
-# %% The model, its preprocessing, the classifier and the encoder (none for an embedding set).
-classifier = sklearn.base.clone(settings.classifier)
+# %% The model, its preprocessing and the encoder (none for an embedding set).
 encoder = None if embedding_set else engine.create_encoder(
-    modality=dsm.modality, model_name=model_name, weights=args.weights, device=device, classifier=classifier,
+    modality=dsm.modality, model_name=model_name, weights=args.weights, device=device,
     config=engine.EncoderConfig(
         topk=settings.top_k, short_run_batches=settings.short_run, precision=args.precision, compile=args.compile,
         tune_allocator=args.tune_allocator,

@@ -136,44 +136,31 @@ def retrieval_precision(
     embeddings, targets = embeddings.to(device), targets.to(device)
     if not ks or ks[0] < 1:
         raise ValueError(f"ks must be positive integers, got {ks}.")
-    precision_runs: list[list[float]] = []
-    average_precision_runs: list[list[float]] = []
-    for train_indexes, valid_indexes in tqdm(partitions, desc="[Retrieval] Partitions", leave=False):
-        train_indexes, valid_indexes = train_indexes.to(device), valid_indexes.to(device)
-        train_targets, query_targets = targets[train_indexes], targets[valid_indexes]
-        _, neighbours = prototypes.cosine_top_k(
-            queries=embeddings[valid_indexes], corpus=embeddings[train_indexes], top_k=ks[-1]
-        )
-        relevant = (train_targets[neighbours] == query_targets.unsqueeze(1)).double()
-        ranks = torch.arange(1, relevant.shape[1] + 1, dtype=torch.float64, device=device)
-        precision_at_rank = relevant.cumsum(dim=1) / ranks
-        num_relevant = torch.bincount(train_targets, minlength=int(targets.max()) + 1)[query_targets]
-        precision_runs.append([float(precision_at_rank[:, k - 1].mean()) for k in ks])
-        average_precision_runs.append(
-            [
-                float(
-                    ((precision_at_rank[:, :k] * relevant[:, :k]).sum(dim=1) / num_relevant.clamp(max=k)).mean()
-                )
-                for k in ks
-            ]
-        )
+    per_run = [_retrieval_of_partition(embeddings, targets, train.to(device), valid.to(device), ks=ks)
+               for train, valid in tqdm(partitions, desc="[Retrieval] Partitions", leave=False)]
     rows = []
     for column, k in enumerate(ks):
-        precision = metrics.mean_confidence_interval([run[column] for run in precision_runs], confidence=confidence)
-        average = metrics.mean_confidence_interval(
-            [run[column] for run in average_precision_runs], confidence=confidence
-        )
-        rows.append(
-            {
-                "k": k,
-                "precision": precision.mean,
-                "precision_ci": precision.half_width,
-                "map": average.mean,
-                "map_ci": average.half_width,
-                "runs": precision.n,
-            }
-        )
+        precision = metrics.mean_confidence_interval([run[0][column] for run in per_run], confidence=confidence)
+        average = metrics.mean_confidence_interval([run[1][column] for run in per_run], confidence=confidence)
+        rows.append({"k": k, "precision": precision.mean, "precision_ci": precision.half_width, "map": average.mean,
+                     "map_ci": average.half_width, "runs": precision.n})
     return pd.DataFrame(rows)
+
+
+def _retrieval_of_partition(
+    embeddings: torch.Tensor, targets: torch.Tensor, train: torch.Tensor, valid: torch.Tensor, *, ks: Sequence[int]
+) -> tuple[list[float], list[float]]:
+    """``(P@K, mAP@K)`` for each ``k`` of ``ks`` (sorted) over one partition's validation queries."""
+    train_targets, query_targets = targets[train], targets[valid]
+    _, neighbours = prototypes.cosine_top_k(queries=embeddings[valid], corpus=embeddings[train], top_k=ks[-1])
+    relevant = (train_targets[neighbours] == query_targets.unsqueeze(1)).double()
+    ranks = torch.arange(1, relevant.shape[1] + 1, dtype=torch.float64, device=relevant.device)
+    precision_at_rank = relevant.cumsum(dim=1) / ranks
+    num_relevant = torch.bincount(train_targets, minlength=int(targets.max()) + 1)[query_targets]
+    precision = [float(precision_at_rank[:, k - 1].mean()) for k in ks]
+    average = [float(((precision_at_rank[:, :k] * relevant[:, :k]).sum(dim=1) / num_relevant.clamp(max=k)).mean())
+               for k in ks]
+    return precision, average
 
 
 # --- Embedding map -------------------------------------------------------------------------------------------------
@@ -368,39 +355,38 @@ def compare_prototypes(
     X, y = embeddings.float().numpy(), targets.numpy()
     rows, baseline = [], None
     for name, method in tqdm(methods.items(), desc="[Prototypes] Methods", leave=False):
-        accuracies, balanced_accuracies, topk_accuracies, seconds = [], [], [], []
-        for train_indexes, valid_indexes in partitions:
-            started = time.perf_counter()
-            with utils.torch_pool_only(active=baselines.works_in_torch(method)):
-                _, _, ranked = prototypes.fit_and_rank(method, train=(X[train_indexes], y[train_indexes]),
-                                                       queries=X[valid_indexes], top_k=top_k)
-            seconds.append(time.perf_counter() - started)
-            scored = metrics.score_predictions(targets=y[valid_indexes], topk_predictions=ranked)
-            accuracies.append(scored["accuracy"])
-            balanced_accuracies.append(scored["balanced_accuracy"])
-            topk_accuracies.append(scored["topk_accuracy"])
-        baseline = accuracies if baseline is None else baseline
-        accuracy = metrics.mean_confidence_interval(accuracies, confidence=confidence)
-        balanced = metrics.mean_confidence_interval(balanced_accuracies, confidence=confidence)
-        topk = metrics.mean_confidence_interval(topk_accuracies, confidence=confidence)
-        gain = metrics.paired_difference(accuracies, baseline, confidence=confidence)
+        scores, seconds = _scores_over_partitions(method, X=X, y=y, partitions=partitions, top_k=top_k)
+        baseline = scores["accuracy"] if baseline is None else baseline
+        accuracy, balanced, topk = (metrics.mean_confidence_interval(scores[metric], confidence=confidence)
+                                    for metric in ("accuracy", "balanced_accuracy", "topk_accuracy"))
+        gain = metrics.paired_difference(scores["accuracy"], baseline, confidence=confidence)
         baseline_error = 1.0 - float(np.mean(baseline))
-        rows.append(
-            {
-                "method": name,
-                "accuracy": accuracy.mean,
-                "accuracy_ci": accuracy.half_width,
-                "balanced_accuracy": balanced.mean,
-                "balanced_ci": balanced.half_width,
-                "topk_accuracy": topk.mean,
-                "topk_ci": topk.half_width,
-                "gain": gain.mean,
-                "gain_ci": gain.half_width,
-                "error_reduction": gain.mean / baseline_error if baseline_error > 0 else float("nan"),
-                "seconds": float(np.mean(seconds)),
-            }
-        )
+        rows.append({
+            "method": name, "accuracy": accuracy.mean, "accuracy_ci": accuracy.half_width,
+            "balanced_accuracy": balanced.mean, "balanced_ci": balanced.half_width, "topk_accuracy": topk.mean,
+            "topk_ci": topk.half_width, "gain": gain.mean, "gain_ci": gain.half_width,
+            "error_reduction": gain.mean / baseline_error if baseline_error > 0 else float("nan"),
+            "seconds": float(np.mean(seconds)),
+        })
     return pd.DataFrame(rows)
+
+
+def _scores_over_partitions(
+    method: Any, *, X: np.ndarray, y: np.ndarray, partitions: Sequence[Partition], top_k: int
+) -> tuple[dict[str, list[float]], list[float]]:
+    """Accuracy, balanced and top-k accuracy of ``method`` fitted on each partition, and each fit's seconds."""
+    scores: dict[str, list[float]] = {"accuracy": [], "balanced_accuracy": [], "topk_accuracy": []}
+    seconds = []
+    for train_indexes, valid_indexes in partitions:
+        started = time.perf_counter()
+        with utils.torch_pool_only(active=baselines.works_in_torch(method)):
+            _, _, ranked = prototypes.fit_and_rank(method, train=(X[train_indexes], y[train_indexes]),
+                                                   queries=X[valid_indexes], top_k=top_k)
+        seconds.append(time.perf_counter() - started)
+        scored = metrics.score_predictions(targets=y[valid_indexes], topk_predictions=ranked)
+        for metric, values in scores.items():
+            values.append(scored[metric])
+    return scores, seconds
 
 
 # --- Confidence interval calibration -------------------------------------------------------------------------------
@@ -688,6 +674,24 @@ def check_analysis_parts(parts: Iterable[str]) -> tuple[str, ...]:
     return tuple(part for part in ANALYSIS_PARTS if part in parts)
 
 
+def _confusion_results(
+    runs: Any, *, labels: Sequence[str], confidence: float, threshold: float, num_intervals: int,
+    sample_names: Sequence[str] | None,
+) -> dict[str, Any]:
+    """The ``confusion`` part: the pooled confusion matrix and its pairs, per-class intervals, the weak classes,
+    the CAF band and the samples with the smallest margins."""
+    per_run = dict(targets_per_run=runs.targets_per_run, predictions_per_run=runs.predictions_per_run)
+    confusion = confusion_over_partitions(**per_run, num_labels=len(labels))
+    per_class = per_class_accuracy(**per_run, labels=labels, confidence=confidence)
+    return dict(
+        confusion=confusion, confused_pairs=most_confused_pairs(confusion=confusion, labels=labels),
+        per_class=per_class, weak_classes=least_accurate_with_interval(per_class=per_class, threshold=threshold),
+        band=cumulative_accuracy_band(**per_run, num_labels=len(labels), num_intervals=num_intervals,
+                                      confidence=confidence),
+        hard_samples=smallest_margins(runs=runs.runs, labels=labels, sample_names=sample_names),
+    )
+
+
 def analyse_runs(
     *,
     runs: Any,
@@ -709,7 +713,6 @@ def analyse_runs(
     compute (the run's device: ``"cuda"`` puts the probe, the decorrelated fits, neighbours, retrieval and the
     coverage check on the GPU; None: the CPU), torch's work alone with BLAS at one thread
     (:func:`utils.torch_pool_only`)."""
-    per_run = dict(targets_per_run=runs.targets_per_run, predictions_per_run=runs.predictions_per_run)
     embeddings, targets, partitions = runs.embeddings, runs.targets, runs.partitions
     last_valid = partitions[-1][1]
     results: dict[str, Any] = {}
@@ -717,18 +720,8 @@ def analyse_runs(
     for part in progress:
         progress.set_postfix_str(part)
         if part == "confusion":
-            confusion = confusion_over_partitions(**per_run, num_labels=len(labels))
-            per_class = per_class_accuracy(**per_run, labels=labels, confidence=confidence)
-            results.update(
-                confusion=confusion,
-                confused_pairs=most_confused_pairs(confusion=confusion, labels=labels),
-                per_class=per_class,
-                weak_classes=least_accurate_with_interval(per_class=per_class, threshold=threshold),
-                band=cumulative_accuracy_band(
-                    **per_run, num_labels=len(labels), num_intervals=num_intervals, confidence=confidence
-                ),
-                hard_samples=smallest_margins(runs=runs.runs, labels=labels, sample_names=sample_names),
-            )
+            results.update(_confusion_results(runs, labels=labels, confidence=confidence, threshold=threshold,
+                                              num_intervals=num_intervals, sample_names=sample_names))
         elif part == "retrieval":
             with utils.torch_pool_only():
                 results["retrieval"] = retrieval_precision(

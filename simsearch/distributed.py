@@ -33,6 +33,7 @@ import torch
 
 from simsearch import datasets, encoders, store, utils
 from simsearch.classifiers import prototypes
+from simsearch.identity import ModelIdentity
 
 __all__ = [
     "EmbeddingSet",
@@ -223,9 +224,39 @@ def encode_dataset(
         cpus_per_actor = 1.0 if gpus_per_actor else max(1.0, ray.cluster_resources().get("CPU", 1) // actors)
     check_cluster_fits(ray, actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor)
     encoder, _, _ = spec.build(device="cpu")  # the driver's copy names the model and weights, as the cache does
-    expected = {"model_id": encoder.embedding_id, "preprocessing": spec.preprocessing(encoder),
-                "transform_config": store.plain_json(encoders.preprocessing_config(encoder)),
-                "fingerprint": _fingerprint_digest(maker)}
+    identity = encoders.model_identity(encoder, model_name=spec.model_name)
+    expected = {"model_id": identity.model_id, "preprocessing": spec.preprocessing(encoder),
+                "transform_config": identity.transform_config, "fingerprint": _fingerprint_digest(maker)}
+    finished = _finished_set(out, expected=expected)
+    if finished is not None:
+        return finished
+    samples = _samples(maker)
+    started = time.perf_counter()
+    embedded = _embedded(ray, samples, spec=spec, actors=actors, gpus_per_actor=gpus_per_actor,
+                         cpus_per_actor=cpus_per_actor, batch_size=batch_size)
+    embedded.write_parquet(str(out / SHARDS), max_rows_per_file=rows_per_shard)
+    seconds = time.perf_counter() - started
+    shards = [_pin_shard(path) for path in sorted((out / SHARDS).glob("*.parquet"))]
+    manifest = {
+        "format": FORMAT, **identity.record(), **expected, "precision": spec.precision,
+        "dataset": str(maker.dataset_path), "classes": maker.get_labels(),
+        "counts": torch.bincount(maker.get_image_labels(), minlength=maker.get_num_labels()).tolist(),
+        "num_samples": len(samples), "embedding_dim": encoder.num_features,
+        "skipped": [{"path": str(path), "reason": reason} for path, reason in maker.skipped],
+        "shards": shards, "encode_seconds": seconds, "actors": actors, "cpus_per_actor": cpus_per_actor,
+        "allocator_environment": utils.allocator_environment() if spec.tune_allocator else {},
+    }
+    rows = sum(entry["rows"] for entry in shards)
+    if rows != len(samples):
+        raise EmbeddingSetError(f"The shards in {out / SHARDS} hold {rows} rows for {len(samples)} samples; "
+                                "the run is incomplete, so no manifest was written. Run it again.")
+    store.write_json(out / MANIFEST, manifest)
+    return _read_manifest(out)
+
+
+def _finished_set(out: pathlib.Path, *, expected: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest of a complete set at ``out`` made as ``expected`` says (a rerun has nothing to do), None where
+    there is none (the shards of a run that died are removed); a complete set of anything else is refused."""
     if (out / MANIFEST).is_file():
         manifest = _read_manifest(out)
         differing = [name for name, value in expected.items() if manifest.get(name) != value]
@@ -240,8 +271,14 @@ def encode_dataset(
         print(f"Removing the shards of an unfinished earlier run in {out / SHARDS} (it wrote no manifest).")
         shutil.rmtree(out / SHARDS)
     out.mkdir(parents=True, exist_ok=True)
-    samples = _samples(maker)
-    started = time.perf_counter()
+    return None
+
+
+def _embedded(
+    ray: Any, samples: list[dict[str, Any]], *, spec: EncoderSpec, actors: int, gpus_per_actor: float,
+    cpus_per_actor: float, batch_size: int,
+) -> Any:
+    """The Ray dataset of the samples' embeddings, computed by a pool of ``actors`` encoder actors as it streams."""
     # Blocks of about 8 batches keep every actor busy and stream (two huge blocks per actor ran at 0.6 x the rate
     # on Caltech-101); each block becomes a shard, split further at rows_per_shard.
     dataset = ray.data.from_items(samples, override_num_blocks=max(actors * 4, -(-len(samples) // (batch_size * 8))))
@@ -249,7 +286,7 @@ def encode_dataset(
         # Ray 2.60 deprecates passing actor options as keywords, yet names no parameter for these two; its own
         # default retries a failing batch forever.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        embedded = dataset.map_batches(
+        return dataset.map_batches(
             _EmbedBatch, fn_constructor_kwargs={"spec": spec, "decoders": max(1, int(cpus_per_actor))},
             batch_size=batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus_per_actor or None,
@@ -257,33 +294,6 @@ def encode_dataset(
             max_restarts=TASK_RETRIES, max_task_retries=TASK_RETRIES,
             runtime_env={"env_vars": utils.allocator_environment()} if spec.tune_allocator else None,
         )
-    embedded.write_parquet(str(out / SHARDS), max_rows_per_file=rows_per_shard)
-    seconds = time.perf_counter() - started
-    shards = [_pin_shard(path) for path in sorted((out / SHARDS).glob("*.parquet"))]
-    manifest = {
-        "format": FORMAT,
-        "modality": maker.modality,
-        **expected,
-        "precision": spec.precision,
-        "model_name": spec.model_name,
-        "dataset": str(maker.dataset_path),
-        "classes": maker.get_labels(),
-        "counts": torch.bincount(maker.get_image_labels(), minlength=maker.get_num_labels()).tolist(),
-        "num_samples": len(samples),
-        "embedding_dim": encoder.num_features,
-        "skipped": [{"path": str(path), "reason": reason} for path, reason in maker.skipped],
-        "shards": shards,
-        "encode_seconds": seconds,
-        "actors": actors,
-        "cpus_per_actor": cpus_per_actor,
-        "allocator_environment": utils.allocator_environment() if spec.tune_allocator else {},
-    }
-    rows = sum(entry["rows"] for entry in shards)
-    if rows != len(samples):
-        raise EmbeddingSetError(f"The shards in {out / SHARDS} hold {rows} rows for {len(samples)} samples; "
-                                "the run is incomplete, so no manifest was written. Run it again.")
-    store.write_json(out / MANIFEST, manifest)
-    return _read_manifest(out)
 
 
 def _pin_shard(path: pathlib.Path) -> dict[str, Any]:
@@ -349,6 +359,10 @@ class EmbeddingSet:
         """The model fields of :meth:`encoders.Encoder.describe`, as far as the set knows them."""
         return {"model_name": self.manifest["model_id"], "num_trainable_params": "unknown (embedding set)",
                 "embedding_dim": self.manifest["embedding_dim"]}
+
+    def identity(self) -> ModelIdentity:
+        """The model, preprocessing and modality the set was encoded with."""
+        return ModelIdentity.from_record(self.manifest)
 
     def listing(self) -> datasets.ListedSamples:
         """The samples the set was encoded from, listed as the dataset lists them (same classes, same global

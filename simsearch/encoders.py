@@ -30,6 +30,7 @@ from tqdm import tqdm
 from simsearch import metrics, utils
 from simsearch.classifiers import prototypes
 from simsearch.config import EncoderConfig
+from simsearch.identity import ModelIdentity
 
 __all__ = [
     "Encoder",
@@ -255,28 +256,15 @@ def autocast_dtype(*, precision: str, device: torch.device) -> torch.dtype | Non
     raise ModelError(f"--precision {precision} is not available on {device.type}; use fp32 (fp16 needs CUDA).")
 
 
-class Encoder:
-    """A pretrained model that embeds: :meth:`embed` (a loader), :meth:`embed_images`, :meth:`embed_inputs`.
+class Embedder:
+    """A pretrained model that embeds: :meth:`embed` (a loader), :meth:`embed_images`, :meth:`embed_inputs`. What
+    the package uses of an encoder; it fits estimators itself (:mod:`protocol`, :func:`class_hits`).
 
     ``config`` is a :class:`config.EncoderConfig` or, as in the original, any object with some of its attributes
-    (resolved once; see there). The original's ``encode`` / ``evaluate`` / ``infer`` stay as thin adapters over
-    ``classifier``, the unfitted :mod:`prototypes` estimator passed in (default: the article's class mean):
-    ``encode`` fits a copy of it on ``train_dl`` and keeps it with the class names, as the original keeps its class
-    vectors, so that ``evaluate`` and ``infer`` can follow. Everything else in the package embeds here and fits
-    estimators itself (:mod:`protocol`, :func:`class_hits`).
+    (resolved once; see there).
     """
 
-    def __init__(
-        self,
-        *,
-        model: torch.nn.Module,
-        device: torch.device | str,
-        train_dl: torch.utils.data.DataLoader | None = None,
-        valid_dl: torch.utils.data.DataLoader | None = None,
-        test_dl: torch.utils.data.DataLoader | None = None,
-        config: Any = None,
-        classifier: prototypes.ClassMeanClassifier | prototypes.DecorrelatedClassifier | None = None,
-    ) -> None:
+    def __init__(self, *, model: torch.nn.Module, device: torch.device | str, config: Any = None) -> None:
         self.device = torch.device(device)
         self.config = EncoderConfig.resolve(config)
         utils.tune_allocator(enabled=self.config.tune_allocator)
@@ -285,12 +273,6 @@ class Encoder:
         self.precision = self.config.precision
         self.autocast_dtype = autocast_dtype(precision=self.precision, device=self.device)
         self._compiled = self._compile() if self.config.compile else None
-        self.train_dl = train_dl
-        self.valid_dl = valid_dl
-        self.test_dl = test_dl
-        self.classifier = classifier if classifier is not None else prototypes.ClassMeanClassifier()
-        self.fitted_classifier: Any = None
-        self.labels: np.ndarray | None = None
 
     def _compile(self) -> Any:
         """The model through ``torch.compile``; compilation itself happens at the first batch (see ``_run``)."""
@@ -323,22 +305,6 @@ class Encoder:
         """Names what produces the embeddings: model and weights, plus a precision other than fp32 (it rounds
         differently), so cached embeddings of one setting never serve another."""
         return model_id(self.model) + ("" if self.precision == "fp32" else f"+{self.precision}")
-
-    @property
-    def topk(self) -> int:
-        return int(self.config.topk)
-
-    @property
-    def embeddings(self) -> torch.Tensor | None:
-        """The class vectors (mean embedding per class, ``[C, D]`` float32), as the original exposes them."""
-        if self.fitted_classifier is None:
-            return None
-        return torch.from_numpy(self.fitted_classifier.class_means_).float().to(self.device)
-
-    @property
-    def label_indexes(self) -> torch.Tensor | None:
-        """Dataset label index of each class vector row."""
-        return None if self.fitted_classifier is None else torch.from_numpy(self.fitted_classifier.classes_)
 
     def describe(self) -> dict[str, Any]:
         """Model name, trainable parameters and embedding size: the head of every statistics record."""
@@ -414,6 +380,49 @@ class Encoder:
         image_transform, batch_transform = split_normalization(transform)
         loader = torch.utils.data.DataLoader(_ImageList(images, image_transform), batch_size=batch_size)
         return self.embed(dataloader=loader, desc="[Embed/Images]", inform=inform, batch_transform=batch_transform)[0]
+
+class Encoder(Embedder):
+    """The original's encoder: the :class:`Embedder` plus the data loaders and the calls ``encode`` / ``evaluate``
+    / ``infer`` of code written against the original project, kept as thin adapters over ``classifier``, the
+    unfitted :mod:`~simsearch.classifiers.prototypes` estimator passed in (default: the article's class mean).
+    ``encode`` fits a copy of it on ``train_dl`` and keeps it with the class names, as the original keeps its class
+    vectors, so that ``evaluate`` and ``infer`` can follow. Nothing in the package calls them.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        device: torch.device | str,
+        train_dl: torch.utils.data.DataLoader | None = None,
+        valid_dl: torch.utils.data.DataLoader | None = None,
+        test_dl: torch.utils.data.DataLoader | None = None,
+        config: Any = None,
+        classifier: Any = None,
+    ) -> None:
+        super().__init__(model=model, device=device, config=config)
+        self.train_dl = train_dl
+        self.valid_dl = valid_dl
+        self.test_dl = test_dl
+        self.classifier = classifier if classifier is not None else prototypes.ClassMeanClassifier()
+        self.fitted_classifier: Any = None
+        self.labels: np.ndarray | None = None
+
+    @property
+    def topk(self) -> int:
+        return int(self.config.topk)
+
+    @property
+    def embeddings(self) -> torch.Tensor | None:
+        """The class vectors (mean embedding per class, ``[C, D]`` float32), as the original exposes them."""
+        if self.fitted_classifier is None:
+            return None
+        return torch.from_numpy(self.fitted_classifier.class_means_).float().to(self.device)
+
+    @property
+    def label_indexes(self) -> torch.Tensor | None:
+        """Dataset label index of each class vector row."""
+        return None if self.fitted_classifier is None else torch.from_numpy(self.fitted_classifier.classes_)
 
     def encode(self, *, inform: bool = False) -> dict[str, Any]:
         """Fit the classifier on ``train_dl``: with the default, the mean embedding of each class seen."""
@@ -566,7 +575,6 @@ def create_encoder(
     device: torch.device | str,
     weights: str | os.PathLike | None = None,
     config: Any = None,
-    classifier: Any = None,
 ) -> Encoder:
     """The encoder for a dataset's modality: a timm image model, or a sentence-transformers text model."""
     if modality == "text":
@@ -576,9 +584,9 @@ def create_encoder(
                 "pass it as the model name."
             )
         model = create_text_model(model_name=model_name)
-        return TextEncoder(model=model, device=device, config=config, classifier=classifier)
+        return TextEncoder(model=model, device=device, config=config)
     model = create_model(model_name=model_name, weights=weights)
-    return Encoder(model=model, device=device, config=config, classifier=classifier)
+    return Encoder(model=model, device=device, config=config)
 
 
 def class_hits(
@@ -614,7 +622,15 @@ def class_hits(
     ]
 
 
-def preprocessing_config(encoder: Encoder) -> dict[str, Any]:
+def model_identity(encoder: Embedder, *, model_name: str) -> ModelIdentity:
+    """What an encoder's embeddings are made by, as a class store and an embedding set record it: the name that
+    loads the model, its id with the weights and a precision other than fp32, the preprocessing and the modality."""
+    return ModelIdentity(model_name=model_name, model_id=encoder.embedding_id,
+                         transform_config=preprocessing_config(encoder),
+                         modality="text" if isinstance(encoder, TextEncoder) else "image")
+
+
+def preprocessing_config(encoder: Embedder) -> dict[str, Any]:
     """What a class store or an embedding set records of the preprocessing, to refuse samples prepared otherwise:
     timm's data config for an image model, the maximum sequence length for a sentence model."""
     if isinstance(encoder, TextEncoder):

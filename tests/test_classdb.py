@@ -42,7 +42,7 @@ def filled_store() -> ClassVectorStore:
 
 def assert_same_store(left: ClassVectorStore, right: ClassVectorStore) -> None:
     assert left.labels == right.labels
-    assert left.metadata() == right.metadata()
+    assert vector_store.store_metadata(left) == vector_store.store_metadata(right)
     assert torch.equal(left.counts, right.counts)
     assert torch.equal(left.sums, right.sums)
 
@@ -176,7 +176,7 @@ def test_save_load_round_trip(tmp_path, suffix):
     path = db.save(path=tmp_path / f"classes{suffix}")
     loaded = ClassVectorStore.load(path=path, model_id=TOY["model_id"], transform_config=TOY["transform_config"])
     assert loaded.labels == db.labels and torch.equal(loaded.counts, db.counts)
-    assert loaded.metadata() == db.metadata()
+    assert vector_store.store_metadata(loaded) == vector_store.store_metadata(db)
     assert torch.equal(loaded.means, db.means)
     if suffix == ".npz":
         assert torch.equal(loaded.sums, db.sums)
@@ -189,7 +189,8 @@ def test_save_load_round_trip(tmp_path, suffix):
 def test_a_store_without_classes_saves_and_loads(tmp_path, suffix):
     path = toy_store().save(path=tmp_path / f"empty{suffix}")
     loaded = ClassVectorStore.load(path=path)
-    assert len(loaded) == 0 and loaded.dim == DIM and loaded.metadata() == toy_store().metadata()
+    assert len(loaded) == 0 and loaded.dim == DIM
+    assert vector_store.store_metadata(loaded) == vector_store.store_metadata(toy_store())
 
 
 def test_zip_is_readable_by_store_load_embeddings(tmp_path):
@@ -217,7 +218,7 @@ def test_plain_save_embeddings_file_is_imported_not_loaded(tmp_path):
     with pytest.raises(ClassDBError, match="import"):
         ClassVectorStore.load(path=plain)
     with pytest.warns(UserWarning, match="records no image counts"):
-        imported = ClassVectorStore.import_embeddings(path=plain, **TOY)
+        imported = vector_store.import_embeddings(path=plain, **TOY)
     assert imported.labels == ["a", "b"] and imported.counts.tolist() == [1, 2]
     torch.testing.assert_close(imported.means[1], (vectors[0] + vectors[2]) / 2)
 
@@ -359,7 +360,8 @@ def test_decorrelated_store_round_trips_every_statistic_through_npz_and_refuses_
     path = db.save(path=tmp_path / "decorrelated.npz")
     loaded = ClassVectorStore.load(path=path)
     assert isinstance(loaded.classifier, prototypes.DecorrelatedClassifier)
-    assert loaded.metadata() == db.metadata() and loaded.metadata()["classifier"]["name"] == "decorrelated"
+    assert vector_store.store_metadata(loaded) == vector_store.store_metadata(db)
+    assert vector_store.store_metadata(loaded)["classifier"]["name"] == "decorrelated"
     for name, value in db.classifier.get_statistics().items():
         assert np.array_equal(loaded.classifier.get_statistics()[name], value), name
     queries = random_vectors(7, seed=22)
@@ -414,7 +416,7 @@ def test_decorrelated_store_edits_leave_other_classes_alone():
 
 def test_version_1_npz_store_still_loads(tmp_path):
     db = filled_store()
-    metadata = {**db.metadata(), "version": 1}
+    metadata = {**vector_store.store_metadata(db), "version": 1}
     del metadata["classifier"]
     path = tmp_path / "old.npz"
     with path.open("wb") as stream:
@@ -448,8 +450,8 @@ def test_cli_build_writes_a_store_of_the_dataset(cli_setup, capsys):
     _, built, _ = cli_setup
     db = ClassVectorStore.load(path=built)
     assert db.labels == ["cyan ring", "green square", "red circle"]
-    assert db.counts.tolist() == [3, 3, 3] and db.model_name == "tf_efficientnet_lite0"
-    assert db.model_id.startswith("tf_efficientnet_lite0+sha256:")
+    assert db.counts.tolist() == [3, 3, 3] and db.identity.model_name == "tf_efficientnet_lite0"
+    assert db.identity.model_id.startswith("tf_efficientnet_lite0+sha256:")
     assert cli.class_store_main(["info", "--store", str(built)]) == 0
     assert "3 classes, 9 images" in capsys.readouterr().out
 
@@ -568,7 +570,7 @@ def test_cli_imports_a_plain_embeddings_file(cli_setup, tmp_path, capsys):
     path = tmp_path / "imported.npz"
     with pytest.warns(UserWarning, match="no image counts"):
         assert cli.class_store_main(["import", "--embeddings", str(plain), "--store", str(path), *model_args]) == 0
-    imported = ClassVectorStore.load(path=path, model_id=ClassVectorStore.load(path=built).model_id)
+    imported = ClassVectorStore.load(path=path, model_id=ClassVectorStore.load(path=built).identity.model_id)
     assert imported.counts.tolist() == [1, 1, 1] and torch.equal(imported.means, torch.from_numpy(means))
     assert cli.class_store_main(["import", "--embeddings", str(plain), "--store", str(path), *model_args]) == 1
     assert "already exists: pass --force" in capsys.readouterr().err
@@ -622,7 +624,7 @@ def test_calibrated_store_marks_unknown_queries_and_keeps_its_threshold(tmp_path
     assert rejected.known == [False] * 5 and len(rejected.labels) == 5  # the nearest classes are still given
     loaded = ClassVectorStore.load(path=db.save(path=tmp_path / f"store.{suffix}"))
     assert (loaded.threshold, loaded.threshold_stale) == (db.threshold, False)
-    assert loaded.metadata()["classifier"]["name"] == name
+    assert vector_store.store_metadata(loaded)["classifier"]["name"] == name
     for key, value in db.classifier.get_statistics().items():  # lda's choice of scorer included
         if suffix == "npz":  # a .zip keeps the article's class vectors in float32
             assert np.array_equal(loaded.classifier.get_statistics()[key], value), key

@@ -213,8 +213,7 @@ def test_a_class_store_built_from_the_set_equals_one_built_from_the_images(embed
                                  "--weights", str(lite0_weights), "--out", str(tmp_path / "images.npz")]) == 0
     from_set = vector_store.ClassVectorStore.load(path=tmp_path / "set.npz")
     from_images = vector_store.ClassVectorStore.load(path=tmp_path / "images.npz")
-    assert from_set.labels == from_images.labels and from_set.model_id == from_images.model_id
-    assert from_set.transform_config == from_images.transform_config
+    assert from_set.labels == from_images.labels and from_set.identity == from_images.identity
     np.testing.assert_allclose(from_set.classifier.class_sums_, from_images.classifier.class_sums_, atol=1e-4)
     assert from_set.threshold == pytest.approx(from_images.threshold, rel=1e-5)  # batches of 8 vs 32: float32
     assert "Built" in capsys.readouterr().out

@@ -33,11 +33,11 @@ def test_a_foreign_utils_module_does_not_change_what_counts_as_a_user_error(monk
 
 def test_installed_names_serve_the_originals_ahead_of_a_same_named_file(tmp_path):
     (tmp_path / "utils.py").write_text("raise SystemExit('the folder utils.py was imported')\n")
-    code = ("import sys; sys.path.insert(0, '.')\n"  # the folder first, as a script's own folder is
-            "from simsearch import originals; originals.install_names()\n"
-            "import utils, banerjee, simsearch.utils, simsearch.datasets\n"
-            "print(utils is simsearch.utils, banerjee is simsearch.datasets, 'torch' in sys.modules)")
-    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+    probe = tmp_path / "probe.py"  # a script's own folder comes first on its path, with that utils.py in it
+    probe.write_text("import sys\nfrom simsearch import originals\noriginals.install_names()\n"
+                     "import utils, banerjee, simsearch.utils, simsearch.datasets\n"
+                     "print(utils is simsearch.utils, banerjee is simsearch.datasets, 'torch' in sys.modules)\n")
+    completed = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, timeout=120,
                                cwd=tmp_path, env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert completed.stdout.split() == ["True", "True", "True"]

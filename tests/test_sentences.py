@@ -188,7 +188,7 @@ def test_text_store_build_add_classify_and_refuse_images(topics_csv, minilm_fold
     assert cli.class_store_main(["add-class", "--store", str(store_path), "--texts", str(tmp_path / "music.txt"),
                                  "--label", "music", *model]) == 0
     db = vector_store.ClassVectorStore.load(path=store_path)
-    assert db.modality == "text" and db.labels == ["cooking", "music", "sports", "weather"]
+    assert db.identity.modality == "text" and db.labels == ["cooking", "music", "sports", "weather"]
     assert db.counts.tolist() == [15, 3, 15, 15]
     (tmp_path / "queries.txt").write_text("Simmer the beans until soft.\n\nA drummer joined the band on stage.\n",
                                           encoding="utf-8")

@@ -20,8 +20,6 @@ pytest.importorskip("spyder_kernels")
 jupyter_client = pytest.importorskip("jupyter_client")
 
 STAND_IN = '''
-import sys
-sys.path.insert(0, {root!r})
 import spyder_kernels.customize.code_runner as _code_runner
 
 
@@ -66,7 +64,9 @@ def spyder_kernel(tmp_path, monkeypatch):
     }))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     manager = jupyter_client.KernelManager(kernel_name="spyder")
-    manager.start_kernel(cwd=str(tmp_path), env={**os.environ, "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1"})
+    # the repository on the kernel's path, as Spyder's PYTHONPATH manager puts a project there
+    manager.start_kernel(cwd=str(tmp_path), env={**os.environ, "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1",
+                                                 "PYTHONPATH": str(REPO_ROOT)})
     client = manager.client()
     client.start_channels()
     try:
@@ -111,7 +111,7 @@ def test_every_cell_runs_in_order_in_a_spyder_kernel_and_any_cell_reruns(spyder_
         text, count = re.subn(rf"^{name} = .*$", f"{name} = {value!r}", text, count=1, flags=re.M)
         assert count == 1, name
     script.write_text(text, encoding="utf-8")
-    _, errors = execute(spyder_kernel, STAND_IN.format(root=str(REPO_ROOT)))
+    _, errors = execute(spyder_kernel, STAND_IN)
     assert errors == []
     cells = cell_count(script)
     assert cells >= 10

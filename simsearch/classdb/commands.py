@@ -32,6 +32,7 @@ from simsearch import datasets, encoders, metrics, store, utils
 from simsearch.classdb import vector_store
 from simsearch.classdb.files import ClassDBError
 from simsearch.classifiers import registry
+from simsearch.identity import ModelIdentity
 
 __all__ = ["COMMANDS", "run_command"]
 
@@ -40,14 +41,11 @@ PathLike = vector_store.PathLike
 
 @dataclasses.dataclass
 class _Model:
-    """An encoder with everything a store records about it."""
+    """An encoder with the identity a store records of it."""
 
-    modality: str
-    name: str
-    id: str
-    transform_config: dict[str, Any]
+    identity: ModelIdentity
     transform: Any
-    encoder: encoders.Encoder
+    encoder: encoders.Encoder | None
     batch_size: int
 
     @classmethod
@@ -56,18 +54,11 @@ class _Model:
             modality=modality, model_name=model_name, weights=weights, device=utils.get_device(force_cpu=cpu)
         )
         transform = None if modality == "text" else encoders.eval_transform(encoder.model)[1]
-        return cls(
-            modality=modality,
-            name=model_name,
-            id=encoders.model_id(encoder.model),
-            transform_config=store.plain_json(encoders.preprocessing_config(encoder)),
-            transform=transform,
-            encoder=encoder,
-            batch_size=batch_size,
-        )
+        return cls(identity=encoders.model_identity(encoder, model_name=model_name), transform=transform,
+                   encoder=encoder, batch_size=batch_size)
 
     def embed(self, samples: Sequence[pathlib.Path] | Sequence[str]) -> torch.Tensor:
-        if self.modality == "text":
+        if self.identity.modality == "text":
             return self.encoder.embed_texts(texts=samples, batch_size=self.batch_size, inform=True)
         return self.encoder.embed_images(
             images=samples, transform=self.transform, batch_size=self.batch_size, inform=True
@@ -75,8 +66,8 @@ class _Model:
 
     def check(self, db: vector_store.ClassVectorStore, *, path: pathlib.Path) -> None:
         db.check_model(
-            model_id=self.id, transform_config=self.transform_config, modality=self.modality,
-            source="--model/--weights", where=str(path),
+            model_id=self.identity.model_id, transform_config=self.identity.transform_config,
+            modality=self.identity.modality, source="--model/--weights", where=str(path),
         )
 
 
@@ -116,15 +107,15 @@ def _open(args: argparse.Namespace) -> tuple[pathlib.Path, vector_store.ClassVec
 
 
 def _model_for(args: argparse.Namespace, *, modality: str, db: vector_store.ClassVectorStore | None = None) -> _Model:
-    model_name = args.model or (db.model_name if db is not None else None)
+    model_name = args.model or (db.identity.model_name if db is not None else None)
     if model_name is None:
         raise ClassDBError(
             "Name the encoder with --model (a timm model name such as tf_efficientnet_lite0 for images, a "
             "sentence-transformers name or folder for texts)."
         )
-    if db is not None and modality == "image" and args.weights is None and "+sha256:" in db.model_id:
+    if db is not None and modality == "image" and args.weights is None and "+sha256:" in db.identity.model_id:
         raise ClassDBError(
-            f"{args.store} was built from a local weights file ({db.model_id}): pass that file with --weights."
+            f"{args.store} was built from a local weights file ({db.identity.model_id}): pass that file with --weights."
         )
     return _Model.create(
         modality=modality, model_name=model_name, weights=args.weights, cpu=args.cpu, batch_size=args.batch_size
@@ -132,8 +123,8 @@ def _model_for(args: argparse.Namespace, *, modality: str, db: vector_store.Clas
 
 
 def _summary(db: vector_store.ClassVectorStore) -> str:
-    return (f"{len(db)} classes, {int(db.counts.sum())} {db.modality}s, {db.classifier_name} classifier, "
-            f"model {db.model_id}")
+    return (f"{len(db)} classes, {int(db.counts.sum())} {db.identity.modality}s, {db.classifier_name} classifier, "
+            f"model {db.identity.model_id}")
 
 
 def _new_store_path(args: argparse.Namespace) -> pathlib.Path:
@@ -165,8 +156,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         embeddings = model.embed(maker.get_samples())
     labels = np.array(maker.get_labels(), dtype=str)[maker.get_image_labels().numpy()]
     db = vector_store.ClassVectorStore(
-        dim=embeddings.shape[1], model_name=model.name, model_id=model.id, transform_config=model.transform_config,
-        classifier=registry.make_estimator(classifier, class_vectors=True), modality=maker.modality,
+        dim=embeddings.shape[1], **model.identity.record(),
+        classifier=registry.make_estimator(classifier, class_vectors=True),
     )
     held_out = np.zeros(0, dtype=np.int64)
     if args.calibrate_share > 0:
@@ -175,10 +166,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
         )
         held_out = held_out_indexes.numpy()  # numpy indexes: one torch index would pick a single label, not a list
     kept = np.setdiff1d(np.arange(len(labels)), held_out)
-    db.add_classes(embeddings=embeddings[kept], labels=labels[kept].tolist(), model_id=model.id)
+    db.add_classes(embeddings=embeddings[kept], labels=labels[kept].tolist(), model_id=model.identity.model_id)
     if len(held_out):
-        db.add_calibration_samples(embeddings=embeddings[held_out], labels=labels[held_out].tolist(),
-                                   true_positive_rate=args.true_positive_rate, model_id=model.id)
+        vector_store.add_calibration_samples(db, embeddings=embeddings[held_out], labels=labels[held_out].tolist(),
+                                   true_positive_rate=args.true_positive_rate, model_id=model.identity.model_id)
     db.save(path=path)
     print(f"Built {path}: {_summary(db)}; {_threshold_line(db)}.")
     _note_small_calibration(db)
@@ -200,9 +191,7 @@ def _from_embedding_set(args: argparse.Namespace) -> tuple[datasets.SampleListin
                            "queries in fp32, so build it from an fp32 embedding set.")
     if args.model is not None and args.model != manifest["model_name"]:
         raise ClassDBError(f"{args.embeddings} was encoded by {manifest['model_id']}, not by --model {args.model}.")
-    model = _Model(modality=manifest["modality"], name=manifest["model_name"], id=manifest["model_id"],
-                   transform_config=manifest["transform_config"], transform=None, encoder=None,
-                   batch_size=args.batch_size)
+    model = _Model(identity=embedding_set.identity(), transform=None, encoder=None, batch_size=args.batch_size)
     return embedding_set.listing(), model, embedding_set.embeddings
 
 
@@ -216,10 +205,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         shown = ", ".join(repr(label) for label in strangers[:5]) + (" ..." if len(strangers) > 5 else "")
         raise ClassDBError(f"{args.dataset} holds classes the store does not know ({shown}): calibration needs "
                            "samples of the store's own classes.")
-    model = _model_for(args, modality=db.modality, db=db)
+    model = _model_for(args, modality=db.identity.modality, db=db)
     model.check(db, path=path)
     embeddings = model.embed(maker.get_samples())
-    db.calibrate(embeddings=embeddings, true_positive_rate=args.true_positive_rate, model_id=model.id)
+    db.calibrate(embeddings=embeddings, true_positive_rate=args.true_positive_rate,
+                 model_id=model.identity.model_id)
     db.save(path=path)
     print(f"Calibrated {path}: {_threshold_line(db)}.")
     _note_small_calibration(db)
@@ -236,7 +226,8 @@ def _note_small_calibration(db: vector_store.ClassVectorStore) -> None:
     needed = metrics.samples_for_margin(rate=rate)
     if count < needed:
         margin = metrics.proportion_margin(count=count, rate=rate)
-        print(f"warning: the threshold rests on {_counted(count, db.modality)}: on new samples it keeps {rate:.0%} ± "
+        print(f"warning: the threshold rests on {_counted(count, db.identity.modality)}: on new samples it keeps "
+              f"{rate:.0%} ± "
               f"{margin:.0%} of them (95 % confidence); calibrate on at least {needed} for ± 5 points "
               "(`calibrate --dataset DIR`).", file=sys.stderr)
 
@@ -259,7 +250,7 @@ def _threshold_line(db: vector_store.ClassVectorStore) -> str:
         return "no threshold for unknown queries (run `calibrate`)"
     note = " (STALE: the classes changed since; run `calibrate`)" if db.threshold_stale else ""
     count = getattr(db.classifier, "calibration_count_", None)
-    basis = f" (set on {_counted(count, db.modality)})" if count is not None else ""
+    basis = f" (set on {_counted(count, db.identity.modality)})" if count is not None else ""
     return (f"unknown below {db.threshold:.4f}, keeping {db.classifier.true_positive_rate_:.0%} of known samples"
             f"{basis}{note}")
 
@@ -267,21 +258,21 @@ def _threshold_line(db: vector_store.ClassVectorStore) -> str:
 def _cmd_add_or_update(args: argparse.Namespace) -> int:
     path, db = _open(args)
     if args.command == "add-class":
-        db.check_new_label(args.label)
+        vector_store.check_new_label(db, args.label)
     else:
         db.index(args.label)
-    _, samples = _samples(args.samples, modality=db.modality)
-    model = _model_for(args, modality=db.modality, db=db)
+    _, samples = _samples(args.samples, modality=db.identity.modality)
+    model = _model_for(args, modality=db.identity.modality, db=db)
     model.check(db, path=path)
     embeddings = model.embed(samples)
     if args.command == "add-class":
-        db.add_class(label=args.label, embeddings=embeddings, model_id=model.id)
+        db.add_class(label=args.label, embeddings=embeddings, model_id=model.identity.model_id)
     else:
-        db.update_class(label=args.label, embeddings=embeddings, model_id=model.id)
+        db.update_class(label=args.label, embeddings=embeddings, model_id=model.identity.model_id)
     db.save(path=path)
     count = int(db.counts[db.index(args.label)])
     verb = "Added" if args.command == "add-class" else "Updated"
-    print(f"{verb} '{utils.printable(args.label)}' ({count} {db.modality}s) in {path}: {_summary(db)}.")
+    print(f"{verb} '{utils.printable(args.label)}' ({count} {db.identity.modality}s) in {path}: {_summary(db)}.")
     _note_stale_threshold(db, path=path)
     return 0
 
@@ -307,7 +298,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     path, db = _open(args)
     print(f"{path}: {_summary(db)}, dimension {db.dim}")
     print(f"threshold: {_threshold_line(db)}")
-    print(f"preprocessing: {db.transform_config}")
+    print(f"preprocessing: {db.identity.transform_config}")
     for label, count in zip(db.labels, db.counts.tolist()):
         print(f"{count:8d}  {utils.printable(label)}")
     return 0
@@ -316,8 +307,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_import(args: argparse.Namespace) -> int:
     path = _new_store_path(args)
     model = _model_for(args, modality="image")
-    db = vector_store.ClassVectorStore.import_embeddings(
-        path=args.embeddings, model_name=model.name, model_id=model.id, transform_config=model.transform_config
+    db = vector_store.import_embeddings(
+        path=args.embeddings, model_name=model.identity.model_name, model_id=model.identity.model_id,
+        transform_config=model.identity.transform_config,
     )
     db.save(path=path)
     print(f"Imported {args.embeddings} into {path}: {_summary(db)}.")
@@ -326,8 +318,8 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 def _cmd_classify(args: argparse.Namespace) -> int:
     path, db = _open(args)
-    names, samples = _samples(args.samples, modality=db.modality)
-    model = _model_for(args, modality=db.modality, db=db)
+    names, samples = _samples(args.samples, modality=db.identity.modality)
+    model = _model_for(args, modality=db.identity.modality, db=db)
     model.check(db, path=path)
     reject = db.threshold is not None if args.reject is None else args.reject
     if reject:
@@ -336,7 +328,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         queries=model.embed(samples),
         top_k=args.top_k,
         backend=args.backend,
-        model_id=model.id,
+        model_id=model.identity.model_id,
         device=model.encoder.device,
         reject=reject,
     )

@@ -136,7 +136,7 @@ def _read_zip(path: pathlib.Path) -> tuple[dict[str, Any], Statistics]:
             raise ClassDBError(
                 f"{path} has no {METADATA_MEMBER}: it is a plain store.save_embeddings file that records no model "
                 f"or image counts. Import it with `python -m simsearch store import --embeddings {path} "
-                "--store NEW.zip --model M` (or ClassVectorStore.import_embeddings)."
+                "--store NEW.zip --model M` (or vector_store.import_embeddings)."
             )
         try:
             metadata = json.loads(archive.read(METADATA_MEMBER))
