@@ -226,7 +226,7 @@ class LabelledSamples(torch.utils.data.Dataset):
         return [label for label, _, _ in self._labels]
 
     def get_act_labels(self) -> list[tuple[str, int]]:
-        """``(label name, label index)`` of each active label, in active label order."""
+        """For callers of the original: ``(label name, label index)`` of each active label, in active label order."""
         return [(self._labels[label_idx][0], label_idx) for label_idx, _, _ in self._act_labels]
 
     def act_label_idx_to_label_idx(self, act_label_idx: int) -> int:
@@ -515,23 +515,6 @@ class SampleListing:
             valid_share=valid_share, test_share=test_share, generator=generator,
         )
 
-    def make_datasets(
-        self,
-        *,
-        train_transform: Callable | None = None,
-        eval_transform: Callable | None = None,
-        valid_share: float = 0.1,
-        test_share: float = 0.1,
-        generator: torch.Generator | None = None,
-    ) -> tuple[LabelledSamples, LabelledSamples, LabelledSamples]:
-        """Random (train, valid, test) datasets; the same generator state gives the same partition."""
-        train, valid, test = self.split_indexes(valid_share=valid_share, test_share=test_share, generator=generator)
-        return (
-            self.datasets_from_indexes(indexes=train, transform=train_transform),
-            self.datasets_from_indexes(indexes=valid, transform=eval_transform),
-            self.datasets_from_indexes(indexes=test, transform=eval_transform),
-        )
-
     def datasets_from_indexes(
         self, *, indexes: torch.Tensor | Sequence[int], transform: Callable | None = None
     ) -> LabelledSamples:
@@ -564,6 +547,27 @@ class SampleListing:
         """All images in global order."""
         return self.datasets_from_indexes(indexes=torch.arange(len(self._images)), transform=transform)
 
+    # --- The original's calls, kept for code written against it; nothing in the package calls them but the
+    # original's own store.load_checkpoint.
+
+    def make_datasets(
+        self,
+        *,
+        train_transform: Callable | None = None,
+        eval_transform: Callable | None = None,
+        valid_share: float = 0.1,
+        test_share: float = 0.1,
+        generator: torch.Generator | None = None,
+    ) -> tuple[LabelledSamples, LabelledSamples, LabelledSamples]:
+        """For callers of the original: random (train, valid, test) datasets; the same generator state gives the same
+        partition. The package's protocols draw indexes (:meth:`split_indexes`) and build parts from them."""
+        train, valid, test = self.split_indexes(valid_share=valid_share, test_share=test_share, generator=generator)
+        return (
+            self.datasets_from_indexes(indexes=train, transform=train_transform),
+            self.datasets_from_indexes(indexes=valid, transform=eval_transform),
+            self.datasets_from_indexes(indexes=test, transform=eval_transform),
+        )
+
     def restore_datasets(
         self,
         *,
@@ -573,7 +577,8 @@ class SampleListing:
         train_transform: Callable | None = None,
         eval_transform: Callable | None = None,
     ) -> tuple[LabelledSamples | None, LabelledSamples | None, LabelledSamples | None]:
-        """Rebuild parts saved with ``Animal90.get_state`` (None stays None); transforms are not part of a state."""
+        """For callers of the original: rebuild parts saved with ``Animal90.get_state`` (None stays None);
+        transforms are not part of a state."""
         return (
             self._restore(state=train_ds_state, transform=train_transform, part="train"),
             self._restore(state=valid_ds_state, transform=eval_transform, part="valid"),

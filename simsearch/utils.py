@@ -256,7 +256,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 class NativeScalerV2(timm.utils.NativeScaler):
-    """timm's AMP loss scaler that also tells whether the last call really stepped the optimizer.
+    """For callers of the original (the package trains nothing): timm's AMP loss scaler that also tells whether the
+    last call really stepped the optimizer.
 
     ``GradScaler`` silently skips ``optimizer.step()`` when it finds inf/NaN gradients and lowers its scale. A
     learning-rate scheduler stepped after such a call triggers PyTorch's "scheduler before optimizer" warning and

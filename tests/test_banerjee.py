@@ -338,3 +338,23 @@ def test_unreadable_image_error_survives_pickling(tmp_path):
     copy = pickle.loads(pickle.dumps(error))
     assert isinstance(copy, OSError)
     assert (copy.path, copy.reason, str(copy)) == (error.path, "broken", str(error))
+
+
+def test_a_listing_handed_over_whole_restores_saved_parts_as_a_dataset_listing_does(tmp_path):
+    """An embedding set's listing once filled a SampleListing's private attributes from outside and left its
+    global index unset, so restoring saved parts failed; built through ListedSamples it lists as the dataset."""
+    make_class_folders(tmp_path / "data", classes=list(CLASS_STYLES)[:3], images_per_class=4)
+    maker = banerjee.DatasetMaker(dataset_path=tmp_path / "data")
+    names = [str(path) for path in maker.get_image_paths()]
+    counts = torch.bincount(maker.get_image_labels()).tolist()
+    starts = [sum(counts[:row]) for row in range(len(counts) + 1)]
+    listed = banerjee.ListedSamples(
+        modality="image", dataset_path=maker.dataset_path, fingerprint="embedding-set:x",
+        classes={label: names[starts[row]:starts[row + 1]] for row, label in enumerate(maker.get_labels())},
+    )
+    assert listed.get_labels() == maker.get_labels()
+    assert torch.equal(listed.get_image_labels(), maker.get_image_labels())
+    part = listed.datasets_from_indexes(indexes=[1, 5, 9])
+    _, restored, _ = listed.restore_datasets(valid_ds_state=part.get_state())
+    assert restored.get_state() == part.get_state() and restored._global_indexes == [1, 5, 9]
+    assert [restored.get_image_path(index) for index in range(3)] == [maker.get_image_paths()[i] for i in (1, 5, 9)]

@@ -174,3 +174,14 @@ def test_damaged_cell_is_computed_again_with_a_warning(grid_run, image_folder):
     expected = table[table.dataset == image_folder.name].reset_index(drop=True)
     assert again["accuracy"].tolist() == pytest.approx(expected["accuracy"].tolist())
     assert json.loads(damaged.read_text())["accuracies"] != forged["accuracies"]
+
+
+@pytest.mark.parametrize(("device", "fits_on"), [("cpu", None), ("cuda:0", "cuda:0"), ("mps", None)])
+def test_the_grid_fits_its_classifiers_where_its_encoder_runs(device, fits_on):
+    """The grid once handed classifier names to the protocols, so their fits ran on the CPU whatever --device said;
+    now each cell's classifier is made on the grid's device by the one function the script uses."""
+    settings = grid._run_settings("decorrelated", settings=grid.GridSettings(device=device))
+    assert isinstance(settings.classifier, prototypes.DecorrelatedClassifier)
+    assert settings.classifier.device == fits_on
+    assert grid._run_settings("mean", settings=grid.GridSettings(device=device)).classifier.get_params() == {
+        "normalize": False}  # the class mean has no device: it stays in NumPy
