@@ -326,7 +326,7 @@ def _open_unit_interval(text: str) -> float:
     return value
 
 
-def class_store_parser() -> argparse.ArgumentParser:
+def class_store_parser(prog: str = "python -m simsearch store") -> argparse.ArgumentParser:
     """The class-store commands' options (``python -m simsearch store``, ``similarity-classdb``), importable without
     torch."""
     model_options = argparse.ArgumentParser(add_help=False)
@@ -344,7 +344,7 @@ def class_store_parser() -> argparse.ArgumentParser:
     store_option.add_argument("--store", required=True, help="class vector store file (.zip or .npz)")
 
     parser = argparse.ArgumentParser(
-        prog="python -m simsearch store",
+        prog=prog,
         description="Build, edit and query a class vector database of images or texts (one class-vector classifier).",
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -484,9 +484,9 @@ def install_error_boundary() -> None:
     sys.excepthook = boundary
 
 
-def class_store_main(argv: list[str] | None = None) -> int:
+def class_store_main(argv: list[str] | None = None, *, prog: str = "python -m simsearch store") -> int:
     """Parse a class-store command, then load the heavy modules and run it; user errors become one line."""
-    parser = class_store_parser()
+    parser = class_store_parser(prog)
     args = parser.parse_args(argv)
     if getattr(args, "top_k", 1) < 1 or getattr(args, "batch_size", 1) < 1:
         parser.error("--top-k and --batch-size must be at least 1.")
@@ -495,12 +495,12 @@ def class_store_main(argv: list[str] | None = None) -> int:
     return reporting_user_errors(lambda: commands.run_command(args))
 
 
-def grid_parser() -> argparse.ArgumentParser:
+def grid_parser(prog: str = "python -m simsearch grid") -> argparse.ArgumentParser:
     """Options of the model x dataset x classifier grid (``python -m simsearch grid``, ``similarity-grid``); the
     defaults are ``config.GridSettings``'s."""
     grid_defaults = config.GridSettings()
     parser = argparse.ArgumentParser(
-        prog="python -m simsearch grid", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Several models, datasets and classifiers on identical partitions per dataset: one CSV and one "
                     "Markdown table with accuracy, top-k, paired differences to a baseline, encoding rate and "
                     "embedding size. Embeddings and finished cells are reused on a rerun.",
@@ -539,9 +539,9 @@ def grid_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def grid_main(argv: list[str] | None = None) -> int:
+def grid_main(argv: list[str] | None = None, *, prog: str = "python -m simsearch grid") -> int:
     """Parse and check the grid's options, then run it; user errors become one line."""
-    parser = grid_parser()
+    parser = grid_parser(prog)
     args = parser.parse_args(argv)
     if not args.datasets and not args.embeddings:
         parser.error("give --datasets (with --models or --text-models) or --embeddings.")
@@ -579,10 +579,10 @@ def grid_main(argv: list[str] | None = None) -> int:
     return reporting_user_errors(run)
 
 
-def distributed_parser() -> argparse.ArgumentParser:
+def distributed_parser(prog: str = "python -m simsearch distributed") -> argparse.ArgumentParser:
     """Options of the distributed encode (``python -m simsearch distributed``, ``similarity-distributed``)."""
     parser = argparse.ArgumentParser(
-        prog="python -m simsearch distributed", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Encode a class-folder image dataset or a CSV/TSV of labelled texts on a Ray cluster (or a local "
                     "Ray) into a Parquet embedding set with a manifest; --embeddings DIR of the research script, the "
                     "grid and the class store read it without the encoder.",
@@ -616,9 +616,9 @@ def distributed_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def distributed_main(argv: list[str] | None = None) -> int:
+def distributed_main(argv: list[str] | None = None, *, prog: str = "python -m simsearch distributed") -> int:
     """Parse the distributed encode's options, then start or join Ray and encode; user errors become one line."""
-    parser = distributed_parser()
+    parser = distributed_parser(prog)
     args = parser.parse_args(argv)
     if min(args.batch_size, args.actors, args.rows_per_shard) < 1 or args.gpus_per_actor < 0:
         parser.error("--batch-size, --actors and --rows-per-shard must be at least 1, --gpus-per-actor 0 or more.")
@@ -655,22 +655,22 @@ def distributed_main(argv: list[str] | None = None) -> int:
     return reporting_user_errors(run)
 
 
-def research_script_main(argv: list[str] | None = None) -> int:
+def research_script_main(argv: list[str] | None = None, *, prog: str = "python -m simsearch run") -> int:
     """Run the research script end to end with these options, as ``python p1_similarity_search_rsch.py`` does.
 
     The script is the checkout's own file where there is one (a clone, an editable install), else the copy the
     package was built with; its imports of the original's names resolve to this package's modules either way.
     """
-    import runpy
-
     from simsearch import originals
 
     originals.install_names()
     script = originals.research_script()
+    code = compile(script.read_text(encoding="utf-8"), str(script), "exec")
     saved_argv = sys.argv
-    sys.argv = [str(script), *(sys.argv[1:] if argv is None else argv)]
+    # run as runpy.run_path does, but with argv[0] the command as it was typed, which --help names
+    sys.argv = [prog, *(sys.argv[1:] if argv is None else argv)]
     try:
-        runpy.run_path(str(script), run_name="__main__")
+        exec(code, {"__name__": "__main__", "__file__": str(script), "__builtins__": __builtins__})
     finally:
         sys.argv = saved_argv
     return 0
@@ -694,19 +694,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_research_script() -> None:
     """Console entry point ``similarity-search``: the research script (``python -m simsearch run``)."""
-    sys.exit(research_script_main())
+    sys.exit(research_script_main(prog="similarity-search"))
 
 
 def run_class_store() -> None:
     """Console entry point ``similarity-classdb``: the class-store commands (``python -m simsearch store``)."""
-    sys.exit(class_store_main())
+    sys.exit(class_store_main(prog="similarity-classdb"))
 
 
 def run_grid() -> None:
     """Console entry point ``similarity-grid``: the model x dataset x classifier grid (``python -m simsearch grid``)."""
-    sys.exit(grid_main())
+    sys.exit(grid_main(prog="similarity-grid"))
 
 
 def run_distributed() -> None:
     """Console entry point ``similarity-distributed``: the distributed encode (``python -m simsearch distributed``)."""
-    sys.exit(distributed_main())
+    sys.exit(distributed_main(prog="similarity-distributed"))

@@ -86,6 +86,7 @@ def test_the_install_holds_one_package_with_the_research_script(installed):
 def test_the_console_scripts_answer_help_without_a_checkout(installed, tmp_path, command, usage):
     completed = run_installed(installed, tmp_path, str(installed / "bin" / command), "--help")
     assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.startswith(f"usage: {command} ")  # named as typed, not as python -m ...
     assert usage in " ".join(completed.stdout.split())
 
 
@@ -95,6 +96,13 @@ def test_the_installed_package_imports_its_command_line_without_torch(installed,
     completed = run_installed(installed, tmp_path, sys.executable, "-c", code, str(installed))
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert completed.stdout.split() == ["True", "False"]
+
+
+def test_python_m_simsearch_run_is_the_research_script_under_its_own_name():
+    completed = subprocess.run([sys.executable, "-m", "simsearch", "run", "--help"], capture_output=True, text=True,
+                               timeout=60, cwd=REPO_ROOT)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.startswith("usage: python -m simsearch run [-h] [--dataset DATASET]")
 
 
 def test_python_m_simsearch_names_its_command_families():

@@ -180,3 +180,19 @@ def test_the_quick_start_sets_up_and_runs_the_main_job_on_the_bundled_digits(tmp
     written = {path.name for path in out.iterdir()}
     assert {"results.json", "runs.csv", "runs.jsonl", "class_accuracy.csv", "cumacc.png", "examples.png"} <= written
 
+
+
+def test_python_m_simsearch_run_gives_the_scripts_results_from_another_folder(six_classes, lite0_weights, tmp_path):
+    """The package's own entry to the research script, run where there is no checkout on the path but the package:
+    the same final accuracy as the script file run directly on the same options."""
+    from conftest import REPO_ROOT
+
+    options = ["--dataset", str(six_classes), "--model", "tf_efficientnet_lite0", "--weights", str(lite0_weights),
+               "--runs", "3", "--top-k", "2"]
+    direct = run_script(*options, "--out", tmp_path / "direct", cwd=tmp_path)
+    packaged = subprocess.run([sys.executable, "-m", "simsearch", "run", *options, "--out", str(tmp_path / "packaged")],
+                              capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert direct.returncode == 0 and packaged.returncode == 0, packaged.stderr[-2000:]
+    results = [json.loads((tmp_path / name / "results.json").read_text()) for name in ("direct", "packaged")]
+    assert results[0]["accuracies"] == results[1]["accuracies"] and len(results[1]["accuracies"]) == 3
