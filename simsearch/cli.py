@@ -510,6 +510,8 @@ def grid_parser(prog: str = "python -m simsearch grid") -> argparse.ArgumentPars
     parser.add_argument("--embeddings", nargs="+", default=[], metavar="DIR",
                         help="embedding sets of `python -m simsearch distributed` (a model on a dataset each), run "
                              "without the encoder")
+    parser.add_argument("--text-column", default="text", help="CSV/TSV column of the texts (sentence datasets)")
+    parser.add_argument("--label-column", default="label", help="CSV/TSV column of the labels (sentence datasets)")
     parser.add_argument("--models", nargs="*", default=[], metavar="NAME[=WEIGHTS]",
                         help="timm image models, each with an optional local weights file")
     parser.add_argument("--text-models", nargs="*", default=[], metavar="NAME_OR_FOLDER",
@@ -564,7 +566,7 @@ def grid_main(argv: list[str] | None = None, *, prog: str = "python -m simsearch
             models=[grid.parse_model_spec(spec, modality="image") for spec in args.models]
             + [grid.parse_model_spec(spec, modality="text") for spec in args.text_models],
             classifiers=args.classifiers, out=args.out, cache_dir=args.cache_dir, baseline=baseline,
-            embedding_sets=args.embeddings,
+            embedding_sets=args.embeddings, text_column=args.text_column, label_column=args.label_column,
             settings=config.GridSettings(
                 runs=args.runs, valid_share=args.valid_share, top_k=args.top_k, seed=args.seed,
                 confidence=args.confidence, batch_size=loader.batch_size, workers=loader.workers,

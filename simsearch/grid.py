@@ -71,12 +71,16 @@ def run_grid(
     settings: GridSettings = DEFAULT_SETTINGS,
     baseline: tuple[str, str] | None = None,
     embedding_sets: Sequence[str | pathlib.Path] = (),
+    text_column: str = "text",
+    label_column: str = "label",
 ) -> pd.DataFrame:
     """Every (dataset, matching model, classifier) cell, and every classifier on each embedding set of
     :mod:`distributed` (a model on a dataset, no encoder); writes ``grid.csv`` and ``grid.md`` into ``out``.
 
     ``baseline`` is a ``(model label, classifier)`` pair; default: each dataset's first model with the first
-    classifier. Returns the table (one row per cell).
+    classifier. ``text_column`` and ``label_column`` name the columns of CSV/TSV sentence datasets. A table of an
+    earlier grid in ``out`` that this one would not repeat (other cells or settings) is moved into
+    ``replaced-<time>/`` first. Returns the table (one row per cell).
     """
     out = pathlib.Path(out)
     cache = store.EmbeddingCache(cache_dir)
@@ -87,8 +91,10 @@ def run_grid(
     _check_distinct(datasets=datasets, models=models, classifiers=classifiers)
     lock = store.acquire_writer_lock(out / "grid.csv", timeout=0)  # a second grid into the same folder stops here
     try:
-        return _run_cells(datasets=datasets, modalities=modalities, models=models, classifiers=classifiers, out=out,
-                          cache=cache, settings=settings, baseline=baseline, embedding_sets=embedding_sets)
+        makers = [make_dataset_maker(dataset_path=dataset, modality=modality, text_column=text_column,
+                                     label_column=label_column) for dataset, modality in zip(datasets, modalities)]
+        return _run_cells(makers=makers, models=models, classifiers=classifiers, out=out, cache=cache,
+                          settings=settings, baseline=baseline, embedding_sets=embedding_sets)
     finally:
         lock.release()
 
@@ -117,8 +123,7 @@ def _check_distinct(
 
 def _run_cells(
     *,
-    datasets: Sequence[str | pathlib.Path],
-    modalities: Sequence[str],
+    makers: Sequence[SampleListing],
     models: Sequence[ModelSpec],
     classifiers: Sequence[str],
     out: pathlib.Path,
@@ -130,18 +135,37 @@ def _run_cells(
     cells = []
     for folder in embedding_sets:
         cells += _embedding_set_cells(folder=folder, classifiers=classifiers, settings=settings, out=out)
-    for dataset, modality in zip(datasets, modalities):
-        maker = make_dataset_maker(dataset_path=dataset, modality=modality)
-        for model in (model for model in models if model.modality == modality):
+    for maker in makers:
+        for model in (model for model in models if model.modality == maker.modality):
             cells += _model_cells(
                 maker=maker, model=model, classifiers=classifiers, settings=settings, cache=cache, out=out
             )
     table = _with_differences(utils.table(cells), baseline=baseline, confidence=settings.confidence)
     shown = table.drop(columns=["accuracies", "balanced_accuracies", "topk_accuracies"])
+    markdown = markdown_table(shown, settings=settings)
+    _keep_an_earlier_table(out, cells=shown, markdown=markdown)
     store.write_csv(out / "grid.csv", shown)
     with store.atomic_path(out / "grid.md") as temporary:
-        temporary.write_text(markdown_table(shown, settings=settings), encoding="utf-8")
+        temporary.write_text(markdown, encoding="utf-8")
     return shown
+
+
+def _keep_an_earlier_table(out: pathlib.Path, *, cells: pd.DataFrame, markdown: str) -> None:
+    """Move an earlier grid's table aside (and say so) unless this grid repeats it: the same settings line and
+    every earlier cell (dataset, model, classifier) among this one's. A rerun of the same grid replaces nothing."""
+    tables = [out / "grid.csv", out / "grid.md"]
+    if not tables[0].is_file():
+        return
+    try:
+        earlier = pd.read_csv(tables[0], dtype=str, keep_default_na=False)
+        earlier_cells = set(zip(earlier["dataset_path"], earlier["model"], earlier["classifier"]))
+        same_settings = tables[1].read_text(encoding="utf-8").split("\n", 1)[0] == markdown.split("\n", 1)[0]
+    except (OSError, KeyError, ValueError, pd.errors.ParserError):
+        earlier_cells, same_settings = {("unreadable",)}, False
+    if same_settings and earlier_cells <= set(zip(cells["dataset_path"], cells["model"], cells["classifier"])):
+        return
+    aside = store.set_aside([table for table in tables if table.is_file()], folder=out)
+    print(f"{out} held the table of an earlier grid ({len(earlier_cells)} cells); it was moved to {aside}.")
 
 
 def _model_cells(

@@ -386,11 +386,8 @@ def _keep_replaced_log(path: pathlib.Path, *, completed: list[Run]) -> None:
     records = _complete_records(_log_lines(path))
     if records <= len(completed):
         return
-    folder = path.parent / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-    folder.mkdir()
     files = [item for item in path.parent.iterdir() if item.is_file() and not item.name.startswith(".")]
-    for item in files:
-        os.replace(item, folder / item.name)
+    folder = store.set_aside(files, folder=path.parent)
     print(f"{path.parent} held an earlier experiment ({records} partitions in {path.name}); its {len(files)} "
           f"files were moved to {folder}.")
 

@@ -16,6 +16,7 @@ import json
 import os
 import pathlib
 import tempfile
+import time
 import warnings
 import zipfile
 import zlib
@@ -299,6 +300,16 @@ def write_csv(path: PathLike, frame: pd.DataFrame | dict[str, Sequence[Any]]) ->
         # bytes, and reads back equal with encoding_errors="surrogateescape"
         safe.to_csv(temporary, index=False, quoting=csv.QUOTE_NONNUMERIC, errors="surrogateescape")
     return path
+
+
+def set_aside(files: Sequence[pathlib.Path], *, folder: pathlib.Path) -> pathlib.Path:
+    """Move ``files`` (of ``folder``) together into a new ``folder/replaced-<time>/`` and return it: how a new
+    experiment or grid keeps the results of an earlier one that it would otherwise overwrite."""
+    aside = folder / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for item in files:
+        os.replace(item, aside / item.name)
+    return aside
 
 
 def cache_key(*, model_id: str, transform: Any, fingerprint: Sequence[Sequence[Any]]) -> str:

@@ -185,3 +185,35 @@ def test_the_grid_fits_its_classifiers_where_its_encoder_runs(device, fits_on):
     assert settings.classifier.device == fits_on
     assert grid._run_settings("mean", settings=grid.GridSettings(device=device)).classifier.get_params() == {
         "normalize": False}  # the class mean has no device: it stays in NumPy
+
+
+def test_a_second_grid_into_the_same_folder_keeps_the_first_ones_table(grid_run, image_folder, capsys):
+    folder, models, _ = grid_run
+    out = folder / "kept"
+
+    def grid_of(classifiers: list[str]) -> pd.DataFrame:
+        return grid.run_grid(datasets=[image_folder], models=models[:1], classifiers=classifiers, out=out,
+                             cache_dir=folder / "cache", settings=SETTINGS)
+
+    first = grid_of(["mean", "decorrelated"])
+    grid_of(["mean", "decorrelated"])  # the same grid again: nothing to keep aside
+    assert not list(out.glob("replaced-*")) and "was moved" not in capsys.readouterr().out
+    grid_of(["mean"])
+    (aside,) = out.glob("replaced-*")
+    assert f"held the table of an earlier grid (2 cells); it was moved to {aside}" in capsys.readouterr().out
+    kept = pd.read_csv(aside / "grid.csv")
+    assert kept["classifier"].tolist() == first["classifier"].tolist() == ["mean", "decorrelated"]
+    assert pd.read_csv(out / "grid.csv")["classifier"].tolist() == ["mean"]
+    assert (aside / "grid.md").read_text(encoding="utf-8").count("| decorrelated |") == 1
+
+
+def test_the_grid_reads_a_sentence_file_with_its_own_column_names(minilm_folder, tmp_path, capsys):
+    rows = topic_sentences(per_class=10)
+    path = tmp_path / "questions.csv"
+    pd.DataFrame([(text, label) for label, text in rows], columns=["question", "coarse"]).to_csv(path, index=False)
+    status = cli.grid_main(["--datasets", str(path), "--text-models", str(minilm_folder), "--classifiers", "mean",
+                            "--text-column", "question", "--label-column", "coarse", "--runs", "2", "--out",
+                            str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")])
+    assert status == 0, capsys.readouterr().err
+    table = pd.read_csv(tmp_path / "out" / "grid.csv")
+    assert table["classes"].tolist() == [len({label for label, _ in rows})] and table["samples"].tolist() == [len(rows)]
