@@ -23,16 +23,19 @@ import dataclasses
 import pathlib
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from simsearch import datasets, encoders, metrics, store, utils
+from simsearch import metrics, store, utils
 from simsearch.classdb import vector_store
 from simsearch.classdb.files import ClassDBError
 from simsearch.classifiers import registry
 from simsearch.identity import ModelIdentity
+
+if TYPE_CHECKING:  # the encoder and the dataset lister load torchvision and timm: only where something is encoded
+    from simsearch import datasets, encoders
 
 __all__ = ["COMMANDS", "run_command"]
 
@@ -50,6 +53,8 @@ class _Model:
 
     @classmethod
     def create(cls, *, modality: str, model_name: str, weights: str | None, cpu: bool, batch_size: int) -> _Model:
+        from simsearch import encoders
+
         encoder = encoders.create_encoder(
             modality=modality, model_name=model_name, weights=weights, device=utils.get_device(force_cpu=cpu)
         )
@@ -95,6 +100,8 @@ def _image_files(path: pathlib.Path) -> list[pathlib.Path]:
     """``path`` itself if it is a file, else every image under the folder (sorted, hidden files skipped)."""
     if path.is_file():
         return [path]
+    from simsearch import datasets
+
     names, _ = datasets.list_image_files(path)
     if not names:
         raise ClassDBError(f"No images ({', '.join(datasets.IMAGE_EXTENSIONS)}) found under {path}.")
@@ -148,6 +155,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.embeddings is not None:
         maker, model, embeddings = _from_embedding_set(args)
     else:
+        from simsearch import datasets
+
         maker = datasets.make_dataset_maker(
             dataset_path=args.dataset, modality=args.modality, text_column=args.text_column,
             label_column=args.label_column,
@@ -196,6 +205,8 @@ def _from_embedding_set(args: argparse.Namespace) -> tuple[datasets.SampleListin
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from simsearch import datasets
+
     path, db = _open(args)
     maker = datasets.make_dataset_maker(
         dataset_path=args.dataset, text_column=args.text_column, label_column=args.label_column
