@@ -136,6 +136,9 @@ text = dsm.modality == "text"
 labels = dsm.get_labels()
 if settings.top_k > len(labels):
     raise SystemExit(f"--top-k {settings.top_k} exceeds the {len(labels)} classes of {dsm.dataset_path}.")
+if settings.top_k == len(labels):
+    print(f"Note: --top-k {settings.top_k} names every class of {dsm.dataset_path.name}, so the top-{settings.top_k} "
+          "accuracy is 1 by construction.")
 clock.mark("dataset listing and image check")
 
 # %% The model, its preprocessing and the encoder (none for an embedding set).
@@ -153,7 +156,7 @@ query_transform = augmenting_transform if args.augment_eval else eval_transform
 model_description = encoder.describe() if encoder else embedding_set.describe()
 print(f"Dataset: {dsm.dataset_path} ({len(labels)} classes, {dsm.get_num_images()} {dsm.sample_kind}s, "
       f"{len(dsm.skipped)} skipped); model: {model_description['model_name']}; device: {device}; "
-      f"{loader.describe()}")
+      + (loader.describe() if encoder else "nothing to encode (an embedding set)"))
 clock.mark("model")
 
 # %% Encode and evaluate over random partitions.
@@ -287,7 +290,7 @@ if searchable:
     target_label = valid_ds.get_label(target_label_idx)
     predicted_labels = [hit["label"] for hit in hits]
     utils.print_stats({
-        "Image index": image_idx,
+        "Text index" if text else "Image index": image_idx,
         "Text" if text else "Image path": valid_ds.get_text(image_idx) if text else valid_ds.get_image_path(image_idx),
         "Target label": target_label,
         "Predicted labels": ", ".join(f"{hit['label']} ({hit['score']:.3f})" for hit in hits),

@@ -790,7 +790,8 @@ class TextDatasetMaker(SampleListing):
         classes: dict[str, list[str]] = {}
         seen: set[tuple[str, str]] = set()
         for where, label, text in rows:
-            if not text.strip():
+            text = text.strip()  # a copy that differs only by surrounding spaces is the same sample
+            if not text:
                 self.skipped.append((where, "empty text"))
             elif (label, text) in seen:
                 self.skipped.append((where, f"repeats an earlier sample of class {label!r}"))

@@ -195,3 +195,14 @@ def test_python_m_simsearch_run_gives_the_scripts_results_from_another_folder(si
     assert direct.returncode == 0 and packaged.returncode == 0, packaged.stderr[-2000:]
     results = [json.loads((tmp_path / name / "results.json").read_text()) for name in ("direct", "packaged")]
     assert results[0]["accuracies"] == results[1]["accuracies"] and len(results[1]["accuracies"]) == 3
+
+
+def test_a_top_k_that_names_every_class_says_its_accuracy_is_one_by_construction(six_classes, lite0_weights,
+                                                                                  tmp_path):
+    completed = run_script("--dataset", six_classes, "--model", "tf_efficientnet_lite0", "--weights", lite0_weights,
+                           "--runs", 2, "--top-k", 6, "--out", tmp_path / "out", cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    stdout = completed.stdout
+    assert (f"Note: --top-k 6 names every class of {six_classes.name}, so the top-6 accuracy is 1 by construction."
+            in stdout)
+    assert re.search(r"^Top 6 accuracy: 1\.0000 ± 0\.0000", stdout, re.M)

@@ -42,6 +42,16 @@ def test_csv_dataset_uses_the_named_columns_and_skips_empty_and_repeated_rows(tm
         banerjee.TextDatasetMaker(dataset_path=path, text_column="sentence", label_column="topic", strict=True)
 
 
+def test_a_sentence_repeated_with_surrounding_spaces_is_one_sample(tmp_path):
+    rows = topic_sentences(per_class=3)
+    padded = [("cooking", f"  {rows[0][1]}\t"), ("cooking", f"{rows[1][1]} ")]
+    path = write_table(tmp_path / "texts.csv", rows + padded)
+    with pytest.warns(UserWarning, match="Skipped 2 path"):
+        maker = banerjee.TextDatasetMaker(dataset_path=path, text_column="sentence", label_column="topic")
+    assert maker.get_num_images() == len(rows) and maker.get_texts()[:3] == [text for _, text in rows[:3]]
+    assert [reason for _, reason in maker.skipped] == ["repeats an earlier sample of class 'cooking'"] * 2
+
+
 def test_missing_column_names_the_columns_there_are(tmp_path):
     path = write_table(tmp_path / "texts.tsv", topic_sentences(per_class=2), sep="\t")
     with pytest.raises(banerjee.DatasetError, match="has no column 'label'; its columns are 'topic', 'sentence'"):

@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import pathlib
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -318,10 +319,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_import(args: argparse.Namespace) -> int:
     path = _new_store_path(args)
     model = _model_for(args, modality="image")
-    db = vector_store.import_embeddings(
-        path=args.embeddings, model_name=model.identity.model_name, model_id=model.identity.model_id,
-        transform_config=model.identity.transform_config,
-    )
+    with warnings.catch_warnings(record=True) as caught:  # its caveat as one line, like the commands' others
+        warnings.simplefilter("always")
+        db = vector_store.import_embeddings(
+            path=args.embeddings, model_name=model.identity.model_name, model_id=model.identity.model_id,
+            transform_config=model.identity.transform_config,
+        )
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
     db.save(path=path)
     print(f"Imported {args.embeddings} into {path}: {_summary(db)}.")
     return 0
