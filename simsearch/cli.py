@@ -364,6 +364,9 @@ def class_store_parser(prog: str = "python -m simsearch store") -> argparse.Argu
     build.add_argument("--label-column", default="label",
                        help="CSV/TSV label column; several, comma-separated, are joined with ':' (default label)")
     build.add_argument("--out", "--store", dest="store", required=True, help="new store file (.zip or .npz)")
+    build.add_argument("--cache-dir", default=None,
+                       help="the research script's embedding cache: a dataset it encoded before is read back, not "
+                            "encoded again (default: no cache)")
     build.add_argument("--force", action="store_true", help="replace an existing store file")
     build.add_argument(
         "--calibrate-share", type=float, default=0.2,

@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT, make_class_folders
 
+import engine
 import store
 from simsearch import cli
 from simsearch.classdb import files, vector_store
@@ -739,3 +740,20 @@ def test_classify_writes_its_csv_even_when_the_reader_closes_the_output(cli_setu
     with csv_path.open(newline="") as stream:
         rows = list(csv.DictReader(stream))
     assert len(rows) == 9 and {row["label_1"] for row in rows} == {"red circle", "green square", "cyan ring"}
+
+
+def test_build_reads_the_research_scripts_embedding_cache(cli_setup, tmp_path, monkeypatch, capsys):
+    dataset, built, model_args = cli_setup
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    first, again = tmp_path / "first.zip", tmp_path / "again.zip"
+    assert cli.class_store_main(["build", "--dataset", str(dataset), "--out", str(first), *model_args, *cache]) == 0
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a cached dataset was encoded again")
+
+    monkeypatch.setattr(engine.Embedder, "embed", refuse)
+    assert cli.class_store_main(["build", "--dataset", str(dataset), "--out", str(again), *model_args, *cache]) == 0
+    assert "Using cached embeddings" in capsys.readouterr().out
+    for path in (first, again):  # the cached embeddings give the store the dataset itself gives
+        assert torch.equal(ClassVectorStore.load(path=path).sums, ClassVectorStore.load(path=built).sums)

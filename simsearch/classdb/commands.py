@@ -70,6 +70,17 @@ class _Model:
             images=samples, transform=self.transform, batch_size=self.batch_size, inform=True
         )
 
+    def embed_dataset(self, maker: datasets.SampleListing, *, cache_dir: str | None) -> torch.Tensor:
+        """Every sample of ``maker`` in its global order, through the research script's embedding cache in
+        ``cache_dir`` (a dataset the script encoded before is read back, not encoded again)."""
+        from simsearch import protocol
+
+        embeddings, _ = protocol.embed_all_images(
+            encoder=self.encoder, maker=maker, transform=self.transform, batch_size=self.batch_size, workers=0,
+            cache=store.EmbeddingCache(cache_dir) if cache_dir else None, inform=True,
+        )
+        return embeddings
+
     def check(self, db: vector_store.ClassVectorStore, *, path: pathlib.Path) -> None:
         db.check_model(
             model_id=self.identity.model_id, transform_config=self.identity.transform_config,
@@ -163,7 +174,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
             label_column=args.label_column,
         )
         model = _model_for(args, modality=maker.modality)
-        embeddings = model.embed(maker.get_samples())
+        embeddings = model.embed_dataset(maker, cache_dir=args.cache_dir)
     labels = np.array(maker.get_labels(), dtype=str)[maker.get_image_labels().numpy()]
     db = vector_store.ClassVectorStore(
         dim=embeddings.shape[1], **model.identity.record(),
