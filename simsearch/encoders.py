@@ -13,7 +13,9 @@ import difflib
 import hashlib
 import os
 import pathlib
+import socket
 import time
+import urllib.parse
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -66,6 +68,7 @@ def create_model(*, model_name: str, weights: str | os.PathLike | None = None) -
     """
     check_model_name(model_name)
     if weights is None:
+        hub_within_reach()
         try:
             model = timm.create_model(model_name, pretrained=True, num_classes=0)
         except Exception as error:
@@ -80,6 +83,27 @@ def create_model(*, model_name: str, weights: str | os.PathLike | None = None) -
         _load_local_weights(model=model, path=pathlib.Path(weights))
         model.encoder_id = f"{model_name}+sha256:{_file_digest(pathlib.Path(weights))}"
     return model.eval()
+
+
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def hub_within_reach() -> bool:
+    """Whether the model hub can be reached. Where it cannot (``HF_HUB_OFFLINE`` set, or no TCP connection to its
+    host within :data:`HUB_PROBE_TIMEOUT_S`), huggingface_hub is put in offline mode for this process, so a model
+    comes from the local hub cache or fails at once, instead of after a minute of download retries."""
+    import huggingface_hub.constants as hub
+
+    if hub.HF_HUB_OFFLINE:
+        return False
+    host = urllib.parse.urlparse(hub.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=HUB_PROBE_TIMEOUT_S).close()
+        return True
+    except OSError:
+        hub.HF_HUB_OFFLINE = True
+        os.environ["HF_HUB_OFFLINE"] = "1"  # transformers reads its own offline flag from the environment
+        return False
 
 
 def check_model_name(model_name: str) -> None:
@@ -549,6 +573,8 @@ def create_text_model(*, model_name: str | os.PathLike) -> torch.nn.Module:
     from sentence_transformers import SentenceTransformer
 
     folder = pathlib.Path(model_name)
+    if not folder.is_dir():
+        hub_within_reach()
     try:
         model = SentenceTransformer(str(model_name), device="cpu")
     except Exception as error:

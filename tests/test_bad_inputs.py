@@ -565,6 +565,31 @@ def test_offline_download_failure_explains_the_way_out(monkeypatch):
         engine.create_model(model_name="tf_efficientnet_lite0")
 
 
+def test_an_unreachable_hub_fails_at_once_without_hf_hub_offline(monkeypatch):
+    """Without HF_HUB_OFFLINE, an offline machine once waited through five download retries (52 s measured) before
+    the one-line error; now one short connection attempt puts the hub library offline for the process."""
+    import socket
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    attempts = []
+
+    def unreachable(address, timeout):
+        attempts.append((address, timeout))
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    started = time.perf_counter()
+    with pytest.raises(engine.ModelError, match="--weights FILE"):
+        engine.create_model(model_name="tf_efficientnet_lite0")
+    assert time.perf_counter() - started < 20
+    assert attempts == [(("huggingface.co", 443), engine.HUB_PROBE_TIMEOUT_S)]
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is True and os.environ["HF_HUB_OFFLINE"] == "1"
+    assert engine.hub_within_reach() is False and len(attempts) == 1  # offline now: no second probe
+
+
 def test_weights_of_another_model_are_refused(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"conv.weight": torch.zeros(8, 3, 3, 3), "fc.weight": torch.zeros(10, 8)}, path)
