@@ -18,10 +18,10 @@ import time
 
 import numpy as np
 import torch
-from grid_rerun import per_class_subset
 
 import banerjee
 import engine
+from benchmarks.grid_rerun import per_class_subset
 from benchmarks.offline_models import lite_weights
 from simsearch import (
     config,

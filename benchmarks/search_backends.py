@@ -121,7 +121,7 @@ def run(
     return rows
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 10_000, 1_000_000], help="numbers of classes")
     parser.add_argument("--dim", type=int, default=448, help="vector dimension (default 448)")
@@ -134,7 +134,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=5.0, help="stop repeating after this many seconds")
     parser.add_argument("--cpu", action="store_true", help="run the torch backend on the CPU even with CUDA")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     device = utils.get_device(force_cpu=args.cpu)
     print(
         f"dim {args.dim}, {args.queries} queries, top-{args.top_k}, noise {args.noise}, "

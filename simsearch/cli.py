@@ -65,6 +65,13 @@ SCRIPT_DESCRIPTION = (
 
 def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.Namespace:
     """Parse and check the research script's options; ``defaults`` come from the script's constants."""
+    parser = script_parser(defaults=defaults)
+    args = parser.parse_args(argv)
+    return _checked_script_args(parser, args)
+
+
+def script_parser(*, defaults: dict[str, Any]) -> argparse.ArgumentParser:
+    """The research script's options, each defaulting to one of the script's constants (``defaults``)."""
     parser = argparse.ArgumentParser(
         description=SCRIPT_DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
@@ -119,7 +126,8 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
                                  "discriminant, nothing tuned on the images (see --select-for)")
     experiment.add_argument("--select-for", choices=SELECT_FOR, default=defaults["select_for"],
                             help="the metric the lda classifier's class prior serves: accuracy (each class weighed by "
-                                 "its share of the training samples, the default) or balanced (every class alike)")
+                                 "its share of the training samples) or balanced (every class alike) (default: "
+                                 "%(default)s, lda's own choice: accuracy)")
     experiment.add_argument("--runs", type=int, default=defaults["runs"], help="number of random partitions")
     experiment.add_argument("--valid-share", type=float, default=defaults["valid_share"],
                             help="validation share of each class")
@@ -160,10 +168,15 @@ def parse_script_args(argv: list[str], *, defaults: dict[str, Any]) -> argparse.
                               "openset (20 %% of the classes hidden: how well unknown samples are told apart)")
     outputs.add_argument("--compare", default=None, metavar="NAMES",
                          help="comma-separated classifiers that --analysis prototypes compares on the same partitions "
-                              f"(default: all of them; names: {', '.join(ESTIMATOR_NAMES)})")
+                              f"(names: {', '.join(ESTIMATOR_NAMES)}) (default: %(default)s, all of them)")
     outputs.add_argument("--profile", action="store_true", default=defaults["profile"],
-                         help="profile the partitions loop (cProfile) into --out/profile")
-    args = parser.parse_args(argv)
+                         help="print the wall time of each phase of the run, and write a cProfile of the "
+                              "partitions loop to --out/profile.log and --out/profile.prof")
+    return parser
+
+
+def _checked_script_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """The parsed options, refused (as argparse refuses, exit status 2) where they contradict each other."""
     if args.runs < 1 or args.top_k < 1:
         parser.error("--runs and --top-k must be at least 1.")
     if args.select_for is not None and args.classifier != "lda":

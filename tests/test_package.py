@@ -110,3 +110,10 @@ def test_python_m_simsearch_names_its_command_families():
                                cwd=REPO_ROOT)
     assert completed.returncode == 2
     assert completed.stderr.startswith("usage: python -m simsearch {run,store,grid,distributed}")
+
+
+@pytest.mark.parametrize("name", sorted(path.stem for path in (REPO_ROOT / "benchmarks").glob("[a-z]*.py")))
+def test_every_benchmark_imports_as_a_module_of_the_benchmarks_package(name):
+    """Benchmarks run as ``python -m benchmarks.NAME`` from the repository root, importing each other by package."""
+    module = importlib.import_module(f"benchmarks.{name}")
+    assert module.__name__ == f"benchmarks.{name}"
