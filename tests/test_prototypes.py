@@ -645,3 +645,58 @@ def test_discriminant_keeps_the_class_mean_unless_it_wins_and_remembers_the_choi
     X_shared, y_shared = gaussian_classes(samples_per_class=40, seed=50)
     assert not DiscriminantClassifier().fit(X_shared, y_shared).uses_class_mean_
     assert not DiscriminantClassifier(check_against_mean=False).fit(X, y).uses_class_mean_
+
+
+@pytest.mark.parametrize(("busy", "blas_threads_inside"), [(0.0, None), (1.5, 1)])
+def test_a_gram_fit_holds_blas_to_one_thread_only_while_other_processes_keep_a_core_busy(monkeypatch, busy,
+                                                                                        blas_threads_inside):
+    import threadpoolctl
+
+    from simsearch.classifiers import matrices
+
+    def blas_threads() -> int:
+        return next(pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas")
+
+    monkeypatch.setattr(matrices, "cores_busy_elsewhere", lambda **_: busy)
+    seen = []
+    decompose = matrices.eigh
+
+    def recording(matrix, *, device):
+        seen.append(blas_threads())
+        return decompose(matrix, device=device)
+
+    monkeypatch.setattr(matrices, "eigh", recording)
+    X, y = gaussian_classes(samples_per_class=10, seed=3)
+    X = np.tile(X, (1, -(-matrices.PROBED_FEATURES // X.shape[1])))  # wide enough for the probe to run
+    outside = blas_threads()
+    DecorrelatedClassifier().fit(X, y)
+    assert seen and set(seen) == {blas_threads_inside or outside}
+    assert blas_threads() == outside  # restored after the fit
+
+
+def test_the_load_probe_counts_other_processes_not_this_one():
+    import multiprocessing
+    import threading
+    import time as clock
+
+    from simsearch.classifiers import matrices
+
+    def spin(seconds: float) -> None:
+        deadline = clock.perf_counter() + seconds
+        while clock.perf_counter() < deadline:
+            pass
+
+    own = threading.Thread(target=spin, args=(0.6,))  # this process busy on a core: not counted
+    own.start()
+    assert matrices.cores_busy_elsewhere(interval=0.3) < matrices.BUSY_CORES
+    own.join()
+    workers = [multiprocessing.Process(target=spin, args=(5.0,), daemon=True) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    try:
+        clock.sleep(0.3)
+        assert matrices.cores_busy_elsewhere(interval=0.5) >= 1.0
+    finally:
+        for worker in workers:
+            worker.terminate()
+            worker.join()

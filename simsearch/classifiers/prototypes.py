@@ -278,9 +278,12 @@ class _ClassVectorEstimator(_LinearClassVectors):
         if first:
             check_parameters(self)
             self.statistics_ = Statistics.empty(self._start(n_features=X.shape[1]), shared=self.shared_statistics)
-        features = self._sample_features(X)
-        self.statistics_ = self.statistics_.add(features, y, device=self._compute_device())
-        self._refresh(selection=(features, self.statistics_.rows_of(y)) if first else None)
+        # the Gram matrix and its decompositions: NumPy's BLAS, held to one thread on a busy machine
+        with matrices.blas_threads_for_load(active=self.shared_statistics and self._compute_device() is None
+                                            and X.shape[1] >= matrices.PROBED_FEATURES):
+            features = self._sample_features(X)
+            self.statistics_ = self.statistics_.add(features, y, device=self._compute_device())
+            self._refresh(selection=(features, self.statistics_.rows_of(y)) if first else None)
         return self
 
     def remove_samples(self, X: Any, y: Any) -> _ClassVectorEstimator:
