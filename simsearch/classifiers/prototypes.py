@@ -140,9 +140,6 @@ def check_parameters(estimator: Any) -> None:
             raise ValueError(f"{name} must be {constraint.description}, got {value!r}.")
 
 
-FRACTION = Constraint("a number between 0 and 1", lambda value: 0.0 <= value <= 1.0)
-
-
 def _calibration(arrays: dict[str, np.ndarray], *, score_range: tuple[float, float]) -> dict[str, Any]:
     """The fitted calibration attributes of a saved state, refusing values that are not one number each, or a
     threshold outside the unknown score's range."""
@@ -220,7 +217,7 @@ class _LinearClassVectors(ClassifierMixin, BaseEstimator):
             raise ValueError("No classes left: fit or partial_fit some images first.")
         return self._unknown_scores(validate_data(self, X, reset=False, dtype=np.float64))
 
-    def calibrate(self, X: Any, *, true_positive_rate: float = 0.95) -> _ClassVectorEstimator:
+    def calibrate(self, X: Any, *, true_positive_rate: float = 0.95) -> _LinearClassVectors:
         """Set ``threshold_`` so that at least ``true_positive_rate`` of ``X``, images of the known classes that
         were not fitted (validation images), score at or above it: ``predict(X, reject=True)`` then keeps them.
 
@@ -674,7 +671,7 @@ class DiscriminantClassifier(_GramStatistics):
                                 lambda value: value == "oas" or (not isinstance(value, str) and 0.0 <= value <= 1.0)),
         "select_for": one_of(*SELECT_FOR),
         "prior_strength": Constraint("None or a number between 0 and 1",
-                                     lambda value: value is None or FRACTION.admits(value)),
+                                     lambda value: value is None or 0.0 <= value <= 1.0),
         "check_against_mean": one_of(False, True),
     }
 
