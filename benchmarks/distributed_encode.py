@@ -124,9 +124,11 @@ def main(argv: list[str]) -> None:
             started = time.perf_counter()
             single_fit = prototypes.make_classifier(name).fit(embedded.embeddings.numpy(), embedded.targets.numpy())
             fit_seconds = time.perf_counter() - started
-            # relative to each statistic's own scale: sums of squares over thousands of images are large
+            # relative to each statistic's own scale: sums of squares over thousands of images are large; the class
+            # labels, compared by the fit's check, are not numbers
             gaps = {key: float(np.abs(merged.get_statistics()[key] - value).max() / max(np.abs(value).max(), 1e-300))
-                    for key, value in single_fit.get_statistics().items() if np.isfinite(value).all()}
+                    for key, value in single_fit.get_statistics().items()
+                    if value.dtype.kind in "fiu" and np.isfinite(value).all()}
             worst = max(gaps, key=gaps.get)
             print(f"{name:13s} fit from shard statistics {merge_seconds:6.2f} s, gathered fit {fit_seconds:6.2f} s, "
                   f"largest relative statistic difference {gaps[worst]:.1e} ({worst})")

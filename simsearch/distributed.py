@@ -90,10 +90,10 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> Any:
         raise utils.UserError(f"A local Ray needs at least one CPU (--num-cpus), got {num_cpus}.")
     if address is not None:
         _check_reachable(address)
-    repository = str(pathlib.Path(__file__).resolve().parent)
+    importable = str(pathlib.Path(__file__).resolve().parents[1])  # where the workers find the package itself
     ray.init(
         address=address, num_cpus=None if address else num_cpus, include_dashboard=False, log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": repository, "RAY_USAGE_STATS_ENABLED": "0",
+        runtime_env={"env_vars": {"PYTHONPATH": importable, "RAY_USAGE_STATS_ENABLED": "0",
                                   "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}},
     )
     return ray

