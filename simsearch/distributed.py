@@ -489,9 +489,10 @@ def fit_shards(folder: str | os.PathLike, estimator: Any, *, use_ray: bool = Tru
     """``estimator`` fitted on every sample of the embedding set at ``folder`` without gathering the embeddings:
     each shard is fitted by a Ray task where it lies (``use_ray=False``: one after another here), the statistics
     merge exactly, and a leave-one-out ridge selection runs shard by shard against the merged statistics (one
-    eigendecomposition, shared), then the combined unknown score's moments. Which unknown score (``"auto"``) is
-    the first shard's choice: choosing hides classes from sub-fits, which needs their images in one place, and a
-    shard is a random sample of them. Classes are the label indexes of the manifest's ``classes``."""
+    eigendecomposition, shared), then the combined unknown score's moments. Which unknown score (``"auto"``) and
+    the probabilities' temperature are the first shard's choices: choosing hides classes or folds of images from
+    sub-fits, which needs their images in one place, and a shard is a random sample of them. Classes are the label
+    indexes of the manifest's ``classes``."""
     shards = list_shards(folder)
     if use_ray:
         ray = require_ray()

@@ -263,6 +263,9 @@ def _classifier_cells(
             "accuracies": [run.accuracy for run in runs],
             "balanced_accuracies": [run.balanced_accuracy for run in runs],
             "topk_accuracies": [run.topk_accuracy for run in runs],
+            # None for a classifier without probabilities (the baselines)
+            "calibration_errors": _measured([run.calibration_error for run in runs]),
+            "log_losses": _measured([run.log_loss for run in runs]),
         }
         store.write_json(cell_path, cell)
         cells.append(cell)
@@ -270,7 +273,12 @@ def _classifier_cells(
 
 
 CELL_FIELDS = ("dataset", "dataset_path", "modality", "model", "classifier", "samples", "classes", "embedding_dim",
-               "samples_per_second", "seconds_per_partition", "accuracies", "balanced_accuracies", "topk_accuracies")
+               "samples_per_second", "seconds_per_partition", "accuracies", "balanced_accuracies", "topk_accuracies",
+               "calibration_errors", "log_losses")
+
+
+def _measured(values: list[float]) -> list[float] | None:
+    return None if any(np.isnan(values)) else values
 
 
 def _read_cell(path: pathlib.Path, *, runs: int) -> dict[str, Any] | None:
@@ -316,6 +324,8 @@ def _with_differences(cells: pd.DataFrame, *, baseline: tuple[str, str] | None, 
             difference = metrics.paired_difference(cell["accuracies"], reference, confidence=confidence)
             rows.append({
                 **cell.to_dict(), "accuracy": accuracy.mean, "accuracy_ci": accuracy.half_width,
+                **_interval_columns(cell["calibration_errors"], name="calibration_error", confidence=confidence),
+                **_interval_columns(cell["log_losses"], name="log_loss", confidence=confidence),
                 "balanced_accuracy": balanced.mean, "balanced_ci": balanced.half_width,
                 "topk_accuracy": topk.mean, "topk_ci": topk.half_width, "baseline": baseline_name,
                 "diff": difference.mean, "diff_ci": difference.half_width,
@@ -323,11 +333,18 @@ def _with_differences(cells: pd.DataFrame, *, baseline: tuple[str, str] | None, 
     return utils.table(rows)
 
 
+def _interval_columns(values: Any, *, name: str, confidence: float) -> dict[str, float]:
+    """``name`` and ``name_ci`` of a cell's per-partition values; NaN for a classifier without probabilities."""
+    if not isinstance(values, list):
+        return {name: np.nan, f"{name}_ci": np.nan}
+    interval = metrics.mean_confidence_interval(values, confidence=confidence)
+    return {name: interval.mean, f"{name}_ci": interval.half_width}
+
+
 def markdown_table(table: pd.DataFrame, *, settings: GridSettings) -> str:
     """The grid as a Markdown table: one row per cell, intervals as ``mean ± half width``."""
     header = ["dataset", "model", "classifier", "accuracy", "balanced accuracy", f"top-{settings.top_k}",
-              "diff vs baseline",
-              "samples/s", "dim"]
+              "diff vs baseline", "calibration error", "log loss", "samples/s", "dim"]
     lines = [
         f"{settings.runs} partitions per dataset (seed {settings.seed}, valid share {settings.valid_share}), "
         f"{settings.confidence:.0%} Student-t intervals; diff: paired difference to the baseline cell.",
@@ -341,6 +358,8 @@ def markdown_table(table: pd.DataFrame, *, settings: GridSettings) -> str:
             row["dataset"], row["model"], row["classifier"], f"{row['accuracy']:.4f} ± {row['accuracy_ci']:.4f}",
             f"{row['balanced_accuracy']:.4f} ± {row['balanced_ci']:.4f}",
             f"{row['topk_accuracy']:.4f} ± {row['topk_ci']:.4f}", f"{row['diff']:+.4f} ± {row['diff_ci']:.4f}",
+            *("n/a" if pd.isna(row[name]) else f"{row[name]:.4f} ± {row[f'{name}_ci']:.4f}"
+              for name in ("calibration_error", "log_loss")),
             rate, str(row["embedding_dim"]),
         ]) + " |")
     return "\n".join(lines) + "\n"

@@ -13,6 +13,7 @@ Both take the classifier (an unfitted :mod:`prototypes` estimator) and ``top_k``
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -30,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from simsearch import config, datasets, decoding, encoders, metrics, randomness, store, utils
-from simsearch.classifiers import prototypes, registry
+from simsearch.classifiers import probabilities, prototypes, registry
 
 __all__ = [
     "Run",
@@ -60,7 +61,9 @@ class Run:
 
     ``balanced_accuracy`` is the mean of the per-class accuracies (every class weighs the same); ``margins`` holds
     each validation sample's best minus second-best class score, small near a decision boundary (NaN with one
-    class).
+    class). ``calibration_error`` and ``log_loss`` judge the fitted classifier's probabilities on the validation part
+    (NaN for a classifier without them, and in logs written before they existed); ``choice`` is what the fit chose to
+    score with (``prototypes.describe_choice``: ``lda`` falling back to the class mean says ``mean``).
     """
 
     run: int
@@ -76,11 +79,15 @@ class Run:
     train_indexes: list[int]
     valid_indexes: list[int]
     seconds: float
+    calibration_error: float = math.nan
+    log_loss: float = math.nan
+    choice: str = ""
 
     @classmethod
     def from_dict(cls, record: dict[str, Any], *, source: str) -> Run:
         """A run read back from a log line; names what is missing instead of failing later."""
-        names = [field.name for field in dataclasses.fields(cls)]
+        names = [field.name for field in dataclasses.fields(cls) if field.name in record
+                 or field.default is dataclasses.MISSING]
         missing = [name for name in names if name not in record]
         if missing:
             raise RunLogError(
@@ -156,6 +163,22 @@ class Runs:
         """Mean top-k validation accuracy over partitions with its Student-t interval."""
         return metrics.mean_confidence_interval([run.topk_accuracy for run in self.runs], confidence=confidence)
 
+    def calibration_error(self, *, confidence: float = 0.95) -> metrics.MeanInterval | None:
+        """Mean expected calibration error over partitions with its Student-t interval; None where a partition has
+        no probabilities."""
+        return _interval_if_measured([run.calibration_error for run in self.runs], confidence=confidence)
+
+    def log_loss(self, *, confidence: float = 0.95) -> metrics.MeanInterval | None:
+        """Mean validation log loss over partitions with its Student-t interval; None where a partition has no
+        probabilities."""
+        return _interval_if_measured([run.log_loss for run in self.runs], confidence=confidence)
+
+    def choices(self) -> dict[str, int]:
+        """How many partitions' fits chose each scorer (``Run.choice``), most frequent first; empty where the
+        classifier chooses nothing."""
+        counts = collections.Counter(run.choice for run in self.runs if run.choice)
+        return dict(counts.most_common())
+
     @property
     def partitions(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(train_indexes, valid_indexes)`` of every partition, as analyses take them."""
@@ -168,6 +191,11 @@ class Runs:
     @property
     def predictions_per_run(self) -> list[list[int]]:
         return [run.predictions for run in self.runs]
+
+
+def _interval_if_measured(values: list[float], *, confidence: float) -> metrics.MeanInterval | None:
+    return None if any(math.isnan(value) for value in values) else metrics.mean_confidence_interval(
+        values, confidence=confidence)
 
 
 LOADER_PREFETCH = 4  # batches each loader worker prepares ahead
@@ -291,6 +319,7 @@ def score_partition(
     )  # two for the margin
     train_predictions = prototypes.predict_topk(fitted, train[0], 1)
     valid_scores = metrics.score_predictions(targets=valid[1], topk_predictions=ranked[:, :top_k])
+    calibration_error, log_loss = prototypes.probability_quality(fitted, *valid)
     return Run(
         run=run,
         accuracy=valid_scores["accuracy"],
@@ -305,6 +334,9 @@ def score_partition(
         train_indexes=indexes[0].tolist(),
         valid_indexes=indexes[1].tolist(),
         seconds=time.perf_counter() - started,
+        calibration_error=calibration_error,
+        log_loss=log_loss,
+        choice=prototypes.describe_choice(fitted),
     ), fitted
 
 
@@ -586,8 +618,8 @@ def run_table(runs: Runs) -> list[dict[str, Any]]:
     """One row per partition with its scores and time, for ``runs.csv``."""
     return [
         {"run": run.run, "accuracy": run.accuracy, "balanced_accuracy": run.balanced_accuracy,
-         "topk_accuracy": run.topk_accuracy,
-         "train_accuracy": run.train_accuracy, "seconds": run.seconds}
+         "topk_accuracy": run.topk_accuracy, "calibration_error": run.calibration_error, "log_loss": run.log_loss,
+         "choice": run.choice, "train_accuracy": run.train_accuracy, "seconds": run.seconds}
         for run in runs
     ]
 
@@ -611,10 +643,16 @@ def final_stats(
         "balanced_accuracy": runs.balanced_accuracy(confidence=confidence),
         "topk": runs.top_k,
         "topk_accuracy": runs.topk_accuracy(confidence=confidence),
+        "calibration_error": runs.calibration_error(confidence=confidence),
+        "log_loss": runs.log_loss(confidence=confidence),
+        "choices": runs.choices(),
         "encode_seconds": runs.encode_seconds,
         "partition_seconds": sum(run.seconds for run in runs),
         "total_seconds": total_seconds,
     }
+
+
+NO_PROBABILITIES = "n/a (the classifier gives no probabilities)"
 
 
 def describe_final_stats(stats: dict[str, Any]) -> dict[str, Any]:
@@ -629,6 +667,10 @@ def describe_final_stats(stats: dict[str, Any]) -> dict[str, Any]:
         "Accuracy": stats["accuracy"],
         "Balanced accuracy (mean of per-class accuracies)": stats["balanced_accuracy"],
         f"Top {stats['topk']} accuracy": stats["topk_accuracy"],
+        f"Calibration error ({probabilities.CALIBRATION_BINS} bins)": stats["calibration_error"] or NO_PROBABILITIES,
+        "Log loss": stats["log_loss"] or NO_PROBABILITIES,
+        **({"Chosen per partition": ", ".join(f"{name} {count}" for name, count in stats["choices"].items())}
+           if stats["choices"] else {}),
         "Encoding duration": f"{stats['encode_seconds']:.1f} s",
         "Partitions duration": f"{stats['partition_seconds']:.1f} s (classifier fits and searches included)",
         "Total duration": f"{stats['total_seconds']:.1f} s",

@@ -89,9 +89,13 @@ def test_shard_statistics_merge_into_a_single_fit(embedding_set, name):
         merged = distributed.fit_shards(out, prototypes.make_classifier(name), use_ray=use_ray)
         expected, got = single.get_statistics(), merged.get_statistics()
         assert set(got) == set(expected)
+        first_shard = distributed.shard_statistics(distributed.list_shards(out)[0], prototypes.make_classifier(name))
         for key, value in expected.items():
             if key == "unknown_score":  # the first shard's choice, here the single fit's
                 assert got[key] == value
+                continue
+            if key == "temperature":  # fitted on the first shard's held-out folds
+                assert got[key] == first_shard[key]
                 continue
             # squared float32 scores, summed over the images in another order
             tolerance = dict(rtol=1e-5, atol=0) if key == "unknown_moments" else dict(rtol=0, atol=1e-10)

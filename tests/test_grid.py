@@ -61,11 +61,14 @@ def test_grid_has_one_row_per_matching_cell_with_paired_differences(grid_run, im
             balanced = [cell["balanced_accuracies"] for cell in cells if (cell["dataset"], cell["classifier"]) ==
                         (dataset, name)][0]
             assert rows.loc[name, "balanced_accuracy"] == pytest.approx(np.mean(balanced))
+            log_losses = [cell["log_losses"] for cell in cells if (cell["dataset"], cell["classifier"]) ==
+                          (dataset, name)][0]
+            assert len(log_losses) == 3 and rows.loc[name, "log_loss"] == pytest.approx(np.mean(log_losses))
     written = pd.read_csv(folder / "out" / "grid.csv")
     assert written["accuracy"].tolist() == pytest.approx(table["accuracy"].tolist())
     markdown = (folder / "out" / "grid.md").read_text()
-    header = ("| dataset | model | classifier | accuracy | balanced accuracy | top-2 | diff vs baseline | samples/s | "
-              "dim |")
+    header = ("| dataset | model | classifier | accuracy | balanced accuracy | top-2 | diff vs baseline | "
+              "calibration error | log loss | samples/s | dim |")
     assert header in markdown
     assert markdown.count("\n| ") == 5
 

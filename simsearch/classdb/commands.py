@@ -362,29 +362,36 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     if args.csv is not None:  # first: a reader that closes the printed table early must not cost the file
         _write_predictions(path=pathlib.Path(args.csv), names=names, result=result)
     known = result.known or [True] * len(names)
+    chances = result.probabilities.tolist() if result.probabilities is not None else [[None] * top for top in
+                                                                                      map(len, result.labels)]
     for index, (name, labels, scores) in enumerate(zip(names, result.labels, result.scores.tolist())):
         shown = [utils.printable(label) for label in labels]
+        values = [f"{score:.4f}" + (f" (p {chance:.3f})" if chance is not None else "")
+                  for score, chance in zip(scores, chances[index])]
         if not known[index]:
             print(f"{utils.printable(name)}\tunknown\t{result.unknown_scores[index]:.4f} < {db.threshold:.4f}"
-                  f"\t[nearest: {shown[0]} {scores[0]:.4f}]")
+                  f"\t[nearest: {shown[0]} {values[0]}]")
             continue
-        alternatives = " | ".join(f"{label} {score:.4f}" for label, score in zip(shown[1:], scores[1:]))
-        print(f"{utils.printable(name)}\t{shown[0]}\t{scores[0]:.4f}" + (f"\t[{alternatives}]" if alternatives else ""))
+        alternatives = " | ".join(f"{label} {value}" for label, value in zip(shown[1:], values[1:]))
+        print(f"{utils.printable(name)}\t{shown[0]}\t{values[0]}" + (f"\t[{alternatives}]" if alternatives else ""))
     if args.csv is not None:
         print(f"Predictions written to {args.csv}.")
     return 0
 
 
 def _write_predictions(*, path: pathlib.Path, names: list[str], result: vector_store.SearchResult) -> None:
-    """One row per image: ``image, label_1, score_1, ..., label_k, score_k``; with rejection also ``known`` and
-    ``unknown_score`` (the labels are then the nearest classes)."""
+    """One row per image: ``image, label_1, score_1, probability_1, ..., label_k, score_k, probability_k``
+    (no probabilities for a store saved before they existed); with rejection also ``known`` and ``unknown_score``
+    (the labels are then the nearest classes)."""
     top_k = result.scores.shape[1]
-    header = ["image"] + [f"{field}_{rank}" for rank in range(1, top_k + 1) for field in ("label", "score")]
+    fields = ("label", "score", "probability") if result.probabilities is not None else ("label", "score")
+    header = ["image"] + [f"{field}_{rank}" for rank in range(1, top_k + 1) for field in fields]
     rejecting = result.known is not None
     header += ["known", "unknown_score"] if rejecting else []
     rows = []
-    for index, (name, labels, scores) in enumerate(zip(names, result.labels, result.scores.tolist())):
-        row = [name] + [value for pair in zip(labels, scores) for value in pair]
+    columns = [result.scores.tolist()] + ([result.probabilities.tolist()] if result.probabilities is not None else [])
+    for index, (name, labels) in enumerate(zip(names, result.labels)):
+        row = [name] + [value for values in zip(labels, *(column[index] for column in columns)) for value in values]
         rows.append(row + ([bool(result.known[index]), float(result.unknown_scores[index])] if rejecting else []))
     store.write_csv(path, {name: [row[column] for row in rows] for column, name in enumerate(header)})
 

@@ -33,7 +33,9 @@ FORMAT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 COVERING_CHECKSUM_VERSION = 3  # from this version on the checksum covers the metadata too and is required
 METADATA_MEMBER = "classdb.json"
-CALIBRATION_KEYS = ("threshold", "true_positive_rate", "threshold_stale", "calibration_count")
+# What a .zip store's metadata keeps beside the class means under "calibration": the unknown-class threshold and the
+# probabilities' temperature (stores written before probabilities lack it)
+CALIBRATION_KEYS = ("threshold", "true_positive_rate", "threshold_stale", "calibration_count", "temperature")
 VERSION_1_NAMES = {"labels": "classes", "sums": "class_sums", "counts": "class_counts"}
 
 PathLike = str | os.PathLike
@@ -151,7 +153,8 @@ def _read_zip(path: pathlib.Path) -> tuple[dict[str, Any], Statistics]:
         expected = _zip_checksum(table, metadata=metadata)
     else:
         expected = _version_2_zip_checksum(table, metadata.get("counts"))
-    _verify(metadata, expected=expected if table else "", calibrated=bool(calibration), path=path)
+    _verify(metadata, expected=expected if table else "",
+            calibrated=isinstance(calibration, dict) and "threshold" in calibration, path=path)
     labels = [str(label) for label in metadata.get("labels", [])]
     if labels != targets.tolist():
         raise ClassDBError(

@@ -52,8 +52,10 @@ class ModelMismatchError(ClassDBError):
 class SearchResult:
     """Top-k classes per query, best first: ``labels[i][j]`` scored ``scores[i, j]`` (cosine), row ``indexes[i, j]``.
 
-    With ``reject=True``, ``known[i]`` says whether query ``i`` scored at or above the store's threshold on
-    ``unknown_scores[i]`` (the classifier's ``score_samples``); its classes are then still the nearest ones.
+    ``probabilities[i, j]`` is the classifier's probability of that class (``predict_proba``; None for a store
+    written before probabilities existed). With ``reject=True``, ``known[i]`` says whether query ``i`` scored at or
+    above the store's threshold on ``unknown_scores[i]`` (the classifier's ``score_samples``); its classes are then
+    still the nearest ones.
     """
 
     labels: list[list[str]]
@@ -61,6 +63,7 @@ class SearchResult:
     indexes: torch.Tensor
     known: list[bool] | None = None
     unknown_scores: list[float] | None = None
+    probabilities: torch.Tensor | None = None
 
 
 def checked_vectors(vectors: Vectors, *, dim: int, model_id: str, what: str) -> torch.Tensor:
@@ -338,13 +341,16 @@ def ranked_classes(
     scores, indexes = backend.search(queries=features, top_k=top_k)
     labels = db.labels
     ranked = [[labels[index] for index in row] for row in indexes.tolist()]
+    chances = None
+    if hasattr(db.classifier, "temperature_"):
+        chances = torch.from_numpy(db.classifier.predict_proba(vectors.double().numpy())).gather(1, indexes)
     if not reject:
-        return SearchResult(labels=ranked, scores=scores, indexes=indexes)
+        return SearchResult(labels=ranked, scores=scores, indexes=indexes, probabilities=chances)
     if db.threshold is None:
         raise ClassDBError("The store has no threshold for unknown queries: calibrate it with images of its "
                            "classes that it does not hold (`calibrate`), or search without reject.")
     unknown_scores = db.classifier.score_samples(vectors.double().numpy())
-    return SearchResult(labels=ranked, scores=scores, indexes=indexes,
+    return SearchResult(labels=ranked, scores=scores, indexes=indexes, probabilities=chances,
                         known=(unknown_scores >= db.threshold).tolist(), unknown_scores=unknown_scores.tolist())
 
 

@@ -9,11 +9,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from simsearch.classifiers import matrices, ridge_selection
+from simsearch.classifiers import matrices, probabilities, ridge_selection
 from simsearch.classifiers.matrices import unit_rows
 from simsearch.classifiers.statistics import Statistics
-
-CHECK_FOLDS = 3
 
 
 class Discriminant(NamedTuple):
@@ -62,13 +60,9 @@ def beats_the_class_mean(
     seeded, stratified folds of the fitted images ``features`` (class ``rows``), scored as accuracy or, with
     ``balanced``, balanced accuracy. Each fold's statistics are the whole ones minus its held-out images': one Gram
     matrix of a third of the images, no refit."""
-    folds = np.empty(len(rows), dtype=np.int64)
-    order = np.random.default_rng(0).permutation(len(rows))
-    for row in np.unique(rows):
-        members = order[rows[order] == row]
-        folds[members] = np.arange(len(members)) % CHECK_FOLDS
+    folds = probabilities.stratified_folds(rows)
     hits = np.zeros((2, len(rows)))
-    for fold in range(CHECK_FOLDS):
+    for fold in range(probabilities.FOLDS):
         held_out = folds == fold
         present = np.unique(rows[~held_out])  # the classes the fold's statistics keep, in order
         if len(present) < 2 or not held_out.any():

@@ -27,6 +27,7 @@ backend (torch or FAISS) needs.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -39,7 +40,14 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from simsearch.classifiers import discriminant, matrices, ridge_selection, statistics, unknown_scores
+from simsearch.classifiers import (
+    discriminant,
+    matrices,
+    probabilities,
+    ridge_selection,
+    statistics,
+    unknown_scores,
+)
 from simsearch.classifiers.matrices import compute_device, torch_device, unit_rows
 from simsearch.classifiers.ridge_selection import ALPHA_RULES
 from simsearch.classifiers.statistics import Statistics
@@ -56,6 +64,8 @@ __all__ = [
     "merge_statistics",
     "model_params",
     "predict_topk",
+    "probability_quality",
+    "describe_choice",
     "ranked_scores",
     "top_scores",
     "torch_device",
@@ -209,6 +219,21 @@ class _LinearClassVectors(ClassifierMixin, BaseEstimator):
                              "known classes that were not fitted.")
         return np.where(self.score_samples(X) < self.threshold_, unknown_label(self.classes_), labels)
 
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """``[N, C]`` probability of each class in ``classes_`` order: ``softmax(class_scores / temperature_)``, so
+        rows sum to 1 and rank the classes as :meth:`decision_function` does. ``temperature_`` was fitted on
+        held-out folds of the images that started the estimator (:mod:`~simsearch.classifiers.probabilities`)."""
+        scores = self.class_scores(X)
+        if not hasattr(self, "temperature_"):
+            raise ValueError("This classifier has no temperature for probabilities: it was saved before they "
+                             "existed. Fit it again (or rebuild the store) to get predict_proba.")
+        return probabilities.softmax(scores, temperature=self.temperature_)
+
+    def predict_log_proba(self, X: Any) -> np.ndarray:
+        """Natural logarithm of :meth:`predict_proba`."""
+        with np.errstate(divide="ignore"):
+            return np.log(self.predict_proba(X))
+
     def score_samples(self, X: Any) -> np.ndarray:
         """How much each query looks like one of the known classes, higher = more likely known (``[N]``); a
         query of no known class scores low. See the subclass for the score."""
@@ -281,7 +306,31 @@ class _ClassVectorEstimator(_LinearClassVectors):
             features = self._sample_features(X)
             self.statistics_ = self.statistics_.add(features, y, device=self._compute_device())
             self._refresh(selection=(features, self.statistics_.rows_of(y)) if first else None)
+            if first:
+                self.temperature_ = self._held_out_temperature(features, self._query_features(X),
+                                                               self.statistics_.rows_of(y))
         return self
+
+    def _held_out_temperature(self, features: np.ndarray, queries: np.ndarray, rows: np.ndarray) -> float:
+        """The temperature of :meth:`predict_proba`, fitted on the starting images' scores from fits without them:
+        each of :data:`probabilities.FOLDS` stratified folds is scored by the estimator solved from the statistics
+        minus the fold's images (its choices kept), so no refit and no validation image is involved."""
+        folds = probabilities.stratified_folds(rows)
+        scores = np.full((len(rows), len(self.classes_)), -np.inf)
+        scored = np.zeros(len(rows), dtype=bool)
+        for fold in range(probabilities.FOLDS):
+            held_out = folds == fold
+            part = copy.copy(self)
+            part.statistics_ = self.statistics_.without(features[held_out], rows[held_out],
+                                                        device=self._compute_device())
+            present = self.statistics_.rows_of(part.classes_)
+            if len(present) < 2 or not held_out.any():
+                continue  # a fold that leaves one class has nothing to rank
+            part.weights_, part.bias_ = part._solve(None)
+            held = np.flatnonzero(held_out & np.isin(rows, present))
+            scores[np.ix_(held, present)] = part._scores_of_features(queries[held])
+            scored[held] = True
+        return probabilities.fit_temperature(scores[scored], rows[scored])
 
     def remove_samples(self, X: Any, y: Any) -> _ClassVectorEstimator:
         """Subtract images fitted earlier (the inverse of ``partial_fit``); a class left with no image is dropped.
@@ -322,7 +371,8 @@ class _ClassVectorEstimator(_LinearClassVectors):
     def get_statistics(self) -> dict[str, np.ndarray]:
         """The fitted state as plain arrays (no pickles): a file can hold it, :meth:`set_statistics` restore it."""
         check_is_fitted(self)
-        names = self._choice_names() + tuple(name for name in CALIBRATION_NAMES if hasattr(self, name))
+        names = self._choice_names() + tuple(name for name in ("temperature_", *CALIBRATION_NAMES)
+                                             if hasattr(self, name))
         return {**self.statistics_.to_arrays(), **{name.rstrip("_"): np.asarray(getattr(self, name)) for name in names}}
 
     def set_statistics(self, **arrays: np.ndarray) -> _ClassVectorEstimator:
@@ -338,6 +388,12 @@ class _ClassVectorEstimator(_LinearClassVectors):
                 raise ValueError(f"the statistics '{name}' hold values that are not finite numbers")
         self.statistics_, self.n_features_in_ = fitted, fitted.class_sums.shape[1]
         self._set_choices(arrays)
+        if "temperature" in arrays:
+            self.temperature_ = _calibration_number(arrays, "temperature")
+            if self.temperature_ <= 0:
+                raise ValueError(f"the temperature must be positive, got {self.temperature_}")
+        elif hasattr(self, "temperature_"):  # statistics saved before probabilities existed
+            del self.temperature_
         self._refresh()
         for name in [name for name in CALIBRATION_NAMES if hasattr(self, name)]:
             delattr(self, name)
@@ -415,6 +471,10 @@ class ClassMeanClassifier(_ClassVectorEstimator):
 
     def _solve(self, selection: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
         return unit_rows(self.class_sums_), np.zeros(len(self.classes_))
+
+    def describe_choice(self) -> str:
+        """What scores the queries: the class means (nothing is chosen here)."""
+        return "mean"
 
 
 class _GramStatistics(_ClassVectorEstimator):
@@ -625,6 +685,11 @@ class DecorrelatedClassifier(_GramStatistics):
             return unit_rows(self.class_sums_), np.zeros(len(self.classes_))
         return ridge_selection.ridge_class_vectors(decomposed, alpha=self.alpha_, prior=self.prior)
 
+    def describe_choice(self) -> str:
+        """What the fit chose to score the queries: the plain class mean, or the ridge at its relative strength."""
+        check_is_fitted(self)
+        return "mean" if np.isinf(self.alpha_) else f"ridge {self.relative_alpha_:.3g}"
+
     def _unknown_scores(self, X: np.ndarray) -> np.ndarray:
         return unknown_scores.query_scores(
             self._query_features(X), score=self.unknown_score_, statistics=self.statistics_, alpha=self.alpha_,
@@ -712,6 +777,11 @@ class DiscriminantClassifier(_GramStatistics):
         self.whitening_, self.shrinkage_ = fitted.whitening, fitted.shrinkage
         return fitted.weights, fitted.bias
 
+    def describe_choice(self) -> str:
+        """What the fit chose to score the queries: the discriminant, or the class mean it fell back to."""
+        check_is_fitted(self)
+        return "mean" if self.uses_class_mean_ else "discriminant"
+
     def _unknown_scores(self, X: np.ndarray) -> np.ndarray:
         """Minus the smallest Mahalanobis distance to a class mean under the shrunk within-class covariance; the best
         cosine where the class mean is used."""
@@ -751,7 +821,7 @@ def make_classifier(name: str, **params: Any) -> _ClassVectorEstimator:
 
 
 # Fitted on the images that started each part: the first part's stand until chosen again over all images.
-FIRST_PART_WINS = ("relative_alpha", "unknown_moments", "unknown_score", "uses_class_mean")
+FIRST_PART_WINS = ("relative_alpha", "unknown_moments", "unknown_score", "uses_class_mean", "temperature")
 
 
 def merge_statistics(
@@ -835,6 +905,23 @@ def predict_topk(estimator: Any, X: Any, top_k: int) -> np.ndarray:
     """Labels of the ``top_k`` best classes for any fitted scikit-learn classifier, best first (see
     :func:`ranked_scores`)."""
     return ranked_scores(estimator, X, top_k)[1]
+
+
+def probability_quality(estimator: Any, X: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """``(calibration error, log loss)`` of a fitted classifier's ``predict_proba`` on labelled queries of its
+    classes (:mod:`~simsearch.classifiers.probabilities`); NaN for a classifier without probabilities."""
+    if not hasattr(estimator, "predict_proba"):
+        return float("nan"), float("nan")
+    known = np.isin(y, estimator.classes_)
+    chances = estimator.predict_proba(X[known])
+    rows = np.searchsorted(estimator.classes_, y[known])
+    return probabilities.calibration_error(chances, rows), probabilities.log_loss(chances, rows)
+
+
+def describe_choice(estimator: Any) -> str:
+    """What a fitted estimator chose to score with (:meth:`ClassMeanClassifier.describe_choice` and its kin);
+    empty for a classifier that chooses nothing."""
+    return estimator.describe_choice() if hasattr(estimator, "describe_choice") else ""
 
 
 def margins(scores: np.ndarray) -> np.ndarray:
