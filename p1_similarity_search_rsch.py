@@ -230,6 +230,7 @@ written = [
         "accuracies": [r.accuracy for r in run_results],
         "balanced_accuracies": [r.balanced_accuracy for r in run_results],
         "topk_accuracies": [r.topk_accuracy for r in run_results],
+        "choices": [r.choice for r in run_results],
         "least_accurate_classes": least_accurate_classes,
         "skipped_files": [{"path": str(path), "reason": reason} for path, reason in dsm.skipped],
     }),

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -28,7 +27,7 @@ import numpy as np
 import sklearn.base
 import torch
 
-from benchmarks.classifiers import add_embedding_arguments, load_embeddings
+from benchmarks.classifiers import add_embedding_arguments, banner, load_embeddings
 from simsearch import (
     analysis,
     metrics,
@@ -131,9 +130,8 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     embeddings, targets = load_embeddings(args)
     X, y = embeddings.double().numpy(), targets.numpy()
-    print(f"{len(y)} samples, {len(np.unique(y))} classes, dimension {X.shape[1]}; {args.new_classes} new classes "
-          f"with K in {args.shots} training samples, {args.draws} draws of {args.valid_share:.0%} validation, seed "
-          f"{args.seed}; {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}")
+    print(banner(X, y, settings=f"{args.new_classes} new classes with K in {args.shots} training samples, "
+                                f"{args.draws} draws of {args.valid_share:.0%} validation, seed {args.seed}"))
     from tqdm import tqdm
 
     draws = []

@@ -101,6 +101,12 @@ def load_embeddings(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tenso
     )
 
 
+def banner(X: np.ndarray, y: np.ndarray, *, settings: str) -> str:
+    """The first line of a benchmark on embeddings: the data, the run's ``settings``, the machine."""
+    return (f"{len(y)} samples, {len(np.unique(y))} classes, dimension {X.shape[1]}; {settings}; "
+            f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}")
+
+
 def methods(args: argparse.Namespace) -> dict:
     chosen = {
         "class mean (article)": prototypes.ClassMeanClassifier(),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import platform
 import sys
 import time
 
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from benchmarks.classifiers import add_embedding_arguments, load_embeddings
+from benchmarks.classifiers import add_embedding_arguments, banner, load_embeddings
 from simsearch import analysis, metrics
 from simsearch.classifiers import probabilities, prototypes
 
@@ -60,8 +59,7 @@ def main(argv: list[str]) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     partitions = [(np.asarray(train), np.asarray(valid)) for train, valid in analysis.random_partitions(
         targets=targets, valid_share=args.valid_share, runs=args.runs, generator=generator)]
-    print(f"{len(y)} samples, {len(np.unique(y))} classes, dimension {X.shape[1]}; {args.runs} partitions, seed "
-          f"{args.seed}; {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}")
+    print(banner(X, y, settings=f"{args.runs} partitions, seed {args.seed}"))
     columns = ("accuracy", "calibration error", "raw calibration error", "log loss", "raw log loss", "temperature",
                "seconds")
     print("\n| classifier | " + " | ".join(columns) + " | chosen per partition |")

@@ -28,7 +28,7 @@ from sklearn.metrics import confusion_matrix, roc_auc_score
 from tqdm import tqdm
 
 from simsearch import cumacc, datasets, metrics, utils
-from simsearch.classifiers import baselines, prototypes, registry
+from simsearch.classifiers import baselines, probabilities, prototypes, registry
 
 __all__ = [
     "ANALYSIS_PARTS",
@@ -620,7 +620,26 @@ def open_set(
 # --- Everything at once, for the research script ---------------------------------------------------------------------
 
 
-ANALYSIS_PARTS = ("confusion", "retrieval", "prototypes", "tsne", "coverage", "openset")
+def reliability_over_partitions(
+    *, embeddings: torch.Tensor, targets: torch.Tensor, partitions: Sequence[Partition], classifier: Any,
+    device: str | torch.device | None = None,
+) -> probabilities.Reliability:
+    """The run's classifier refitted on every partition's training part, its validation probabilities pooled into
+    the reliability diagram's bins (:func:`probabilities.reliability`): confidence against accuracy."""
+    X, y = embeddings.double().numpy(), targets.numpy()
+    confidence, right = [], []
+    for train, valid in tqdm(partitions, desc="[Reliability] Partitions", leave=False):
+        fitted = registry.make_estimator(classifier, device=device).fit(X[train.numpy()], y[train.numpy()])
+        queries, labels = X[valid.numpy()], y[valid.numpy()]
+        known = np.isin(labels, fitted.classes_)
+        top, hit = probabilities.top_confidence(fitted.predict_proba(queries[known]),
+                                                np.searchsorted(fitted.classes_, labels[known]))
+        confidence.append(top)
+        right.append(hit)
+    return probabilities.reliability(np.concatenate(confidence), np.concatenate(right))
+
+
+ANALYSIS_PARTS = ("confusion", "retrieval", "prototypes", "tsne", "coverage", "openset", "reliability")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -648,6 +667,7 @@ class RunAnalysis:
     openset: pd.DataFrame | None = None
     openset_summary: dict[str, Any] | None = None
     openset_scores: tuple[np.ndarray, np.ndarray] | None = None
+    reliability: probabilities.Reliability | None = None
 
     def tables(self) -> dict[str, pd.DataFrame]:
         tables = {
@@ -658,6 +678,10 @@ class RunAnalysis:
             "retrieval": self.retrieval,
             "prototypes": self.prototypes,
             "openset": self.openset,
+            "reliability": None if self.reliability is None else pd.DataFrame({
+                "low": self.reliability.edges[:-1], "high": self.reliability.edges[1:],
+                "samples": self.reliability.counts, "confidence": self.reliability.confidence,
+                "accuracy": self.reliability.accuracy}),
         }
         return {name: table for name, table in tables.items() if table is not None}
 
@@ -743,6 +767,13 @@ def analyse_runs(
                     embeddings=embeddings, targets=targets, valid_share=valid_share, confidence=confidence, seed=seed,
                     device=device,
                 )
+        elif part == "reliability":
+            if hasattr(runs.classifier, "predict_proba"):
+                results["reliability"] = reliability_over_partitions(
+                    embeddings=embeddings, targets=targets, partitions=partitions, classifier=runs.classifier,
+                    device=device)
+            else:
+                warnings.warn("--analysis reliability needs a classifier with probabilities; skipped.", stacklevel=2)
         elif len(labels) < 3:
             warnings.warn("--analysis openset hides some classes and needs at least 3; skipped.", stacklevel=2)
         else:

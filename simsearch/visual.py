@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from simsearch import store, utils
+from simsearch.classifiers import probabilities
 
 __all__ = [
     "draw_analysis",
@@ -283,6 +284,30 @@ def draw_score_histogram(
     return _finish(fig, filename)
 
 
+def draw_reliability(binned: probabilities.Reliability, *, filename: PathLike | None, title: str) -> Figure:
+    """Reliability diagram: each confidence bin's accuracy against its mean confidence (on the diagonal where the
+    probabilities are calibrated), with the bins' sample counts below."""
+    filled = binned.counts > 0
+    width = np.diff(binned.edges)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, height_ratios=(3, 1),
+                                      constrained_layout=True)
+    top.bar(binned.edges[:-1][filled], binned.accuracy[filled], width=width[filled], align="edge",
+            edgecolor="black", alpha=0.6, label="accuracy of the bin")
+    top.plot([0, 1], [0, 1], linestyle="--", color="grey", label="calibrated")
+    top.plot(binned.confidence[filled], binned.accuracy[filled], "o", color="black", markersize=3,
+             label="the bin's mean confidence")
+    top.set_ylabel("accuracy")
+    top.set_ylim(0, 1)
+    top.set_title(_plain_text(f"{title}; calibration error {probabilities.binned_error(binned):.4f}"), fontsize=9,
+                  wrap=True)
+    top.legend(loc="upper left", fontsize=8)
+    bottom.bar(binned.edges[:-1], binned.counts, width=width, align="edge", edgecolor="black")
+    bottom.set_xlabel("confidence (top probability)")
+    bottom.set_ylabel("samples")
+    bottom.set_xlim(0, 1)
+    return _finish(fig, filename)
+
+
 def draw_analysis(
     analysed: Any, *, labels: Sequence[str], out_dir: PathLike, title: str, confidence: float, sample_kind: str
 ) -> list[pathlib.Path]:
@@ -311,6 +336,10 @@ def draw_analysis(
                   f"{title}",
         )
         written.append(out_dir / "openset_scores.png")
+    if analysed.reliability is not None:
+        draw_reliability(analysed.reliability, filename=out_dir / "reliability.png",
+                         title=f"Probabilities of every partition's validation {sample_kind}s: {title}")
+        written.append(out_dir / "reliability.png")
     if analysed.tsne_coords is not None:
         draw_embedding_map(
             coords=analysed.tsne_coords, targets=analysed.tsne_targets, labels=labels,

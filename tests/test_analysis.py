@@ -434,7 +434,7 @@ def test_compared_classifiers_can_be_named_as_on_the_command_line():
     assert type(registry.make_estimator("probe")) is baselines.LinearProbe
     assert registry.make_estimator("balanced").get_params()["prior"] == "balanced"
     with pytest.raises(ValueError, match="Unknown classifier 'svm'; use one of mean, decorrelated, balanced, lda, "
-                                         "knn1"):
+                                         "auto, knn1"):
         registry.make_estimator("svm")
 
 
@@ -491,3 +491,30 @@ def test_torch_pool_only_holds_blas_at_one_thread_while_torch_works():
     assert not baselines.works_in_torch(prototypes.DecorrelatedClassifier())
     assert baselines.works_in_torch(prototypes.DecorrelatedClassifier(device="cuda"))
     assert not baselines.works_in_torch(baselines.NearestNeighbourClassifier())  # a NumPy product on the CPU
+
+
+def test_the_reliability_part_pools_every_partitions_validation_probabilities(tmp_path):
+    from simsearch import visual
+    from simsearch.classifiers import probabilities
+
+    embeddings, targets = clusters(num_labels=5, per_class=30, spread=0.6, seed=3)
+    partitions = partitions_of(targets, runs=3)
+    runs = SimpleNamespace(embeddings=embeddings, targets=targets, partitions=partitions,
+                           classifier=prototypes.make_classifier("mean"))
+    result = analysis.analyse_runs(runs=runs, labels=list("abcde"), valid_share=0.2, parts=["reliability"])
+    binned = result.reliability
+    assert binned.counts.sum() == sum(len(valid) for _, valid in partitions)
+    confidence, right = [], []  # the same partitions by hand
+    for train, valid in partitions:
+        fitted = prototypes.make_classifier("mean").fit(embeddings[train].double().numpy(), targets[train].numpy())
+        top, hit = probabilities.top_confidence(fitted.predict_proba(embeddings[valid].double().numpy()),
+                                                targets[valid].numpy())
+        confidence.append(top)
+        right.append(hit)
+    expected = probabilities.reliability(np.concatenate(confidence), np.concatenate(right))
+    np.testing.assert_array_equal(binned.counts, expected.counts)
+    np.testing.assert_allclose(binned.accuracy, expected.accuracy, equal_nan=True)
+    assert list(result.tables()) == ["reliability"] and result.tables()["reliability"]["samples"].sum() == 90
+    written = visual.draw_analysis(result, labels=list("abcde"), out_dir=tmp_path, title="t", confidence=0.95,
+                                   sample_kind="image")
+    assert written == [tmp_path / "reliability.png"] and written[0].stat().st_size > 10_000

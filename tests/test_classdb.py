@@ -666,8 +666,8 @@ def test_cli_build_calibrates_and_classify_prints_unknown(cli_setup, tmp_path, c
                                  *model_args]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("img_")]
     unknown = [line for line in lines if line.split("\t")[1] == "unknown"]
-    assert unknown and all(re.fullmatch(r"img_\d+\.jpg\tunknown\t-?[\d.]+ < -?[\d.]+\t\[nearest: .+ [\d.-]+\]", line)
-                           for line in unknown)
+    shape = r"img_\d+\.jpg\tunknown\t-?[\d.]+ < -?[\d.]+\t\[nearest: .+ [\d.-]+ \(p [\d.]+\)\]"
+    assert unknown and all(re.fullmatch(shape, line) for line in unknown)
     rows = list(csv.reader(csv_path.read_text().splitlines()))
     assert rows[0][-2:] == ["known", "unknown_score"] and len(rows) == 4
     assert cli.class_store_main(["classify", "--store", str(path), str(dataset / "cyan ring"), "--no-reject",

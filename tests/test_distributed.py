@@ -219,7 +219,8 @@ def test_a_class_store_built_from_the_set_equals_one_built_from_the_images(embed
     from_images = vector_store.ClassVectorStore.load(path=tmp_path / "images.npz")
     assert from_set.labels == from_images.labels and from_set.identity == from_images.identity
     np.testing.assert_allclose(from_set.classifier.class_sums_, from_images.classifier.class_sums_, atol=1e-4)
-    assert from_set.threshold == pytest.approx(from_images.threshold, rel=1e-5)  # batches of 8 vs 32: float32
+    # batches of 8 vs 32, and BLAS threads chosen by the load (matrices.blas_threads_for_load): float32 sums
+    assert from_set.threshold == pytest.approx(from_images.threshold, rel=1e-4)
     assert "Built" in capsys.readouterr().out
 
 

@@ -261,6 +261,8 @@ SMALL_RUNS = {
     "benchmarks.precision_accuracy": "--per-class 5 --runs 2 --workers 0",
     "benchmarks.decode_paths": "--per-class 5 --runs 2 --workers 0",
     "benchmarks.fit_threads": "--classifiers mean decorrelated --repeats 1 --load 1",
+    "benchmarks.probabilities": "--runs 2",
+    "benchmarks.auto_choice": "--runs 2 --subsets 2x8 --subset-draws 1 --class-groups 0,1",
 }
 
 # Runs each command's words in one Python process per page, so a page's commands pay for one start-up and see each

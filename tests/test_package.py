@@ -78,7 +78,7 @@ def test_the_install_holds_one_package_with_the_research_script(installed):
 
 
 @pytest.mark.parametrize(("command", "usage"), [
-    ("similarity-search", "--classifier {mean,decorrelated,balanced,lda}"),
+    ("similarity-search", "--classifier {mean,decorrelated,balanced,lda,auto}"),
     ("similarity-classdb", "{build,add-class,update-class,remove-class,rename-class,classify,calibrate,info,import}"),
     ("similarity-grid", "--datasets DATASETS"),
     ("similarity-distributed", "--rows-per-shard"),

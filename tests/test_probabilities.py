@@ -33,7 +33,7 @@ def test_calibration_error_and_log_loss_known_answers():
     assert probabilities.log_loss(chances, rows) == pytest.approx(-np.mean(np.log([0.9, 0.2, 0.6, 0.7])))
     # one bin for all: |mean confidence - accuracy| = |0.75 - 0.75|
     assert probabilities.calibration_error(chances, rows, bins=1) == pytest.approx(0.0)
-    binned = probabilities.reliability(chances, rows, bins=5)
+    binned = probabilities.reliability(*probabilities.top_confidence(chances, rows), bins=5)
     assert binned.counts.tolist() == [0, 0, 1, 2, 1] and np.isnan(binned.accuracy[0])
 
 

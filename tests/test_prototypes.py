@@ -13,7 +13,12 @@ from sklearn.utils import check_random_state
 from sklearn.utils.estimator_checks import check_estimator
 
 from simsearch.classifiers import prototypes, ridge_selection, unknown_scores
-from simsearch.classifiers.prototypes import ClassMeanClassifier, DecorrelatedClassifier, DiscriminantClassifier
+from simsearch.classifiers.prototypes import (
+    AutoClassifier,
+    ClassMeanClassifier,
+    DecorrelatedClassifier,
+    DiscriminantClassifier,
+)
 
 ESTIMATORS = [
     ClassMeanClassifier(),
@@ -24,6 +29,7 @@ ESTIMATORS = [
     DecorrelatedClassifier(projection_dim=24, random_state=3),
     DecorrelatedClassifier(prior="balanced"),
     DiscriminantClassifier(),
+    AutoClassifier(),
 ]
 # Estimators whose ridge strength depends on the statistics alone, so batches and removals predict exactly as fit.
 EXACT = [

@@ -54,7 +54,7 @@ def test_decorrelated_classifier_run_equals_its_analysis_row(six_classes, lite0_
     assert compared.loc["decorrelated", "accuracy"] == pytest.approx(results["final_stats"]["accuracy"]["mean"])
     refused = run_script("--dataset", six_classes, "--compare", "mean,svm", cwd=tmp_path)
     assert refused.returncode == 2
-    assert ("--compare: unknown classifier(s) svm; choose among mean, decorrelated, balanced, lda, knn1"
+    assert ("--compare: unknown classifier(s) svm; choose among mean, decorrelated, balanced, lda, auto, knn1"
             in refused.stderr)
 
 
@@ -65,8 +65,13 @@ def test_end_to_end_run_prints_intervals_and_writes_outputs(analysed_run):
     assert printed, result.stdout[-3000:]
     assert float(printed.group(1)) >= 0.9
     assert re.search(r"^Top 2 accuracy: [0-9.]+ ± [0-9.]+", result.stdout, re.M)
+    calibration = re.search(r"^Calibration error \(15 bins\): ([0-9.]+) ± [0-9.]+ \(95% confidence, n=5\)$",
+                            result.stdout, re.M)
+    assert calibration and re.search(r"^Log loss: [0-9.]+ ± [0-9.]+", result.stdout, re.M)
     results = json.loads((out / "results.json").read_text())
     assert len(results["accuracies"]) == 5 and min(results["accuracies"]) >= 0.9
+    assert results["final_stats"]["calibration_error"]["mean"] == pytest.approx(float(calibration.group(1)), abs=1e-4)
+    assert results["choices"] == ["mean"] * 5 and results["final_stats"]["choices"] == {"mean": 5}
     assert results["loader"] == {"workers": 0, "batch_size": 32}  # auto on a CPU, recorded and printed
     assert results["settings"]["workers"] == "auto" and "0 loader workers, batches of 32" in result.stdout
     interval = results["final_stats"]["accuracy"]
@@ -81,8 +86,10 @@ def test_end_to_end_run_prints_intervals_and_writes_outputs(analysed_run):
     classes = pd.read_csv(out / "class_accuracy.csv")
     assert sorted(classes["label"]) == sorted(CLASS_STYLES)
     for name in ("cumacc.png", "examples.png", "embeddings-tf_efficientnet_lite0.zip", "confusion.png",
-                 "cumacc_band.png", "tsne.png"):
+                 "cumacc_band.png", "tsne.png", "reliability.png"):
         assert (out / name).stat().st_size > 1000, name
+    reliability = pd.read_csv(out / "reliability.csv")  # every partition's validation images, binned
+    assert len(reliability) == 15 and reliability["samples"].sum() == 5 * results["final_stats"]["num_valid_samples"]
     prototypes = pd.read_csv(out / "prototypes.csv").set_index("method")
     assert prototypes.loc["class mean (raw, original)", "accuracy"] == pytest.approx(interval["mean"])
     assert pd.read_csv(out / "retrieval.csv")["k"].tolist() == [1, 4, 8]
@@ -115,7 +122,7 @@ def test_help_lists_defaults_without_importing_torch(tmp_path):
 
     result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
-    assert "--classifier {mean,decorrelated,balanced,lda}" in result.stdout and "(default: mean)" in result.stdout
+    assert "--classifier {mean,decorrelated,balanced,lda,auto}" in result.stdout and "(default: mean)" in result.stdout
     assert "--device DEVICE" in result.stdout and "(default: auto)" in result.stdout
     refused = subprocess.run([sys.executable, str(SCRIPT), "--classifier", "balanced", "--select-for", "balanced"],
                              capture_output=True, text=True, timeout=60)

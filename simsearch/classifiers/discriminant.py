@@ -46,7 +46,16 @@ def discriminant(
     return Discriminant(weights=centres @ whitening.T, bias=bias, whitening=whitening, shrinkage=weight)
 
 
-def beats_the_class_mean(
+class FoldCheck(NamedTuple):
+    """The discriminant's check against the class mean: whether it won, and each one's held-out scores, which the
+    temperature of the winner's probabilities reuses."""
+
+    beats: bool
+    discriminant: probabilities.HeldOut
+    class_mean: probabilities.HeldOut
+
+
+def check_against_the_class_mean(
     statistics: Statistics,
     features: np.ndarray,
     rows: np.ndarray,
@@ -55,23 +64,26 @@ def beats_the_class_mean(
     prior_strength: float,
     balanced: bool,
     device: torch.device | None,
-) -> bool:
+) -> FoldCheck:
     """Whether the discriminant beats the cosine to the class means by more than one standard error over three
     seeded, stratified folds of the fitted images ``features`` (class ``rows``), scored as accuracy or, with
     ``balanced``, balanced accuracy. Each fold's statistics are the whole ones minus its held-out images': one Gram
     matrix of a third of the images, no refit."""
     folds = probabilities.stratified_folds(rows)
     hits = np.zeros((2, len(rows)))
+    held = [probabilities.HeldOut.empty(len(rows), len(statistics.classes)) for _ in range(2)]
     for fold in range(probabilities.FOLDS):
         held_out = folds == fold
         present = np.unique(rows[~held_out])  # the classes the fold's statistics keep, in order
         if len(present) < 2 or not held_out.any():
-            return False  # too few images to tell: keep the article's class mean
+            return FoldCheck(False, *held)  # too few images to tell: keep the article's class mean
         kept = statistics.without(features[held_out], rows[held_out], device=device)
         fitted = discriminant(kept, shrinkage=shrinkage, prior_strength=prior_strength, device=device)
-        queries = features[held_out]
+        queries, images = features[held_out], np.flatnonzero(held_out)
         for number, scores in enumerate((queries @ fitted.weights.T + fitted.bias,
                                          queries @ unit_rows(kept.class_sums).T)):
             hits[number, held_out] = present[scores.argmax(axis=1)] == rows[held_out]
+            held[number].scores[np.ix_(images, present)] = scores
+            held[number].scored[images] = True
     weights = ridge_selection.metric_weights(rows, balanced=balanced)
-    return ridge_selection.beats(hits[0], hits[1], weights=weights)
+    return FoldCheck(ridge_selection.beats(hits[0], hits[1], weights=weights), *held)

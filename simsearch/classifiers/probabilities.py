@@ -34,6 +34,22 @@ def stratified_folds(rows: np.ndarray, *, folds: int = FOLDS, seed: int = 0) -> 
     return assigned
 
 
+class HeldOut(NamedTuple):
+    """Scores ``[N, C]`` that the starting images got from fits without them (``-inf`` for a class their fold
+    lost), and which images a fold scored (``[N]``): what the temperature is fitted on."""
+
+    scores: np.ndarray
+    scored: np.ndarray
+
+    @classmethod
+    def empty(cls, images: int, classes: int) -> HeldOut:
+        return cls(scores=np.full((images, classes), -np.inf), scored=np.zeros(images, dtype=bool))
+
+    def temperature(self, rows: np.ndarray) -> float:
+        """:func:`fit_temperature` on the scored images (true classes ``rows``)."""
+        return fit_temperature(self.scores[self.scored], rows[self.scored])
+
+
 def softmax(scores: np.ndarray, *, temperature: float) -> np.ndarray:
     """``[N, C]`` probabilities of ``scores / temperature``, each row summing to 1 (stable for any scale)."""
     return scipy.special.softmax(np.asarray(scores, dtype=np.float64) / temperature, axis=1)
@@ -69,27 +85,37 @@ class Reliability(NamedTuple):
     accuracy: np.ndarray  # [bins]
 
 
-def reliability(probabilities: np.ndarray, rows: np.ndarray, *, bins: int = CALIBRATION_BINS) -> Reliability:
-    """Bin every image by its top probability (equal-width bins over [0, 1]) and compare each bin's mean
-    confidence with its accuracy."""
+def top_confidence(probabilities: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's top probability and whether its top class is its true one (``rows``): all that calibration
+    judges, so partitions whose classes differ pool by concatenating these."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
-    confidence, right = probabilities.max(axis=1), probabilities.argmax(axis=1) == np.asarray(rows)
+    return probabilities.max(axis=1), probabilities.argmax(axis=1) == np.asarray(rows)
+
+
+def reliability(confidence: np.ndarray, right: np.ndarray, *, bins: int = CALIBRATION_BINS) -> Reliability:
+    """Bin every image by its top probability ``confidence`` (equal-width bins over [0, 1]) and compare each bin's
+    mean confidence with its share of ``right`` answers."""
+    confidence, right = np.asarray(confidence, dtype=np.float64), np.asarray(right, dtype=np.float64)
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
     counts = np.bincount(which, minlength=bins)
     with np.errstate(invalid="ignore"):
         mean_confidence = np.bincount(which, weights=confidence, minlength=bins) / counts
-        accuracy = np.bincount(which, weights=right.astype(np.float64), minlength=bins) / counts
+        accuracy = np.bincount(which, weights=right, minlength=bins) / counts
     return Reliability(edges=edges, counts=counts, confidence=mean_confidence, accuracy=accuracy)
+
+
+def binned_error(binned: Reliability) -> float:
+    """The image-weighted mean gap between confidence and accuracy over the filled bins."""
+    filled = binned.counts > 0
+    gaps = np.abs(binned.confidence[filled] - binned.accuracy[filled])
+    return float(gaps @ binned.counts[filled] / binned.counts.sum())
 
 
 def calibration_error(probabilities: np.ndarray, rows: np.ndarray, *, bins: int = CALIBRATION_BINS) -> float:
     """Expected calibration error: the image-weighted mean gap between confidence and accuracy over ``bins``
     equal-width bins of the top probability (Guo et al. 2017); 0 is perfect."""
-    binned = reliability(probabilities, rows, bins=bins)
-    filled = binned.counts > 0
-    gaps = np.abs(binned.confidence[filled] - binned.accuracy[filled])
-    return float(gaps @ binned.counts[filled] / binned.counts.sum())
+    return binned_error(reliability(*top_confidence(probabilities, rows), bins=bins))
 
 
 def log_loss(probabilities: np.ndarray, rows: np.ndarray) -> float:

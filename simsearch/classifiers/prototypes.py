@@ -53,6 +53,8 @@ from simsearch.classifiers.ridge_selection import ALPHA_RULES
 from simsearch.classifiers.statistics import Statistics
 
 __all__ = [
+    "AUTO_CANDIDATES",
+    "AutoClassifier",
     "CLASSIFIERS",
     "ClassMeanClassifier",
     "DecorrelatedClassifier",
@@ -313,24 +315,26 @@ class _ClassVectorEstimator(_LinearClassVectors):
 
     def _held_out_temperature(self, features: np.ndarray, queries: np.ndarray, rows: np.ndarray) -> float:
         """The temperature of :meth:`predict_proba`, fitted on the starting images' scores from fits without them:
-        each of :data:`probabilities.FOLDS` stratified folds is scored by the estimator solved from the statistics
-        minus the fold's images (its choices kept), so no refit and no validation image is involved."""
-        folds = probabilities.stratified_folds(rows)
-        scores = np.full((len(rows), len(self.classes_)), -np.inf)
-        scored = np.zeros(len(rows), dtype=bool)
-        for fold in range(probabilities.FOLDS):
-            held_out = folds == fold
-            part = copy.copy(self)
-            part.statistics_ = self.statistics_.without(features[held_out], rows[held_out],
-                                                        device=self._compute_device())
-            present = self.statistics_.rows_of(part.classes_)
-            if len(present) < 2 or not held_out.any():
-                continue  # a fold that leaves one class has nothing to rank
-            part.weights_, part.bias_ = part._solve(None)
-            held = np.flatnonzero(held_out & np.isin(rows, present))
-            scores[np.ix_(held, present)] = part._scores_of_features(queries[held])
-            scored[held] = True
-        return probabilities.fit_temperature(scores[scored], rows[scored])
+        those a choice at the start computed anyway (``_held_out``, set by ``_solve``), else each of
+        :data:`probabilities.FOLDS` stratified folds scored by the estimator solved from the statistics minus the
+        fold's images (its choices kept), so no refit and no validation image is involved."""
+        held = self.__dict__.pop("_held_out", None)
+        if held is None:
+            held = probabilities.HeldOut.empty(len(rows), len(self.classes_))
+            folds = probabilities.stratified_folds(rows)
+            for fold in range(probabilities.FOLDS):
+                held_out = folds == fold
+                part = copy.copy(self)
+                part.statistics_ = self.statistics_.without(features[held_out], rows[held_out],
+                                                            device=self._compute_device())
+                present = self.statistics_.rows_of(part.classes_)
+                if len(present) < 2 or not held_out.any():
+                    continue  # a fold that leaves one class has nothing to rank
+                part.weights_, part.bias_ = part._solve(None)
+                images = np.flatnonzero(held_out & np.isin(rows, present))
+                held.scores[np.ix_(images, present)] = part._scores_of_features(queries[images])
+                held.scored[images] = True
+        return held.temperature(rows)
 
     def remove_samples(self, X: Any, y: Any) -> _ClassVectorEstimator:
         """Subtract images fitted earlier (the inverse of ``partial_fit``); a class left with no image is dropped.
@@ -371,9 +375,9 @@ class _ClassVectorEstimator(_LinearClassVectors):
     def get_statistics(self) -> dict[str, np.ndarray]:
         """The fitted state as plain arrays (no pickles): a file can hold it, :meth:`set_statistics` restore it."""
         check_is_fitted(self)
-        names = self._choice_names() + tuple(name for name in ("temperature_", *CALIBRATION_NAMES)
-                                             if hasattr(self, name))
-        return {**self.statistics_.to_arrays(), **{name.rstrip("_"): np.asarray(getattr(self, name)) for name in names}}
+        names = tuple(name for name in ("temperature_", *CALIBRATION_NAMES) if hasattr(self, name))
+        return {**self.statistics_.to_arrays(), **self._choices(),
+                **{name.rstrip("_"): np.asarray(getattr(self, name)) for name in names}}
 
     def set_statistics(self, **arrays: np.ndarray) -> _ClassVectorEstimator:
         """Install a state written by :meth:`get_statistics`, checked first: it may come from a damaged file."""
@@ -426,6 +430,10 @@ class _ClassVectorEstimator(_LinearClassVectors):
 
     def _choice_names(self) -> tuple[str, ...]:
         return ()
+
+    def _choices(self) -> dict[str, np.ndarray]:
+        """What the estimator chose when it started, as the arrays :meth:`_set_choices` restores."""
+        return {name.rstrip("_"): np.asarray(getattr(self, name)) for name in self._choice_names()}
 
     def _set_choices(self, arrays: dict[str, np.ndarray]) -> None:
         """Restore what the estimator chose when it started (see :meth:`_choice_names`)."""
@@ -719,7 +727,8 @@ class DiscriminantClassifier(_GramStatistics):
     are chosen by theory, not selected on the images.
 
     ``check_against_mean`` (default True): on the images that start the estimator, a three-fold cross-validation
-    compares the discriminant with the cosine to each class's mean (:func:`discriminant.beats_the_class_mean`);
+    compares the discriminant with the cosine to each class's mean (:func:`discriminant.check_against_the_class_mean`,
+    whose held-out scores the probabilities' temperature reuses);
     unless the discriminant wins by more than one standard error, the estimator scores by that cosine
     (``uses_class_mean_``), kept through later changes. It guards the case where a covariance estimated from a
     hundred images in a thousand dimensions only adds noise (docs/classifiers.md).
@@ -766,10 +775,14 @@ class DiscriminantClassifier(_GramStatistics):
             self.prior_strength_ = float(self.prior_strength)
         else:
             self.prior_strength_ = 1.0 if self.select_for == "accuracy" else 0.0
-        if selection is not None:
-            self.uses_class_mean_ = self.check_against_mean and not discriminant.beats_the_class_mean(
+        if selection is not None and self.check_against_mean:
+            check = discriminant.check_against_the_class_mean(
                 self.statistics_, *selection, shrinkage=self.shrinkage, prior_strength=self.prior_strength_,
                 balanced=self.select_for == "balanced", device=self._compute_device())
+            self.uses_class_mean_ = not check.beats
+            self._held_out = check.class_mean if self.uses_class_mean_ else check.discriminant
+        elif selection is not None:
+            self.uses_class_mean_ = False
         if self.uses_class_mean_:  # no covariance to decompose: the cosine to the class means scores
             return unit_rows(self.class_sums_), np.zeros(len(self.classes_))
         fitted = discriminant.discriminant(self.statistics_, shrinkage=self.shrinkage,
@@ -792,6 +805,107 @@ class DiscriminantClassifier(_GramStatistics):
             whiten=lambda rows: matrices.product(rows, self.whitening_, device=self._compute_device()))
 
 
+AUTO_CANDIDATES = ("mean", "lda", "decorrelated", "balanced")  # simplest first: the first is the baseline
+
+
+class AutoClassifier(_GramStatistics):
+    """The family member that suits the images, chosen on the training part alone: ``mean`` (the class mean of
+    L2-normalised embeddings), ``lda``, ``decorrelated`` or ``balanced``.
+
+    On three seeded, stratified folds of the images that start the estimator (the statistics minus each fold's
+    images, as ``lda``'s check does), every candidate is fitted with its own choices and scores the held-out fold.
+    A candidate replaces the class mean only where it wins by more than one standard error of the paired
+    difference, and among those that do, the simplest one within one standard error of the best is kept
+    (:func:`ridge_selection.simplest_sufficient`): a choice among four noisy estimates would otherwise favour the
+    luckiest. ``chosen_`` names the member and ``member_`` is it, fitted on the same statistics; the choice is kept,
+    like the ridge, by ``partial_fit``, ``remove_class``, stores and merges (there, the first part's). ``lda`` runs
+    without its own check against the class mean, which is a candidate here.
+
+    Cost: the candidates' fits on three folds (an ``F x F`` eigendecomposition each for ``lda`` and each decorrelated
+    prior), then the chosen member's fit. ``device`` as for :class:`DecorrelatedClassifier`.
+    """
+
+    _parameter_constraints = {
+        "candidates": Constraint(f"a sequence of {', '.join(AUTO_CANDIDATES)}, 'mean' first",
+                                 lambda value: len(value) > 0 and value[0] == "mean"
+                                 and set(value) <= set(AUTO_CANDIDATES) and len(set(value)) == len(value)),
+    }
+
+    def __init__(self, *, candidates: Sequence[str] = AUTO_CANDIDATES, device: str | torch.device | None = None):
+        self.candidates = candidates
+        self.device = device
+
+    def describe_choice(self) -> str:
+        """The member chosen, with what it chose in turn (a decorrelated member's ridge)."""
+        check_is_fitted(self)
+        inner = self.member_.describe_choice()
+        return self.chosen_ if inner in ("mean", "discriminant") else f"{self.chosen_} ({inner})"
+
+    def _member(self, name: str, *, quick: bool = False) -> _ClassVectorEstimator:
+        """A fresh candidate over this estimator's features (L2-normalised embeddings); ``quick`` for the folds,
+        where only the ranking counts: no unknown-score choice."""
+        if name == "mean":
+            return ClassMeanClassifier(normalize=True)
+        if name == "lda":
+            return DiscriminantClassifier(check_against_mean=False, device=self.device)
+        return make_classifier(name, device=self.device, **({"unknown_score": "cosine"} if quick else {}))
+
+    def _fitted_member(self, member: _ClassVectorEstimator, statistics_: Statistics,
+                       selection: tuple[np.ndarray, np.ndarray] | None) -> _ClassVectorEstimator:
+        member.statistics_, member.n_features_in_ = statistics_, statistics_.class_sums.shape[1]
+        member._refresh(selection=selection)
+        return member
+
+    def _choose(self, features: np.ndarray, rows: np.ndarray) -> str:
+        """The candidate :func:`ridge_selection.simplest_sufficient` picks from held-out hits on three folds; its
+        held-out scores are kept for the probabilities' temperature."""
+        folds = probabilities.stratified_folds(rows)
+        held = [probabilities.HeldOut.empty(len(rows), len(self.classes_)) for _ in self.candidates]
+        for fold in range(probabilities.FOLDS):
+            held_out = folds == fold
+            kept = self.statistics_.without(features[held_out], rows[held_out], device=self._compute_device())
+            present = self.statistics_.rows_of(kept.classes)
+            if len(present) < 2 or not held_out.any():
+                return "mean"  # too few images to tell
+            selection = (features[~held_out], kept.rows_of(self.classes_[rows[~held_out]]))
+            images = np.flatnonzero(held_out)
+            for number, name in enumerate(self.candidates):
+                member = self._fitted_member(self._member(name, quick=True), kept, selection)
+                held[number].scores[np.ix_(images, present)] = member._scores_of_features(features[held_out])
+                held[number].scored[images] = True
+        hits = np.array([candidate.scores.argmax(axis=1) == rows for candidate in held], dtype=np.float64)
+        chosen = ridge_selection.simplest_sufficient(hits, weights=ridge_selection.metric_weights(rows, balanced=False))
+        self._held_out = held[chosen]
+        return self.candidates[chosen]
+
+    def _choice_names(self) -> tuple[str, ...]:
+        return ("chosen_",)
+
+    def _choices(self) -> dict[str, np.ndarray]:
+        return {"chosen": np.asarray(self.chosen_), **self.member_._choices()}
+
+    def _set_choices(self, arrays: dict[str, np.ndarray]) -> None:
+        chosen = str(arrays["chosen"])
+        if chosen not in self.candidates:
+            raise ValueError(f"the statistics chose '{chosen}', which is not among the candidates "
+                             f"{', '.join(self.candidates)}")
+        self.chosen_, self.member_ = chosen, self._member(chosen)
+        self.member_.statistics_ = self.statistics_
+        self.member_._set_choices(arrays)
+
+    def _solve(self, selection: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+        if selection is not None:
+            self.chosen_ = self._choose(*selection)
+            member = self._member(self.chosen_)
+        else:  # a copy: a sub-fit (the temperature's folds) must not change the member of the estimator it copies
+            member = copy.copy(self.member_)
+        self.member_ = self._fitted_member(member, self.statistics_, selection)
+        return self.member_.weights_, self.member_.bias_
+
+    def _unknown_scores(self, X: np.ndarray) -> np.ndarray:
+        return self.member_._unknown_scores(X)
+
+
 # Parameters that say where an estimator computes, not what it computes: a store or a merge leaves them out, so a
 # store built on a GPU opens on a CPU and shards fitted on different machines merge.
 RUN_TIME_PARAMS = ("device",)
@@ -808,12 +922,13 @@ CLASSIFIERS: dict[str, tuple[type[_ClassVectorEstimator], dict[str, Any]]] = {
     "decorrelated": (DecorrelatedClassifier, {}),
     "balanced": (DecorrelatedClassifier, {"prior": "balanced"}),
     "lda": (DiscriminantClassifier, {}),
+    "auto": (AutoClassifier, {}),
 }
 
 
 def make_classifier(name: str, **params: Any) -> _ClassVectorEstimator:
-    """A fresh estimator by its command-line name (``mean``, ``decorrelated``, ``balanced`` or ``lda``); ``params``
-    win."""
+    """A fresh estimator by its command-line name (``mean``, ``decorrelated``, ``balanced``, ``lda`` or ``auto``);
+    ``params`` win."""
     if name not in CLASSIFIERS:
         raise ValueError(f"Unknown classifier '{name}'; use one of {', '.join(CLASSIFIERS)}.")
     kind, preset = CLASSIFIERS[name]
@@ -821,7 +936,7 @@ def make_classifier(name: str, **params: Any) -> _ClassVectorEstimator:
 
 
 # Fitted on the images that started each part: the first part's stand until chosen again over all images.
-FIRST_PART_WINS = ("relative_alpha", "unknown_moments", "unknown_score", "uses_class_mean", "temperature")
+FIRST_PART_WINS = ("relative_alpha", "unknown_moments", "unknown_score", "uses_class_mean", "temperature", "chosen")
 
 
 def merge_statistics(

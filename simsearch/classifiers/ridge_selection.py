@@ -211,6 +211,18 @@ def beats(hits: np.ndarray, other_hits: np.ndarray, *, weights: np.ndarray) -> b
     return gain > float(np.sqrt(np.sum(weights**2 * (difference - gain) ** 2)))
 
 
+def simplest_sufficient(hits: np.ndarray, *, weights: np.ndarray) -> int:
+    """The row of ``hits`` ``[candidates, images]`` to use, candidates ordered simplest first with the baseline (the
+    class mean) at row 0: a candidate qualifies only by beating the baseline by more than one standard error
+    (:func:`beats`), and among those that qualify the simplest one that the best does not beat by more than one
+    standard error wins. Both steps resist the winner's curse of picking the top of noisy estimates."""
+    qualified = [row for row in range(1, len(hits)) if beats(hits[row], hits[0], weights=weights)]
+    if not qualified:
+        return 0
+    best = max(qualified, key=lambda row: float(hits[row] @ weights))
+    return next(row for row in qualified if not beats(hits[best], hits[row], weights=weights))
+
+
 def metric_weights(rows: np.ndarray, *, balanced: bool) -> np.ndarray:
     """Per-image weights whose weighted hits are the accuracy, or with ``balanced`` the balanced accuracy (every
     class present the same total weight)."""
