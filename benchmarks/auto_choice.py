@@ -98,8 +98,12 @@ def main(argv: list[str]) -> None:
     if args.subsets:
         classes, per_class = (int(part) for part in args.subsets.lower().split("x"))
         rng = np.random.default_rng(args.seed)
+        labels, counts = np.unique(y, return_counts=True)
+        large_enough = labels[counts >= per_class]  # classes with N samples to draw
+        if len(large_enough) < classes:
+            raise SystemExit(f"--subsets {args.subsets}: only {len(large_enough)} classes have {per_class} samples.")
         for draw in range(args.subset_draws):
-            picked = rng.choice(np.unique(y), size=classes, replace=False)
+            picked = rng.choice(large_enough, size=classes, replace=False)
             rows = np.concatenate([rng.choice(np.flatnonzero(y == label), size=per_class, replace=False)
                                    for label in picked])
             name = f"{args.name}: draw {draw} of {classes} x {per_class}"
