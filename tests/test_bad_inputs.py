@@ -948,7 +948,10 @@ def test_interrupted_script_keeps_finished_partitions_and_resumes(damaged_set, l
     args = [*damaged_set_args(damaged_set[0], lite0_weights, out), "--protocol", "original"]
     log = out / "runs.jsonl"
     with (tmp_path / "stdout.txt").open("w") as stdout, (tmp_path / "stderr.txt").open("w") as stderr:
-        process = subprocess.Popen(**script_call(*args), cwd=tmp_path, stdout=stdout, stderr=stderr)
+        # Ctrl-C's default action in the script even where the suite itself runs with SIGINT ignored (a background
+        # job of a shell), which a child would inherit and Python would then leave ignored
+        process = subprocess.Popen(**script_call(*args), cwd=tmp_path, stdout=stdout, stderr=stderr,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.monotonic() + 900
             while not protocol.load_run_records(log):  # the original protocol takes seconds per partition
