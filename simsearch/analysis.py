@@ -630,10 +630,8 @@ def reliability_over_partitions(
     confidence, right = [], []
     for train, valid in tqdm(partitions, desc="[Reliability] Partitions", leave=False):
         fitted = registry.make_estimator(classifier, device=device).fit(X[train.numpy()], y[train.numpy()])
-        queries, labels = X[valid.numpy()], y[valid.numpy()]
-        known = np.isin(labels, fitted.classes_)
-        top, hit = probabilities.top_confidence(fitted.predict_proba(queries[known]),
-                                                np.searchsorted(fitted.classes_, labels[known]))
+        top, hit = probabilities.top_confidence(
+            *prototypes.labelled_probabilities(fitted, X[valid.numpy()], y[valid.numpy()]))
         confidence.append(top)
         right.append(hit)
     return probabilities.reliability(np.concatenate(confidence), np.concatenate(right))

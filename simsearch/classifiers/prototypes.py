@@ -67,6 +67,7 @@ __all__ = [
     "model_params",
     "predict_topk",
     "probability_quality",
+    "labelled_probabilities",
     "describe_choice",
     "ranked_scores",
     "top_scores",
@@ -1022,14 +1023,19 @@ def predict_topk(estimator: Any, X: Any, top_k: int) -> np.ndarray:
     return ranked_scores(estimator, X, top_k)[1]
 
 
+def labelled_probabilities(estimator: Any, X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(probabilities, true columns)`` of a fitted classifier's ``predict_proba`` on the labelled queries whose
+    label is one of its classes (a class a partition never trained on has no column)."""
+    known = np.isin(y, estimator.classes_)
+    return estimator.predict_proba(X[known]), np.searchsorted(estimator.classes_, y[known])
+
+
 def probability_quality(estimator: Any, X: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """``(calibration error, log loss)`` of a fitted classifier's ``predict_proba`` on labelled queries of its
     classes (:mod:`~simsearch.classifiers.probabilities`); NaN for a classifier without probabilities."""
     if not hasattr(estimator, "predict_proba"):
         return float("nan"), float("nan")
-    known = np.isin(y, estimator.classes_)
-    chances = estimator.predict_proba(X[known])
-    rows = np.searchsorted(estimator.classes_, y[known])
+    chances, rows = labelled_probabilities(estimator, X, y)
     return probabilities.calibration_error(chances, rows), probabilities.log_loss(chances, rows)
 
 
