@@ -30,6 +30,7 @@ from benchmarks.offline_models import packaged_minilm
 from simsearch import (
     analysis,
     metrics,
+    protocol,
 )
 from simsearch.classifiers import (
     baselines,
@@ -54,6 +55,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--subset-draws", type=int, default=10, help="number of subset draws")
     parser.add_argument("--class-groups", nargs="+", default=None, metavar="I,J,...",
                         help="also score groups of classes (label indexes, comma-separated), e.g. look-alike classes")
+    parser.add_argument("--small-set", default=None, metavar="CxN",
+                        help="also time every member of the family beside the class mean on one draw of C classes "
+                             "x N images, as the script scores a partition")
+    parser.add_argument("--only-small-set", action="store_true", help="skip the whole set's table")
     return parser.parse_args(argv)
 
 
@@ -219,22 +224,76 @@ def class_group_check(*, embeddings: torch.Tensor, targets: torch.Tensor, args: 
         print_subset_row(",".join(map(str, group)) + f" ({len(rows)} samples)", table)
 
 
+SMALL_SET_MEMBERS = ("mean", "decorrelated", "balanced", "lda", "auto")
+
+
+def small_draw(targets: np.ndarray, *, size: str, seed: int) -> np.ndarray:
+    """The sample indexes of a seeded draw of ``C`` classes x ``N`` samples (``size`` ``"CxN"``; fewer where the
+    set has fewer)."""
+    num_classes, per_class = (int(part) for part in size.lower().split("x"))
+    rng = np.random.default_rng(seed)
+    labels = np.unique(targets)
+    chosen = rng.choice(labels, size=min(num_classes, len(labels)), replace=False)
+    return np.concatenate([
+        rng.choice(np.flatnonzero(targets == label), size=min(per_class, int(np.sum(targets == label))),
+                   replace=False) for label in chosen
+    ])
+
+
+def small_set_timing(*, embeddings: torch.Tensor, targets: torch.Tensor, args: argparse.Namespace) -> None:
+    """Every member's partitions on one small draw, each scored as the script scores a partition
+    (:func:`protocol.evaluate_partition`: fit, ranking, training accuracy, probabilities), timed beside the class
+    mean's in the same run: where the images are fewer than the features, a fit should cost what they cost."""
+    rows = small_draw(targets.numpy(), size=args.small_set, seed=args.seed)
+    sub_targets = torch.from_numpy(np.unique(targets.numpy()[rows], return_inverse=True)[1])
+    sub_embeddings = embeddings[rows].float()
+    partitions = list(analysis.random_partitions(targets=sub_targets, valid_share=args.valid_share, runs=args.runs,
+                                                 generator=torch.Generator().manual_seed(args.seed)))
+    print(f"\nSmall set: {len(torch.unique(sub_targets))} classes x {args.small_set.lower().split('x')[1]} images "
+          f"({len(rows)}; about {len(partitions[0][0])} training images of {embeddings.shape[1]} features), "
+          f"{args.runs} partitions scored as the script scores them\n")
+    print("| member | accuracy | seconds, all partitions | x class mean | fit only, s / partition | chose |")
+    print("|---|---|---|---|---|---|")
+    baseline = None
+    for name in SMALL_SET_MEMBERS:
+        accuracies, fits, choices = [], [], []
+        started = time.perf_counter()
+        for train, valid in partitions:
+            run, fitted = protocol.evaluate_partition(
+                embeddings=sub_embeddings, targets=sub_targets, train_indexes=train, valid_indexes=valid,
+                classifier=prototypes.make_classifier(name), top_k=1)
+            accuracies.append(run.accuracy)
+            choices.append(run.choice)
+            fit_started = time.perf_counter()
+            prototypes.make_classifier(name).fit(sub_embeddings.numpy()[train], sub_targets.numpy()[train])
+            fits.append(time.perf_counter() - fit_started)
+        seconds = time.perf_counter() - started - sum(fits)
+        baseline = seconds if baseline is None else baseline
+        chose = ", ".join(f"{choice} {choices.count(choice)}" for choice in sorted(set(choices), key=choices.count,
+                                                                                  reverse=True))
+        print(f"| {name} | {np.mean(accuracies):.4f} | {seconds:.2f} | {seconds / baseline:.1f} | "
+              f"{np.mean(fits):.3f} | {chose} |")
+
+
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     embeddings, targets = load_embeddings(args)
     print(f"{len(targets)} images, {len(torch.unique(targets))} classes, dimension {embeddings.shape[1]}; "
           f"{args.runs} partitions of {args.valid_share:.0%} validation, seed {args.seed}; "
           f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}")
-    partitions = list(analysis.random_partitions(
-        targets=targets, valid_share=args.valid_share, runs=args.runs,
-        generator=torch.Generator().manual_seed(args.seed),
-    ))
-    started = time.perf_counter()
-    table = analysis.compare_prototypes(
-        embeddings=embeddings, targets=targets, partitions=partitions, top_k=args.top_k, methods=methods(args)
-    )
-    seconds = time.perf_counter() - started
-    print_table(table, title=f"All classifiers on the same {args.runs} partitions ({seconds:.0f} s)")
+    if not args.only_small_set:
+        partitions = list(analysis.random_partitions(
+            targets=targets, valid_share=args.valid_share, runs=args.runs,
+            generator=torch.Generator().manual_seed(args.seed),
+        ))
+        started = time.perf_counter()
+        table = analysis.compare_prototypes(
+            embeddings=embeddings, targets=targets, partitions=partitions, top_k=args.top_k, methods=methods(args)
+        )
+        seconds = time.perf_counter() - started
+        print_table(table, title=f"All classifiers on the same {args.runs} partitions ({seconds:.0f} s)")
+    if args.small_set:
+        small_set_timing(embeddings=embeddings, targets=targets, args=args)
     if args.subsets:
         subset_check(embeddings=embeddings, targets=targets, args=args)
     if args.class_groups:

@@ -97,13 +97,16 @@ def test_shard_statistics_merge_into_a_single_fit(embedding_set, name):
             if key == "temperature":  # fitted on the first shard's held-out folds
                 assert got[key] == first_shard[key]
                 continue
-            # squared float32 scores, summed over the images in another order
-            tolerance = dict(rtol=1e-5, atol=0) if key == "unknown_moments" else dict(rtol=0, atol=1e-10)
+            # squared float32 scores, summed over the images in another order; the single fit (fewer images than
+            # features) decomposes in the images' space, the merged one factorises the F x F matrix
+            tolerance = dict(rtol=1e-4, atol=0) if key == "unknown_moments" else dict(rtol=0, atol=1e-10)
             np.testing.assert_allclose(got[key], value, err_msg=key, **tolerance)
         np.testing.assert_allclose(merged.decision_function(read.embeddings.numpy()),
                                    single.decision_function(read.embeddings.numpy()), atol=1e-10)
+        # standardised by those moments: the merged fit's float32 Cholesky factor is the less accurate (on these
+        # 40 images 3e-4 off float64 distances of 30, the single fit's n x n spectrum 2e-6)
         np.testing.assert_allclose(merged.score_samples(read.embeddings.numpy()),
-                                   single.score_samples(read.embeddings.numpy()), rtol=1e-5, atol=1e-5)
+                                   single.score_samples(read.embeddings.numpy()), rtol=1e-5, atol=1e-4)
 
 
 def test_merge_refuses_estimators_with_other_parameters():

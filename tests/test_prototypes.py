@@ -665,19 +665,32 @@ def test_a_gram_fit_holds_blas_to_one_thread_only_while_other_processes_keep_a_c
 
     monkeypatch.setattr(matrices, "cores_busy_elsewhere", lambda **_: busy)
     seen = []
-    decompose = matrices.eigh
+    decompose = matrices.matrix_spectrum
 
     def recording(matrix, *, device):
         seen.append(blas_threads())
         return decompose(matrix, device=device)
 
-    monkeypatch.setattr(matrices, "eigh", recording)
-    X, y = gaussian_classes(samples_per_class=10, seed=3)
+    monkeypatch.setattr(matrices, "matrix_spectrum", recording)
+    X, y = gaussian_classes(samples_per_class=80, seed=3)
     X = np.tile(X, (1, -(-matrices.PROBED_FEATURES // X.shape[1])))  # wide enough for the probe to run
     outside = blas_threads()
     DecorrelatedClassifier().fit(X, y)
     assert seen and set(seen) == {blas_threads_inside or outside}
     assert blas_threads() == outside  # restored after the fit
+
+
+def test_a_first_fit_of_fewer_images_than_features_does_not_probe_the_load(monkeypatch):
+    from simsearch.classifiers import matrices
+
+    probes = []
+    monkeypatch.setattr(matrices, "cores_busy_elsewhere", lambda **_: probes.append(1) or 0.0)
+    X, y = gaussian_classes(samples_per_class=10, seed=3)
+    wide = np.tile(X, (1, -(-matrices.PROBED_FEATURES // X.shape[1])))
+    fitted = DecorrelatedClassifier().fit(wide, y)
+    assert probes == []  # 40 images, 256 features: the fit decomposes 40 x 40 matrices
+    fitted.partial_fit(wide[:4], y[:4])
+    assert probes == [1]  # a later change has only the statistics: F x F
 
 
 def test_the_load_probe_counts_other_processes_not_this_one():

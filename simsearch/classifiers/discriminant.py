@@ -11,39 +11,61 @@ import torch
 
 from simsearch.classifiers import matrices, probabilities, ridge_selection
 from simsearch.classifiers.matrices import unit_rows
-from simsearch.classifiers.statistics import Statistics
+from simsearch.classifiers.statistics import Samples, Statistics
 
 
 class Discriminant(NamedTuple):
-    """Class vectors ``weights [C, F]``, ``bias [C]``; the whitening map ``q -> q @ whitening`` (``S^-1 = whitening
-    whitening^T``) and the shrinkage in use."""
+    """Class vectors ``weights [C, F]``, ``bias [C]``; the shrunk inverse covariance ``precision`` (whose
+    ``whitening()`` maps queries for Mahalanobis distances) and the shrinkage in use."""
 
     weights: np.ndarray
     bias: np.ndarray
-    whitening: np.ndarray
+    precision: matrices.ShrunkInverse
     shrinkage: float
 
 
+def standardised_spectrum(
+    statistics: Statistics, *, samples: Samples | None, device: torch.device | None
+) -> tuple[matrices.Spectrum, np.ndarray, int]:
+    """``(spectrum, scale, degrees)``: the pooled within-class covariance (``n - C`` degrees of freedom) divided by
+    its diagonal's roots ``scale`` on both sides, decomposed from the within-class rows of the ``samples`` where
+    they are fewer than the features (:meth:`Statistics.in_sample_space`), else from the scatter matrix."""
+    degrees = max(int(statistics.class_counts.sum()) - len(statistics.class_counts), 1)
+    if statistics.in_sample_space(samples):
+        rows = statistics.within_class_rows(samples) / np.sqrt(degrees)
+        variances = np.einsum("ij,ij->j", rows, rows)
+    else:
+        covariance = statistics.within_class_scatter() / degrees
+        variances = np.diag(covariance)
+    scale = np.sqrt(np.clip(variances, 0.0, None))
+    scale = np.where(scale > 0, scale, 1.0)  # a feature that never varies within a class is left unscaled
+    if statistics.in_sample_space(samples):
+        return matrices.row_spectrum(rows / scale, device=device), scale, degrees
+    return matrices.matrix_spectrum(covariance / np.outer(scale, scale), device=device), scale, degrees
+
+
 def discriminant(
-    statistics: Statistics, *, shrinkage: float | str, prior_strength: float, device: torch.device | None
+    statistics: Statistics,
+    *,
+    shrinkage: float | str,
+    prior_strength: float,
+    device: torch.device | None,
+    samples: Samples | None = None,
 ) -> Discriminant:
     """``q^T S^-1 m_c - m_c^T S^-1 m_c / 2 + prior_strength log(n_c / n)``, with ``S`` the pooled within-class
-    covariance (``n - C`` degrees of freedom) standardised by its diagonal and shrunk towards the identity there by
-    Oracle Approximating Shrinkage (``shrinkage="oas"``) or by the ``shrinkage`` given."""
-    class_counts = statistics.class_counts
-    degrees = max(int(class_counts.sum()) - len(class_counts), 1)
-    covariance = statistics.within_class_scatter() / degrees
-    scale = np.sqrt(np.clip(np.diag(covariance), 0.0, None))
-    scale = np.where(scale > 0, scale, 1.0)  # a feature that never varies within a class is left unscaled
-    eigenvalues, eigenvectors = matrices.eigh(covariance / np.outer(scale, scale), device=device)
-    weight = (ridge_selection.oas_shrinkage(eigenvalues, n_samples=degrees) if shrinkage == "oas"
-              else float(shrinkage))
-    target = eigenvalues.mean() if eigenvalues.mean() > 0 else 1.0
-    whitening = eigenvectors / scale[:, None] / np.sqrt((1 - weight) * eigenvalues + weight * target)
-    centres = statistics.class_means() @ whitening
-    prior = np.log(class_counts / class_counts.sum())
-    bias = -0.5 * (centres**2).sum(axis=1) + prior_strength * prior
-    return Discriminant(weights=centres @ whitening.T, bias=bias, whitening=whitening, shrinkage=weight)
+    covariance standardised by its diagonal and shrunk towards the identity there by Oracle Approximating Shrinkage
+    (``shrinkage="oas"``) or by the ``shrinkage`` given. ``samples``: the statistics' images, if the caller has
+    them (see :func:`standardised_spectrum`)."""
+    spectrum, scale, degrees = standardised_spectrum(statistics, samples=samples, device=device)
+    weight = (ridge_selection.oas_shrinkage(spectrum.all_eigenvalues(), n_samples=degrees)
+              if shrinkage == "oas" else float(shrinkage))
+    precision = matrices.ShrunkInverse(spectrum, weight=1 - weight, ridge=weight * spectrum.mean_eigenvalue(),
+                                       scale=scale)
+    means = statistics.class_means()
+    weights = precision.apply(means)
+    prior = np.log(statistics.class_counts / statistics.class_counts.sum())
+    bias = -0.5 * np.einsum("ij,ij->i", means, weights) + prior_strength * prior
+    return Discriminant(weights=weights, bias=bias, precision=precision, shrinkage=weight)
 
 
 class FoldCheck(NamedTuple):
@@ -77,8 +99,9 @@ def check_against_the_class_mean(
         present = np.unique(rows[~held_out])  # the classes the fold's statistics keep, in order
         if len(present) < 2 or not held_out.any():
             return FoldCheck(False, *held)  # too few images to tell: keep the article's class mean
-        kept = statistics.without(features[held_out], rows[held_out], device=device)
-        fitted = discriminant(kept, shrinkage=shrinkage, prior_strength=prior_strength, device=device)
+        kept, kept_samples = statistics.without_samples(Samples(features, rows), held_out, device=device)
+        fitted = discriminant(kept, shrinkage=shrinkage, prior_strength=prior_strength, device=device,
+                              samples=kept_samples)
         queries, images = features[held_out], np.flatnonzero(held_out)
         for number, scores in enumerate((queries @ fitted.weights.T + fitted.bias,
                                          queries @ unit_rows(kept.class_sums).T)):

@@ -50,7 +50,7 @@ from simsearch.classifiers import (
 )
 from simsearch.classifiers.matrices import compute_device, torch_device, unit_rows
 from simsearch.classifiers.ridge_selection import ALPHA_RULES
-from simsearch.classifiers.statistics import Statistics
+from simsearch.classifiers.statistics import Samples, Statistics
 
 __all__ = [
     "AUTO_CANDIDATES",
@@ -303,12 +303,15 @@ class _ClassVectorEstimator(_LinearClassVectors):
         if first:
             check_parameters(self)
             self.statistics_ = Statistics.empty(self._start(n_features=X.shape[1]), shared=self.shared_statistics)
-        # the Gram matrix and its decompositions: NumPy's BLAS, held to one thread on a busy machine
+        # the Gram matrix and its decompositions: NumPy's BLAS, held to one thread on a busy machine; a first fit
+        # of fewer images than features decomposes small matrices of the images (milliseconds): no probe
+        n_features = self.statistics_.class_sums.shape[1]
         with matrices.blas_threads_for_load(active=self.shared_statistics and self._compute_device() is None
-                                            and X.shape[1] >= matrices.PROBED_FEATURES):
+                                            and n_features >= matrices.PROBED_FEATURES
+                                            and not (first and len(X) < n_features)):
             features = self._sample_features(X)
             self.statistics_ = self.statistics_.add(features, y, device=self._compute_device())
-            self._refresh(selection=(features, self.statistics_.rows_of(y)) if first else None)
+            self._refresh(selection=Samples(features, self.statistics_.rows_of(y)) if first else None)
             if first:
                 self.temperature_ = self._held_out_temperature(features, self._query_features(X),
                                                                self.statistics_.rows_of(y))
@@ -326,12 +329,12 @@ class _ClassVectorEstimator(_LinearClassVectors):
             for fold in range(probabilities.FOLDS):
                 held_out = folds == fold
                 part = copy.copy(self)
-                part.statistics_ = self.statistics_.without(features[held_out], rows[held_out],
-                                                            device=self._compute_device())
+                part.statistics_, kept = self.statistics_.without_samples(Samples(features, rows), held_out,
+                                                                          device=self._compute_device())
                 present = self.statistics_.rows_of(part.classes_)
                 if len(present) < 2 or not held_out.any():
                     continue  # a fold that leaves one class has nothing to rank
-                part.weights_, part.bias_ = part._solve(None)
+                part.weights_, part.bias_ = part._solve(None, samples=kept)
                 images = np.flatnonzero(held_out & np.isin(rows, present))
                 held.scores[np.ix_(images, present)] = part._scores_of_features(queries[images])
                 held.scored[images] = True
@@ -449,15 +452,17 @@ class _ClassVectorEstimator(_LinearClassVectors):
             raise ValueError(f"Unknown class {label!r}; the classifier has {len(names)} classes.")
         return names.index(label)
 
-    def _refresh(self, *, selection: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    def _refresh(self, *, selection: Samples | None = None, samples: Samples | None = None) -> None:
         """Solve the class vectors after every change. ``selection`` holds the features and class rows of the
-        images that started the estimator, for subclasses that choose something on them."""
+        images that started the estimator, for subclasses that choose something on them; ``samples`` (by default
+        the ``selection``) all the images of the statistics where known, to compute in their space where they are
+        fewer than the features."""
         if hasattr(self, "threshold_"):
             self.threshold_stale_ = True  # the scores it was set on have changed
         if not len(self.classes_):
             self.weights_, self.bias_ = self.class_sums_, np.zeros(0)
             return
-        self.weights_, self.bias_ = self._solve(selection)
+        self.weights_, self.bias_ = self._solve(selection, samples=samples if samples is not None else selection)
 
 class ClassMeanClassifier(_ClassVectorEstimator):
     """The article's classifier: each class is the mean of its embeddings, a query takes the most cosine-similar.
@@ -478,7 +483,7 @@ class ClassMeanClassifier(_ClassVectorEstimator):
     def _query_features(self, X: np.ndarray) -> np.ndarray:
         return unit_rows(X)
 
-    def _solve(self, selection: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+    def _solve(self, selection: Samples | None, *, samples: Samples | None) -> tuple[np.ndarray, np.ndarray]:
         return unit_rows(self.class_sums_), np.zeros(len(self.classes_))
 
     def describe_choice(self) -> str:
@@ -582,9 +587,11 @@ class DecorrelatedClassifier(_GramStatistics):
         self.unknown_score = unknown_score
         self.device = device
 
-    def decomposition(self) -> ridge_selection.Decomposition:
-        """The centred statistics in the eigenbasis of the centred Gram matrix (one ``F x F`` eigendecomposition)."""
-        return ridge_selection.decomposition(self.statistics_, prior=self.prior, device=self._compute_device())
+    def decomposition(self, samples: Samples | None = None) -> ridge_selection.Decomposition:
+        """The centred statistics in the eigenbasis of the centred Gram matrix: one ``F x F`` eigendecomposition, or
+        ``n x n`` given the statistics' ``samples`` where they are fewer than the features."""
+        return ridge_selection.decomposition(self.statistics_, prior=self.prior, device=self._compute_device(),
+                                             samples=samples)
 
     def leave_one_out_hits(
         self, X: Any, y: Any, *, decomposition: ridge_selection.Decomposition | None = None
@@ -676,8 +683,8 @@ class DecorrelatedClassifier(_GramStatistics):
                                  f"{self.class_sums_.shape[1]}")
             self.n_features_in_ = self.projection_.shape[0]
 
-    def _solve(self, selection: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
-        decomposed, device = self.decomposition(), self._compute_device()
+    def _solve(self, selection: Samples | None, *, samples: Samples | None) -> tuple[np.ndarray, np.ndarray]:
+        decomposed, device = self.decomposition(samples), self._compute_device()
         self.relative_alpha_ = ridge_selection.relative_ridge(
             alpha=self.alpha, prior=self.prior, relative_alphas=np.asarray(self.relative_alphas, dtype=np.float64),
             statistics=self.statistics_, decomposed=decomposed, selection=selection,
@@ -689,7 +696,9 @@ class DecorrelatedClassifier(_GramStatistics):
                                        self.statistics_, *selection, relative_alpha=self.relative_alpha_,
                                        random_state=self.random_state, device=device))
             if self.unknown_score_ == "combined":
-                self.unknown_moments_ = unknown_scores.moments(self.unknown_components(selection[0].astype(np.float32)))
+                self.unknown_moments_ = unknown_scores.moments(unknown_scores.unknown_components(
+                    selection.features.astype(np.float32), statistics=self.statistics_, alpha=self.alpha_,
+                    device=device, samples=selection))
         if np.isinf(self.alpha_):
             return unit_rows(self.class_sums_), np.zeros(len(self.classes_))
         return ridge_selection.ridge_class_vectors(decomposed, alpha=self.alpha_, prior=self.prior)
@@ -771,7 +780,7 @@ class DiscriminantClassifier(_GramStatistics):
     def _set_choices(self, arrays: dict[str, np.ndarray]) -> None:
         self.uses_class_mean_ = bool(arrays.get("uses_class_mean", False))
 
-    def _solve(self, selection: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+    def _solve(self, selection: Samples | None, *, samples: Samples | None) -> tuple[np.ndarray, np.ndarray]:
         if self.prior_strength is not None:
             self.prior_strength_ = float(self.prior_strength)
         else:
@@ -787,8 +796,9 @@ class DiscriminantClassifier(_GramStatistics):
         if self.uses_class_mean_:  # no covariance to decompose: the cosine to the class means scores
             return unit_rows(self.class_sums_), np.zeros(len(self.classes_))
         fitted = discriminant.discriminant(self.statistics_, shrinkage=self.shrinkage,
-                                           prior_strength=self.prior_strength_, device=self._compute_device())
-        self.whitening_, self.shrinkage_ = fitted.whitening, fitted.shrinkage
+                                           prior_strength=self.prior_strength_, device=self._compute_device(),
+                                           samples=samples)
+        self.whitening_, self.shrinkage_ = fitted.precision.whitening(), fitted.shrinkage
         return fitted.weights, fitted.bias
 
     def describe_choice(self) -> str:
@@ -803,7 +813,11 @@ class DiscriminantClassifier(_GramStatistics):
             return super()._unknown_scores(X)
         return unknown_scores.mahalanobis_scores(
             self._query_features(X), centres=self.class_means_,
-            whiten=lambda rows: matrices.product(rows, self.whitening_, device=self._compute_device()))
+            distances=lambda queries, centres: matrices.squared_distances(self._whitened(queries),
+                                                                          self._whitened(centres)))
+
+    def _whitened(self, rows: np.ndarray) -> np.ndarray:
+        return matrices.product(rows, self.whitening_, device=self._compute_device())
 
 
 AUTO_CANDIDATES = ("mean", "lda", "decorrelated", "balanced")  # simplest first: the first is the baseline
@@ -851,10 +865,10 @@ class AutoClassifier(_GramStatistics):
             return DiscriminantClassifier(check_against_mean=False, device=self.device)
         return make_classifier(name, device=self.device, **({"unknown_score": "cosine"} if quick else {}))
 
-    def _fitted_member(self, member: _ClassVectorEstimator, statistics_: Statistics,
-                       selection: tuple[np.ndarray, np.ndarray] | None) -> _ClassVectorEstimator:
+    def _fitted_member(self, member: _ClassVectorEstimator, statistics_: Statistics, selection: Samples | None,
+                       samples: Samples | None) -> _ClassVectorEstimator:
         member.statistics_, member.n_features_in_ = statistics_, statistics_.class_sums.shape[1]
-        member._refresh(selection=selection)
+        member._refresh(selection=selection, samples=samples)
         return member
 
     def _choose(self, features: np.ndarray, rows: np.ndarray) -> str:
@@ -864,14 +878,14 @@ class AutoClassifier(_GramStatistics):
         held = [probabilities.HeldOut.empty(len(rows), len(self.classes_)) for _ in self.candidates]
         for fold in range(probabilities.FOLDS):
             held_out = folds == fold
-            kept = self.statistics_.without(features[held_out], rows[held_out], device=self._compute_device())
+            kept, selection = self.statistics_.without_samples(Samples(features, rows), held_out,
+                                                               device=self._compute_device())
             present = self.statistics_.rows_of(kept.classes)
             if len(present) < 2 or not held_out.any():
                 return "mean"  # too few images to tell
-            selection = (features[~held_out], kept.rows_of(self.classes_[rows[~held_out]]))
             images = np.flatnonzero(held_out)
             for number, name in enumerate(self.candidates):
-                member = self._fitted_member(self._member(name, quick=True), kept, selection)
+                member = self._fitted_member(self._member(name, quick=True), kept, selection, selection)
                 held[number].scores[np.ix_(images, present)] = member._scores_of_features(features[held_out])
                 held[number].scored[images] = True
         hits = np.array([candidate.scores.argmax(axis=1) == rows for candidate in held], dtype=np.float64)
@@ -894,13 +908,13 @@ class AutoClassifier(_GramStatistics):
         self.member_.statistics_ = self.statistics_
         self.member_._set_choices(arrays)
 
-    def _solve(self, selection: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+    def _solve(self, selection: Samples | None, *, samples: Samples | None) -> tuple[np.ndarray, np.ndarray]:
         if selection is not None:
             self.chosen_ = self._choose(*selection)
             member = self._member(self.chosen_)
         else:  # a copy: a sub-fit (the temperature's folds) must not change the member of the estimator it copies
             member = copy.copy(self.member_)
-        self.member_ = self._fitted_member(member, self.statistics_, selection)
+        self.member_ = self._fitted_member(member, self.statistics_, selection, samples)
         return self.member_.weights_, self.member_.bias_
 
     def _unknown_scores(self, X: np.ndarray) -> np.ndarray:

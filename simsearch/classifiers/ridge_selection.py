@@ -16,31 +16,47 @@ import numpy as np
 import torch
 
 from simsearch.classifiers import matrices
-from simsearch.classifiers.statistics import Statistics
+from simsearch.classifiers.statistics import Samples, Statistics
 
 ALPHA_RULES = ("loo", "gcv", "oas")
 
 
 class Decomposition(NamedTuple):
     """The centred statistics in the eigenbasis of the centred Gram matrix: what every ridge strength and the
-    leave-one-out selection are computed from."""
+    leave-one-out selection are computed from. The ridge targets lie in the span of the centred images, so a thin
+    spectrum (fewer images than features) gives the same class vectors as a complete one."""
 
     mean: np.ndarray  # [F]
-    eigenvalues: np.ndarray  # [F], ascending
-    eigenvectors: np.ndarray  # [F, F]
-    rotated: np.ndarray  # [F, C]: the ridge targets (centred class sums, or means for the balanced prior)
+    spectrum: matrices.Spectrum  # of the centred Gram matrix
+    rotated: np.ndarray  # [r, C]: the ridge targets (centred class sums, or means for the balanced prior)
     scale: float  # the mean eigenvalue, which relative ridge strengths multiply
 
+    @property
+    def eigenvalues(self) -> np.ndarray:
+        return self.spectrum.eigenvalues
 
-def decomposition(statistics: Statistics, *, prior: str, device: torch.device | None) -> Decomposition:
-    """One ``F x F`` eigendecomposition of the centred Gram matrix, with the ridge targets of ``prior``."""
+    @property
+    def eigenvectors(self) -> np.ndarray:
+        return self.spectrum.eigenvectors
+
+
+def decomposition(
+    statistics: Statistics,
+    *,
+    prior: str,
+    device: torch.device | None,
+    samples: Samples | None = None,
+    spectrum: matrices.Spectrum | None = None,
+) -> Decomposition:
+    """The centred Gram matrix's eigendecomposition (``spectrum`` where the caller has it already, else
+    :meth:`Statistics.centred_spectrum`, in the ``samples``' space where they are fewer than the features), with
+    the ridge targets of ``prior``."""
     mean = statistics.mean
     centred_sums = statistics.class_sums - statistics.class_counts[:, None] * mean
     targets = centred_sums if prior == "empirical" else centred_sums / statistics.class_counts[:, None]
-    eigenvalues, eigenvectors = matrices.eigh(statistics.centred_gram(), device=device)
-    scale = eigenvalues.mean() if eigenvalues.mean() > 0 else 1.0
-    return Decomposition(mean=mean, eigenvalues=eigenvalues, eigenvectors=eigenvectors,
-                         rotated=eigenvectors.T @ targets.T, scale=float(scale))
+    spectrum = spectrum if spectrum is not None else statistics.centred_spectrum(samples, device=device)
+    return Decomposition(mean=mean, spectrum=spectrum, rotated=spectrum.eigenvectors.T @ targets.T,
+                         scale=spectrum.mean_eigenvalue())
 
 
 def relative_ridge(
@@ -63,7 +79,7 @@ def relative_ridge(
         errors = [gcv_error(statistics, value * decomposed.scale, decomposed) for value in relative_alphas]
         return float(relative_alphas[int(np.argmin(errors))])
     if alpha == "oas":
-        return oas_relative_ridge(decomposed.eigenvalues, n_samples=statistics.n_samples)
+        return oas_relative_ridge(decomposed.spectrum.all_eigenvalues(), n_samples=statistics.n_samples)
     if selection is None:
         return previous
     hits = leave_one_out_hits(statistics, *selection, relative_alphas=relative_alphas, prior=prior,

@@ -20,7 +20,7 @@ from sklearn.utils import check_random_state
 
 from simsearch.classifiers import matrices
 from simsearch.classifiers.matrices import unit_rows
-from simsearch.classifiers.statistics import Statistics
+from simsearch.classifiers.statistics import Samples, Statistics
 
 # Shrinkage of the covariance behind the decorrelated classifiers' Mahalanobis distances, as a multiple of its mean
 # eigenvalue: measured on Caltech-101 with 20 hidden classes (benchmarks/open_set.py), 0.3 to 10 score alike.
@@ -52,25 +52,48 @@ def _shrunk_whitener(
                                       device=device)
 
 
-def mahalanobis_scores(
-    features: np.ndarray, *, centres: np.ndarray, whiten: Callable[[np.ndarray], np.ndarray]
-) -> np.ndarray:
-    """Minus the smallest squared distance of each whitened row to a whitened class centre: higher = nearer a known
-    class."""
-    queries, centres = whiten(features), whiten(centres)
-    squared = np.einsum("ij,ij->i", queries, queries)  # no [N, F] temporary
-    distances = squared[:, None] - 2 * queries @ centres.T + (centres**2).sum(axis=1)
-    return -distances.min(axis=1)
+Distances = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (queries [N, F], centres [C, F]) -> [N, C] squared
+
+
+def shrunk_distances(
+    statistics: Statistics,
+    *,
+    within: bool,
+    dtype: np.dtype,
+    samples: Samples | None,
+    spectrum: matrices.Spectrum | None,
+    device: torch.device | None,
+) -> Distances:
+    """Squared Mahalanobis distances under the total covariance (``within=False``: the centred Gram matrix over
+    the image count) or the within-class one, shrunk by :data:`UNKNOWN_SHRINKAGE` times its mean eigenvalue. From
+    the ``samples``' own space where they are fewer than the features (the centred Gram matrix's ``spectrum`` if
+    the caller has it), else by one Cholesky factorisation of the ``F x F`` matrix in ``dtype``."""
+    n_samples = max(statistics.n_samples, 1)
+    if statistics.in_sample_space(samples):
+        if within:
+            spectrum = matrices.row_spectrum(statistics.within_class_rows(samples), device=device)
+        elif spectrum is None:
+            spectrum = statistics.centred_spectrum(samples, device=device)
+        ridge = UNKNOWN_SHRINKAGE * spectrum.mean_eigenvalue() / n_samples
+        return matrices.ShrunkInverse(spectrum, weight=1.0 / n_samples, ridge=ridge).squared_distances
+    scatter = statistics.within_class_scatter() if within else statistics.centred_gram()
+    whiten = _shrunk_whitener(scatter.astype(dtype), n_samples=n_samples, device=device)
+    return lambda queries, centres: matrices.squared_distances(whiten(queries), whiten(centres))
+
+
+def mahalanobis_scores(features: np.ndarray, *, centres: np.ndarray, distances: Distances) -> np.ndarray:
+    """Minus the smallest squared distance of each row to a class centre: higher = nearer a known class."""
+    return -distances(features, centres.astype(features.dtype)).min(axis=1)
 
 
 def within_class_mahalanobis(
-    features: np.ndarray, *, statistics: Statistics, device: torch.device | None
+    features: np.ndarray, *, statistics: Statistics, device: torch.device | None, samples: Samples | None = None
 ) -> np.ndarray:
     """Mahalanobis scores under the shared within-class covariance (``unknown_score="mahalanobis"``), in the
-    features' precision."""
-    whiten = _shrunk_whitener(statistics.within_class_scatter().astype(features.dtype), n_samples=statistics.n_samples,
-                              device=device)
-    return mahalanobis_scores(features, centres=statistics.class_means().astype(features.dtype), whiten=whiten)
+    features' precision; ``samples``: the statistics' images, if the caller has them."""
+    distances = shrunk_distances(statistics, within=True, dtype=features.dtype, samples=samples, spectrum=None,
+                                 device=device)
+    return mahalanobis_scores(features, centres=statistics.class_means(), distances=distances)
 
 
 def best_cosines(features: np.ndarray, class_sums: np.ndarray) -> np.ndarray:
@@ -79,20 +102,34 @@ def best_cosines(features: np.ndarray, class_sums: np.ndarray) -> np.ndarray:
 
 
 def unknown_components(
-    features: np.ndarray, *, statistics: Statistics, alpha: float, device: torch.device | None
+    features: np.ndarray,
+    *,
+    statistics: Statistics,
+    alpha: float,
+    device: torch.device | None,
+    samples: Samples | None = None,
 ) -> np.ndarray:
     """``[N, 2]``: Mahalanobis scores under the total covariance, and the best ridge-regression score onto one-hot
     labels at ``alpha`` (the best cosine for ``inf``): the two parts of the combined unknown score, in the
-    features' precision (float32 suffices for moments and for ranking, the covariance being shrunk)."""
+    features' precision (float32 suffices for moments and for ranking, the covariance being shrunk). ``samples``:
+    the statistics' images, if the caller has them; fewer than the features, one ``n x n`` eigendecomposition
+    serves both parts."""
     dtype = features.dtype
-    mean, centred_gram = statistics.mean.astype(dtype), statistics.centred_gram().astype(dtype)
-    whiten = _shrunk_whitener(centred_gram, n_samples=statistics.n_samples, device=device)
-    mahalanobis = mahalanobis_scores(features, centres=statistics.class_means().astype(dtype), whiten=whiten)
+    spectrum = statistics.centred_spectrum(samples, device=device) if statistics.in_sample_space(samples) else None
+    distances = shrunk_distances(statistics, within=False, dtype=dtype, samples=samples, spectrum=spectrum,
+                                 device=device)
+    mahalanobis = mahalanobis_scores(features, centres=statistics.class_means(), distances=distances)
     if np.isinf(alpha):
         return np.column_stack([mahalanobis, best_cosines(features, statistics.class_sums)])
-    centred_sums = (statistics.class_sums - statistics.class_counts[:, None] * statistics.mean).astype(dtype)
-    ridge = centred_gram + float(alpha) * np.eye(len(centred_gram), dtype=dtype)
-    directions = matrices.solve_positive(ridge, centred_sums.T, device=device)
+    mean = statistics.mean.astype(dtype)
+    centred_sums = statistics.class_sums - statistics.class_counts[:, None] * statistics.mean
+    if spectrum is not None:  # the sums lie in the centred images' span: the thin spectrum solves exactly
+        directions = matrices.ShrunkInverse(spectrum, weight=1.0, ridge=float(alpha)).apply(centred_sums).T
+    else:
+        centred_gram = statistics.centred_gram().astype(dtype)
+        ridge = centred_gram + float(alpha) * np.eye(len(centred_gram), dtype=dtype)
+        directions = matrices.solve_positive(ridge, centred_sums.astype(dtype).T, device=device)
+    directions = directions.astype(dtype)
     # (x - mean) K P without an [N, F] temporary
     ridge_scores = matrices.product(features, directions, device=device) - mean @ directions
     return np.column_stack([mahalanobis, ridge_scores.max(axis=1)])
@@ -240,12 +277,14 @@ def choose_unknown_score(
     features = features.astype(np.float32)
     aurocs, errors = [], []
     for removed, known, unknown, fitting in choice_draws(rows, generator=check_random_state(random_state)):
-        kept = statistics.without(features[removed], rows[removed], device=device)
+        kept, kept_samples = statistics.without_samples(Samples(features, rows), removed, device=device)
         queries = features[np.concatenate([known, unknown])]
         components = unknown_components(np.concatenate([features[fitting], queries]), statistics=kept,
-                                        alpha=relative_alpha * kept.mean_eigenvalue(), device=device)
+                                        alpha=relative_alpha * kept.mean_eigenvalue(), device=device,
+                                        samples=kept_samples)
         scores = {"combined": standardised_sum(components[len(fitting):], moments(components[:len(fitting)])),
-                  "mahalanobis": within_class_mahalanobis(queries, statistics=kept, device=device),
+                  "mahalanobis": within_class_mahalanobis(queries, statistics=kept, device=device,
+                                                          samples=kept_samples),
                   "cosine": best_cosines(queries, kept.class_sums)}
         truth = np.r_[np.ones(len(known)), np.zeros(len(unknown))]
         aurocs.append([roc_auc_score(truth, scores[name]) for name in UNKNOWN_CANDIDATES])

@@ -1,0 +1,86 @@
+"""Fits with fewer images than features decompose ``n x n`` matrices of the images instead of ``F x F`` ones (the
+kernel form): the same class vectors, choices, temperatures and unknown scores as the ``F x F`` fit, to rounding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from simsearch.classifiers import matrices, prototypes
+from simsearch.classifiers.statistics import Statistics
+
+
+def wide_classes(*, classes: int = 6, per_class: int = 14, dim: int = 120, seed: int = 0):
+    """Fewer images (84) than features (120): class means 0.3 apart per feature, hidden in noise that is strong
+    along eight directions close to theirs, so the class mean is near chance and every member beats it."""
+    layout = np.random.default_rng(0)
+    means = layout.standard_normal((classes, dim)) * 0.3
+    directions = layout.standard_normal((8, dim))
+    directions[:classes] += means * 2
+    rng = np.random.default_rng(seed)
+    X = np.concatenate([means[c] + 0.5 * rng.standard_normal((per_class, dim))
+                        + 8.0 * rng.standard_normal((per_class, 8)) @ directions / np.sqrt(dim)
+                        for c in range(classes)])
+    return X, np.repeat(np.arange(classes), per_class)
+
+
+def test_the_spectrum_of_rows_is_the_nonzero_part_of_the_spectrum_of_their_gram_matrix():
+    rows = np.random.default_rng(1).standard_normal((30, 80))
+    thin = matrices.row_spectrum(rows, device=None)
+    full = matrices.matrix_spectrum(rows.T @ rows, device=None)
+    assert len(thin.eigenvalues) == 30 and not thin.complete and full.complete
+    np.testing.assert_allclose(thin.eigenvalues, full.eigenvalues[-30:], rtol=1e-10)
+    np.testing.assert_allclose(thin.eigenvectors.T @ thin.eigenvectors, np.eye(30), atol=1e-10)
+    np.testing.assert_allclose(thin.all_eigenvalues(), full.eigenvalues, atol=1e-9)
+    assert thin.mean_eigenvalue() == pytest.approx(np.trace(rows.T @ rows) / 80)
+
+
+@pytest.mark.parametrize("scale", [None, np.linspace(0.5, 2.0, 80)])
+def test_a_shrunk_inverse_from_a_thin_spectrum_is_the_inverse_of_the_shrunk_matrix(scale):
+    rng = np.random.default_rng(2)
+    rows = rng.standard_normal((30, 80))
+    standardised = np.eye(80) if scale is None else np.diag(1.0 / scale)
+    inverse = standardised @ np.linalg.inv(0.7 * rows.T @ rows + 0.3 * np.eye(80)) @ standardised
+    queries, centres = rng.standard_normal((5, 80)), rng.standard_normal((3, 80))
+    expected = np.einsum("ncf,fg,ncg->nc", queries[:, None] - centres, inverse, queries[:, None] - centres)
+    for spectrum in (matrices.row_spectrum(rows, device=None), matrices.matrix_spectrum(rows.T @ rows, device=None)):
+        shrunk = matrices.ShrunkInverse(spectrum, weight=0.7, ridge=0.3, scale=scale)
+        np.testing.assert_allclose(shrunk.apply(queries), queries @ inverse, rtol=1e-9, atol=1e-12)
+        whitening = shrunk.whitening()
+        np.testing.assert_allclose(whitening @ whitening.T, inverse, atol=1e-10)
+        np.testing.assert_allclose(shrunk.squared_distances(queries, centres), expected, rtol=1e-9)
+
+
+@pytest.fixture
+def matrix_fit(monkeypatch):
+    """Fit as if the images were at least as many as the features: the ``F x F`` decompositions."""
+
+    def fit(estimator, X, y):
+        with monkeypatch.context() as patch:
+            patch.setattr(Statistics, "in_sample_space", lambda self, samples: False)
+            return estimator.fit(X, y)
+
+    return fit
+
+
+FITTED_NUMBERS = ("relative_alpha_", "alpha_", "temperature_", "shrinkage_", "prior_strength_")
+FITTED_CHOICES = ("unknown_score_", "uses_class_mean_", "chosen_")
+
+
+@pytest.mark.parametrize("name", ["decorrelated", "balanced", "lda", "auto"])
+def test_a_fit_in_the_images_space_equals_the_fit_in_the_features_space(name, matrix_fit):
+    X, y = wide_classes()
+    queries = wide_classes(seed=1)[0]
+    thin = prototypes.make_classifier(name).fit(X, y)
+    full = matrix_fit(prototypes.make_classifier(name), X, y)
+    assert [getattr(thin, key, None) for key in FITTED_CHOICES] == [getattr(full, key, None) for key in FITTED_CHOICES]
+    assert prototypes.describe_choice(thin) == prototypes.describe_choice(full) not in ("mean", "auto")
+    for key in [key for key in FITTED_NUMBERS if hasattr(full, key)]:
+        assert getattr(thin, key) == pytest.approx(getattr(full, key), rel=1e-6), key
+    np.testing.assert_allclose(thin.weights_, full.weights_, rtol=1e-7, atol=1e-9 * np.abs(full.weights_).max())
+    np.testing.assert_allclose(thin.bias_, full.bias_, rtol=1e-7, atol=1e-9 * np.abs(full.bias_).max())
+    np.testing.assert_allclose(thin.predict_proba(queries), full.predict_proba(queries), atol=1e-7)
+    # the combined score is standardised by moments of float32 scores
+    np.testing.assert_allclose(thin.score_samples(queries), full.score_samples(queries), rtol=1e-5, atol=1e-5)
+    if hasattr(full, "unknown_moments_"):  # float32 scores, from two factorisations
+        np.testing.assert_allclose(thin.unknown_moments_, full.unknown_moments_, rtol=1e-4)
