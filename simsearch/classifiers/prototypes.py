@@ -589,9 +589,10 @@ class DecorrelatedClassifier(_GramStatistics):
 
     def decomposition(self, samples: Samples | None = None) -> ridge_selection.Decomposition:
         """The centred statistics in the eigenbasis of the centred Gram matrix: one ``F x F`` eigendecomposition, or
-        ``n x n`` given the statistics' ``samples`` where they are fewer than the features."""
+        ``n x n`` given the statistics' ``samples`` where they are fewer than the features; none where a caller
+        fitting both priors on the same statistics handed its spectrum over (``_centred_spectrum``, used once)."""
         return ridge_selection.decomposition(self.statistics_, prior=self.prior, device=self._compute_device(),
-                                             samples=samples)
+                                             samples=samples, spectrum=self.__dict__.pop("_centred_spectrum", None))
 
     def leave_one_out_hits(
         self, X: Any, y: Any, *, decomposition: ridge_selection.Decomposition | None = None
@@ -883,9 +884,13 @@ class AutoClassifier(_GramStatistics):
             present = self.statistics_.rows_of(kept.classes)
             if len(present) < 2 or not held_out.any():
                 return "mean"  # too few images to tell
-            images = np.flatnonzero(held_out)
+            images, spectrum = np.flatnonzero(held_out), None
             for number, name in enumerate(self.candidates):
-                member = self._fitted_member(self._member(name, quick=True), kept, selection, selection)
+                member = self._member(name, quick=True)
+                if isinstance(member, DecorrelatedClassifier):  # both priors decompose the same matrix
+                    spectrum = spectrum or kept.centred_spectrum(selection, device=self._compute_device())
+                    member._centred_spectrum = spectrum
+                member = self._fitted_member(member, kept, selection, selection)
                 held[number].scores[np.ix_(images, present)] = member._scores_of_features(features[held_out])
                 held[number].scored[images] = True
         hits = np.array([candidate.scores.argmax(axis=1) == rows for candidate in held], dtype=np.float64)
