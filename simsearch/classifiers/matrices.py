@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 import scipy.linalg
+import scipy.sparse
 import threadpoolctl
 import torch
 
@@ -65,17 +66,12 @@ def unit_rows(X: np.ndarray) -> np.ndarray:
 
 
 def sums_by_row(features: np.ndarray, *, rows: np.ndarray, num_rows: int) -> np.ndarray:
-    """``[num_rows, F]`` float64 sums of the ``features`` rows that belong to each row index: grouped by a stable
-    sort and added in order (torch's ``index_add_`` took 20 to 70 ms for 400 rows beside NumPy's busy BLAS
-    threads, this 1 ms)."""
-    sums = np.zeros((num_rows, features.shape[1]))
-    if not len(rows):
-        return sums
-    order = np.argsort(rows, kind="stable")
-    grouped = rows[order]
-    starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
-    sums[grouped[starts]] = np.add.reduceat(features[order], starts, axis=0, dtype=np.float64)
-    return sums
+    """``[num_rows, F]`` float64 sums of the ``features`` rows that belong to each row index: a sparse one-hot
+    matrix times the features, ``n F`` additions (torch's ``index_add_`` took 20 to 70 ms for 400 rows beside
+    NumPy's busy BLAS threads, this under 1 ms; 12 ms for 6,900 rows)."""
+    one_hot = scipy.sparse.csr_matrix((np.ones(len(rows)), (rows, np.arange(len(rows)))),
+                                      shape=(num_rows, len(rows)))
+    return np.asarray(one_hot @ features.astype(np.float64, copy=False))
 
 
 def compute_device(device: str | torch.device | None) -> torch.device | None:
