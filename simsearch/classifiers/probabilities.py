@@ -4,8 +4,9 @@ A class-vector classifier's scores (a cosine, a ridge output, a discriminant) ha
 outside it. One temperature ``T`` turns them into probabilities, ``softmax(scores / T)``: a single parameter keeps
 the ranking (so the accuracy) exactly as it is and cannot overfit the few images a class may have. ``T`` is chosen
 to minimise the log loss of scores that the training images get from fits that did not see them (held-out folds,
-:func:`stratified_folds`), never of the validation images. The expected calibration error (:func:`calibration_error`)
-and the log loss (:func:`log_loss`) then say how well the probabilities match the frequencies of being right.
+:func:`stratified_folds`, or leave-one-out where an estimator has it exactly), never of the validation images. The
+expected calibration error (:func:`calibration_error`) and the log loss (:func:`log_loss`) then say how well the
+probabilities match the frequencies of being right.
 """
 
 from __future__ import annotations

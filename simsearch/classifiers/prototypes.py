@@ -229,7 +229,8 @@ class _LinearClassVectors(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X: Any) -> np.ndarray:
         """``[N, C]`` probability of each class in ``classes_`` order: ``softmax(class_scores / temperature_)``, so
         rows sum to 1 and rank the classes as :meth:`decision_function` does. ``temperature_`` was fitted on
-        held-out folds of the images that started the estimator (:mod:`~simsearch.classifiers.probabilities`)."""
+        held-out scores of the images that started the estimator (folds, or for the balanced prior leave-one-out;
+        :mod:`~simsearch.classifiers.probabilities`)."""
         scores = self.class_scores(X)
         if not hasattr(self, "temperature_"):
             raise ValueError("This classifier has no temperature for probabilities: it was saved before they "
@@ -703,9 +704,25 @@ class DecorrelatedClassifier(_GramStatistics):
                 self.unknown_moments_ = unknown_scores.moments(unknown_scores.unknown_components(
                     selection.features.astype(np.float32), statistics=self.statistics_, alpha=self.alpha_,
                     device=device, samples=selection))
+        if selection is not None and self.prior == "balanced":
+            self._held_out = self._leave_one_out_scores(selection, decomposed)
         if np.isinf(self.alpha_):
             return unit_rows(self.class_sums_), np.zeros(len(self.classes_))
         return ridge_selection.ridge_class_vectors(decomposed, alpha=self.alpha_, prior=self.prior)
+
+    def _leave_one_out_scores(
+        self, selection: Samples, decomposed: ridge_selection.Decomposition
+    ) -> probabilities.HeldOut:
+        """The balanced prior's exact leave-one-out scores of the starting images at the chosen ridge (the cosine
+        for the class mean), for the temperature: fits without one image each are closer to the full fit than
+        fits without a third (on Caltech-101 and TREC the folds' temperature left a calibration error of 0.06 to
+        0.07). An image whose class has no other image is not scored."""
+        relative = np.asarray([self.relative_alpha_] if np.isfinite(self.relative_alpha_) else [], dtype=np.float64)
+        scores = next(ridge_selection.leave_one_out_scores(
+            self.statistics_, selection.features, selection.rows, relative_alphas=relative, prior=self.prior,
+            decomposed=decomposed, device=self._compute_device())).astype(np.float64)
+        return probabilities.HeldOut(scores=scores,
+                                     scored=np.isfinite(scores[np.arange(len(scores)), selection.rows]))
 
     def describe_choice(self) -> str:
         """What the fit chose to score the queries: the plain class mean, or the ridge at its relative strength."""
@@ -873,6 +890,7 @@ class AutoClassifier(_GramStatistics):
                        samples: Samples | None) -> _ClassVectorEstimator:
         member.statistics_, member.n_features_in_ = statistics_, statistics_.class_sums.shape[1]
         member._refresh(selection=selection, samples=samples)
+        member.__dict__.pop("_held_out", None)  # the temperature comes from this estimator's folds
         return member
 
     def _choose(self, features: np.ndarray, rows: np.ndarray) -> str:

@@ -10,6 +10,7 @@ Functions of the statistics, so a distributed fit runs the selection shard by sh
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -128,6 +129,24 @@ def leave_one_out_hits(
     itself left out of ``statistics``, for each relative ridge strength and, last, the plain class mean. Exact;
     float32 products suffice to rank. Image by image against the whole statistics, so the shards of a dataset
     fitted apart and merged give, stacked, the hits of a single fit."""
+    return np.asarray([fitted.argmax(axis=1) == rows for fitted in leave_one_out_scores(
+        statistics, features, rows, relative_alphas=relative_alphas, prior=prior, decomposed=decomposed,
+        device=device)])
+
+
+def leave_one_out_scores(
+    statistics: Statistics,
+    features: np.ndarray,
+    rows: np.ndarray,
+    *,
+    relative_alphas: np.ndarray,
+    prior: str,
+    decomposed: Decomposition,
+    device: torch.device | None,
+) -> Iterator[np.ndarray]:
+    """For each relative ridge strength and, last, the plain class mean: ``[N, C]`` scores of each fitted image by
+    the fit without it, exact for the balanced prior and the class mean, up to a positive factor per image (which
+    keeps its ranking) for the empirical prior (see :func:`leave_one_out_hits`)."""
     alphas = np.append(np.asarray(relative_alphas, dtype=np.float64), np.inf) * decomposed.scale
     centred, rotation = (features - decomposed.mean).astype(np.float32), decomposed.eigenvectors.astype(np.float32)
     # on a device, the projected images stay there for every candidate
@@ -137,21 +156,18 @@ def leave_one_out_hits(
     counts = statistics.class_counts[rows].astype(np.float64)
     inverses = (1.0 / (decomposed.eigenvalues + alphas[:, None])).astype(np.float32)  # [candidates, F]; 0 for inf
     leverages = matrices.product(projected**2, inverses.T, device=device)  # u_i K u_i of every candidate
-    hits = []
     for alpha, inverse, leverage in zip(alphas, inverses, leverages.T):
         if np.isinf(alpha):
-            fitted = leave_one_out_cosines(features, rows, class_sums=statistics.class_sums, counts=counts,
-                                           device=device)
+            yield leave_one_out_cosines(features, rows, class_sums=statistics.class_sums, counts=counts,
+                                        device=device)
+            continue
+        weighted = rotated32 * inverse[:, None]
+        products = matrices.product(projected, weighted, device=device)  # u_i K r_c, [N, C]
+        if prior == "empirical":
+            yield leave_one_out_ridge(products, leverage, rows, statistics=statistics)
         else:
-            weighted = rotated32 * inverse[:, None]
-            products = matrices.product(projected, weighted, device=device)  # u_i K r_c, [N, C]
-            if prior == "empirical":
-                fitted = leave_one_out_ridge(products, leverage, rows, statistics=statistics)
-            else:
-                fitted = leave_one_out_whitened_cosines(products, leverage, rows, counts=counts,
-                                                        class_norms=(rotated32 * weighted).sum(axis=0))
-        hits.append(fitted.argmax(axis=1) == rows)
-    return np.asarray(hits)
+            yield leave_one_out_whitened_cosines(products, leverage, rows, counts=counts,
+                                                 class_norms=(rotated32 * weighted).sum(axis=0))
 
 
 def leave_one_out_ridge(
@@ -171,15 +187,16 @@ def leave_one_out_ridge(
 def leave_one_out_whitened_cosines(
     products: np.ndarray, leverage: np.ndarray, rows: np.ndarray, *, class_norms: np.ndarray, counts: np.ndarray
 ) -> np.ndarray:
-    """Balanced-prior scores of every training image refitted without it: its class mean, the global mean and the
-    Gram matrix all lose the image (exact), each row up to a positive factor that does not change its argmax.
+    """Balanced-prior scores of every training image by the fit without it: its class mean, the global mean and the
+    Gram matrix all lose the image. Exact (tested against refits), so they also serve as held-out scores.
 
     With ``u_i`` the centred features and ``r_c`` the centred class means, both in the eigenbasis of ``G``, and the
     ridge's ``K = (G + alpha I)^-1``, ``products`` holds ``a = u^T K r_c`` ``[N, C]``, ``leverage`` ``b = u^T K u``
     ``[N]`` and ``class_norms`` ``q = r_c^T K r_c`` ``[C]``. Without
     image ``i`` (``n`` images in all), ``G`` loses ``n/(n-1) u u^T`` (Sherman-Morrison), ``mu`` moves by
     ``-u/(n-1)`` and its class mean by ``-(u - r_c)/(n_c - 1)``: every score follows from ``a``, ``b`` and ``q``.
-    A class of one image has no mean left (score ``-inf``).
+    Without the image its centred features are ``n/(n-1) u`` and ``u^T K_-i = (1 + delta b) u^T K``: the factor
+    ``n/(n-1) (1 + delta b)`` of every score of the row. A class of one image has no mean left (score ``-inf``).
     """
     n = len(rows)
     products = products.astype(np.float64)
@@ -206,7 +223,7 @@ def leave_one_out_whitened_cosines(
     own_scores = scores(own_count / (own_count - 1), 1.0 / (n - 1) - 1.0 / (own_count - 1),
                         products[own][:, None], class_norms[rows][:, None])
     fitted[own] = np.where(kept, own_scores[:, 0], -np.inf)
-    return fitted
+    return fitted * (beta * growth)
 
 
 def one_standard_error_choice(relative: np.ndarray, *, hits: np.ndarray, weights: np.ndarray) -> float:
