@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar
 
@@ -323,10 +324,12 @@ class _ClassVectorEstimator(_LinearClassVectors):
 
     def _held_out_temperature(self, features: np.ndarray, queries: np.ndarray, rows: np.ndarray) -> float:
         """The temperature of :meth:`predict_proba`, fitted on the starting images' scores from fits without them:
-        those a choice at the start computed anyway (``_held_out``, set by ``_solve``), else each of
-        :data:`probabilities.FOLDS` stratified folds scored by the estimator solved from the statistics minus the
-        fold's images (its choices kept), so no refit and no validation image is involved."""
+        those a choice at the start computed anyway or can compute exactly (``_held_out``, set by ``_solve``: the
+        scores, or a function that computes them, so an estimator fitted inside another does not pay for them),
+        else each of :data:`probabilities.FOLDS` stratified folds scored by the estimator solved from the
+        statistics minus the fold's images (its choices kept), so no refit and no validation image is involved."""
         held = self.__dict__.pop("_held_out", None)
+        held = held() if callable(held) else held
         if held is None:
             held = probabilities.HeldOut.empty(len(rows), len(self.classes_))
             folds = probabilities.stratified_folds(rows)
@@ -705,7 +708,7 @@ class DecorrelatedClassifier(_GramStatistics):
                     selection.features.astype(np.float32), statistics=self.statistics_, alpha=self.alpha_,
                     device=device, samples=selection))
         if selection is not None and self.prior == "balanced":
-            self._held_out = self._leave_one_out_scores(selection, decomposed)
+            self._held_out = functools.partial(self._leave_one_out_scores, selection, decomposed)
         if np.isinf(self.alpha_):
             return unit_rows(self.class_sums_), np.zeros(len(self.classes_))
         return ridge_selection.ridge_class_vectors(decomposed, alpha=self.alpha_, prior=self.prior)
