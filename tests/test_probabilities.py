@@ -129,19 +129,21 @@ def test_lda_says_when_it_falls_back_to_the_class_mean():
     assert prototypes.describe_choice(prototypes.make_classifier("mean").fit(many, labels)) == "mean"
 
 
-def test_the_balanced_priors_temperature_comes_from_exact_leave_one_out_scores():
+@pytest.mark.parametrize("name", ["decorrelated", "balanced"])
+def test_a_decorrelated_temperature_comes_from_exact_leave_one_out_scores(name):
     from simsearch.classifiers.matrices import unit_rows
     from simsearch.classifiers.statistics import Samples
 
     rng = np.random.default_rng(4)
     X = rng.standard_normal((36, 10)) + np.repeat(rng.standard_normal((3, 10)) * 1.5, 12, axis=0)
     y = np.repeat([0, 1, 2], 12)
-    fitted = prototypes.make_classifier("balanced", alpha=0.5, unknown_score="cosine").fit(X, y)
+    y[:2] = 1  # unequal class counts: the empirical prior's scores carry them
+    fitted = prototypes.make_classifier(name, alpha=0.5, unknown_score="cosine").fit(X, y)
     rows = fitted.statistics_.rows_of(y)
     held = fitted._leave_one_out_scores(Samples(unit_rows(X), rows), fitted.decomposition())
     for image in (0, 13, 35):  # each row: the scores of a fit without that image
         without = np.arange(len(y)) != image
-        refit = prototypes.make_classifier("balanced", alpha=0.5, unknown_score="cosine").fit(X[without], y[without])
+        refit = prototypes.make_classifier(name, alpha=0.5, unknown_score="cosine").fit(X[without], y[without])
         np.testing.assert_allclose(held.scores[image], refit.class_scores(X[image:image + 1])[0], rtol=1e-5)
     assert held.scored.all()
     assert fitted.temperature_ == pytest.approx(probabilities.fit_temperature(held.scores, rows))

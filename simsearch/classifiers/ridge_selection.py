@@ -143,10 +143,13 @@ def leave_one_out_scores(
     prior: str,
     decomposed: Decomposition,
     device: torch.device | None,
+    as_fitted: bool = False,
 ) -> Iterator[np.ndarray]:
     """For each relative ridge strength and, last, the plain class mean: ``[N, C]`` scores of each fitted image by
-    the fit without it, exact for the balanced prior and the class mean, up to a positive factor per image (which
-    keeps its ranking) for the empirical prior (see :func:`leave_one_out_hits`)."""
+    the fit without it, exact for the balanced prior and the class mean. For the empirical prior, the ridge
+    regression's output with its class-frequency intercept up to a positive factor per image (which keeps the
+    ranking the selection uses, :func:`leave_one_out_hits`), or with ``as_fitted`` exactly the scores the estimator
+    fitted without the image gives (:func:`fitted_ridge_scores`), which held-out probabilities need."""
     alphas = np.append(np.asarray(relative_alphas, dtype=np.float64), np.inf) * decomposed.scale
     centred, rotation = (features - decomposed.mean).astype(np.float32), decomposed.eigenvectors.astype(np.float32)
     # on a device, the projected images stay there for every candidate
@@ -164,7 +167,8 @@ def leave_one_out_scores(
         weighted = rotated32 * inverse[:, None]
         products = matrices.product(projected, weighted, device=device)  # u_i K r_c, [N, C]
         if prior == "empirical":
-            yield leave_one_out_ridge(products, leverage, rows, statistics=statistics)
+            fitted = leave_one_out_ridge(products, leverage, rows, statistics=statistics)
+            yield fitted_ridge_scores(fitted, leverage, rows, statistics=statistics) if as_fitted else fitted
         else:
             yield leave_one_out_whitened_cosines(products, leverage, rows, counts=counts,
                                                  class_norms=(rotated32 * weighted).sum(axis=0))
@@ -182,6 +186,19 @@ def leave_one_out_ridge(
     fitted = products + (statistics.class_counts / statistics.n_samples).astype(np.float32)
     fitted[np.arange(len(rows)), rows] -= leverage + 1.0 / statistics.n_samples
     return fitted
+
+
+def fitted_ridge_scores(
+    fitted: np.ndarray, leverage: np.ndarray, rows: np.ndarray, *, statistics: Statistics
+) -> np.ndarray:
+    """The scores ``(q - mu) K P_c`` of each image by the estimator fitted without it, from
+    :func:`leave_one_out_ridge`'s: its dropped factor ``1 / (1 - h_i)`` restored (``h_i`` the leverage with the
+    intercept's ``1/n``), less the intercept, the class shares of the other images."""
+    n = statistics.n_samples
+    restored = fitted.astype(np.float64) / np.maximum(1.0 - leverage.astype(np.float64) - 1.0 / n, 1e-12)[:, None]
+    shares = np.tile(statistics.class_counts / (n - 1), (len(rows), 1))
+    shares[np.arange(len(rows)), rows] -= 1.0 / (n - 1)
+    return restored - shares
 
 
 def leave_one_out_whitened_cosines(
