@@ -123,10 +123,13 @@ class Statistics:
 
     def without_samples(
         self, samples: Samples, held_out: np.ndarray, *, device: torch.device | None
-    ) -> tuple[Statistics, Samples]:
+    ) -> tuple[Statistics, Samples | None]:
         """The sub-fit without the ``samples`` of mask ``held_out`` (:meth:`without`), and the samples it keeps,
-        their rows numbered among the classes it keeps."""
+        their rows numbered among the classes it keeps (None for statistics without a Gram matrix, which never
+        need them: no copy of the images)."""
         kept = self.without(samples.features[held_out], samples.rows[held_out], device=device)
+        if not self.shared:
+            return kept, None
         rows = np.searchsorted(kept.classes, self.classes[samples.rows[~held_out]])
         return kept, Samples(samples.features[~held_out], rows)
 
