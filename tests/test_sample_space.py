@@ -84,3 +84,14 @@ def test_a_fit_in_the_images_space_equals_the_fit_in_the_features_space(name, ma
     np.testing.assert_allclose(thin.score_samples(queries), full.score_samples(queries), rtol=1e-5, atol=1e-5)
     if hasattr(full, "unknown_moments_"):  # float32 scores, from two factorisations
         np.testing.assert_allclose(thin.unknown_moments_, full.unknown_moments_, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["decorrelated", "lda"])
+def test_a_fit_in_the_images_space_on_a_torch_device_equals_the_numpy_fit(name):
+    X, y = wide_classes()
+    queries = wide_classes(seed=1)[0]
+    numpy_fit = prototypes.make_classifier(name).fit(X, y)
+    torch_fit = prototypes.make_classifier(name, device="cpu").fit(X, y)
+    assert prototypes.describe_choice(torch_fit) == prototypes.describe_choice(numpy_fit)
+    np.testing.assert_allclose(torch_fit.predict_proba(queries), numpy_fit.predict_proba(queries), atol=1e-6)
+    np.testing.assert_allclose(torch_fit.score_samples(queries), numpy_fit.score_samples(queries), rtol=1e-5, atol=1e-5)
