@@ -230,7 +230,7 @@ class _LinearClassVectors(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X: Any) -> np.ndarray:
         """``[N, C]`` probability of each class in ``classes_`` order: ``softmax(class_scores / temperature_)``, so
         rows sum to 1 and rank the classes as :meth:`decision_function` does. ``temperature_`` was fitted on
-        held-out scores of the images that started the estimator (folds, or for the balanced prior leave-one-out;
+        held-out scores of the images that started the estimator (folds, or for the decorrelated ones leave-one-out;
         :mod:`~simsearch.classifiers.probabilities`)."""
         scores = self.class_scores(X)
         if not hasattr(self, "temperature_"):

@@ -74,7 +74,8 @@ def shrunk_distances(
             spectrum = matrices.row_spectrum(statistics.within_class_rows(samples), device=device)
         elif spectrum is None:
             spectrum = statistics.centred_spectrum(samples, device=device)
-        ridge = UNKNOWN_SHRINKAGE * spectrum.mean_eigenvalue() / n_samples
+        scale = float(spectrum.eigenvalues.sum()) / spectrum.dimension / n_samples  # as _shrunk_whitener's
+        ridge = UNKNOWN_SHRINKAGE * (scale if scale > 0 else 1.0)
         return matrices.ShrunkInverse(spectrum, weight=1.0 / n_samples, ridge=ridge).squared_distances
     scatter = statistics.within_class_scatter() if within else statistics.centred_gram()
     whiten = _shrunk_whitener(scatter.astype(dtype), n_samples=n_samples, device=device)
