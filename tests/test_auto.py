@@ -94,3 +94,18 @@ def test_each_partition_records_what_auto_chose():
 def test_candidates_are_checked_when_a_fit_starts():
     with pytest.raises(ValueError, match="'mean' first"):
         prototypes.AutoClassifier(candidates=("lda", "mean")).fit(*correlated_classes(per_class=5, seed=0))
+
+
+@pytest.mark.parametrize("per_class", [8, 40])  # fewer, then more images than the 48 features
+def test_the_folds_ridges_of_both_priors_in_one_pass_are_the_members_own_choices(per_class):
+    from simsearch.classifiers.matrices import unit_rows
+    from simsearch.classifiers.statistics import Samples
+
+    X, y = correlated_classes(per_class=per_class, seed=2, dim=48)
+    auto = prototypes.make_classifier("auto").fit(X, y)
+    samples = Samples(unit_rows(X), auto.statistics_.rows_of(y))
+    ridges, _ = auto._fold_ridges(auto.statistics_, samples)
+    for name in ("decorrelated", "balanced"):
+        own = prototypes.make_classifier(name, unknown_score="cosine").fit(X, y)
+        assert ridges[name] == pytest.approx(own.alpha_, rel=1e-9), name
+    assert np.isfinite(list(ridges.values())).any()  # a ridge, not only the class mean, was chosen

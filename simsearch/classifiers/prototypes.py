@@ -883,14 +883,14 @@ class AutoClassifier(_GramStatistics):
         inner = self.member_.describe_choice()
         return self.chosen_ if inner in ("mean", "discriminant") else f"{self.chosen_} ({inner})"
 
-    def _member(self, name: str, *, quick: bool = False) -> _ClassVectorEstimator:
-        """A fresh candidate over this estimator's features (L2-normalised embeddings); ``quick`` for the folds,
-        where only the ranking counts: no unknown-score choice."""
+    def _member(self, name: str, *, quick: bool = False, **params: Any) -> _ClassVectorEstimator:
+        """A fresh candidate over this estimator's features (L2-normalised embeddings), with ``params``; ``quick``
+        for the folds, where only the ranking counts: no unknown-score choice."""
         if name == "mean":
             return ClassMeanClassifier(normalize=True)
         if name == "lda":
             return DiscriminantClassifier(check_against_mean=False, device=self.device)
-        return make_classifier(name, device=self.device, **({"unknown_score": "cosine"} if quick else {}))
+        return make_classifier(name, device=self.device, **({"unknown_score": "cosine"} if quick else {}), **params)
 
     def _fitted_member(self, member: _ClassVectorEstimator, statistics_: Statistics, selection: Samples | None,
                        samples: Samples | None) -> _ClassVectorEstimator:
@@ -898,6 +898,28 @@ class AutoClassifier(_GramStatistics):
         member._refresh(selection=selection, samples=samples)
         member.__dict__.pop("_held_out", None)  # the temperature comes from this estimator's folds
         return member
+
+    def _fold_ridges(
+        self, kept: Statistics, selection: Samples
+    ) -> tuple[dict[str, float], matrices.Spectrum | None]:
+        """The ridge each decorrelated candidate would choose on a fold's statistics (``kept``, of the images
+        ``selection``), as its own leave-one-out choice makes it, but for both priors in one pass
+        (:func:`ridge_selection.leave_one_out_hits_of_priors`); and the fold's spectrum they share."""
+        names = [name for name in self.candidates if name in ("decorrelated", "balanced")]
+        if not names:
+            return {}, None
+        device = self._compute_device()
+        spectrum = kept.centred_spectrum(selection, device=device)
+        decomposed = ridge_selection.decomposition(kept, prior="empirical", device=device, samples=selection,
+                                                   spectrum=spectrum)
+        priors = [CLASSIFIERS[name][1].get("prior", "empirical") for name in names]
+        relative = np.asarray(RELATIVE_ALPHAS, dtype=np.float64)
+        hits = ridge_selection.leave_one_out_hits_of_priors(kept, *selection, relative_alphas=relative, priors=priors,
+                                                            decomposed=decomposed, device=device)
+        ridges = {name: decomposed.scale * ridge_selection.one_standard_error_choice(
+            relative, hits=prior_hits, weights=ridge_selection.selection_weights(selection.rows, prior=prior))
+            for name, prior, prior_hits in zip(names, priors, hits)}
+        return ridges, spectrum
 
     def _choose(self, features: np.ndarray, rows: np.ndarray) -> str:
         """The candidate :func:`ridge_selection.simplest_sufficient` picks from held-out hits on three folds; its
@@ -911,11 +933,11 @@ class AutoClassifier(_GramStatistics):
             present = self.statistics_.rows_of(kept.classes)
             if len(present) < 2 or not held_out.any():
                 return "mean"  # too few images to tell
-            images, spectrum = np.flatnonzero(held_out), None
+            images = np.flatnonzero(held_out)
+            ridges, spectrum = self._fold_ridges(kept, selection)
             for number, name in enumerate(self.candidates):
-                member = self._member(name, quick=True)
-                if isinstance(member, DecorrelatedClassifier):  # both priors decompose the same matrix
-                    spectrum = spectrum or kept.centred_spectrum(selection, device=self._compute_device())
+                member = self._member(name, quick=True, **({"alpha": ridges[name]} if name in ridges else {}))
+                if name in ridges:  # both priors decompose the same matrix
                     member._centred_spectrum = spectrum
                 member = self._fitted_member(member, kept, selection, selection)
                 held[number].scores[np.ix_(images, present)] = member._scores_of_features(features[held_out])

@@ -10,7 +10,7 @@ Functions of the statistics, so a distributed fit runs the selection shard by sh
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -31,6 +31,14 @@ class Decomposition(NamedTuple):
     spectrum: matrices.Spectrum  # of the centred Gram matrix
     rotated: np.ndarray  # [r, C]: the ridge targets (centred class sums, or means for the balanced prior)
     scale: float  # the mean eigenvalue, which relative ridge strengths multiply
+    prior: str  # whose targets ``rotated`` holds
+
+    def target_factors(self, prior: str, counts: np.ndarray) -> np.ndarray:
+        """``[C]`` factors that turn the targets of this decomposition's prior into those of ``prior``: the
+        balanced prior's class means are the empirical prior's centred class sums over the class ``counts``."""
+        if prior == self.prior:
+            return np.ones(len(counts))
+        return 1.0 / counts if prior == "balanced" else counts.astype(np.float64)
 
     @property
     def eigenvalues(self) -> np.ndarray:
@@ -57,7 +65,7 @@ def decomposition(
     targets = centred_sums if prior == "empirical" else centred_sums / statistics.class_counts[:, None]
     spectrum = spectrum if spectrum is not None else statistics.centred_spectrum(samples, device=device)
     return Decomposition(mean=mean, spectrum=spectrum, rotated=spectrum.eigenvectors.T @ targets.T,
-                         scale=spectrum.mean_eigenvalue())
+                         scale=spectrum.mean_eigenvalue(), prior=prior)
 
 
 def relative_ridge(
@@ -129,9 +137,28 @@ def leave_one_out_hits(
     itself left out of ``statistics``, for each relative ridge strength and, last, the plain class mean. Exact;
     float32 products suffice to rank. Image by image against the whole statistics, so the shards of a dataset
     fitted apart and merged give, stacked, the hits of a single fit."""
-    return np.asarray([fitted.argmax(axis=1) == rows for fitted in leave_one_out_scores(
-        statistics, features, rows, relative_alphas=relative_alphas, prior=prior, decomposed=decomposed,
-        device=device)])
+    return leave_one_out_hits_of_priors(statistics, features, rows, relative_alphas=relative_alphas, priors=(prior,),
+                                        decomposed=decomposed, device=device)[0]
+
+
+def leave_one_out_hits_of_priors(
+    statistics: Statistics,
+    features: np.ndarray,
+    rows: np.ndarray,
+    *,
+    relative_alphas: np.ndarray,
+    priors: Sequence[str],
+    decomposed: Decomposition,
+    device: torch.device | None,
+) -> list[np.ndarray]:
+    """:func:`leave_one_out_hits` of each of ``priors`` from one pass over the images: the priors share the
+    decomposition, the projected images and, up to a factor per class, the products (``auto`` fits both)."""
+    hits: list[list[np.ndarray]] = [[] for _ in priors]
+    for scores in _left_out_scores(statistics, features, rows, relative_alphas=relative_alphas, priors=priors,
+                                   decomposed=decomposed, device=device, as_fitted=False):
+        for number, fitted in enumerate(scores):
+            hits[number].append(fitted.argmax(axis=1) == rows)
+    return [np.asarray(prior_hits) for prior_hits in hits]
 
 
 def leave_one_out_scores(
@@ -150,6 +177,24 @@ def leave_one_out_scores(
     regression's output with its class-frequency intercept up to a positive factor per image (which keeps the
     ranking the selection uses, :func:`leave_one_out_hits`), or with ``as_fitted`` exactly the scores the estimator
     fitted without the image gives (:func:`fitted_ridge_scores`), which held-out probabilities need."""
+    for scores in _left_out_scores(statistics, features, rows, relative_alphas=relative_alphas, priors=(prior,),
+                                   decomposed=decomposed, device=device, as_fitted=as_fitted):
+        yield scores[0]
+
+
+def _left_out_scores(
+    statistics: Statistics,
+    features: np.ndarray,
+    rows: np.ndarray,
+    *,
+    relative_alphas: np.ndarray,
+    priors: Sequence[str],
+    decomposed: Decomposition,
+    device: torch.device | None,
+    as_fitted: bool,
+) -> Iterator[list[np.ndarray]]:
+    """:func:`leave_one_out_scores` of each of ``priors``, per candidate: one projection and one product per
+    candidate, whatever the priors."""
     alphas = np.append(np.asarray(relative_alphas, dtype=np.float64), np.inf) * decomposed.scale
     centred, rotation = (features - decomposed.mean).astype(np.float32), decomposed.eigenvectors.astype(np.float32)
     # on a device, the projected images stay there for every candidate
@@ -157,21 +202,28 @@ def leave_one_out_scores(
                  else matrices.on_device(centred, device) @ matrices.on_device(rotation, device))
     rotated32 = decomposed.rotated.astype(np.float32)
     counts = statistics.class_counts[rows].astype(np.float64)
+    factors = [decomposed.target_factors(prior, statistics.class_counts).astype(np.float32) for prior in priors]
     inverses = (1.0 / (decomposed.eigenvalues + alphas[:, None])).astype(np.float32)  # [candidates, F]; 0 for inf
     leverages = matrices.product(projected**2, inverses.T, device=device)  # u_i K u_i of every candidate
     for alpha, inverse, leverage in zip(alphas, inverses, leverages.T):
         if np.isinf(alpha):
-            yield leave_one_out_cosines(features, rows, class_sums=statistics.class_sums, counts=counts,
-                                        device=device)
+            cosines = leave_one_out_cosines(features, rows, class_sums=statistics.class_sums, counts=counts,
+                                            device=device)
+            yield [cosines for _ in priors]
             continue
         weighted = rotated32 * inverse[:, None]
         products = matrices.product(projected, weighted, device=device)  # u_i K r_c, [N, C]
-        if prior == "empirical":
-            fitted = leave_one_out_ridge(products, leverage, rows, statistics=statistics)
-            yield fitted_ridge_scores(fitted, leverage, rows, statistics=statistics) if as_fitted else fitted
-        else:
-            yield leave_one_out_whitened_cosines(products, leverage, rows, counts=counts,
-                                                 class_norms=(rotated32 * weighted).sum(axis=0))
+        class_norms = (rotated32 * weighted).sum(axis=0)
+        scores = []
+        for prior, factor in zip(priors, factors):
+            if prior == "empirical":
+                fitted = leave_one_out_ridge(products * factor, leverage, rows, statistics=statistics)
+                scores.append(fitted_ridge_scores(fitted, leverage, rows, statistics=statistics) if as_fitted
+                              else fitted)
+            else:
+                scores.append(leave_one_out_whitened_cosines(products * factor, leverage, rows, counts=counts,
+                                                             class_norms=class_norms * factor**2))
+        yield scores
 
 
 def leave_one_out_ridge(
