@@ -45,7 +45,8 @@ __all__ = [
 # analysis.ANALYSIS_PARTS, named here to keep --help light
 ANALYSIS_PARTS = ("confusion", "retrieval", "prototypes", "tsne", "coverage", "openset", "reliability")
 # prototypes.CLASSIFIERS, named here to keep --help light: the family's members, then auto, which picks one of them
-CLASSIFIER_NAMES = ("mean", "decorrelated", "balanced", "lda", "auto")
+MEMBER_NAMES = ("mean", "decorrelated", "balanced", "lda")
+CLASSIFIER_NAMES = (*MEMBER_NAMES, "auto")
 ESTIMATOR_NAMES = (*CLASSIFIER_NAMES, "knn1", "knn5", "kmeans2", "kmeans3", "probe")  # baselines.ESTIMATOR_NAMES
 DOWNLOADS = ("animal90", "caltech101", "digits")  # datasets.DOWNLOADS, named here to keep --help light
 PRECISIONS = ("fp32", "bf16", "fp16")  # engine.PRECISIONS, named here to keep --help light
@@ -533,7 +534,7 @@ def grid_parser(prog: str = "python -m simsearch grid") -> argparse.ArgumentPars
                         help="timm image models, each with an optional local weights file")
     parser.add_argument("--text-models", nargs="*", default=[], metavar="NAME_OR_FOLDER",
                         help="sentence-transformers models for the text datasets")
-    parser.add_argument("--classifiers", nargs="+", choices=ESTIMATOR_NAMES, default=list(CLASSIFIER_NAMES[:-1]),
+    parser.add_argument("--classifiers", nargs="+", choices=ESTIMATOR_NAMES, default=list(MEMBER_NAMES),
                         help="class-vector classifiers, and the baselines beside them (k nearest images, k-means "
                              "centres per class, a linear probe)")
     parser.add_argument("--baseline", default=None, metavar="MODEL:CLASSIFIER",

@@ -724,9 +724,10 @@ class DecorrelatedClassifier(_GramStatistics):
         if len(selection.rows) < 2:
             return probabilities.HeldOut.empty(len(selection.rows), len(self.classes_))
         relative = np.asarray([self.relative_alpha_] if np.isfinite(self.relative_alpha_) else [], dtype=np.float64)
-        scores = next(ridge_selection.leave_one_out_scores(
-            self.statistics_, selection.features, selection.rows, relative_alphas=relative, prior=self.prior,
-            decomposed=decomposed, device=self._compute_device(), as_fitted=True)).astype(np.float64)
+        [scores] = next(ridge_selection.leave_one_out_scores(
+            self.statistics_, selection.features, selection.rows, relative_alphas=relative, priors=(self.prior,),
+            decomposed=decomposed, device=self._compute_device(), as_fitted=True))
+        scores = scores.astype(np.float64)
         return probabilities.HeldOut(scores=scores,
                                      scored=np.isfinite(scores[np.arange(len(scores)), selection.rows]))
 

@@ -154,8 +154,8 @@ def leave_one_out_hits_of_priors(
     """:func:`leave_one_out_hits` of each of ``priors`` from one pass over the images: the priors share the
     decomposition, the projected images and, up to a factor per class, the products (``auto`` fits both)."""
     hits: list[list[np.ndarray]] = [[] for _ in priors]
-    for scores in _left_out_scores(statistics, features, rows, relative_alphas=relative_alphas, priors=priors,
-                                   decomposed=decomposed, device=device, as_fitted=False):
+    for scores in leave_one_out_scores(statistics, features, rows, relative_alphas=relative_alphas, priors=priors,
+                                       decomposed=decomposed, device=device):
         for number, fitted in enumerate(scores):
             hits[number].append(fitted.argmax(axis=1) == rows)
     return [np.asarray(prior_hits) for prior_hits in hits]
@@ -167,34 +167,17 @@ def leave_one_out_scores(
     rows: np.ndarray,
     *,
     relative_alphas: np.ndarray,
-    prior: str,
-    decomposed: Decomposition,
-    device: torch.device | None,
-    as_fitted: bool = False,
-) -> Iterator[np.ndarray]:
-    """For each relative ridge strength and, last, the plain class mean: ``[N, C]`` scores of each fitted image by
-    the fit without it, exact for the balanced prior and the class mean. For the empirical prior, the ridge
-    regression's output with its class-frequency intercept up to a positive factor per image (which keeps the
-    ranking the selection uses, :func:`leave_one_out_hits`), or with ``as_fitted`` exactly the scores the estimator
-    fitted without the image gives (:func:`fitted_ridge_scores`), which held-out probabilities need."""
-    for scores in _left_out_scores(statistics, features, rows, relative_alphas=relative_alphas, priors=(prior,),
-                                   decomposed=decomposed, device=device, as_fitted=as_fitted):
-        yield scores[0]
-
-
-def _left_out_scores(
-    statistics: Statistics,
-    features: np.ndarray,
-    rows: np.ndarray,
-    *,
-    relative_alphas: np.ndarray,
     priors: Sequence[str],
     decomposed: Decomposition,
     device: torch.device | None,
-    as_fitted: bool,
+    as_fitted: bool = False,
 ) -> Iterator[list[np.ndarray]]:
-    """:func:`leave_one_out_scores` of each of ``priors``, per candidate: one projection and one product per
-    candidate, whatever the priors."""
+    """For each relative ridge strength and, last, the plain class mean, and for each of ``priors``: ``[N, C]``
+    scores of each fitted image by the fit without it, exact for the balanced prior and the class mean. For the
+    empirical prior, the ridge regression's output with its class-frequency intercept up to a positive factor per
+    image (which keeps the ranking the selection uses, :func:`leave_one_out_hits`), or with ``as_fitted`` exactly
+    the scores the estimator fitted without the image gives (:func:`fitted_ridge_scores`), which held-out
+    probabilities need. One projection and one product per candidate, whatever the priors."""
     alphas = np.append(np.asarray(relative_alphas, dtype=np.float64), np.inf) * decomposed.scale
     centred, rotation = (features - decomposed.mean).astype(np.float32), decomposed.eigenvectors.astype(np.float32)
     # on a device, the projected images stay there for every candidate
