@@ -39,6 +39,13 @@ UNKNOWN_HIDDEN_SHARE = 0.2
 UNKNOWN_CHOICE_QUERIES = 500
 
 
+def _shrinkage_ridge(*, trace: float, dimension: int, n_samples: int) -> float:
+    """:data:`UNKNOWN_SHRINKAGE` times the mean eigenvalue of the covariance of scatter trace ``trace`` over
+    ``n_samples`` images (1 for a covariance of zeros): the ridge both forms of the shrunk distances add."""
+    scale = trace / dimension / max(n_samples, 1)
+    return UNKNOWN_SHRINKAGE * (scale if scale > 0 else 1.0)
+
+
 def _shrunk_whitener(
     scatter: np.ndarray, *, n_samples: int, device: torch.device | None
 ) -> Callable[[np.ndarray], np.ndarray]:
@@ -46,8 +53,7 @@ def _shrunk_whitener(
     (:data:`UNKNOWN_SHRINKAGE`): squared distances between whitened rows are Mahalanobis distances. In the
     precision of ``scatter``."""
     covariance = scatter / max(n_samples, 1)
-    scale = float(np.trace(covariance)) / len(covariance)
-    ridge = UNKNOWN_SHRINKAGE * (scale if scale > 0 else 1.0)
+    ridge = _shrinkage_ridge(trace=float(np.trace(scatter)), dimension=len(scatter), n_samples=n_samples)
     return matrices.cholesky_whitener(covariance + ridge * np.eye(len(covariance), dtype=covariance.dtype),
                                       device=device)
 
@@ -74,8 +80,8 @@ def shrunk_distances(
             spectrum = matrices.row_spectrum(statistics.within_class_rows(samples), device=device)
         elif spectrum is None:
             spectrum = statistics.centred_spectrum(samples, device=device)
-        scale = float(spectrum.eigenvalues.sum()) / spectrum.dimension / n_samples  # as _shrunk_whitener's
-        ridge = UNKNOWN_SHRINKAGE * (scale if scale > 0 else 1.0)
+        ridge = _shrinkage_ridge(trace=float(spectrum.eigenvalues.sum()), dimension=spectrum.dimension,
+                                 n_samples=n_samples)
         return matrices.ShrunkInverse(spectrum, weight=1.0 / n_samples, ridge=ridge).squared_distances
     scatter = statistics.within_class_scatter() if within else statistics.centred_gram()
     whiten = _shrunk_whitener(scatter.astype(dtype), n_samples=n_samples, device=device)
