@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Sequence
 
 import numpy as np
@@ -477,6 +478,8 @@ def test_unknown_score_choice_scores_each_draw_as_a_refit_without_the_drawn_imag
 
     monkeypatch.setattr(unknown_scores, "roc_auc_score", recorded)
     fitted = DecorrelatedClassifier(random_state=5).fit(X, y)
+    assert computed == []  # chosen when first needed, not by fit
+    assert fitted.unknown_score_ == "combined"
     rows = np.searchsorted(fitted.classes_, y)
     draws = list(unknown_scores.choice_draws(rows, generator=check_random_state(5)))
     assert len(computed) == len(draws) * len(unknown_scores.UNKNOWN_CANDIDATES) == 6
@@ -522,6 +525,24 @@ def test_unknown_score_choice_is_kept_by_stores_merges_and_later_changes():
         DecorrelatedClassifier().set_statistics(**{**restored.get_statistics(), "unknown_score": np.array("energy")})
     with pytest.raises(ValueError, match="combined unknown score lacks its moments"):
         DecorrelatedClassifier().set_statistics(**{**restored.get_statistics(), "unknown_score": np.array("combined")})
+
+
+def test_unknown_score_chosen_when_first_needed_is_the_choice_of_the_start():
+    X, y = ring_classes(range(0, 48, 2), per_class=30, seed=0)
+    asked = DecorrelatedClassifier(unknown_score="combined").fit(X, y)
+    moments = asked.unknown_moments_.copy()
+    for unknown_score, expected in (("combined", "combined"), ("auto", "mahalanobis")):
+        later = DecorrelatedClassifier(unknown_score=unknown_score).fit(X, y)
+        assert "unknown_score_" not in vars(later)
+        later.partial_fit(X[:40] + 0.05, y[:40]).remove_class(3)  # changes before the first question
+        copied = pickle.loads(pickle.dumps(later))
+        assert later.get_statistics()["unknown_score"] == copied.unknown_score_ == expected
+        if expected == "combined":
+            np.testing.assert_array_equal(later.unknown_moments_, moments)
+            np.testing.assert_array_equal(copied.unknown_moments_, moments)
+        else:
+            assert not hasattr(later, "unknown_moments_") and "unknown_moments" not in later.get_statistics()
+    assert not hasattr(DecorrelatedClassifier(), "unknown_score_")
 
 
 def test_reject_needs_a_calibration_and_a_free_unknown_label():
