@@ -95,3 +95,36 @@ def test_a_fit_in_the_images_space_on_a_torch_device_equals_the_numpy_fit(name):
     assert prototypes.describe_choice(torch_fit) == prototypes.describe_choice(numpy_fit)
     np.testing.assert_allclose(torch_fit.predict_proba(queries), numpy_fit.predict_proba(queries), atol=1e-6)
     np.testing.assert_allclose(torch_fit.score_samples(queries), numpy_fit.score_samples(queries), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["decorrelated", "balanced", "lda", "auto"])
+def test_a_fit_in_the_images_space_forms_no_gram_matrix_until_one_is_read(name, monkeypatch):
+    X, y = wide_classes()
+    formed = []
+    monkeypatch.setattr(matrices, "gram", lambda rows, device: formed.append(len(rows)) or rows.T @ rows)
+    fitted = prototypes.make_classifier(name).fit(X, y)
+    assert formed == []  # the choices' sub-fits neither
+    unit = prototypes.unit_rows(X)
+    expected_trace = np.trace(unit.T @ unit) - len(X) * fitted.feature_sum_ @ fitted.feature_sum_ / len(X) ** 2
+    assert fitted.statistics_.mean_eigenvalue() == pytest.approx(expected_trace / X.shape[1], rel=1e-12)
+    assert formed == []  # the trace needs no matrix
+    np.testing.assert_allclose(fitted.gram_, unit.T @ unit, atol=1e-12)
+    np.testing.assert_array_equal(fitted.gram_, fitted.get_statistics()["gram"])
+    assert formed == [len(X)]  # formed once, when read
+    fitted.partial_fit(X[:5], y[:5])
+    np.testing.assert_allclose(fitted.gram_, unit.T @ unit + unit[:5].T @ unit[:5], atol=1e-12)
+    assert formed == [len(X), 5]
+
+
+def test_lda_forms_its_whitening_when_it_first_scores_unknowns_and_again_after_a_change():
+    X, y = wide_classes()
+    fitted = prototypes.DiscriminantClassifier(check_against_mean=False).fit(X, y)
+    assert "whitening_" not in vars(fitted)
+    queries = X[::7] + 0.1
+    first = fitted.score_samples(queries)
+    np.testing.assert_allclose(fitted.whitening_ @ fitted.whitening_.T,
+                               fitted._precision_.apply(np.eye(X.shape[1])), atol=1e-9)
+    fitted.partial_fit(X[:10] + 0.2, y[:10])
+    refit = prototypes.DiscriminantClassifier(check_against_mean=False).fit(np.r_[X, X[:10] + 0.2], np.r_[y, y[:10]])
+    np.testing.assert_allclose(fitted.score_samples(queries), refit.score_samples(queries), rtol=1e-6)
+    assert not np.allclose(fitted.score_samples(queries), first)  # not the whitening of the statistics before

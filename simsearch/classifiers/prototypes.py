@@ -564,7 +564,8 @@ class DecorrelatedClassifier(_GramStatistics):
     ridge score, standardised by ``unknown_moments_``), ``"mahalanobis"`` (the shared within-class one alone),
     ``"cosine"`` (the best cosine to a class mean), or ``"auto"`` (default): one of them chosen on the images that
     start the estimator by hiding classes from sub-fits (:func:`unknown_scores.choose_unknown_score`, seeded by
-    ``random_state``). ``unknown_score_`` holds the score in use, kept through later changes like the ridge.
+    ``random_state``) when first asked for. ``unknown_score_`` holds the score in use, kept through later changes
+    like the ridge.
 
     ``device`` is where the Gram matrix, its eigendecompositions and the leave-one-out products are computed: None
     (default) in NumPy on the CPU, whose OpenBLAS ran them 1.3 to 2 times faster than torch's CPU kernels on a 2-core
@@ -859,13 +860,25 @@ class DiscriminantClassifier(_GramStatistics):
             self._held_out = check.class_mean if self.uses_class_mean_ else check.discriminant
         elif selection is not None:
             self.uses_class_mean_ = False
+        for name in ("whitening_", "_precision_", "shrinkage_"):  # of the statistics before this change
+            self.__dict__.pop(name, None)
         if self.uses_class_mean_:  # no covariance to decompose: the cosine to the class means scores
             return unit_rows(self.class_sums_), np.zeros(len(self.classes_))
         fitted = discriminant.discriminant(self.statistics_, shrinkage=self.shrinkage,
                                            prior_strength=self.prior_strength_, device=self._compute_device(),
                                            samples=samples)
-        self.whitening_, self.shrinkage_ = fitted.precision.whitening(), fitted.shrinkage
+        self._precision_, self.shrinkage_ = fitted.precision, fitted.shrinkage
         return fitted.weights, fitted.bias
+
+    @functools.cached_property
+    def whitening_(self) -> np.ndarray:
+        """``W`` ``[F, F]`` with ``W W^T`` the shrunk inverse covariance, which maps queries for the Mahalanobis
+        distances of :meth:`score_samples`: formed when first needed, as from a thin spectrum it costs ``F^2 r``,
+        more than the rest of a fit in the images' space (and the folds of ``lda``'s check never score unknowns)."""
+        if "_precision_" not in self.__dict__ or self.uses_class_mean_:
+            raise AttributeError(f"{type(self).__name__} has no whitening: it scores by the class mean or is not "
+                                 "fitted")
+        return self._precision_.whitening()
 
     def describe_choice(self) -> str:
         """What the fit chose to score the queries: the discriminant, or the class mean it fell back to."""

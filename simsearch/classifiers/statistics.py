@@ -23,6 +23,40 @@ from simsearch.classifiers import matrices
 SHARED_NAMES = ("gram", "feature_sum", "n_samples_seen")
 
 
+class Gram:
+    """A raw Gram matrix ``sum x x^T`` (``F x F``, float64), formed when first read: ``base`` plus ``sign`` times the
+    Gram matrix of ``rows``. A fit with fewer images than features decomposes matrices of its images and never
+    reads it, nor do the sub-fits of its choices; it costs ``n F^2`` (the largest step of such a fit), so it is
+    paid only by what needs it (a later change, a save, a merge). Until then it keeps ``rows``; once formed, only
+    the matrix. Its trace needs no matrix."""
+
+    def __init__(
+        self,
+        matrix: np.ndarray | None = None,
+        *,
+        base: Gram | None = None,
+        rows: np.ndarray | None = None,
+        sign: int = 1,
+        device: torch.device | None = None,
+    ) -> None:
+        self._matrix, self._base, self._rows, self._sign, self._device = matrix, base, rows, sign, device
+
+    def matrix(self) -> np.ndarray:
+        if self._matrix is None:
+            self._matrix = self._base.matrix() + self._sign * matrices.gram(self._rows, device=self._device)
+            self._base = self._rows = None
+        return self._matrix
+
+    def trace(self) -> float:
+        if self._matrix is not None:
+            return float(np.trace(self._matrix))
+        return self._base.trace() + self._sign * float(np.einsum("ij,ij->", self._rows, self._rows, dtype=np.float64))
+
+    def changed(self, rows: np.ndarray, *, sign: int, device: torch.device | None) -> Gram:
+        """This Gram matrix with ``sign`` times that of ``rows`` added, not formed yet."""
+        return Gram(base=self, rows=rows, sign=sign, device=device)
+
+
 class Samples(NamedTuple):
     """The images a :class:`Statistics` value sums, where a fit has them (when it starts, and in the sub-fits of
     its choices): features ``[n, F]`` and their class rows ``[n]``. With fewer images than features, a fit's
@@ -34,14 +68,15 @@ class Samples(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Statistics:
-    """Classes sorted by label, their sums ``[C, F]`` and counts ``[C]``; ``gram`` ``[F, F]``, ``feature_sum``
-    ``[F]`` and ``n_samples`` where the estimator keeps shared statistics (None, None, 0 for the class mean).
+    """Classes sorted by label, their sums ``[C, F]`` and counts ``[C]``; the Gram matrix ``raw_gram`` (a
+    :class:`Gram`, read as :attr:`gram` ``[F, F]``), ``feature_sum`` ``[F]`` and ``n_samples`` where the estimator
+    keeps shared statistics (None, None, 0 for the class mean).
     ``n_samples`` may exceed the classes' images: a class removed without its images leaves them in ``gram``."""
 
     classes: np.ndarray
     class_sums: np.ndarray
     class_counts: np.ndarray
-    gram: np.ndarray | None = None
+    raw_gram: Gram | None = None
     feature_sum: np.ndarray | None = None
     n_samples: int = 0
 
@@ -49,12 +84,17 @@ class Statistics:
     def empty(cls, n_features: int, *, shared: bool) -> Statistics:
         """No image yet, of ``n_features`` features; ``shared`` keeps the Gram statistics too."""
         return cls(classes=np.array([]), class_sums=np.zeros((0, n_features)), class_counts=np.zeros(0, np.int64),
-                   gram=np.zeros((n_features, n_features)) if shared else None,
+                   raw_gram=Gram(np.zeros((n_features, n_features))) if shared else None,
                    feature_sum=np.zeros(n_features) if shared else None)
 
     @property
     def shared(self) -> bool:
-        return self.gram is not None
+        return self.raw_gram is not None
+
+    @property
+    def gram(self) -> np.ndarray | None:
+        """The raw Gram matrix ``[F, F]`` (formed now if it was not yet, see :class:`Gram`)."""
+        return None if self.raw_gram is None else self.raw_gram.matrix()
 
     @property
     def mean(self) -> np.ndarray:
@@ -70,7 +110,7 @@ class Statistics:
     def mean_eigenvalue(self) -> float:
         """The centred Gram matrix's mean eigenvalue (its trace over the dimension; 1 for a matrix of zeros): what
         relative ridge strengths multiply."""
-        scale = float(np.trace(self.gram) - self.n_samples * self.mean @ self.mean) / len(self.gram)
+        scale = float(self.raw_gram.trace() - self.n_samples * self.mean @ self.mean) / len(self.feature_sum)
         return scale if scale > 0 else 1.0
 
     def in_sample_space(self, samples: Samples | None) -> bool:
@@ -191,7 +231,7 @@ class Statistics:
             )
         if seen.shape != () or seen.dtype.kind not in "iu" or int(seen) < int(self.class_counts.sum()):
             raise ValueError("n_samples_seen must be a whole number no smaller than the images of all classes")
-        return dataclasses.replace(self, gram=gram, feature_sum=feature_sum, n_samples=int(seen))
+        return dataclasses.replace(self, raw_gram=Gram(gram), feature_sum=feature_sum, n_samples=int(seen))
 
     def _with_classes(self, labels: np.ndarray) -> Statistics:
         """Empty rows for the labels not yet among the classes."""
@@ -214,7 +254,7 @@ class Statistics:
         if not self.shared:
             return changed
         return dataclasses.replace(
-            changed, gram=self.gram + sign * matrices.gram(features, device=device),
+            changed, raw_gram=self.raw_gram.changed(features, sign=sign, device=device),
             feature_sum=self.feature_sum + sign * features.sum(axis=0), n_samples=self.n_samples + sign * len(features))
 
 
@@ -230,6 +270,6 @@ def merge(parts: Sequence[Statistics]) -> Statistics:
     merged = Statistics(classes=classes, class_sums=sums, class_counts=counts)
     if not parts[0].shared:
         return merged
-    return dataclasses.replace(merged, gram=sum(part.gram for part in parts),
+    return dataclasses.replace(merged, raw_gram=Gram(sum(part.gram for part in parts)),
                                feature_sum=sum(part.feature_sum for part in parts),
                                n_samples=sum(part.n_samples for part in parts))
