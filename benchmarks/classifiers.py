@@ -243,7 +243,8 @@ def small_draw(targets: np.ndarray, *, size: str, seed: int) -> np.ndarray:
 def small_set_timing(*, embeddings: torch.Tensor, targets: torch.Tensor, args: argparse.Namespace) -> None:
     """Every member's partitions on one small draw, each scored as the script scores a partition
     (:func:`protocol.evaluate_partition`: fit, ranking, training accuracy, probabilities), timed beside the class
-    mean's in the same run: where the images are fewer than the features, a fit should cost what they cost."""
+    mean's in the same run: where the images are fewer than the features, a fit should cost what they cost. The
+    members take turns on each partition, so a machine that slows down midway slows them all alike."""
     rows = small_draw(targets.numpy(), size=args.small_set, seed=args.seed)
     sub_targets = torch.from_numpy(np.unique(targets.numpy()[rows], return_inverse=True)[1])
     sub_embeddings = embeddings[rows].float()
@@ -252,27 +253,35 @@ def small_set_timing(*, embeddings: torch.Tensor, targets: torch.Tensor, args: a
     print(f"\nSmall set: {len(torch.unique(sub_targets))} classes x {args.small_set.lower().split('x')[1]} images "
           f"({len(rows)}; about {len(partitions[0][0])} training images of {embeddings.shape[1]} features), "
           f"{args.runs} partitions scored as the script scores them\n")
-    print("| member | accuracy | seconds, all partitions | x class mean | fit only, s / partition | chose |")
-    print("|---|---|---|---|---|---|")
-    baseline = None
-    for name in SMALL_SET_MEMBERS:
-        accuracies, fits, choices = [], [], []
+
+    def evaluate(name: str, train: torch.Tensor, valid: torch.Tensor) -> tuple[protocol.Run, float]:
         started = time.perf_counter()
-        for train, valid in partitions:
-            run, fitted = protocol.evaluate_partition(
-                embeddings=sub_embeddings, targets=sub_targets, train_indexes=train, valid_indexes=valid,
-                classifier=prototypes.make_classifier(name), top_k=1)
-            accuracies.append(run.accuracy)
-            choices.append(run.choice)
+        run, _ = protocol.evaluate_partition(embeddings=sub_embeddings, targets=sub_targets, train_indexes=train,
+                                             valid_indexes=valid, classifier=prototypes.make_classifier(name),
+                                             top_k=1)
+        return run, time.perf_counter() - started
+
+    for name in SMALL_SET_MEMBERS:  # one untimed partition each first: imports and BLAS threads warm up
+        evaluate(name, *partitions[0])
+    runs = {name: [] for name in SMALL_SET_MEMBERS}
+    seconds = dict.fromkeys(SMALL_SET_MEMBERS, 0.0)
+    fits = dict.fromkeys(SMALL_SET_MEMBERS, 0.0)
+    for train, valid in partitions:
+        for name in SMALL_SET_MEMBERS:
+            run, elapsed = evaluate(name, train, valid)
+            runs[name].append(run)
+            seconds[name] += elapsed
             fit_started = time.perf_counter()
             prototypes.make_classifier(name).fit(sub_embeddings.numpy()[train], sub_targets.numpy()[train])
-            fits.append(time.perf_counter() - fit_started)
-        seconds = time.perf_counter() - started - sum(fits)
-        baseline = seconds if baseline is None else baseline
+            fits[name] += time.perf_counter() - fit_started
+    print("| member | accuracy | seconds, all partitions | x class mean | fit only, s / partition | chose |")
+    print("|---|---|---|---|---|---|")
+    for name in SMALL_SET_MEMBERS:
+        choices = [run.choice for run in runs[name]]
         chose = ", ".join(f"{choice} {choices.count(choice)}" for choice in sorted(set(choices), key=choices.count,
                                                                                   reverse=True))
-        print(f"| {name} | {np.mean(accuracies):.4f} | {seconds:.2f} | {seconds / baseline:.1f} | "
-              f"{np.mean(fits):.3f} | {chose} |")
+        print(f"| {name} | {np.mean([run.accuracy for run in runs[name]]):.4f} | {seconds[name]:.2f} | "
+              f"{seconds[name] / seconds[SMALL_SET_MEMBERS[0]]:.1f} | {fits[name] / len(partitions):.3f} | {chose} |")
 
 
 def main(argv: list[str]) -> None:
