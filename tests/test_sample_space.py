@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from simsearch.classifiers import matrices, prototypes
+from simsearch.classifiers import matrices, prototypes, ridge_selection
 from simsearch.classifiers.statistics import Statistics
 
 
@@ -49,6 +49,20 @@ def test_a_shrunk_inverse_from_a_thin_spectrum_is_the_inverse_of_the_shrunk_matr
         whitening = shrunk.whitening()
         np.testing.assert_allclose(whitening @ whitening.T, inverse, atol=1e-10)
         np.testing.assert_allclose(shrunk.squared_distances(queries, centres), expected, rtol=1e-9)
+    for weight, ridge in ((0.7, 0.3), (0.0, 0.3)):  # Woodbury's identity, and the identity alone
+        by_rows = matrices.RowShrunkInverse(rows, rows @ rows.T, weight=weight, ridge=ridge, scale=scale, device=None)
+        shrunk_inverse = standardised @ np.linalg.inv(weight * rows.T @ rows + ridge * np.eye(80)) @ standardised
+        np.testing.assert_allclose(by_rows.apply(queries), queries @ shrunk_inverse, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(by_rows.whitening() @ by_rows.whitening().T, shrunk_inverse, atol=1e-10)
+
+
+def test_oas_from_two_traces_is_oas_from_the_eigenvalues():
+    rows = np.random.default_rng(3).standard_normal((30, 80))
+    eigenvalues = matrices.row_spectrum(rows, device=None).all_eigenvalues()
+    small = rows @ rows.T
+    assert ridge_selection.oas_shrinkage_of_traces(
+        trace=np.trace(small), square_trace=np.sum(small**2), dimension=80, n_samples=29
+    ) == pytest.approx(ridge_selection.oas_shrinkage(eigenvalues, n_samples=29), rel=1e-12)
 
 
 @pytest.fixture

@@ -20,28 +20,44 @@ class Discriminant(NamedTuple):
 
     weights: np.ndarray
     bias: np.ndarray
-    precision: matrices.ShrunkInverse
+    precision: matrices.ShrunkInverse | matrices.RowShrunkInverse
     shrinkage: float
 
 
-def standardised_spectrum(
-    statistics: Statistics, *, samples: Samples | None, device: torch.device | None
-) -> tuple[matrices.Spectrum, np.ndarray, int]:
-    """``(spectrum, scale, degrees)``: the pooled within-class covariance (``n - C`` degrees of freedom) divided by
-    its diagonal's roots ``scale`` on both sides, decomposed from the within-class rows of the ``samples`` where
-    they are fewer than the features (:meth:`Statistics.in_sample_space`), else from the scatter matrix."""
+def shrunk_precision(
+    statistics: Statistics, *, shrinkage: float | str, samples: Samples | None, device: torch.device | None
+) -> tuple[matrices.ShrunkInverse | matrices.RowShrunkInverse, float]:
+    """The inverse of the pooled within-class covariance (``n - C`` degrees of freedom) divided by its diagonal's
+    roots on both sides and shrunk towards the identity there, by Oracle Approximating Shrinkage
+    (``shrinkage="oas"``, from two traces) or by the ``shrinkage`` given; and that shrinkage. From the
+    within-class rows of the ``samples`` where they are fewer than the features (:meth:`Statistics.in_sample_space`:
+    Woodbury's identity on their ``n x n`` Gram matrix, no eigendecomposition), else from the scatter's spectrum."""
     degrees = max(int(statistics.class_counts.sum()) - len(statistics.class_counts), 1)
     if statistics.in_sample_space(samples):
         rows = statistics.within_class_rows(samples) / np.sqrt(degrees)
-        variances = np.einsum("ij,ij->j", rows, rows)
-    else:
-        covariance = statistics.within_class_scatter() / degrees
-        variances = np.diag(covariance)
+        scale = _roots(np.einsum("ij,ij->j", rows, rows))
+        rows = rows / scale
+        gram = matrices.product(rows, rows.T, device=device)
+        trace, dimension = float(np.trace(gram)), rows.shape[1]
+        weight = (ridge_selection.oas_shrinkage_of_traces(trace=trace, square_trace=float(np.sum(gram**2)),
+                                                          dimension=dimension, n_samples=degrees)
+                  if shrinkage == "oas" else float(shrinkage))
+        ridge = weight * matrices.mean_eigenvalue(trace=trace, dimension=dimension)
+        return matrices.RowShrunkInverse(rows, gram, weight=1 - weight, ridge=ridge, scale=scale,
+                                         device=device), weight
+    covariance = statistics.within_class_scatter() / degrees
+    scale = _roots(np.diag(covariance))
+    spectrum = matrices.matrix_spectrum(covariance / np.outer(scale, scale), device=device)
+    weight = (ridge_selection.oas_shrinkage(spectrum.all_eigenvalues(), n_samples=degrees)
+              if shrinkage == "oas" else float(shrinkage))
+    return matrices.ShrunkInverse(spectrum, weight=1 - weight, ridge=weight * spectrum.mean_eigenvalue(),
+                                  scale=scale), weight
+
+
+def _roots(variances: np.ndarray) -> np.ndarray:
+    """The standardising scale: roots of the variances, 1 for a feature that never varies within a class."""
     scale = np.sqrt(np.clip(variances, 0.0, None))
-    scale = np.where(scale > 0, scale, 1.0)  # a feature that never varies within a class is left unscaled
-    if statistics.in_sample_space(samples):
-        return matrices.row_spectrum(rows / scale, device=device), scale, degrees
-    return matrices.matrix_spectrum(covariance / np.outer(scale, scale), device=device), scale, degrees
+    return np.where(scale > 0, scale, 1.0)
 
 
 def discriminant(
@@ -52,15 +68,9 @@ def discriminant(
     device: torch.device | None,
     samples: Samples | None = None,
 ) -> Discriminant:
-    """``q^T S^-1 m_c - m_c^T S^-1 m_c / 2 + prior_strength log(n_c / n)``, with ``S`` the pooled within-class
-    covariance standardised by its diagonal and shrunk towards the identity there by Oracle Approximating Shrinkage
-    (``shrinkage="oas"``) or by the ``shrinkage`` given. ``samples``: the statistics' images, if the caller has
-    them (see :func:`standardised_spectrum`)."""
-    spectrum, scale, degrees = standardised_spectrum(statistics, samples=samples, device=device)
-    weight = (ridge_selection.oas_shrinkage(spectrum.all_eigenvalues(), n_samples=degrees)
-              if shrinkage == "oas" else float(shrinkage))
-    precision = matrices.ShrunkInverse(spectrum, weight=1 - weight, ridge=weight * spectrum.mean_eigenvalue(),
-                                       scale=scale)
+    """``q^T S^-1 m_c - m_c^T S^-1 m_c / 2 + prior_strength log(n_c / n)``, with ``S^-1`` the
+    :func:`shrunk_precision`. ``samples``: the statistics' images, if the caller has them."""
+    precision, weight = shrunk_precision(statistics, shrinkage=shrinkage, samples=samples, device=device)
     means = statistics.class_means()
     weights = precision.apply(means)
     prior = np.log(statistics.class_counts / statistics.class_counts.sum())

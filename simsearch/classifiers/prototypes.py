@@ -318,20 +318,21 @@ class _ClassVectorEstimator(_LinearClassVectors):
             self.statistics_ = self.statistics_.add(features, y, device=self._compute_device())
             self._refresh(selection=Samples(features, self.statistics_.rows_of(y)) if first else None)
             if first:
-                self.temperature_ = self._held_out_temperature(features, self._query_features(X),
-                                                               self.statistics_.rows_of(y))
+                self.temperature_ = self._held_out_temperature(features, X, self.statistics_.rows_of(y))
         return self
 
-    def _held_out_temperature(self, features: np.ndarray, queries: np.ndarray, rows: np.ndarray) -> float:
+    def _held_out_temperature(self, features: np.ndarray, X: np.ndarray, rows: np.ndarray) -> float:
         """The temperature of :meth:`predict_proba`, fitted on the starting images' scores from fits without them:
         those a choice at the start computed anyway or can compute exactly (``_held_out``, set by ``_solve``: the
         scores, or a function that computes them, so an estimator fitted inside another does not pay for them),
         else each of :data:`probabilities.FOLDS` stratified folds scored by the estimator solved from the
-        statistics minus the fold's images (its choices kept), so no refit and no validation image is involved."""
+        statistics minus the fold's images (its choices kept), so no refit and no validation image is involved.
+        ``X`` are the starting images, ``features`` them as summed and ``rows`` their classes."""
         held = self.__dict__.pop("_held_out", None)
         held = held() if callable(held) else held
         if held is None:
             held = probabilities.HeldOut.empty(len(rows), len(self.classes_))
+            queries = self._query_features(X)
             folds = probabilities.stratified_folds(rows)
             for fold in range(probabilities.FOLDS):
                 held_out = folds == fold
@@ -813,7 +814,8 @@ class DiscriminantClassifier(_GramStatistics):
     :meth:`score_samples` is minus the smallest Mahalanobis distance to a class mean under the same shrunk
     covariance (the best cosine where the class mean is used; ``shrinkage_`` and ``whitening_`` then stay unset).
     ``device`` as for :class:`DecorrelatedClassifier`. Memory: ``(C + F) x F`` float64; every change of images or
-    classes costs one ``F x F`` eigendecomposition (the first fit four, with the check). ``remove_class(label)``
+    classes costs one ``F x F`` eigendecomposition (the first fit four, with the check; a first fit of fewer images
+    than features none: ``discriminant.shrunk_precision``). ``remove_class(label)``
     without the images keeps them in the scatter, uncentred; with them it equals a fit without them.
     """
 

@@ -335,12 +335,17 @@ def leave_one_out_cosines(
 def oas_shrinkage(eigenvalues: np.ndarray, *, n_samples: int) -> float:
     """Oracle Approximating Shrinkage (Chen et al. 2010; scikit-learn's ``oas``): the weight ``rho`` in [0, 1] of the
     target ``mean(eigenvalues) I`` in ``(1 - rho) S + rho mean(eigenvalues) I``, for a covariance ``S`` of these
-    eigenvalues estimated from ``n_samples``. It depends on ``trace(S)``, ``trace(S^2)``, ``n_samples`` and the
-    dimension only: a closed form, so nothing is selected among candidates (no winner's curse)."""
-    dimension = len(eigenvalues)
-    covariance = np.asarray(eigenvalues, dtype=np.float64)
-    mu = covariance.mean()
-    mean_square = (covariance**2).sum() / dimension**2  # the mean of the squared entries of S
+    eigenvalues (every one, zeros included) estimated from ``n_samples`` (:func:`oas_shrinkage_of_traces`)."""
+    eigenvalues = np.asarray(eigenvalues, dtype=np.float64)
+    return oas_shrinkage_of_traces(trace=float(eigenvalues.sum()), square_trace=float((eigenvalues**2).sum()),
+                                   dimension=len(eigenvalues), n_samples=n_samples)
+
+
+def oas_shrinkage_of_traces(*, trace: float, square_trace: float, dimension: int, n_samples: int) -> float:
+    """:func:`oas_shrinkage` from ``trace(S)``, ``trace(S^2)``, ``n_samples`` and the dimension, all it depends on:
+    a closed form, so nothing is selected among candidates (no winner's curse), and no eigenvalue is needed."""
+    mu = trace / dimension
+    mean_square = square_trace / dimension**2  # the mean of the squared entries of S
     denominator = (n_samples + 1) * (mean_square - mu**2 / dimension)
     return 1.0 if denominator <= 0 else float(min((mean_square + mu**2) / denominator, 1.0))
 
