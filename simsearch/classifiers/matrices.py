@@ -226,7 +226,7 @@ class ShrunkInverse(NamedTuple):
 
 class RowShrunkInverse(NamedTuple):
     """:class:`ShrunkInverse` of ``M = rows.T @ rows`` for ``n < F`` ``rows``, applied by Woodbury's identity,
-    ``(a M + b I)^-1 = (I - R^T (b/a I + R R^T)^-1 R) / b``: one ``n x n`` Cholesky factorisation where the
+    ``(a M + b I)^-1 = (I - R^T (b/a I + R R^T)^-1 R) / b``: one ``n x n`` solve where the
     spectrum costs an ``n x n`` eigendecomposition and an ``F x n x n`` product. What a fit that only applies the
     inverse (``lda``'s class vectors, the folds of its check) needs; :meth:`whitening` decomposes the rows."""
 

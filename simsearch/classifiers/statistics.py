@@ -27,8 +27,9 @@ class Gram:
     """A raw Gram matrix ``sum x x^T`` (``F x F``, float64), formed when first read: ``base`` plus ``sign`` times the
     Gram matrix of ``rows``. A fit with fewer images than features decomposes matrices of its images and never
     reads it, nor do the sub-fits of its choices; it costs ``n F^2`` (the largest step of such a fit), so it is
-    paid only by what needs it (a later change, a save, a merge). Until then it keeps ``rows``; once formed, only
-    the matrix. Its trace needs no matrix."""
+    paid only by what needs it (a later change, a save, a merge). Until then it keeps ``rows`` (the caller's array,
+    not a copy: the estimators hand over arrays of their own); once formed, only the matrix. Its trace needs no
+    matrix."""
 
     def __init__(
         self,
@@ -110,8 +111,8 @@ class Statistics:
     def mean_eigenvalue(self) -> float:
         """The centred Gram matrix's mean eigenvalue (its trace over the dimension; 1 for a matrix of zeros): what
         relative ridge strengths multiply."""
-        scale = float(self.raw_gram.trace() - self.n_samples * self.mean @ self.mean) / len(self.feature_sum)
-        return scale if scale > 0 else 1.0
+        return matrices.mean_eigenvalue(trace=self.raw_gram.trace() - self.n_samples * float(self.mean @ self.mean),
+                                        dimension=len(self.feature_sum))
 
     def in_sample_space(self, samples: Samples | None) -> bool:
         """Whether ``samples`` are all the images of these shared statistics and fewer than the features: then an
@@ -142,7 +143,8 @@ class Statistics:
         return rows
 
     def add(self, features: np.ndarray, labels: np.ndarray, *, device: torch.device | None) -> Statistics:
-        """These images added, new classes among them."""
+        """These images added, new classes among them (``features`` are kept until the Gram matrix is formed: do
+        not change them in place)."""
         grown = self._with_classes(np.unique(labels))
         rows = np.searchsorted(grown.classes, labels)
         return grown._changed(features, rows, sign=1, device=device)
