@@ -42,8 +42,7 @@ UNKNOWN_CHOICE_QUERIES = 500
 def _shrinkage_ridge(*, trace: float, dimension: int, n_samples: int) -> float:
     """:data:`UNKNOWN_SHRINKAGE` times the mean eigenvalue of the covariance of scatter trace ``trace`` over
     ``n_samples`` images (1 for a covariance of zeros): the ridge both forms of the shrunk distances add."""
-    scale = trace / dimension / max(n_samples, 1)
-    return UNKNOWN_SHRINKAGE * (scale if scale > 0 else 1.0)
+    return UNKNOWN_SHRINKAGE * matrices.mean_eigenvalue(trace=trace / max(n_samples, 1), dimension=dimension)
 
 
 def _shrunk_whitener(
