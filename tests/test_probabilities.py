@@ -147,3 +147,23 @@ def test_a_decorrelated_temperature_comes_from_exact_leave_one_out_scores(name):
         np.testing.assert_allclose(held.scores[image], refit.class_scores(X[image:image + 1])[0], rtol=1e-5)
     assert held.scored.all()
     assert fitted.temperature_ == pytest.approx(probabilities.fit_temperature(held.scores, rows))
+
+
+@pytest.mark.parametrize("name", ["decorrelated", "balanced"])
+def test_the_ridge_choice_and_the_temperature_project_the_starting_images_once(name, monkeypatch):
+    from simsearch.classifiers import ridge_selection
+    from simsearch.classifiers.matrices import unit_rows
+    from simsearch.classifiers.statistics import Samples
+
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((45, 12)) + np.repeat(rng.standard_normal((3, 12)) * 1.2, 15, axis=0)
+    y = np.repeat([0, 1, 2], 15)
+    projections = []
+    project = ridge_selection.project
+    monkeypatch.setattr(ridge_selection, "project", lambda *a, **k: projections.append(1) or project(*a, **k))
+    fitted = prototypes.make_classifier(name, unknown_score="cosine").fit(X, y)
+    assert len(projections) == 1  # the leave-one-out ridge choice's, reused by the temperature's pass
+    rows = fitted.statistics_.rows_of(y)
+    held = fitted._leave_one_out_scores(Samples(unit_rows(X), rows), fitted.decomposition())  # projected anew
+    assert len(projections) == 2
+    assert fitted.temperature_ == pytest.approx(probabilities.fit_temperature(held.scores, rows), rel=1e-9)

@@ -78,10 +78,12 @@ def relative_ridge(
     selection: tuple[np.ndarray, np.ndarray] | None,
     previous: float | None,
     device: torch.device | None,
+    projected: np.ndarray | torch.Tensor | None = None,
 ) -> float:
     """The ridge strength as a multiple of the mean eigenvalue, by the rule ``alpha`` names (see
     ``DecorrelatedClassifier``): a number as it is; ``"gcv"`` and ``"oas"`` from the statistics alone, after every
-    change; ``"loo"`` on the starting images ``selection`` (features, class rows), kept (``previous``) after."""
+    change; ``"loo"`` on the starting images ``selection`` (features, class rows; ``projected`` by :func:`project`
+    where the caller has them so), kept (``previous``) after."""
     if not isinstance(alpha, str):
         return float(alpha) / decomposed.scale
     if alpha == "gcv":
@@ -92,7 +94,7 @@ def relative_ridge(
     if selection is None:
         return previous
     hits = leave_one_out_hits(statistics, *selection, relative_alphas=relative_alphas, prior=prior,
-                              decomposed=decomposed, device=device)
+                              decomposed=decomposed, device=device, projected=projected)
     return one_standard_error_choice(relative_alphas, hits=hits, weights=selection_weights(selection[1], prior=prior))
 
 
@@ -132,13 +134,14 @@ def leave_one_out_hits(
     prior: str,
     decomposed: Decomposition,
     device: torch.device | None,
+    projected: np.ndarray | torch.Tensor | None = None,
 ) -> np.ndarray:
     """``[candidates + 1, images]``: whether each fitted image (its features and class row) is classified right with
     itself left out of ``statistics``, for each relative ridge strength and, last, the plain class mean. Exact;
     float32 products suffice to rank. Image by image against the whole statistics, so the shards of a dataset
-    fitted apart and merged give, stacked, the hits of a single fit."""
+    fitted apart and merged give, stacked, the hits of a single fit. ``projected``: see :func:`leave_one_out_scores`."""
     return leave_one_out_hits_of_priors(statistics, features, rows, relative_alphas=relative_alphas, priors=(prior,),
-                                        decomposed=decomposed, device=device)[0]
+                                        decomposed=decomposed, device=device, projected=projected)[0]
 
 
 def leave_one_out_hits_of_priors(
@@ -150,12 +153,13 @@ def leave_one_out_hits_of_priors(
     priors: Sequence[str],
     decomposed: Decomposition,
     device: torch.device | None,
+    projected: np.ndarray | torch.Tensor | None = None,
 ) -> list[np.ndarray]:
     """:func:`leave_one_out_hits` of each of ``priors`` from one pass over the images: the priors share the
     decomposition, the projected images and, up to a factor per class, the products (``auto`` fits both)."""
     hits: list[list[np.ndarray]] = [[] for _ in priors]
     for scores in leave_one_out_scores(statistics, features, rows, relative_alphas=relative_alphas, priors=priors,
-                                       decomposed=decomposed, device=device):
+                                       decomposed=decomposed, device=device, projected=projected):
         for number, fitted in enumerate(scores):
             hits[number].append(fitted.argmax(axis=1) == rows)
     return [np.asarray(prior_hits) for prior_hits in hits]
@@ -171,18 +175,17 @@ def leave_one_out_scores(
     decomposed: Decomposition,
     device: torch.device | None,
     as_fitted: bool = False,
+    projected: np.ndarray | torch.Tensor | None = None,
 ) -> Iterator[list[np.ndarray]]:
     """For each relative ridge strength and, last, the plain class mean, and for each of ``priors``: ``[N, C]``
     scores of each fitted image by the fit without it, exact for the balanced prior and the class mean. For the
     empirical prior, the ridge regression's output with its class-frequency intercept up to a positive factor per
     image (which keeps the ranking the selection uses, :func:`leave_one_out_hits`), or with ``as_fitted`` exactly
     the scores the estimator fitted without the image gives (:func:`fitted_ridge_scores`), which held-out
-    probabilities need. One projection and one product per candidate, whatever the priors."""
+    probabilities need. One projection (none where ``projected`` holds the images' :func:`project`) and one product
+    per candidate, whatever the priors."""
     alphas = np.append(np.asarray(relative_alphas, dtype=np.float64), np.inf) * decomposed.scale
-    centred, rotation = (features - decomposed.mean).astype(np.float32), decomposed.eigenvectors.astype(np.float32)
-    # on a device, the projected images stay there for every candidate
-    projected = (centred @ rotation if device is None
-                 else matrices.on_device(centred, device) @ matrices.on_device(rotation, device))
+    projected = project(features, decomposed=decomposed, device=device) if projected is None else projected
     rotated32 = decomposed.rotated.astype(np.float32)
     counts = statistics.class_counts[rows].astype(np.float64)
     factors = [decomposed.target_factors(prior, statistics.class_counts).astype(np.float32) for prior in priors]
@@ -207,6 +210,18 @@ def leave_one_out_scores(
                 scores.append(leave_one_out_whitened_cosines(products * factor, leverage, rows, counts=counts,
                                                              class_norms=class_norms * factor**2))
         yield scores
+
+
+def project(
+    features: np.ndarray, *, decomposed: Decomposition, device: torch.device | None
+) -> np.ndarray | torch.Tensor:
+    """``[N, r]`` float32: the images centred on the statistics' mean, in the decomposition's eigenbasis (on a
+    device, kept there for every candidate). The one ``N r F`` product of a leave-one-out pass, and its largest, so
+    a fit that passes over its starting images twice (the ridge's choice, then the temperature) computes it once."""
+    centred, rotation = (features - decomposed.mean).astype(np.float32), decomposed.eigenvectors.astype(np.float32)
+    if device is None:
+        return centred @ rotation
+    return matrices.on_device(centred, device) @ matrices.on_device(rotation, device)
 
 
 def leave_one_out_ridge(
